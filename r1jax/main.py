@@ -1,0 +1,53 @@
+"""Entry point: `python -m r1jax.main --config=experiments/NAME.py[:arg] --workdir=DIR`.
+
+Parses the (locked) experiment config with absl's config_flags, so
+`--config.grpo.beta=0.0` overrides a field and a typo fails before any work.
+On multi-host TPU / GPU slices pass `--distributed` to initialise
+`jax.distributed` first. Then it dispatches on `config.stage`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment file: experiments/NAME.py[:arg].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs, checkpoints and logs go.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() (multi-host TPU/GPU).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+# stage name -> "module:function(config, workdir)"; later stages register here.
+STAGES = {"smoke": "r1jax.smoke:run"}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> object:
+  """Runs `config.stage` in `workdir` (created; the resolved config is saved there)."""
+  if config.stage not in STAGES:
+    raise ValueError(f"unknown stage {config.stage!r}; known: {sorted(STAGES)}")
+  path = Path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    (path / "config.json").write_text(config.to_json_best_effort(indent=2))
+  module, fn = STAGES[config.stage].split(":")
+  return getattr(importlib.import_module(module), fn)(config, path)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  logging.info("process %d/%d, %d devices (%s)", jax.process_index(), jax.process_count(),
+               jax.device_count(), jax.devices()[0].platform)
+  run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,278 @@
+"""Qwen2 / Llama-3 decoder: a plain-pytree parameter table and a pure forward.
+
+Parameters are a nested dict of arrays whose per-layer weights are stacked on a
+leading L axis, so the forward is one `lax.scan` (compile time independent of
+depth). Every parameter carries logical axis names (`PARAM_TABLE`), which
+`sharding.py` maps onto the mesh. The optional KV cache is a typed pytree whose
+rows share one write index, so left-padded prompts decode in lockstep.
+Dimension letters: see `losses.py` (B batch, T tokens, S cache slots, D width,
+H heads, K kv heads, h head dim, F mlp width, V vocab, L layers, R = h/2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from r1jax.config import ModelConfig
+
+Params = dict[str, Any]
+_NEG_INF = -1e30  # finite, so a fully masked (padding) query row stays NaN-free
+
+
+def param_table(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...], str]]:
+  """Flat name -> (shape, logical axes, initialiser) for every parameter."""
+  d, l, f, v = cfg.hidden, cfg.layers, cfg.mlp_dim, cfg.vocab_size
+  n, k, hd = cfg.heads, cfg.kv_heads, cfg.head_dim
+  t = {
+      "embed": ((v, d), ("vocab", "embed"), "normal"),
+      "layers/attn_norm": ((l, d), ("layers", None), "ones"),
+      "layers/q": ((l, d, n, hd), ("layers", "embed", "heads", None), "normal"),
+      "layers/k": ((l, d, k, hd), ("layers", "embed", "kv", None), "normal"),
+      "layers/v": ((l, d, k, hd), ("layers", "embed", "kv", None), "normal"),
+      "layers/o": ((l, n, hd, d), ("layers", "heads", None, "embed"), "normal"),
+      "layers/mlp_norm": ((l, d), ("layers", None), "ones"),
+      "layers/gate": ((l, d, f), ("layers", "embed", "mlp"), "normal"),
+      "layers/up": ((l, d, f), ("layers", "embed", "mlp"), "normal"),
+      "layers/down": ((l, f, d), ("layers", "mlp", "embed"), "normal"),
+      "final_norm": ((d,), (None,), "ones"),
+  }
+  if cfg.qkv_bias:
+    t["layers/q_bias"] = ((l, n, hd), ("layers", "heads", None), "zeros")
+    t["layers/k_bias"] = ((l, k, hd), ("layers", "kv", None), "zeros")
+    t["layers/v_bias"] = ((l, k, hd), ("layers", "kv", None), "zeros")
+  if cfg.out_bias:
+    t["layers/o_bias"] = ((l, d), ("layers", None), "zeros")
+  if not cfg.tie_embeddings:
+    t["lm_head"] = ((d, v), ("embed", "vocab"), "normal")
+  return t
+
+
+def unflatten(flat: dict[str, Any]) -> Params:
+  """{'a/b': x} -> {'a': {'b': x}}."""
+  out: Params = {}
+  for name, value in flat.items():
+    node = out
+    *parents, leaf = name.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return out
+
+
+def flatten(tree: Params, prefix: str = "") -> dict[str, Any]:
+  """Inverse of `unflatten`."""
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(flatten(value, name + "/"))
+    else:
+      out[name] = value
+  return out
+
+
+def param_axes(cfg: ModelConfig) -> Params:
+  """Logical axis names, as a pytree shaped like the params (tuples are leaves)."""
+  return unflatten({n: jax.sharding.PartitionSpec(*a) for n, (_, a, _) in param_table(cfg).items()})
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
+  """Random init (N(0, 0.02) matrices, unit norms, zero biases); jit it with out_shardings."""
+  table = param_table(cfg)
+  keys = jax.random.split(key, len(table))
+  dtype = jnp.dtype(cfg.param_dtype)
+  flat = {}
+  for k, (name, (shape, _, init)) in zip(keys, sorted(table.items())):
+    if init == "normal":
+      flat[name] = (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+    else:
+      flat[name] = (jnp.ones if init == "ones" else jnp.zeros)(shape, dtype)
+  return unflatten(flat)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Pre-allocated attention cache; all rows write at the same slot index."""
+
+  k: jax.Array  # (L, B, S, K, h) compute dtype: rotated keys
+  v: jax.Array  # (L, B, S, K, h) compute dtype
+  valid: jax.Array  # (B, S) bool: slot holds a real (non-padding) token
+  index: jax.Array  # () int32: next slot to write
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
+  """An empty cache for `batch` rows of up to `max_len` tokens."""
+  shape = (cfg.layers, batch, max_len, cfg.kv_heads, cfg.head_dim)
+  dtype = jnp.dtype(cfg.compute_dtype)
+  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                 valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """Rotary inverse frequencies (R,), with Llama-3.1 scaling when configured."""
+  hd = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+  s = cfg.rope_scaling
+  if s is not None:
+    # Long wavelengths are slowed by `factor`, short ones kept, and the band in
+    # between interpolated smoothly (Llama-3.1 "llama3" rope type).
+    low_wavelen = s.original_max_position / s.low_freq_factor
+    high_wavelen = s.original_max_position / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    mid = (1 - smooth) * inv / s.factor + smooth * inv
+    inv = np.where(wavelen > low_wavelen, inv / s.factor,
+                   np.where(wavelen < high_wavelen, inv, mid))
+  return inv.astype(np.float32)
+
+
+def _rope(x_BxTxNxh: jax.Array, cos_BxTxR: jax.Array, sin_BxTxR: jax.Array) -> jax.Array:
+  """Rotates pairs (i, i + h/2), the HF "rotate_half" convention."""
+  x1, x2 = jnp.split(x_BxTxNxh.astype(jnp.float32), 2, axis=-1)
+  cos, sin = cos_BxTxR[:, :, None, :], sin_BxTxR[:, :, None, :]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxh.dtype)
+
+
+def rms_norm(x_BxTxD: jax.Array, w_D: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm computed in f32, scaled in the input dtype (as HF does)."""
+  x = x_BxTxD.astype(jnp.float32)
+  y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+  return w_D * y.astype(x_BxTxD.dtype)
+
+
+def _attention(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, mask_BxTxS, kv, index, cfg):
+  """Grouped-query attention; writes this chunk's keys/values into `kv` if given."""
+  q_BxTxHxh = jnp.einsum("btd,dnh->btnh", x_BxTxD, lp["q"])
+  k_BxTxKxh = jnp.einsum("btd,dkh->btkh", x_BxTxD, lp["k"])
+  v_BxTxKxh = jnp.einsum("btd,dkh->btkh", x_BxTxD, lp["v"])
+  if cfg.qkv_bias:
+    q_BxTxHxh, k_BxTxKxh, v_BxTxKxh = (
+        q_BxTxHxh + lp["q_bias"], k_BxTxKxh + lp["k_bias"], v_BxTxKxh + lp["v_bias"])
+  q_BxTxHxh = _rope(q_BxTxHxh, cos_BxTxR, sin_BxTxR)
+  k_BxTxKxh = _rope(k_BxTxKxh, cos_BxTxR, sin_BxTxR)
+  if kv is not None:
+    kc_BxSxKxh, vc_BxSxKxh = kv
+    kc_BxSxKxh = jax.lax.dynamic_update_slice_in_dim(
+        kc_BxSxKxh, k_BxTxKxh.astype(kc_BxSxKxh.dtype), index, axis=1)
+    vc_BxSxKxh = jax.lax.dynamic_update_slice_in_dim(
+        vc_BxSxKxh, v_BxTxKxh.astype(vc_BxSxKxh.dtype), index, axis=1)
+    k_BxSxKxh, v_BxSxKxh, kv = kc_BxSxKxh, vc_BxSxKxh, (kc_BxSxKxh, vc_BxSxKxh)
+  else:
+    k_BxSxKxh, v_BxSxKxh = k_BxTxKxh, v_BxTxKxh
+  b, t, n, hd = q_BxTxHxh.shape
+  g = n // cfg.kv_heads
+  q_BxTxKxGxh = q_BxTxHxh.reshape(b, t, cfg.kv_heads, g, hd)
+  s_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxh, k_BxSxKxh,
+                           preferred_element_type=jnp.float32) / math.sqrt(hd)
+  s_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], s_BxKxGxTxS, _NEG_INF)
+  p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(v_BxSxKxh.dtype)
+  o_BxTxKxGxh = jnp.einsum("bkgts,bskh->btkgh", p_BxKxGxTxS, v_BxSxKxh)
+  out_BxTxD = jnp.einsum("btnh,nhd->btd", o_BxTxKxGxh.reshape(b, t, n, hd), lp["o"])
+  if cfg.out_bias:
+    out_BxTxD = out_BxTxD + lp["o_bias"]
+  return out_BxTxD, kv
+
+
+def _block(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, mask_BxTxS, kv, index, cfg):
+  """One pre-norm decoder block: attention then SwiGLU MLP, both residual."""
+  a_BxTxD, kv = _attention(rms_norm(x_BxTxD, lp["attn_norm"], cfg.rms_eps), lp,
+                           cos_BxTxR, sin_BxTxR, mask_BxTxS, kv, index, cfg)
+  x_BxTxD = x_BxTxD + a_BxTxD
+  y_BxTxD = rms_norm(x_BxTxD, lp["mlp_norm"], cfg.rms_eps)
+  hidden_BxTxF = jax.nn.silu(y_BxTxD @ lp["gate"]) * (y_BxTxD @ lp["up"])
+  return x_BxTxD + hidden_BxTxF @ lp["down"], kv
+
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def hidden_states(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig, *,
+                  positions_BxT: jax.Array | None = None,
+                  mask_BxT: jax.Array | None = None,
+                  cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+  """Final-norm hidden states (B, T, D) and the updated cache.
+
+  Without a cache, token j attends to tokens i <= j with mask[i]; with one, the
+  chunk is written at `cache.index` and attends to every valid earlier slot.
+  Positions default to the count of real tokens before each one, so
+  left-padded rows get the same positions as unpadded ones.
+  """
+  b, t = tokens_BxT.shape
+  dtype = jnp.dtype(cfg.compute_dtype)
+  p = jax.tree.map(lambda a: a.astype(dtype), params)
+  mask_BxT = jnp.ones((b, t), bool) if mask_BxT is None else mask_BxT.astype(bool)
+  if positions_BxT is None:
+    before_B = 0 if cache is None else jnp.sum(cache.valid, axis=1, dtype=jnp.int32)
+    positions_BxT = jnp.maximum(
+        jnp.cumsum(mask_BxT, axis=1, dtype=jnp.int32) - 1 + jnp.reshape(before_B, (-1, 1)), 0)
+  if cache is None:
+    causal_TxT = jnp.tril(jnp.ones((t, t), bool))
+    attn_mask_BxTxS = causal_TxT[None] & mask_BxT[:, None, :]
+    index, kv_xs = None, None
+  else:
+    index = cache.index
+    valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask_BxT, index, axis=1)
+    slot_S = jnp.arange(cache.max_len)
+    causal_TxS = slot_S[None, :] <= index + jnp.arange(t)[:, None]
+    attn_mask_BxTxS = causal_TxS[None] & valid_BxS[:, None, :]
+    kv_xs = (cache.k, cache.v)
+
+  ang_BxTxR = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+  cos_BxTxR, sin_BxTxR = jnp.cos(ang_BxTxR), jnp.sin(ang_BxTxR)
+
+  def body(x_BxTxD, xs):
+    lp, kv = xs
+    return _block(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, attn_mask_BxTxS, kv, index, cfg)
+
+  if cfg.remat != "none":
+    body = jax.checkpoint(body, policy=_REMAT[cfg.remat])
+  x_BxTxD = jnp.take(p["embed"], tokens_BxT, axis=0)
+  x_BxTxD, kv_ys = jax.lax.scan(body, x_BxTxD, (p["layers"], kv_xs))
+  h_BxTxD = rms_norm(x_BxTxD, p["final_norm"], cfg.rms_eps)
+  if cache is not None:
+    cache = KVCache(k=kv_ys[0], v=kv_ys[1], valid=valid_BxS, index=index + t)
+  return h_BxTxD, cache
+
+
+def unembed(params: Params, h_BxTxD: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """f32 logits from hidden states (callers may chunk over T to bound memory)."""
+  dtype = jnp.dtype(cfg.compute_dtype)
+  if cfg.tie_embeddings:
+    return jnp.einsum("btd,vd->btv", h_BxTxD.astype(dtype), params["embed"].astype(dtype),
+                      preferred_element_type=jnp.float32)
+  return jnp.einsum("btd,dv->btv", h_BxTxD.astype(dtype), params["lm_head"].astype(dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def forward(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig, *,
+            positions_BxT: jax.Array | None = None,
+            mask_BxT: jax.Array | None = None) -> jax.Array:
+  """Logits (B, T, V) in f32 for a (possibly left-padded) batch, no cache."""
+  h_BxTxD, _ = hidden_states(params, tokens_BxT, cfg, positions_BxT=positions_BxT,
+                             mask_BxT=mask_BxT)
+  return unembed(params, h_BxTxD, cfg)
+
+
+def forward_cached(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig, cache: KVCache, *,
+                   positions_BxT: jax.Array | None = None,
+                   mask_BxT: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+  """Logits (B, T, V) for a chunk appended to `cache`, and the updated cache."""
+  h_BxTxD, cache = hidden_states(params, tokens_BxT, cfg, positions_BxT=positions_BxT,
+                                 mask_BxT=mask_BxT, cache=cache)
+  return unembed(params, h_BxTxD, cfg), cache

@@ -1,0 +1,138 @@
+"""Device mesh, logical-axis rules and the shardings of params, batches and caches.
+
+The mesh has three axes: `data` (replicas: batch split, params replicated),
+`fsdp` (batch split and params sharded, gathered per layer by GSPMD) and
+`tensor` (heads / mlp / vocab split). All axes are `AxisType.Auto`: the model
+code carries no sharding annotations of its own, and XLA's propagation from
+the explicit in/out shardings of each jitted function decides the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# The whole logical-axis table. A dimension is left unsharded when the mesh
+# axes don't divide it (e.g. 2 kv heads on tensor=4), rather than failing.
+LOGICAL_RULES: dict[str, tuple[str, ...]] = {
+    "batch": BATCH_AXES,
+    "embed": ("fsdp",),
+    "mlp": ("tensor",),
+    "heads": ("tensor",),
+    "kv": ("tensor",),
+    "vocab": ("tensor",),
+    "layers": (),
+}
+
+
+def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Resolves one -1 entry to fill the devices; checks the product."""
+  shape = [int(s) for s in shape]
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
+  fills = [i for i, s in enumerate(shape) if s == -1]
+  if len(fills) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"mesh shape {shape}: sizes must be positive, with at most one -1")
+  known = math.prod(s for s in shape if s != -1)
+  if fills:
+    if num_devices % known:
+      raise ValueError(f"mesh shape {shape} cannot fill {num_devices} devices")
+    shape[fills[0]] = num_devices // known
+  if math.prod(shape) != num_devices:
+    raise ValueError(
+        f"mesh shape {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
+        f"but {num_devices} are available")
+  return tuple(shape)
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1),
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over all (or the given) devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  resolved = mesh_shape(shape, len(devices))
+  return jax.make_mesh(resolved, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+  """Mesh PartitionSpec for one array: each dim takes the mesh axes that divide it."""
+  used: set[str] = set()
+  out = []
+  for name, dim in zip(logical, shape):
+    axes = []
+    for ax in LOGICAL_RULES[name] if name else ():
+      size = mesh.shape[ax]
+      if ax in used or size == 1:
+        continue
+      if dim % (math.prod(mesh.shape[a] for a in axes) * size) == 0:
+        axes.append(ax)
+    used.update(axes)
+    out.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+  return P(*out)
+
+
+def _is_spec(x: Any) -> bool:
+  return isinstance(x, P)
+
+
+def tree_shardings(logical_tree: Any, abstract_tree: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a pytree, from its logical specs and its shapes."""
+  return jax.tree.map(
+      lambda spec, a: NamedSharding(mesh, logical_to_spec(tuple(spec), a.shape, mesh)),
+      logical_tree, abstract_tree, is_leaf=_is_spec)
+
+
+def init_sharded(init_fn: Callable[[], Any], logical_tree: Any, mesh: Mesh) -> Any:
+  """Runs `init_fn` straight into its shardings: nothing materialises on one device."""
+  abstract = jax.eval_shape(init_fn)
+  shardings = tree_shardings(logical_tree, abstract, mesh)
+  return jax.jit(init_fn, out_shardings=shardings)()
+
+
+def batch_spec(ndim: int, batch: int, mesh: Mesh) -> P:
+  """Leading dim over (data, fsdp) where it divides; the rest replicated."""
+  return logical_to_spec(("batch",) + (None,) * (ndim - 1), (batch,) + (1,) * (ndim - 1), mesh)
+
+
+def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+  """NamedSharding for a batch-major array of this shape."""
+  return NamedSharding(mesh, batch_spec(len(shape), shape[0], mesh))
+
+
+def cache_shardings(cache: Any, mesh: Mesh) -> Any:
+  """KV cache: batch over (data, fsdp), kv heads over tensor where they divide."""
+  k_spec = logical_to_spec(("layers", "batch", None, "kv", None), cache.k.shape, mesh)
+  valid_spec = logical_to_spec(("batch", None), cache.valid.shape, mesh)
+  return type(cache)(k=NamedSharding(mesh, k_spec), v=NamedSharding(mesh, k_spec),
+                     valid=NamedSharding(mesh, valid_spec), index=NamedSharding(mesh, P()))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def bytes_per_device(tree: Any) -> dict[jax.Device, int]:
+  """Bytes of the tree's addressable shards held by each device."""
+  out: dict[jax.Device, int] = {}
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+  return out
+
+
+def shard_bytes(abstract_tree: Any, shardings_tree: Any) -> int:
+  """Bytes one device holds of a tree laid out by these shardings (nothing allocated)."""
+  return sum(math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+             for a, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings_tree)))
+
+
+def tree_bytes(tree: Any) -> int:
+  """Total logical bytes of a pytree of arrays (or shape structs)."""
+  return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))

@@ -1,0 +1,105 @@
+"""Model: parameter table, KV-cache decoding, remat and dtypes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from r1jax import model
+from r1jax.config import ModelConfig, RopeScaling
+
+CFG = ModelConfig(vocab_size=128, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8,
+                  mlp_dim=64, qkv_bias=True, tie_embeddings=False,
+                  rope_scaling=RopeScaling(8.0, 1.0, 4.0, 16))
+
+
+def randomized(cfg, seed=0):
+  """Init, then every leaf (norms and biases too) perturbed to be non-trivial."""
+  params = model.init_params(cfg, jax.random.key(seed))
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  leaves = [x + 0.2 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+  return jax.tree.unflatten(tree, leaves)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return randomized(CFG)
+
+
+def test_param_table_matches_init_and_count(params):
+  flat = model.flatten(params)
+  table = model.param_table(CFG)
+  assert {n: a.shape for n, a in flat.items()} == {n: s for n, (s, _, _) in table.items()}
+  assert sum(a.size for a in flat.values()) == CFG.num_params
+  axes = model.flatten(model.param_axes(CFG))
+  assert all(len(axes[n]) == len(flat[n].shape) for n in flat)
+
+
+def test_cached_decode_equals_full_forward(params):
+  """Prefill a left-padded prompt, then decode one token at a time."""
+  rng = np.random.default_rng(0)
+  b, prompt, new = 3, 6, 5
+  tokens = rng.integers(0, CFG.vocab_size, (b, prompt + new)).astype(np.int32)
+  mask = np.ones_like(tokens, bool)
+  mask[1, :2] = False  # row 1 left-padded by 2
+  mask[2, :5] = False  # row 2 left-padded by 5
+  full = np.asarray(model.forward(params, tokens, CFG, mask_BxT=mask))
+
+  step = jax.jit(lambda p, t, c, m: model.forward_cached(p, t, CFG, c, mask_BxT=m))
+  cache = model.init_cache(CFG, b, prompt + new + 3)
+  logits, cache = step(params, tokens[:, :prompt], cache, mask[:, :prompt])
+  got = [np.asarray(logits)]
+  for i in range(prompt, prompt + new):
+    logits, cache = step(params, tokens[:, i:i + 1], cache, mask[:, i:i + 1])
+    got.append(np.asarray(logits))
+  got = np.concatenate(got, axis=1)
+  assert int(cache.index) == prompt + new
+  np.testing.assert_allclose(got[mask], full[mask], atol=1e-5)
+
+
+def test_cached_positions_count_real_tokens(params):
+  """A decode step's default position is the row's count of real tokens."""
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(0, CFG.vocab_size, (2, 5)).astype(np.int32)
+  mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)
+  cache = model.init_cache(CFG, 2, 8)
+  _, cache = model.forward_cached(params, tokens, CFG, cache, mask_BxT=mask)
+  nxt = np.array([[7], [7]], np.int32)
+  auto, _ = model.forward_cached(params, nxt, CFG, cache)
+  explicit, _ = model.forward_cached(params, nxt, CFG, cache,
+                                     positions_BxT=np.array([[3], [5]], np.int32))
+  wrong, _ = model.forward_cached(params, nxt, CFG, cache,
+                                  positions_BxT=np.array([[5], [5]], np.int32))
+  np.testing.assert_allclose(auto, explicit, atol=1e-6)
+  assert np.abs(np.asarray(auto[0]) - np.asarray(wrong[0])).max() > 1e-3
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_remat_same_value_and_grad(params, remat):
+  tokens = np.arange(16, dtype=np.int32).reshape(2, 8) % CFG.vocab_size
+
+  def loss(p, cfg):
+    return jnp.mean(model.forward(p, tokens, cfg) ** 2)
+
+  ref_v, ref_g = jax.value_and_grad(loss)(params, CFG)
+  v, g = jax.value_and_grad(loss)(params, CFG.replace(remat=remat))
+  np.testing.assert_allclose(v, ref_v, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_bf16_compute_close_to_f32(params):
+  tokens = np.arange(24, dtype=np.int32).reshape(2, 12)
+  ref = model.forward(params, tokens, CFG)
+  bf = model.forward(params, tokens, CFG.replace(compute_dtype="bfloat16"))
+  assert bf.dtype == jnp.float32  # logits are always produced in f32
+  rel = np.abs(np.asarray(bf) - np.asarray(ref)).max() / np.abs(np.asarray(ref)).max()
+  assert 0 < rel < 0.05
+
+
+def test_bad_config_is_rejected():
+  with pytest.raises(ValueError, match="multiple of"):
+    CFG.replace(kv_heads=3)
+  with pytest.raises(ValueError, match="compute_dtype"):
+    CFG.replace(compute_dtype="float8")
