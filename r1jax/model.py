@@ -101,21 +101,26 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
 class KVCache:
   """Pre-allocated attention cache; all rows write at the same slot index."""
 
-  k: jax.Array  # (L, B, S, K, h) compute dtype: rotated keys
-  v: jax.Array  # (L, B, S, K, h) compute dtype
+  # One buffer per layer (no per-step slicing of a stacked cache). Both
+  # attention matmuls then contract the last dim of each operand (q·kᵀ over h,
+  # p·vᵀ over S), the layout CPU/GPU matmul kernels take without a transpose.
+  k: tuple[jax.Array, ...]  # L x (B, K, S, h) compute dtype: rotated keys
+  v: tuple[jax.Array, ...]  # L x (B, K, h, S) compute dtype: values, slot-minor
   valid: jax.Array  # (B, S) bool: slot holds a real (non-padding) token
   index: jax.Array  # () int32: next slot to write
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[2]
+    return self.k[0].shape[2]
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
   """An empty cache for `batch` rows of up to `max_len` tokens."""
-  shape = (cfg.layers, batch, max_len, cfg.kv_heads, cfg.head_dim)
+  k_shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
+  v_shape = (batch, cfg.kv_heads, cfg.head_dim, max_len)
   dtype = jnp.dtype(cfg.compute_dtype)
-  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+  zeros = lambda shape: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.layers))
+  return KVCache(k=zeros(k_shape), v=zeros(v_shape),
                  valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
 
@@ -153,8 +158,12 @@ def rms_norm(x_BxTxD: jax.Array, w_D: jax.Array, eps: float) -> jax.Array:
   return w_D * y.astype(x_BxTxD.dtype)
 
 
-def _attention(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, mask_BxTxS, kv, index, cfg):
-  """Grouped-query attention; writes this chunk's keys/values into `kv` if given."""
+def _attention(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, mask_BxTxS, kv, cfg):
+  """Grouped-query attention.
+
+  `kv` is None (attend within the chunk) or (k_BxKxSxh, v_BxKxhxS, index):
+  this layer's cache, written in place at the slot index.
+  """
   q_BxTxHxh = jnp.einsum("btd,dnh->btnh", x_BxTxD, lp["q"])
   k_BxTxKxh = jnp.einsum("btd,dkh->btkh", x_BxTxD, lp["k"])
   v_BxTxKxh = jnp.einsum("btd,dkh->btkh", x_BxTxD, lp["v"])
@@ -163,33 +172,35 @@ def _attention(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, mask_BxTxS, kv, index, cfg):
         q_BxTxHxh + lp["q_bias"], k_BxTxKxh + lp["k_bias"], v_BxTxKxh + lp["v_bias"])
   q_BxTxHxh = _rope(q_BxTxHxh, cos_BxTxR, sin_BxTxR)
   k_BxTxKxh = _rope(k_BxTxKxh, cos_BxTxR, sin_BxTxR)
+  k_BxKxTxh = k_BxTxKxh.transpose(0, 2, 1, 3)
+  v_BxKxhxT = v_BxTxKxh.transpose(0, 2, 3, 1)
   if kv is not None:
-    kc_BxSxKxh, vc_BxSxKxh = kv
-    kc_BxSxKxh = jax.lax.dynamic_update_slice_in_dim(
-        kc_BxSxKxh, k_BxTxKxh.astype(kc_BxSxKxh.dtype), index, axis=1)
-    vc_BxSxKxh = jax.lax.dynamic_update_slice_in_dim(
-        vc_BxSxKxh, v_BxTxKxh.astype(vc_BxSxKxh.dtype), index, axis=1)
-    k_BxSxKxh, v_BxSxKxh, kv = kc_BxSxKxh, vc_BxSxKxh, (kc_BxSxKxh, vc_BxSxKxh)
+    k_BxKxSxh, v_BxKxhxS, index = kv
+    k_BxKxSxh = jax.lax.dynamic_update_slice_in_dim(
+        k_BxKxSxh, k_BxKxTxh.astype(k_BxKxSxh.dtype), index, axis=2)
+    v_BxKxhxS = jax.lax.dynamic_update_slice_in_dim(
+        v_BxKxhxS, v_BxKxhxT.astype(v_BxKxhxS.dtype), index, axis=3)
+    kv = (k_BxKxSxh, v_BxKxhxS)
   else:
-    k_BxSxKxh, v_BxSxKxh = k_BxTxKxh, v_BxTxKxh
+    k_BxKxSxh, v_BxKxhxS = k_BxKxTxh, v_BxKxhxT
   b, t, n, hd = q_BxTxHxh.shape
   g = n // cfg.kv_heads
   q_BxTxKxGxh = q_BxTxHxh.reshape(b, t, cfg.kv_heads, g, hd)
-  s_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxh, k_BxSxKxh,
+  s_BxKxGxTxS = jnp.einsum("btkgh,bksh->bkgts", q_BxTxKxGxh, k_BxKxSxh,
                            preferred_element_type=jnp.float32) / math.sqrt(hd)
   s_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], s_BxKxGxTxS, _NEG_INF)
-  p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(v_BxSxKxh.dtype)
-  o_BxTxKxGxh = jnp.einsum("bkgts,bskh->btkgh", p_BxKxGxTxS, v_BxSxKxh)
+  p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(v_BxKxhxS.dtype)
+  o_BxTxKxGxh = jnp.einsum("bkgts,bkhs->btkgh", p_BxKxGxTxS, v_BxKxhxS)
   out_BxTxD = jnp.einsum("btnh,nhd->btd", o_BxTxKxGxh.reshape(b, t, n, hd), lp["o"])
   if cfg.out_bias:
     out_BxTxD = out_BxTxD + lp["o_bias"]
   return out_BxTxD, kv
 
 
-def _block(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, mask_BxTxS, kv, index, cfg):
+def _block(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, mask_BxTxS, kv, cfg):
   """One pre-norm decoder block: attention then SwiGLU MLP, both residual."""
   a_BxTxD, kv = _attention(rms_norm(x_BxTxD, lp["attn_norm"], cfg.rms_eps), lp,
-                           cos_BxTxR, sin_BxTxR, mask_BxTxS, kv, index, cfg)
+                           cos_BxTxR, sin_BxTxR, mask_BxTxS, kv, cfg)
   x_BxTxD = x_BxTxD + a_BxTxD
   y_BxTxD = rms_norm(x_BxTxD, lp["mlp_norm"], cfg.rms_eps)
   hidden_BxTxF = jax.nn.silu(y_BxTxD @ lp["gate"]) * (y_BxTxD @ lp["up"])
@@ -224,30 +235,49 @@ def hidden_states(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig, *,
   if cache is None:
     causal_TxT = jnp.tril(jnp.ones((t, t), bool))
     attn_mask_BxTxS = causal_TxT[None] & mask_BxT[:, None, :]
-    index, kv_xs = None, None
   else:
-    index = cache.index
-    valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask_BxT, index, axis=1)
+    valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask_BxT, cache.index, axis=1)
     slot_S = jnp.arange(cache.max_len)
-    causal_TxS = slot_S[None, :] <= index + jnp.arange(t)[:, None]
+    causal_TxS = slot_S[None, :] <= cache.index + jnp.arange(t)[:, None]
     attn_mask_BxTxS = causal_TxS[None] & valid_BxS[:, None, :]
-    kv_xs = (cache.k, cache.v)
 
   ang_BxTxR = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
   cos_BxTxR, sin_BxTxR = jnp.cos(ang_BxTxR), jnp.sin(ang_BxTxR)
 
-  def body(x_BxTxD, xs):
-    lp, kv = xs
-    return _block(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, attn_mask_BxTxS, kv, index, cfg)
+  def body(x_BxTxD, lp):
+    x_BxTxD, _ = _block(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, attn_mask_BxTxS, None, cfg)
+    return x_BxTxD, None
 
   if cfg.remat != "none":
     body = jax.checkpoint(body, policy=_REMAT[cfg.remat])
   x_BxTxD = jnp.take(p["embed"], tokens_BxT, axis=0)
-  x_BxTxD, kv_ys = jax.lax.scan(body, x_BxTxD, (p["layers"], kv_xs))
+  if cache is None:
+    x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, p["layers"])
+  else:
+    # Cached (prefill / decode) steps unroll the layers over per-layer params
+    # and cache buffers: a scan would slice (copy) every weight and the cache
+    # each step on backends that cannot fuse dynamic slices into matmuls.
+    per_layer = split_layers(p)["layers"]
+    ks, vs = list(cache.k), list(cache.v)
+    for i, lp in enumerate(per_layer):
+      x_BxTxD, (ks[i], vs[i]) = _block(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, attn_mask_BxTxS,
+                                       (ks[i], vs[i], cache.index), cfg)
+    cache = KVCache(k=tuple(ks), v=tuple(vs), valid=valid_BxS, index=cache.index + t)
   h_BxTxD = rms_norm(x_BxTxD, p["final_norm"], cfg.rms_eps)
-  if cache is not None:
-    cache = KVCache(k=kv_ys[0], v=kv_ys[1], valid=valid_BxS, index=index + t)
   return h_BxTxD, cache
+
+
+def split_layers(params: Params) -> Params:
+  """Params with `layers` as a tuple of per-layer dicts (idempotent).
+
+  Decode loops call this once, outside the loop, so each step reads weights
+  in place rather than slicing the stacked arrays.
+  """
+  if isinstance(params["layers"], tuple):
+    return params
+  n = jax.tree.leaves(params["layers"])[0].shape[0]
+  layers = tuple(jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(n))
+  return {**params, "layers": layers}
 
 
 def unembed(params: Params, h_BxTxD: jax.Array, cfg: ModelConfig) -> jax.Array:

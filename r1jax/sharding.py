@@ -108,10 +108,12 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
 
 def cache_shardings(cache: Any, mesh: Mesh) -> Any:
   """KV cache: batch over (data, fsdp), kv heads over tensor where they divide."""
-  k_spec = logical_to_spec(("layers", "batch", None, "kv", None), cache.k.shape, mesh)
-  valid_spec = logical_to_spec(("batch", None), cache.valid.shape, mesh)
-  return type(cache)(k=NamedSharding(mesh, k_spec), v=NamedSharding(mesh, k_spec),
-                     valid=NamedSharding(mesh, valid_spec), index=NamedSharding(mesh, P()))
+  # k is (B, K, S, h) and v (B, K, h, S): the same spec fits both.
+  k = NamedSharding(mesh, logical_to_spec(("batch", "kv", None, None), cache.k[0].shape, mesh))
+  valid = NamedSharding(mesh, logical_to_spec(("batch", None), cache.valid.shape, mesh))
+  layers = len(cache.k)
+  return type(cache)(k=(k,) * layers, v=(k,) * layers, valid=valid,
+                     index=NamedSharding(mesh, P()))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -89,7 +89,7 @@ def test_sharded_cache_decode_matches(reference, shape):
       model.param_axes(CFG), params, mesh))
   cache = model.init_cache(CFG, 8, 16)
   cache = jax.device_put(cache, sharding.cache_shardings(cache, mesh))
-  assert cache.k.sharding.spec == P(None, ("data", "fsdp"), None, "tensor", None)
+  assert cache.k[0].sharding.spec == P(("data", "fsdp"), "tensor", None, None)
   step = jax.jit(lambda p, t, c, m: model.forward_cached(p, t, CFG, c, mask_BxT=m),
                  donate_argnums=(2,))
   logits, cache = step(sharded, tokens[:, :9], cache, mask[:, :9])

@@ -1,0 +1,202 @@
+"""Sampler: greedy == HF generate, logprob identity, sampling statistics, sharding, compiles."""
+
+import jax
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from hf_models import LLAMA, QWEN, make_hf_model
+from r1jax import hf, model, sampler, sharding
+from r1jax.sampler import SamplingParams
+
+PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [200, 3], [9, 9, 9, 11, 250, 12, 13, 14, 15, 16, 1, 2, 3]]
+
+
+@pytest.fixture(scope="module", params=["qwen", "llama"])
+def pair(request, tmp_path_factory):
+  m = make_hf_model(QWEN if request.param == "qwen" else LLAMA, seed=1)
+  path = tmp_path_factory.mktemp("s")
+  m.save_pretrained(path)
+  cfg, params = hf.load_pretrained(path)
+  return m, cfg, params
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+  m = make_hf_model(QWEN, seed=2)
+  path = tmp_path_factory.mktemp("q")
+  m.save_pretrained(path)
+  cfg, params = hf.load_pretrained(path)
+  return cfg, params
+
+
+def test_greedy_matches_hf_generate(pair):
+  m, cfg, params = pair
+  eos = 7
+  sp = SamplingParams(temperature=0.0, max_new_tokens=24, eos_id=eos, pad_id=0)
+  out = sampler.Sampler(cfg).generate(params, PROMPTS, sp, jax.random.key(0))
+  s = out.prompt_tokens.shape[1]
+  with torch.no_grad():
+    ref = m.generate(input_ids=torch.tensor(np.asarray(out.prompt_tokens), dtype=torch.long),
+                     attention_mask=torch.tensor(np.asarray(out.prompt_mask), dtype=torch.long),
+                     do_sample=False, max_new_tokens=24, eos_token_id=eos, pad_token_id=0,
+                     top_p=None, top_k=None, temperature=None)[:, s:].numpy()
+  tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+  for i in range(len(PROMPTS)):
+    n = int(mask[i].sum())
+    np.testing.assert_array_equal(tokens[i, :n], ref[i, :n])
+    if n < 24:  # we stopped on EOS exactly where HF did
+      assert tokens[i, n - 1] == eos and int(out.stop_reason[i]) == sampler.STOP_EOS
+
+
+def teacher_forced_logp(params, cfg, out, group, temperature):
+  """The trainer's view: log_softmax(logits / T) of each completion token, teacher-forced."""
+  prompt = np.repeat(np.asarray(out.prompt_tokens), group, 0)
+  pmask = np.repeat(np.asarray(out.prompt_mask), group, 0)
+  tokens = np.concatenate([prompt, np.asarray(out.tokens)], 1)
+  mask = np.concatenate([pmask, np.asarray(out.mask)], 1)
+  logits = np.asarray(model.forward(params, tokens, cfg, mask_BxT=mask), np.float64)
+  s, t = prompt.shape[1], out.tokens.shape[1]
+  pred = logits[:, s - 1:s - 1 + t] / temperature
+  logp = pred - scipy.special.logsumexp(pred, axis=-1, keepdims=True)
+  return np.take_along_axis(logp, np.asarray(out.tokens)[..., None], -1)[..., 0]
+
+
+def test_logprobs_equal_teacher_forced(qwen):
+  cfg, params = qwen
+  # Several stop ids so rows end at different steps (early-stopped rows).
+  sp = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, max_new_tokens=20,
+                      stop_ids=tuple(range(40, 70)), eos_id=3, pad_id=0)
+  group = 4
+  out = sampler.Sampler(cfg).generate(params, PROMPTS, sp, jax.random.key(1), group=group)
+  mask = np.asarray(out.mask)
+  lengths = mask.sum(1)
+  assert lengths.min() < 20 and lengths.max() == 20, lengths  # both kinds of rows present
+  ref = teacher_forced_logp(params, cfg, out, group, 0.7)
+  assert np.abs(np.asarray(out.logprobs) - ref)[mask].max() <= 1e-5
+  assert np.all(np.asarray(out.logprobs)[~mask] == 0)
+  # Rows stop on the first stop/eos token and pad afterwards.
+  for row, n in zip(np.asarray(out.tokens), lengths):
+    assert not np.isin(row[:n - 1], list(sp.stop_ids) + [3]).any()
+    assert np.all(row[n:] == 0)
+
+
+def _intended(logits, temperature, top_k, top_p):
+  """Independent numpy restatement of the filtered sampling distribution."""
+  x = logits.astype(np.float64) / temperature
+  keep = np.ones_like(x, bool)
+  if top_k:
+    keep &= x >= np.sort(x)[-top_k]
+  p = np.exp(x - x.max()) * keep
+  p /= p.sum()
+  order = np.argsort(-p)
+  before = np.cumsum(p[order]) - p[order]
+  nucleus = np.zeros_like(keep)
+  nucleus[order[before < top_p]] = True
+  p = p * nucleus
+  return p / p.sum(), nucleus
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.8, 0, 0.7),
+                                                     (1.3, 12, 1.0), (0.9, 20, 0.8)])
+def test_sampling_distribution(qwen, temperature, top_k, top_p):
+  cfg, params = qwen
+  prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+  logits = np.asarray(model.forward(params, np.array([prompt], np.int32), cfg))[0, -1]
+  p, nucleus = _intended(logits, temperature, top_k, top_p)
+  n = 4096
+  sp = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=1)
+  out = sampler.Sampler(cfg).generate(params, [prompt], sp, jax.random.key(3), group=n)
+  first = np.asarray(out.tokens)[:, 0]
+  assert nucleus[first].all(), "emitted a token outside top-k / the nucleus"
+  counts = np.bincount(first, minlength=cfg.vocab_size)[nucleus]
+  expected = p[nucleus] * n
+  # Pool rare cells so the chi-square approximation holds.
+  big = expected >= 5
+  obs = np.append(counts[big], counts[~big].sum())
+  exp = np.append(expected[big], expected[~big].sum())
+  obs, exp = (obs, exp) if exp[-1] > 0 else (obs[:-1], exp[:-1])
+  pvalue = scipy.stats.chisquare(obs, exp).pvalue
+  tv = 0.5 * np.abs(counts / n - p[nucleus]).sum()
+  assert pvalue > 1e-3 and tv < 0.1, (pvalue, tv)
+
+
+def test_sharded_same_tokens_as_single_device(qwen):
+  cfg, params = qwen
+  sp = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=12, eos_id=3)
+  ref = sampler.Sampler(cfg).generate(params, PROMPTS * 2 + PROMPTS[:2], sp,
+                                      jax.random.key(7), group=2)
+  for shape in [(8, 1, 1), (2, 2, 2)]:
+    mesh = sharding.make_mesh(shape)
+    sharded = jax.device_put(params, sharding.tree_shardings(model.param_axes(cfg), params, mesh))
+    out = sampler.Sampler(cfg, mesh).generate(sharded, PROMPTS * 2 + PROMPTS[:2], sp,
+                                              jax.random.key(7), group=2)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-5)
+
+
+def test_compiles_once_per_bucket_and_reuses_cache(qwen):
+  cfg, params = qwen
+  s = sampler.Sampler(cfg, min_bucket=16)
+  sp = SamplingParams(temperature=1.0, max_new_tokens=4)
+  rng = np.random.default_rng(0)
+  for i in range(12):  # lengths 1..40: buckets 16, 32, 64, each hit several times
+    n = [1, 5, 16, 17, 30, 32, 33, 40, 2, 20, 39, 8][i]
+    prompts = [list(rng.integers(0, cfg.vocab_size, n)) for _ in range(2)]
+    s.generate(params, prompts, sp, jax.random.key(i))
+  assert s.compilations() == 3
+
+
+def test_budgets_stops_and_early_exit(qwen):
+  cfg, params = qwen
+  smp = sampler.Sampler(cfg)
+  sp = SamplingParams(temperature=1.0, max_new_tokens=10)
+  out = smp.generate(params, PROMPTS, sp, jax.random.key(0), max_new_tokens=[1, 3, 6])
+  np.testing.assert_array_equal(np.asarray(out.mask).sum(1), [1, 3, 6])
+  assert int(out.steps) == 6  # the loop stopped once the last budget ran out
+  assert np.all(np.asarray(out.stop_reason) == sampler.STOP_LENGTH)
+  # EOS on the greedy first token: every row stops at step one.
+  greedy = SamplingParams(temperature=0.0, max_new_tokens=10)
+  first = np.asarray(smp.generate(params, PROMPTS[:1], greedy, jax.random.key(0)).tokens)[0, 0]
+  out = smp.generate(params, PROMPTS[:1], SamplingParams(temperature=0.0, max_new_tokens=10,
+                                                         eos_id=int(first)), jax.random.key(0))
+  assert int(out.steps) == 1 and int(out.stop_reason[0]) == sampler.STOP_EOS
+
+
+def test_deterministic_per_key(qwen):
+  cfg, params = qwen
+  smp = sampler.Sampler(cfg)
+  sp = SamplingParams(temperature=1.0, max_new_tokens=8)
+  a = smp.generate(params, PROMPTS, sp, jax.random.key(5), group=2)
+  b = smp.generate(params, PROMPTS, sp, jax.random.key(5), group=2)
+  c = smp.generate(params, PROMPTS, sp, jax.random.key(6), group=2)
+  np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+  assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+  # The G samples of one prompt differ from each other.
+  assert not np.array_equal(np.asarray(a.tokens)[0], np.asarray(a.tokens)[1])
+
+
+def test_generate_many_progress(qwen, capsys):
+  cfg, params = qwen
+  smp = sampler.Sampler(cfg)
+  sp = SamplingParams(temperature=1.0, max_new_tokens=3)
+  outs = smp.generate_many(params, PROMPTS * 3, sp, jax.random.key(0), batch_size=4)
+  assert [len(o.prompt_tokens) for o in outs] == [4, 4, 1]
+  assert "sampling: batch 3/3" in capsys.readouterr().err
+
+
+def test_bad_input(qwen):
+  cfg, params = qwen
+  smp = sampler.Sampler(cfg, max_prompt_len=32)
+  sp = SamplingParams(max_new_tokens=4)
+  with pytest.raises(ValueError, match="prompt 1 has 40 tokens, over max_prompt_len=32"):
+    smp.generate(params, [[1], [2] * 40], sp, jax.random.key(0))
+  with pytest.raises(ValueError, match="prompt 0 is empty"):
+    smp.generate(params, [[]], sp, jax.random.key(0))
+  with pytest.raises(ValueError, match="outside"):
+    smp.generate(params, [[1, cfg.vocab_size]], sp, jax.random.key(0))
+  with pytest.raises(ValueError, match="exceeds the model's max_position"):
+    smp.generate(params, [[1]], SamplingParams(max_new_tokens=cfg.max_position), jax.random.key(0))
+  with pytest.raises(ValueError, match="top_p"):
+    SamplingParams(top_p=0.0)
