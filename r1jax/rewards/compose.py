@@ -1,0 +1,287 @@
+"""Reward composition: a spec (plain data, for the config) -> per-sample totals and components.
+
+The spec, e.g. `config.rewards`:
+  task_field: "task"          # sample field holding its task type; routes samples as R1's
+  default_task: "math"        #   all-scenario stage does (math / code / general)
+  timeout_s: 10.0, fallback: 0.0, num_workers: 2, worker_memory_mb: 4096   # the pool
+  components: [               # one dict per reward; unknown keys are errors
+    {"name": "accuracy", "weight": 1.0, "tasks": ["math"], "fields": {"gold": "answer"}},
+    {"name": "code", "tasks": ["code"], "fields": {"tests": "tests"}, "timeout_s": 90},
+    {"name": "format", "weight": 0.5, "kwargs": {"require_answer_tag": True}},
+    {"name": "language", "key": "lang_en", "weight": 0.1, "kwargs": {"lang": "en"}},
+  ]
+A component applies to the samples whose task is in its `tasks` (default: every task). `fields`
+maps the reward's per-sample inputs to dataset fields (default: same name), `kwargs` are fixed
+arguments, `key` names it in the logs (default: name). The total is the weighted sum of the
+components that apply; components that do not apply are NaN in the per-component arrays.
+
+Overlap: `submit` queues the pool rewards and returns at once (call it as soon as the rollout's
+tokens are on the host); `PendingRewards.result()` runs the inline and batch rewards in this
+thread while the workers run, then collects everything, just before the advantages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from r1jax.rewards import pool as pool_lib
+from r1jax.rewards import registry
+
+_log = logging.getLogger(__name__)
+_COMPONENT_KEYS = {"name", "key", "weight", "tasks", "fields", "kwargs", "timeout_s", "fallback",
+                   "view"}
+_SPEC_KEYS = {"components", "task_field", "default_task", "timeout_s", "fallback", "num_workers",
+              "worker_memory_mb"}
+
+
+def _plain(x: Any) -> Any:
+  """ConfigDict / FrozenConfigDict / tuples -> dicts and lists, recursively."""
+  if hasattr(x, "to_dict"):
+    x = x.to_dict()
+  if isinstance(x, Mapping):
+    return {k: _plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_plain(v) for v in x]
+  return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+  """One validated entry of the spec."""
+
+  key: str
+  reward: registry.RewardDef
+  weight: float
+  tasks: frozenset[str] | None  # None: every task
+  fields: dict[str, str]  # reward input -> sample field
+  kwargs: dict[str, Any]
+  timeout_s: float
+  fallback: float
+  view: str
+
+
+def _check_finite(value: Any, key: str) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+    raise TypeError(f"reward {key!r} returned {type(value).__name__}, not a number")
+  if not math.isfinite(value):
+    raise ValueError(f"reward {key!r} returned {value}")
+  return float(value)
+
+
+def _call_reward(fn, text: str, kwargs: dict[str, Any], key: str) -> float:
+  """Runs one per-sample reward (in a worker or inline) and checks that it returned a number."""
+  return _check_finite(fn(text, **kwargs), key)
+
+
+def parse_spec(spec: Any) -> tuple[dict[str, Any], list[Component]]:
+  """Validates a reward spec; returns (pool/routing settings, components)."""
+  spec = _plain(spec)
+  if not isinstance(spec, dict):
+    raise ValueError(f"reward spec must be a mapping, got {type(spec).__name__}")
+  unknown = set(spec) - _SPEC_KEYS
+  if unknown:
+    raise ValueError(f"unknown reward spec keys {sorted(unknown)}; allowed: {sorted(_SPEC_KEYS)}")
+  settings = {"task_field": "task", "default_task": "math", "timeout_s": 10.0, "fallback": 0.0,
+              "num_workers": None, "worker_memory_mb": 4096,
+              **{k: v for k, v in spec.items() if k != "components"}}
+  entries = spec.get("components")
+  if not entries or not isinstance(entries, list):
+    raise ValueError("reward spec needs a non-empty list `components`")
+  components = []
+  for i, entry in enumerate(entries):
+    if not isinstance(entry, dict) or "name" not in entry:
+      raise ValueError(f"reward component {i} must be a dict with a `name`, got {entry!r}")
+    unknown = set(entry) - _COMPONENT_KEYS
+    if unknown:
+      raise ValueError(f"reward component {entry['name']!r}: unknown keys {sorted(unknown)}; "
+                       f"allowed: {sorted(_COMPONENT_KEYS)}")
+    reward = registry.get(entry["name"])
+    key = entry.get("key", entry["name"])
+    fields = dict(entry.get("fields") or {})
+    kwargs = dict(entry.get("kwargs") or {})
+    accepted = reward.parameters()
+    if accepted is not None:
+      bad = (set(fields) | set(kwargs)) - accepted
+      if bad:
+        raise ValueError(f"reward component {key!r}: {reward.fn.__name__} has no arguments "
+                         f"{sorted(bad)}; it accepts {sorted(accepted)}")
+    both = set(fields) & set(kwargs)
+    if both:
+      raise ValueError(f"reward component {key!r}: {sorted(both)} given as both field and kwarg")
+    for name in reward.inputs:
+      if name not in kwargs:
+        fields.setdefault(name, name)
+    tasks = entry.get("tasks")
+    if isinstance(tasks, str):
+      tasks = [tasks]
+    components.append(Component(
+        key=key, reward=reward, weight=float(entry.get("weight", 1.0)),
+        tasks=None if tasks is None else frozenset(tasks), fields=fields, kwargs=kwargs,
+        timeout_s=float(entry.get("timeout_s", reward.timeout_s)),
+        fallback=float(entry.get("fallback", settings["fallback"])),
+        view=entry.get("view", reward.view)))
+    if components[-1].view not in registry.VIEWS:
+      raise ValueError(f"reward component {key!r}: view must be one of {registry.VIEWS}")
+  keys = [c.key for c in components]
+  if len(set(keys)) != len(keys):
+    raise ValueError(f"reward component keys must be unique (set `key`), got {keys}")
+  return settings, components
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardBatch:
+  """Rewards of one batch of B samples."""
+
+  total_B: np.ndarray  # float32 [B]: weighted sum of the components that apply
+  components: dict[str, np.ndarray]  # key -> float32 [B] unweighted; NaN where not applicable
+  failed: dict[str, np.ndarray]  # key -> bool [B]: raised / timed out / crashed -> fallback
+  seconds: float  # wall time from submit to result
+  pool_cpu_s: float  # CPU time the pool workers spent on this batch
+
+  def metrics(self) -> dict[str, float]:
+    """Scalars for logging: mean of each component where it applies, failure counts, total."""
+    out = {"reward/total": float(np.mean(self.total_B)) if self.total_B.size else 0.0,
+           "reward/seconds": self.seconds, "reward/pool_cpu_s": self.pool_cpu_s}
+    for key, values in self.components.items():
+      applies = ~np.isnan(values)
+      out[f"reward/{key}"] = float(np.mean(values[applies])) if applies.any() else float("nan")
+      out[f"reward/{key}_failures"] = float(self.failed[key].sum())
+    return out
+
+
+class PendingRewards:
+  """Rewards being computed for one batch; `result()` blocks until all are in."""
+
+  def __init__(self, scorer: RewardScorer, samples: list[Mapping[str, Any]],
+               tasks: list[str]):
+    self._scorer, self._samples, self._tasks = scorer, samples, tasks
+    self._start = time.monotonic()
+    self._futures = {}  # (component index, sample index) -> Future
+    self._batch = None
+    for ci, c in enumerate(scorer.components):
+      if c.reward.kind != "pool":
+        continue
+      for si in self._applicable(c):
+        text, kwargs = scorer.arguments(c, samples[si])
+        self._futures[ci, si] = scorer.pool.submit(
+            _call_reward, c.reward.fn, text, kwargs, c.key, timeout_s=c.timeout_s,
+            fallback=c.fallback)
+
+  def _applicable(self, c: Component) -> list[int]:
+    return [i for i, t in enumerate(self._tasks) if c.tasks is None or t in c.tasks]
+
+  def _run_inline(self, c: Component, idx: list[int], values, failed) -> None:
+    for si in idx:
+      text, kwargs = self._scorer.arguments(c, self._samples[si])
+      try:
+        values[si] = _call_reward(c.reward.fn, text, kwargs, c.key)
+      except Exception as e:  # pylint: disable=broad-except  (a reward bug must not kill RL)
+        _log.warning("reward %s failed on sample %d: %s: %s", c.key, si, type(e).__name__, e)
+        values[si], failed[si] = c.fallback, True
+
+  def _run_batch(self, c: Component, idx: list[int], values, failed) -> None:
+    texts, columns = [], {}
+    for si in idx:
+      text, kwargs = self._scorer.arguments(c, self._samples[si])
+      texts.append(text)
+      for name in c.fields:
+        columns.setdefault(name, []).append(kwargs[name])
+    try:
+      out = list(c.reward.fn(texts, **columns, **c.kwargs)) if idx else []
+      if len(out) != len(idx):
+        raise ValueError(f"returned {len(out)} rewards for {len(idx)} samples")
+      values[idx] = [_check_finite(v, c.key) for v in out]
+    except Exception as e:  # pylint: disable=broad-except
+      _log.warning("batch reward %s failed: %s: %s", c.key, type(e).__name__, e)
+      values[idx], failed[idx] = c.fallback, True
+
+  def result(self) -> RewardBatch:
+    """Runs inline and batch rewards here (overlapping the workers), then waits for the pool."""
+    if self._batch is not None:
+      return self._batch
+    n = len(self._samples)
+    components, failed = {}, {}
+    for ci, c in enumerate(self._scorer.components):
+      values = np.full(n, np.nan, np.float32)
+      fails = np.zeros(n, bool)
+      idx = self._applicable(c)
+      if c.reward.kind == "inline":
+        self._run_inline(c, idx, values, fails)
+      elif c.reward.kind == "batch":
+        self._run_batch(c, idx, values, fails)
+      components[c.key], failed[c.key] = values, fails
+    pool_cpu_s = 0.0
+    for (ci, si), future in self._futures.items():
+      outcome = future.result()
+      pool_cpu_s += outcome.cpu_s
+      key = self._scorer.components[ci].key
+      components[key][si] = outcome.value
+      failed[key][si] = not outcome.ok
+    total = np.zeros(n, np.float32)
+    for c in self._scorer.components:
+      total += c.weight * np.nan_to_num(components[c.key], nan=0.0)
+    self._batch = RewardBatch(total, components, failed, time.monotonic() - self._start,
+                              pool_cpu_s)
+    return self._batch
+
+
+class RewardScorer:
+  """Scores batches of samples with the rewards of a spec, pool rewards in worker processes."""
+
+  def __init__(self, spec: Any, pool: pool_lib.RewardPool | None = None):
+    self.settings, self.components = parse_spec(spec)
+    self.tasks = None if any(c.tasks is None for c in self.components) else frozenset().union(
+        *(c.tasks for c in self.components))
+    needs_pool = any(c.reward.kind == "pool" for c in self.components)
+    self._own_pool = pool is None and needs_pool
+    self.pool = pool if pool is not None or not needs_pool else pool_lib.RewardPool(
+        num_workers=self.settings["num_workers"], timeout_s=self.settings["timeout_s"],
+        fallback=self.settings["fallback"], memory_mb=self.settings["worker_memory_mb"])
+
+  def arguments(self, c: Component, sample: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The text and keyword arguments component c gets for one sample."""
+    kwargs = dict(c.kwargs)
+    for arg, field in c.fields.items():
+      kwargs[arg] = sample[field]
+    return registry.view_text(sample["completion"], c.view), kwargs
+
+  def _task_of(self, i: int, sample: Mapping[str, Any]) -> str:
+    if not isinstance(sample, Mapping) or not isinstance(sample.get("completion"), str):
+      raise ValueError(f"sample {i} must be a mapping with a str `completion`")
+    task = sample.get(self.settings["task_field"], self.settings["default_task"])
+    if self.tasks is not None and task not in self.tasks:
+      raise ValueError(f"sample {i} has task {task!r}, which no reward component handles "
+                       f"(known: {sorted(self.tasks)})")
+    for c in self.components:
+      if c.tasks is None or task in c.tasks:
+        missing = [f for f in c.fields.values() if f not in sample]
+        if missing:
+          raise ValueError(f"sample {i} (task {task!r}) lacks fields {missing} that reward "
+                           f"{c.key!r} reads")
+    return task
+
+  def submit(self, samples: Sequence[Mapping[str, Any]]) -> PendingRewards:
+    """Starts scoring; returns at once. Each sample: {"completion": str, task field, inputs…}."""
+    samples = list(samples)
+    tasks = [self._task_of(i, s) for i, s in enumerate(samples)]
+    return PendingRewards(self, samples, tasks)
+
+  def score(self, samples: Sequence[Mapping[str, Any]]) -> RewardBatch:
+    """submit + result."""
+    return self.submit(samples).result()
+
+  def close(self) -> None:
+    if self._own_pool:
+      self.pool.close()
+
+  def __enter__(self) -> RewardScorer:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

@@ -1,0 +1,171 @@
+"""Math answer extraction (\\boxed{}, <answer>, ####) and equivalence checking via math-verify.
+
+Extraction is deliberately strict: only an explicit final-answer form counts, never "the last
+number in the text", because loose extraction is what reward hacking feeds on. Equivalence is
+decided by math-verify (latex2sympy + sympy). Its signal-based timeouts only work in a main
+thread and cannot interrupt C code (huge integer powers), so `accuracy_reward` runs the check in
+a `pool.RewardPool` worker with a hard timeout unless it already is inside one.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import threading
+
+from r1jax.rewards import pool as pool_lib
+
+# An answer longer than this is not a final answer; refusing it early also bounds parser work.
+MAX_ANSWER_CHARS = 1000
+# math-verify's own (soft, signal-based) timeouts, used only in a main thread.
+SOFT_TIMEOUT_S = 3
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\b")
+_BRACE_RE = re.compile(r"\\.|[{}]", re.DOTALL)  # An escape (\{, \}, \\) or a brace.
+_GSM8K_RE = re.compile(r"####[ \t]*([^\n]*)")
+_THINK_CLOSE = "</think>"
+
+
+def brace_matches(text: str) -> dict[int, int]:
+  """Maps each '{' index to its matching '}' index in one O(n) pass; escaped braces are skipped."""
+  match, stack = {}, []
+  for m in _BRACE_RE.finditer(text):  # Visits only braces and escapes, not every character.
+    c = m.group()
+    if c == "{":
+      stack.append(m.start())
+    elif c == "}" and stack:
+      match[stack.pop()] = m.start()
+  return match
+
+
+def boxed_contents(text: str) -> list[str]:
+  """Contents of every balanced \\boxed{...} / \\fbox{...} (and `\\boxed 5`), in text order."""
+  out, match = [], None
+  for m in _BOXED_RE.finditer(text):
+    j = m.end()
+    while j < len(text) and text[j] == " ":
+      j += 1
+    if j < len(text) and text[j] == "{":
+      match = brace_matches(text) if match is None else match
+      if j in match:
+        out.append(text[j + 1:match[j]])
+    elif j > m.end():  # "\boxed 5": the argument is the next whitespace-delimited token.
+      token = re.match(r"[^\s$]+", text[j:])
+      if token:
+        out.append(token.group(0))
+  return out
+
+
+def answer_region(completion: str) -> str:
+  """The part of a completion that may hold the final answer: after the last </think> if any."""
+  k = completion.rfind(_THINK_CLOSE)
+  return completion if k < 0 else completion[k + len(_THINK_CLOSE):]
+
+
+def answer_tag_content(text: str) -> str | None:
+  """Content of the last closed <answer>...</answer>, or None."""
+  start = text.rfind("<answer>")
+  if start < 0:
+    return None
+  end = text.find("</answer>", start)
+  return None if end < 0 else text[start + len("<answer>"):end]
+
+
+def strip_wrappers(answer: str) -> str:
+  """Removes wrappers around a whole answer: markdown bold/italic/code, $…$, \\(…\\), final period.
+
+  Markdown bold is stripped deliberately (an <answer>**5**</answer> means 5) but only when it
+  wraps the entire answer, so Python-style powers such as x**2 are left intact.
+  """
+  prev = None
+  s = answer.strip()
+  while s != prev:
+    prev = s
+    for left, right in (("**", "**"), ("__", "__"), ("`", "`"), ("$$", "$$"), ("$", "$"),
+                        ("\\(", "\\)"), ("\\[", "\\]"), ("*", "*")):
+      if len(s) >= len(left) + len(right) + 1 and s.startswith(left) and s.endswith(right):
+        s = s[len(left):len(s) - len(right)].strip()
+    s = s.rstrip(".").strip()
+  return s
+
+
+def extract_answer(completion: str) -> str | None:
+  """The final answer: <answer> (its last \\boxed or $…$ if any), else last \\boxed, else #### N."""
+  region = answer_region(completion)
+  tagged = answer_tag_content(region)
+  if tagged is not None:
+    boxed = boxed_contents(tagged)
+    if boxed:
+      return strip_wrappers(boxed[-1])
+    spans = re.findall(r"\$([^$]+)\$", tagged)
+    return strip_wrappers(spans[-1] if spans else tagged)
+  boxed = boxed_contents(region)
+  if boxed:
+    return strip_wrappers(boxed[-1])
+  found = _GSM8K_RE.findall(region)
+  return strip_wrappers(found[-1]) if found else None
+
+
+def gold_answer(gold: str | int | float) -> str:
+  """The reference answer: a number, a LaTeX answer, or a solution ending in \\boxed{} / #### N."""
+  if isinstance(gold, bool) or not isinstance(gold, (str, int, float)):
+    raise TypeError(f"gold must be str or number, got {type(gold).__name__}")
+  if not isinstance(gold, str):
+    return repr(gold)
+  boxed = boxed_contents(gold)
+  if boxed:
+    return strip_wrappers(boxed[-1])
+  found = _GSM8K_RE.findall(gold)
+  return strip_wrappers(found[-1] if found else gold)
+
+
+@functools.lru_cache(maxsize=1)
+def _math_verify():
+  """Imports math-verify lazily: it pulls in sympy (~1 s), which cheap callers should not pay."""
+  import math_verify  # pylint: disable=g-import-not-at-top
+  # It logs every timeout with the whole input; we count failures ourselves.
+  for name in ("math_verify", "math_verify.parser", "math_verify.grader", "latex2sympy2_extended"):
+    logging.getLogger(name).setLevel(logging.ERROR)
+  config = [math_verify.LatexExtractionConfig(boxed_match_priority=0),
+            math_verify.ExprExtractionConfig()]
+  return math_verify, config
+
+
+def _parse(answer: str, soft_timeout: int | None) -> list:
+  mv, config = _math_verify()
+  # Wrapping in \boxed{} makes math-verify parse exactly this answer, not search the text for one.
+  return mv.parse("\\boxed{" + answer + "}", extraction_config=config,
+                  parsing_timeout=soft_timeout)
+
+
+def answers_equivalent(pred: str, gold: str) -> bool:
+  """True when two extracted answers are mathematically equivalent (math-verify, in-process).
+
+  Not protected against hangs in C code: call it inside a pool worker (see accuracy_reward).
+  """
+  pred, gold = pred.strip(), gold.strip()
+  if not pred or not gold or len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
+    return False
+  soft = SOFT_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+  mv, _ = _math_verify()
+  gold_parsed, pred_parsed = _parse(gold, soft), _parse(pred, soft)
+  if not gold_parsed or not pred_parsed:
+    return False
+  return bool(mv.verify(gold_parsed, pred_parsed, timeout_seconds=soft))
+
+
+def accuracy_reward_unsafe(completion: str, gold: str | int | float) -> float:
+  """accuracy_reward without process isolation; for use inside a pool worker."""
+  pred = extract_answer(completion)
+  if pred is None:
+    return 0.0
+  return 1.0 if answers_equivalent(pred, gold_answer(gold)) else 0.0
+
+
+def accuracy_reward(completion: str, gold: str | int | float, timeout_s: float = 10.0) -> float:
+  """1.0 if the completion's final answer equals gold mathematically, else 0.0 (also on timeout)."""
+  gold_answer(gold)  # Validate the type here so bad input raises in the caller, not a worker.
+  if pool_lib.in_worker():
+    return accuracy_reward_unsafe(completion, gold)
+  return pool_lib.shared_pool().run(accuracy_reward_unsafe, completion, gold,
+                                    timeout_s=timeout_s, fallback=0.0)
