@@ -21,15 +21,16 @@ from r1jax import sharding as sharding_lib
 from r1jax.config import model_config
 
 
-def save_params(path: str | Path, params: model_lib.Params, cfg) -> Path:
-  """Writes `path/model.json` and `path/params/` (blocking until committed)."""
+def save_params(path: str | Path, params: Any, cfg, kind: str | None = None) -> Path:
+  """Writes `path/model.json` (+ `kind`, e.g. reward_model) and `path/params/`, blocking."""
   path = Path(path).absolute()
   path.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path / "params", params, force=True)
     ckptr.wait_until_finished()
   if jax.process_index() == 0:
-    (path / "model.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    meta = {**cfg.to_dict(), **({"kind": kind} if kind else {})}
+    (path / "model.json").write_text(json.dumps(meta, indent=2))
   return path
 
 
@@ -51,7 +52,10 @@ def load_params(path: str | Path, mesh: Mesh | None = None, **overrides):
   if not (path / "model.json").exists() or not (path / "params").exists():
     raise FileNotFoundError(f"{path} is not an r1jax params checkpoint "
                             "(expected model.json and params/)")
-  cfg = model_config(json.loads((path / "model.json").read_text())).replace(**overrides)
+  meta = json.loads((path / "model.json").read_text())
+  if meta.get("kind"):
+    raise ValueError(f"{path} holds a {meta['kind']} checkpoint, not policy params")
+  cfg = model_config(meta).replace(**overrides)
   target = abstract_params(cfg, mesh)
   with ocp.StandardCheckpointer() as ckptr:
     stored = ckptr.metadata(path / "params")

@@ -188,3 +188,149 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     else:
       out[key] = type(default)(value)
   return out
+
+
+# --- GRPO and optimiser groups -------------------------------------------------
+
+LOSS_MODES = ("grpo", "bnpo", "dr_grpo")
+ADV_SCALES = ("group", "batch", "none")
+REWARD_NORMS = ("sum", "per_component")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+  """The GRPO objective and how one rollout batch is split into updates."""
+
+  group_size: int = 16  # G
+  temperature: float = 1.0  # rollout temperature; logprobs use the same scaling
+  loss_mode: str = "grpo"  # one of LOSS_MODES
+  adv_scale: str = "group"  # one of ADV_SCALES
+  adv_eps: float = 1e-4
+  adv_ddof: int = 1
+  reward_norm: str = "sum"  # one of REWARD_NORMS
+  eps_low: float = 0.2
+  eps_high: float = 0.2
+  dual_clip: float = 0.0  # 0 = off, else c > 1
+  beta: float = 0.001
+  mu: int = 1
+  minibatches: int = 1
+  microbatches: int = 1
+  mask_truncated: bool = False
+  recompute_old_logp: bool = False
+  ref_reset_every: int = 0
+  ref_dtype: str = "float32"
+  logits_chunk: int = 128
+
+  def __post_init__(self):
+    for name, allowed in (("loss_mode", LOSS_MODES), ("adv_scale", ADV_SCALES),
+                          ("reward_norm", REWARD_NORMS), ("ref_dtype", DTYPES)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"grpo.{name}={getattr(self, name)!r} not in {allowed}")
+    for name in ("group_size", "mu", "minibatches", "microbatches", "logits_chunk"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"grpo.{name} must be >= 1, got {getattr(self, name)}")
+    if self.temperature <= 0:
+      raise ValueError(f"grpo.temperature must be > 0, got {self.temperature}")
+    # eps_low >= 1 is allowed: no lower clip at all (R1-Zero's eps = 10).
+    if self.eps_low < 0 or self.eps_high < 0:
+      raise ValueError(f"grpo clip range needs eps_low >= 0 and eps_high >= 0, got "
+                       f"eps_low={self.eps_low}, eps_high={self.eps_high}")
+    if self.dual_clip and self.dual_clip <= 1:
+      raise ValueError(f"grpo.dual_clip must be 0 (off) or > 1, got {self.dual_clip}")
+    if self.beta < 0 or self.adv_eps < 0 or self.adv_ddof not in (0, 1):
+      raise ValueError("grpo.beta and grpo.adv_eps must be >= 0 and grpo.adv_ddof 0 or 1")
+    if self.ref_reset_every < 0:
+      raise ValueError(f"grpo.ref_reset_every must be >= 0, got {self.ref_reset_every}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptConfig:
+  """AdamW with linear warmup, a constant or cosine schedule and global-norm clipping."""
+
+  lr: float = 3e-6
+  schedule: str = "constant"  # one of LR_SCHEDULES
+  warmup_steps: int = 0
+  total_steps: int = 0  # cosine only: steps to reach final_lr_ratio * lr
+  final_lr_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+  grad_clip: float = 1.0  # 0 = off
+
+  def __post_init__(self):
+    if self.schedule not in LR_SCHEDULES:
+      raise ValueError(f"opt.schedule={self.schedule!r} not in {LR_SCHEDULES}")
+    if self.lr < 0 or self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+      raise ValueError("opt.lr, opt.warmup_steps, opt.grad_clip and opt.weight_decay must be >= 0")
+    if self.schedule == "cosine" and self.total_steps <= self.warmup_steps:
+      raise ValueError(f"opt.schedule='cosine' needs opt.total_steps > opt.warmup_steps, got "
+                       f"{self.total_steps} <= {self.warmup_steps}")
+
+
+def _typed(cls, group: str, cd: Any):
+  fields = cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else dict(cd)
+  unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+  if unknown:
+    raise ValueError(f"unknown {group} config fields: {sorted(unknown)}")
+  return cls(**fields)
+
+
+def grpo_config(cd: ml_collections.ConfigDict) -> GRPOConfig:
+  """Builds a GRPOConfig from the `grpo` group of an experiment config."""
+  return _typed(GRPOConfig, "grpo", cd)
+
+
+def opt_config(cd: ml_collections.ConfigDict) -> OptConfig:
+  """Builds an OptConfig from the `opt` group of an experiment config."""
+  return _typed(OptConfig, "opt", cd)
+
+
+def _group(defaults: ml_collections.ConfigDict, name: str, overrides: dict[str, Any]):
+  for key, value in overrides.items():
+    if key not in defaults:
+      raise ValueError(f"unknown {name} field {key!r}")
+    defaults[key] = value
+  return defaults
+
+
+def grpo_group(**overrides) -> ml_collections.ConfigDict:
+  """The `grpo` config group (TRL-like defaults; R1-Zero values in the comments)."""
+  g = ml_collections.ConfigDict()
+  g.group_size = 16  # G: completions per prompt (R1-Zero: 16)
+  g.temperature = 1.0  # rollout temperature; must equal the sampler's (R1-Zero: 1.0)
+  g.loss_mode = "grpo"  # grpo (mean of seq means) | bnpo (token mean, DAPO) | dr_grpo (/ N*T)
+  g.adv_scale = "group"  # advantage std division: group | batch (whole rollout) | none (Dr.GRPO)
+  g.adv_eps = 1e-4  # added to the std in the advantage denominator (TRL: 1e-4)
+  g.adv_ddof = 1  # std's delta degrees of freedom (TRL: 1, Bessel)
+  g.reward_norm = "sum"  # reward components: sum then normalise | per_component (then sum)
+  g.eps_low = 0.2  # ratio clipped below at 1 - eps_low (R1-Zero: 10, i.e. hardly clipped)
+  g.eps_high = 0.2  # ratio clipped above at 1 + eps_high; > eps_low: clip-higher (R1-Zero: 10)
+  g.dual_clip = 0.0  # dual-clip constant c > 1 bounding the loss for A < 0 (e.g. 3); 0 = off
+  g.beta = 0.001  # k3 KL-to-reference coefficient; 0 skips the reference forward (R1-Zero: 0.001)
+  g.mu = 1  # optimisation passes over each rollout batch (R1-Zero: 1)
+  g.minibatches = 1  # optimizer updates per pass: the rollout is split this many ways (R1-Zero: 16)
+  g.microbatches = 1  # gradient-accumulation steps per update (memory only; result unchanged)
+  g.mask_truncated = False  # drop completions that hit the length limit from the loss (DAPO)
+  g.recompute_old_logp = False  # old logprobs from the policy before the update, not the sampler
+  g.ref_reset_every = 0  # RL iterations between reference := policy; 0 = never (R1-Zero: 400)
+  g.ref_dtype = "float32"  # storage dtype of the frozen reference params (bfloat16 halves them)
+  g.logits_chunk = 128  # completion positions per unembed chunk: bounds live N*chunk*V f32 logits
+  return _group(g, "grpo", overrides)
+
+
+def opt_group(**overrides) -> ml_collections.ConfigDict:
+  """The `opt` config group: AdamW, warmup + constant / cosine, global-norm clipping."""
+  o = ml_collections.ConfigDict()
+  o.lr = 3e-6  # peak learning rate (R1-Zero: 3e-6)
+  o.schedule = "constant"  # after warmup: constant | cosine (decays to final_lr_ratio * lr)
+  o.warmup_steps = 0  # linear warmup: update k uses lr * (k + 1) / warmup_steps
+  o.total_steps = 0  # cosine only: optimizer updates until the end of the decay
+  o.final_lr_ratio = 0.1  # cosine only: final lr as a fraction of the peak
+  o.b1 = 0.9  # Adam first-moment decay
+  o.b2 = 0.999  # Adam second-moment decay
+  o.eps = 1e-8  # Adam denominator epsilon
+  o.weight_decay = 0.0  # decoupled weight decay on matrices (norms and biases excluded)
+  o.grad_clip = 1.0  # global gradient-norm clip; 0 = off
+  return _group(o, "opt", overrides)

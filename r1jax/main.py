@@ -24,7 +24,10 @@ _DISTRIBUTED = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 # stage name -> "module:function(config, workdir)"; later stages register here.
-STAGES = {"smoke": "r1jax.smoke:run"}
+STAGES = {
+    "smoke": "r1jax.smoke:run",
+    "reward_model": "r1jax.rewards.model:run",
+}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> object:

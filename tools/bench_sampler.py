@@ -17,8 +17,10 @@ import time
 
 from absl import app, flags
 
+from bench_common import SHAPES, make_random, random_prompts
+
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "HF checkpoint folder (created by --make_random).")
-_MAKE = flags.DEFINE_enum("make_random", None, ["3.5m", "30m", "qwen2.5-0.5b"],
+_MAKE = flags.DEFINE_enum("make_random", None, list(SHAPES),
                           "First write a random Qwen2 of this shape to --hf_dir.")
 _PROMPTS = flags.DEFINE_integer("prompts", 8, "Prompts per batch (B).")
 _GROUP = flags.DEFINE_integer("group", 8, "Samples per prompt (G); N = B*G sequences.")
@@ -28,31 +30,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per engine (median re
 _COMPARE = flags.DEFINE_bool("compare_hf", False, "Also time transformers' generate.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "r1jax param/compute dtype.")
 flags.mark_flag_as_required("hf_dir")
-
-SHAPES = {
-    "3.5m": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=768, vocab_size=1024),
-    "30m": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                num_key_value_heads=2, intermediate_size=2048, vocab_size=1024),
-    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, intermediate_size=4864, vocab_size=151936),
-}
-
-
-def make_random(path, shape):
-  import torch
-  import transformers
-  torch.manual_seed(0)
-  config = transformers.Qwen2Config(tie_word_embeddings=True, max_position_embeddings=4096,
-                                    **SHAPES[shape])
-  transformers.Qwen2ForCausalLM(config).save_pretrained(path)
-
-
-def prompts(vocab, b, longest, seed=0):
-  import numpy as np
-  rng = np.random.default_rng(seed)
-  return [list(rng.integers(10, vocab, rng.integers(longest // 2, longest + 1))) for _ in range(b)]
-
 
 def bench_r1jax(batch):
   import jax
@@ -106,7 +83,7 @@ def main(argv):
   if _MAKE.value:
     make_random(_HF_DIR.value, _MAKE.value)
   vocab = json.load(open(os.path.join(_HF_DIR.value, "config.json")))["vocab_size"]
-  batch = prompts(vocab, _PROMPTS.value, _PROMPT_LEN.value)
+  batch = random_prompts(vocab, _PROMPTS.value, _PROMPT_LEN.value)
   r1_rate, compile_s, params = bench_r1jax(batch)
   result = dict(r1jax_tokens_per_s=round(r1_rate, 1), compile_s=round(compile_s, 2))
   if _COMPARE.value:

@@ -1,0 +1,356 @@
+"""Losses against a float64 numpy restatement: logprobs, advantages, every GRPO mode, SFT."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from r1jax import losses, model
+from r1jax.config import GRPOConfig, ModelConfig
+
+CFG = ModelConfig(vocab_size=96, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8,
+                  mlp_dim=64, qkv_bias=True, tie_embeddings=False)
+TOL = 1e-6  # relative, f32 JAX vs float64 numpy
+
+
+def rel_err(got, want) -> float:
+  """max |got − want| / max |want|: relative to the array's scale."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+# --- float64 restatement -------------------------------------------------------
+
+
+def np_advantages(r, g, scale, eps, ddof, reward_norm="sum", w=None):
+  """Group advantages, one group at a time, in float64."""
+  r = np.asarray(r, np.float64).reshape(len(r), -1)
+  w = np.ones(r.shape[1]) if w is None else np.asarray(w, np.float64)
+
+  def norm(x):
+    out = np.empty_like(x)
+    for b in range(len(x) // g):
+      grp = x[b * g:(b + 1) * g]
+      std = {"group": np.std(grp, ddof=ddof), "batch": np.std(x, ddof=ddof), "none": None}[scale]
+      out[b * g:(b + 1) * g] = (grp - grp.mean()) / (1.0 if std is None else std + eps)
+    return out
+
+  if reward_norm == "sum":
+    return norm(r @ w)
+  return sum(w[c] * norm(r[:, c]) for c in range(r.shape[1]))
+
+
+def np_grpo(logp, old, adv, mask, ref, cfg):
+  """(loss, dloss/dlogp, Σ|terms|) token by token, written case by case (no min / clip)."""
+  logp, old, adv = (np.asarray(x, np.float64) for x in (logp, old, adv))
+  ref = None if ref is None else np.asarray(ref, np.float64)
+  n, t = logp.shape
+  lo, hi = 1 - cfg.eps_low, 1 + cfg.eps_high
+  ell, dell = np.zeros((n, t)), np.zeros((n, t))
+  for i, j in itertools.product(range(n), range(t)):
+    if not mask[i, j]:
+      continue
+    a, rho = adv[i], np.exp(logp[i, j] - old[i, j])
+    if lo <= rho <= hi or (rho > hi and a < 0) or (rho < lo and a > 0):
+      obj, dobj = rho * a, rho * a  # the unclipped term is the minimum
+    else:
+      obj, dobj = (hi if rho > hi else lo) * a, 0.0
+    if cfg.dual_clip and a < 0 and obj < cfg.dual_clip * a:
+      obj, dobj = cfg.dual_clip * a, 0.0
+    ell[i, j], dell[i, j] = -obj, -dobj
+    if ref is not None and cfg.beta:
+      d = ref[i, j] - logp[i, j]
+      ell[i, j] += cfg.beta * (np.exp(d) - d - 1)
+      dell[i, j] += cfg.beta * (1 - np.exp(d))
+  w = np_weights(mask, cfg.loss_mode)
+  return float(np.sum(w * ell)), w * dell, float(np.sum(np.abs(w * ell)))
+
+
+def np_weights(mask, mode):
+  """Per-token weights of the loss sum for each aggregation mode."""
+  n, t = mask.shape
+  lens = mask.sum(1)
+  if mode == "grpo":  # mean over the sequences that have tokens, of per-sequence means
+    rows = [i for i in range(n) if lens[i]]
+    return np.where(mask, 1.0 / np.maximum(lens, 1)[:, None], 0.0) / max(len(rows), 1)
+  if mode == "bnpo":
+    return mask / max(mask.sum(), 1)
+  return mask / (n * t)
+
+
+def random_inputs(seed, n=16, t=11):
+  rng = np.random.default_rng(seed)
+  logp = np.minimum(rng.normal(-2.0, 1.0, (n, t)), -1e-3).astype(np.float32)
+  # Ratios spread over all clip regions (and past the dual-clip bound 3).
+  old = (logp - rng.normal(0.0, 0.6, (n, t))).astype(np.float32)
+  ref = (logp + rng.normal(0.0, 0.3, (n, t))).astype(np.float32)
+  adv = rng.normal(0.0, 1.0, n).astype(np.float32)
+  lens = rng.integers(0, t + 1, n)
+  lens[0] = 0  # one empty completion
+  mask = np.arange(t)[None, :] < lens[:, None]
+  mask &= rng.random((n, t)) > 0.1  # and some holes
+  return logp, old, adv, mask, ref
+
+
+CASES = [dict(loss_mode=m, dual_clip=d, beta=b, eps_high=h)
+         for m in ("grpo", "bnpo", "dr_grpo") for d in (0.0, 3.0) for b in (0.0, 0.04)
+         for h in (0.2, 0.28)]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_grpo_loss_and_grad_match_float64(seed):
+  logp, old, adv, mask, ref = random_inputs(seed)
+  worst_loss = worst_grad = 0.0
+  for case in CASES:
+    cfg = GRPOConfig(eps_low=0.2, **case)
+    fn = lambda lp, cfg=cfg: losses.grpo_loss(lp, old, adv, mask, cfg, ref)[0]
+    loss, grad = jax.value_and_grad(fn)(logp)
+    want_loss, want_grad, scale = np_grpo(logp, old, adv, mask, ref, cfg)
+    # Relative to the summed terms' magnitude: advantages of both signs can
+    # cancel to a loss near 0, where no f32 sum has a small relative error.
+    worst_loss = max(worst_loss, abs(float(loss) - want_loss) / scale)
+    worst_grad = max(worst_grad, rel_err(grad, want_grad))
+    assert np.all(np.asarray(grad)[~mask] == 0)
+  print(f"seed {seed}: max rel err over {len(CASES)} configs: loss {worst_loss:.2e}, "
+        f"dloss/dlogp {worst_grad:.2e}")
+  assert worst_loss <= TOL and worst_grad <= TOL
+
+
+def test_clip_and_dual_clip_regions_are_exercised():
+  """The random inputs above hit every branch, so the comparison covers them."""
+  logp, old, adv, mask, _ = random_inputs(0)
+  rho = np.exp(logp - old)[mask]
+  a = np.broadcast_to(adv[:, None], mask.shape)[mask]
+  assert np.sum((rho > 1.28) & (a > 0)) and np.sum((rho < 0.8) & (a < 0))
+  assert np.sum((rho > 3.0) & (a < 0)) and np.sum((rho > 0.8) & (rho < 1.2))
+  cfg = GRPOConfig(dual_clip=3.0, beta=0.0)
+  _, sums = losses.grpo_loss(logp, old, adv, mask, cfg)
+  assert sums["clip_low"] > 0 and sums["clip_high"] > 0 and sums["clip_dual"] > 0
+  assert sums["tokens"] == mask.sum()
+
+
+@pytest.mark.parametrize("mode", ["grpo", "bnpo", "dr_grpo"])
+def test_microbatch_losses_sum_to_the_batch_loss(mode):
+  """With the mini-batch denominator, any row partition sums to the full loss and grad."""
+  logp, old, adv, mask, ref = random_inputs(2)
+  cfg = GRPOConfig(loss_mode=mode, beta=0.04)
+  full = jax.value_and_grad(lambda lp: losses.grpo_loss(lp, old, adv, mask, cfg, ref)[0])
+  loss, grad = full(logp)
+  scale = np_grpo(logp, old, adv, mask, ref, cfg)[2]
+  denom = losses.loss_denominator(mask, mode)
+  parts = np.split(np.random.default_rng(0).permutation(len(logp)), 4)
+  total, total_grad = 0.0, np.zeros_like(logp)
+  for rows in parts:
+    part = lambda lp: losses.grpo_loss(lp, old[rows], adv[rows], mask[rows], cfg, ref[rows],
+                                       denom)[0]
+    l, g = jax.value_and_grad(part)(logp[rows])
+    total += float(l)
+    total_grad[rows] = g
+  assert abs(total - float(loss)) <= 1e-6 * scale
+  assert rel_err(total_grad, grad) <= 1e-6
+
+
+def test_garbage_at_masked_positions_never_leaks():
+  logp, old, adv, mask, ref = random_inputs(3)
+  cfg = GRPOConfig(beta=0.04, dual_clip=3.0, loss_mode="bnpo")
+  f = jax.value_and_grad(lambda lp, o, r: losses.grpo_loss(lp, o, adv, mask, cfg, r)[0])
+  clean = f(logp, old, ref)
+  bad = lambda x, v: np.where(mask, x, v).astype(np.float32)
+  for v in (np.nan, np.inf, -np.inf, 1e30):
+    got = f(bad(logp, v), bad(old, -v), bad(ref, v))
+    assert float(got[0]) == float(clean[0])
+    np.testing.assert_array_equal(got[1], clean[1])
+
+
+@pytest.mark.parametrize("scale,reward_norm,ddof", [
+    ("group", "sum", 1), ("group", "sum", 0), ("batch", "sum", 1), ("none", "sum", 1),
+    ("group", "per_component", 1), ("batch", "per_component", 1)])
+def test_advantages_match_float64(scale, reward_norm, ddof):
+  rng = np.random.default_rng(4)
+  r = rng.random((24, 3)).astype(np.float32)
+  r[:6] = 1.0  # one constant group: advantage exactly 0, not NaN
+  w = np.array([1.0, 0.5, 2.0], np.float32)
+  got = losses.group_advantages(r, 6, scale, 1e-4, ddof, reward_norm, w)
+  want = np_advantages(r, 6, scale, 1e-4, ddof, reward_norm, w)
+  assert rel_err(got, want) <= TOL, rel_err(got, want)
+  assert np.all(np.asarray(got)[:6] == 0) or scale == "batch"
+  one = losses.group_advantages(r[:, 0], 6, scale, 1e-4, ddof)
+  assert rel_err(one, np_advantages(r[:, 0], 6, scale, 1e-4, ddof)) <= TOL
+
+
+def test_advantage_errors_and_informative_groups():
+  with pytest.raises(ValueError, match="does not divide"):
+    losses.group_advantages(np.zeros(10), 4)
+  with pytest.raises(ValueError, match="ddof=1"):
+    losses.group_advantages(np.zeros(4), 1)
+  with pytest.raises(ValueError, match="scale"):
+    losses.group_advantages(np.zeros(4), 2, scale="global")
+  with pytest.raises(ValueError, match="one entry per reward component"):
+    losses.group_advantages(np.zeros((4, 2)), 2, weights_C=[1.0])
+  keep = losses.informative_groups(np.array([1, 1, 0, 1, 0, 0.0]), 2)
+  assert keep.tolist() == [False, True, False]
+
+
+def test_loss_errors():
+  logp, old, adv, mask, ref = random_inputs(5)
+  cfg = GRPOConfig()
+  with pytest.raises(ValueError, match="mask has shape"):
+    losses.grpo_loss(logp, old, adv, mask[:, :-1], cfg)
+  with pytest.raises(ValueError, match="advantages have shape"):
+    losses.grpo_loss(logp, old, adv[:-1], mask, cfg)
+  with pytest.raises(ValueError, match="unknown loss mode"):
+    losses.loss_denominator(mask, "token_sum")
+  with pytest.raises(ValueError, match="loss_mode"):
+    GRPOConfig(loss_mode="token_sum")
+  with pytest.raises(ValueError, match="dual_clip"):
+    GRPOConfig(dual_clip=0.5)
+
+
+# --- model-level: teacher-forced logprobs, SFT, REINFORCE --------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """Randomised tiny params and a left-padded prompt + right-padded completion batch."""
+  params = model.init_params(CFG, jax.random.key(0))
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape)
+                                     for x, k in zip(leaves, keys)])
+  rng = np.random.default_rng(0)
+  n, s, t = 8, 5, 9
+  tokens = rng.integers(0, CFG.vocab_size, (n, s + t)).astype(np.int32)
+  mask = np.ones((n, s + t), bool)
+  for i, pad in enumerate([0, 2, 4, 1, 0, 3, 0, 2]):
+    mask[i, :pad] = False
+  lens = np.array([9, 1, 5, 0, 7, 9, 3, 6])
+  cmask = np.arange(t)[None, :] < lens[:, None]
+  mask[:, s:] = cmask
+  tokens[~mask] = 0
+  forward = jax.jit(lambda p, tok, m: model.forward(p, tok, CFG, mask_BxT=m))
+  logits = np.asarray(forward(params, tokens, mask), np.float64)
+
+  def naive_logp(p):  # unchunked: the whole (N, T, V) log_softmax at once
+    lsm = jax.nn.log_softmax(model.forward(p, tokens, CFG, mask_BxT=mask)[:, s - 1:-1], -1)
+    return jnp.take_along_axis(lsm, tokens[:, s:, None], -1)[..., 0]
+
+  naive_vjp = jax.jit(lambda p, ct: jax.vjp(naive_logp, p)[1](ct)[0])
+  return dict(params=params, tokens=tokens, mask=mask, cmask=cmask, s=s, logits=logits,
+              forward=forward, naive_vjp=naive_vjp)
+
+
+def np_log_softmax(logits, temperature):
+  z = np.asarray(logits, np.float64) / temperature
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 64])  # chunk 4 does not divide T = 9
+def test_token_logprobs_match_float64(tiny, chunk):
+  p, tokens, mask, cmask, s = (tiny[k] for k in ("params", "tokens", "mask", "cmask", "s"))
+  temp = 0.7
+  got, ent = jax.jit(lambda p: losses.token_logprobs_and_entropy(
+      p, CFG, tokens, mask, s, temp, chunk))(p)
+  lsm = np_log_softmax(tiny["logits"][:, s - 1:-1], temp)
+  want = np.take_along_axis(lsm, tokens[:, s:, None], -1)[..., 0]
+  want_ent = -(np.exp(lsm) * lsm).sum(-1)
+  err = np.abs(np.asarray(got) - want)[cmask].max()
+  print(f"chunk {chunk}: token_logprobs vs float64 log_softmax max abs err {err:.2e}")
+  assert err <= 1e-5
+  assert np.abs(np.asarray(ent) - want_ent)[cmask].max() <= 1e-5
+
+
+def test_first_and_last_completion_token_scored_from_their_prefix(tiny):
+  """Token j's logp equals the last-position logits of a forward of tokens[:j] alone."""
+  p, tokens, mask, cmask, s = (tiny[k] for k in ("params", "tokens", "mask", "cmask", "s"))
+  got = np.asarray(losses.token_logprobs(p, CFG, tokens, mask, s))
+  rows = np.arange(len(tokens))
+  for j in (0, cmask.shape[1] - 1):
+    last = tiny["forward"](p, tokens[:, :s + j], mask[:, :s + j])[:, -1]
+    want = np_log_softmax(last, 1.0)[rows, tokens[:, s + j]]
+    assert np.abs(got[:, j] - want)[cmask[:, j]].max() <= 1e-5
+
+
+def test_chunked_gradient_equals_unchunked(tiny):
+  p, tokens, mask, cmask, s = (tiny[k] for k in ("params", "tokens", "mask", "cmask", "s"))
+  ct = (np.random.default_rng(1).normal(size=cmask.shape) * cmask).astype(np.float32)
+  chunked = lambda q: losses.token_logprobs(q, CFG, tokens, mask, s, chunk=4)
+  got = jax.jit(lambda q, c: jax.vjp(chunked, q)[1](c)[0])(p, ct)
+  want = tiny["naive_vjp"](p, ct)
+  err = max(rel_err(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+  assert err <= 1e-5, err
+
+
+MODES = [("dr_grpo", "none"), ("grpo", "group"), ("bnpo", "group")]
+
+
+def test_mu1_beta0_gradient_is_reinforce_with_group_baseline(tiny):
+  """At the sampling policy (ratio 1), the GRPO gradient is −Σ w·A·∇logπ for every mode."""
+  p, tokens, mask, cmask, s = (tiny[k] for k in ("params", "tokens", "mask", "cmask", "s"))
+  g = 4
+  rewards = np.array([1.0, 0.0, 0.0, 1.0, 0.3, 0.9, 0.1, 0.5])
+  advs = [np_advantages(rewards, g, scale, 1e-4, 1) for _, scale in MODES]
+  old = losses.token_logprobs(p, CFG, tokens, mask, s)  # what the sampler returned
+
+  def grpo_grads(q):
+    out = []
+    for (mode, _), adv in zip(MODES, advs):
+      cfg = GRPOConfig(loss_mode=mode, beta=0.0, group_size=g)
+      loss = lambda q: losses.grpo_loss(
+          losses.token_logprobs(q, CFG, tokens, mask, s, chunk=4), old,
+          jnp.asarray(adv, jnp.float32), cmask, cfg)[0]
+      out.append(jax.grad(loss)(q))
+    return out
+
+  for (mode, scale), adv, got in zip(MODES, advs, jax.jit(grpo_grads)(p)):
+    # REINFORCE: ∇ of −Σ_it w_it·A_i·logπ(o_it), A_i = r_i − mean of its group (÷ std).
+    want = tiny["naive_vjp"](p, (-np_weights(cmask, mode) * adv[:, None]).astype(np.float32))
+    err = max(rel_err(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+    print(f"{mode}/{scale}: GRPO vs REINFORCE-with-group-baseline grad max rel err {err:.2e}")
+    assert err <= 1e-5
+
+
+def test_sft_loss_matches_float64(tiny):
+  p, tokens, mask = tiny["params"], tiny["tokens"], tiny["mask"]
+  loss_mask = mask.copy()
+  loss_mask[:, :6] = False  # e.g. a prompt that is not trained on
+  loss, sums = jax.jit(lambda p: losses.sft_loss(p, CFG, tokens, mask, loss_mask, chunk=4))(p)
+  lsm = np_log_softmax(tiny["logits"], 1.0)
+  nll = -np.take_along_axis(lsm[:, :-1], tokens[:, 1:, None], -1)[..., 0]
+  want = nll[loss_mask[:, 1:]].mean()
+  assert abs(float(loss) - want) / want <= TOL
+  assert sums["tokens"] == loss_mask[:, 1:].sum()
+
+
+def test_logprob_input_errors(tiny):
+  p, tokens, mask, s = tiny["params"], tiny["tokens"], tiny["mask"], tiny["s"]
+  with pytest.raises(ValueError, match="completion_start"):
+    losses.token_logprobs(p, CFG, tokens, mask, tokens.shape[1])
+  with pytest.raises(ValueError, match="must be equal"):
+    losses.token_logprobs(p, CFG, tokens, mask[:, 1:], s)
+  with pytest.raises(ValueError, match="loss_mask"):
+    losses.sft_loss(p, CFG, tokens, mask, mask[:, 1:])
+
+
+def test_chunking_bounds_logits_memory():
+  """Compiled value+grad peak scratch: below one full (N, T, V) f32 logits when chunked."""
+  cfg = ModelConfig(vocab_size=8192, hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16,
+                    mlp_dim=64)
+  params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+  n, s, t = 8, 4, 128
+  tok = jax.ShapeDtypeStruct((n, s + t), jnp.int32)
+  msk = jax.ShapeDtypeStruct((n, s + t), jnp.bool_)
+  full_logits = n * t * cfg.vocab_size * 4
+
+  def scratch(chunk):
+    loss = lambda p, x, m: jnp.sum(losses.token_logprobs_and_entropy(p, cfg, x, m, s, 1.0,
+                                                                      chunk)[0])
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(params, tok, msk).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  chunked, whole = scratch(8), scratch(t)
+  print(f"scratch: chunk 8 {chunked / 2**20:.1f} MiB, unchunked {whole / 2**20:.1f} MiB, "
+        f"one full logits {full_logits / 2**20:.1f} MiB")
+  assert chunked < 0.5 * full_logits < whole
