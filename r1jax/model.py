@@ -158,15 +158,24 @@ def rms_norm(x_BxTxD: jax.Array, w_D: jax.Array, eps: float) -> jax.Array:
   return w_D * y.astype(x_BxTxD.dtype)
 
 
+def _mm(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+  """einsum accumulated in f32, returned in x's dtype.
+
+  For bf16 compute this is both more accurate and, on CPUs with AVX512-BF16,
+  about 1.7x faster than a bf16-output matmul; for f32 it is a plain einsum.
+  """
+  return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def _attention(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, mask_BxTxS, kv, cfg):
   """Grouped-query attention.
 
   `kv` is None (attend within the chunk) or (k_BxKxSxh, v_BxKxhxS, index):
   this layer's cache, written in place at the slot index.
   """
-  q_BxTxHxh = jnp.einsum("btd,dnh->btnh", x_BxTxD, lp["q"])
-  k_BxTxKxh = jnp.einsum("btd,dkh->btkh", x_BxTxD, lp["k"])
-  v_BxTxKxh = jnp.einsum("btd,dkh->btkh", x_BxTxD, lp["v"])
+  q_BxTxHxh = _mm("btd,dnh->btnh", x_BxTxD, lp["q"])
+  k_BxTxKxh = _mm("btd,dkh->btkh", x_BxTxD, lp["k"])
+  v_BxTxKxh = _mm("btd,dkh->btkh", x_BxTxD, lp["v"])
   if cfg.qkv_bias:
     q_BxTxHxh, k_BxTxKxh, v_BxTxKxh = (
         q_BxTxHxh + lp["q_bias"], k_BxTxKxh + lp["k_bias"], v_BxTxKxh + lp["v_bias"])
@@ -190,8 +199,8 @@ def _attention(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, mask_BxTxS, kv, cfg):
                            preferred_element_type=jnp.float32) / math.sqrt(hd)
   s_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], s_BxKxGxTxS, _NEG_INF)
   p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(v_BxKxhxS.dtype)
-  o_BxTxKxGxh = jnp.einsum("bkgts,bkhs->btkgh", p_BxKxGxTxS, v_BxKxhxS)
-  out_BxTxD = jnp.einsum("btnh,nhd->btd", o_BxTxKxGxh.reshape(b, t, n, hd), lp["o"])
+  o_BxTxKxGxh = _mm("bkgts,bkhs->btkgh", p_BxKxGxTxS, v_BxKxhxS)
+  out_BxTxD = _mm("btnh,nhd->btd", o_BxTxKxGxh.reshape(b, t, n, hd), lp["o"])
   if cfg.out_bias:
     out_BxTxD = out_BxTxD + lp["o_bias"]
   return out_BxTxD, kv
@@ -203,8 +212,9 @@ def _block(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, mask_BxTxS, kv, cfg):
                            cos_BxTxR, sin_BxTxR, mask_BxTxS, kv, cfg)
   x_BxTxD = x_BxTxD + a_BxTxD
   y_BxTxD = rms_norm(x_BxTxD, lp["mlp_norm"], cfg.rms_eps)
-  hidden_BxTxF = jax.nn.silu(y_BxTxD @ lp["gate"]) * (y_BxTxD @ lp["up"])
-  return x_BxTxD + hidden_BxTxF @ lp["down"], kv
+  hidden_BxTxF = (jax.nn.silu(_mm("btd,df->btf", y_BxTxD, lp["gate"]))
+                  * _mm("btd,df->btf", y_BxTxD, lp["up"]))
+  return x_BxTxD + _mm("btf,fd->btd", hidden_BxTxF, lp["down"]), kv
 
 
 _REMAT = {

@@ -29,6 +29,8 @@ _COMPLETION = flags.DEFINE_integer("completion", 64, "Completion tokens per row 
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "Longest prompt.")
 _ITERS = flags.DEFINE_integer("iters", 6, "Timed iterations (after 2 warm-up ones).")
 _BETA = flags.DEFINE_float("beta", 0.04, "KL coefficient (0 skips the reference forward).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Compute dtype (params stay f32 for the optimizer).")
 flags.mark_flag_as_required("hf_dir")
 
 
@@ -43,7 +45,7 @@ def main(argv):
   from r1jax.train_step import Trainer
 
   mesh = sharding.make_mesh((-1, 1, 1))
-  cfg, params = hf.load_pretrained(_HF_DIR.value, mesh=mesh)
+  cfg, params = hf.load_pretrained(_HF_DIR.value, mesh=mesh, compute_dtype=_DTYPE.value)
   g = _GROUP.value
   trainer = Trainer(cfg, OptConfig(lr=1e-6), mesh,
                     GRPOConfig(group_size=g, beta=_BETA.value, mu=1, temperature=1.0))
@@ -72,7 +74,7 @@ def main(argv):
         times[k].append(v)
   result = {k: round(statistics.median(v), 4) for k, v in times.items()}
   result.update(params=cfg.num_params, sequences=_PROMPTS.value * g,
-                completion=_COMPLETION.value, beta=_BETA.value,
+                completion=_COMPLETION.value, beta=_BETA.value, dtype=_DTYPE.value,
                 device=jax.devices()[0].device_kind,
                 machine=f"{platform.machine()} {os.cpu_count()} cores",
                 load_1m=round(os.getloadavg()[0], 2),

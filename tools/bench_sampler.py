@@ -28,7 +28,8 @@ _NEW = flags.DEFINE_integer("new_tokens", 64, "Tokens generated per sequence.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "Longest prompt (lengths vary 50-100%).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per engine (median reported).")
 _COMPARE = flags.DEFINE_bool("compare_hf", False, "Also time transformers' generate.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "r1jax param/compute dtype.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Param and compute dtype, for both engines.")
 flags.mark_flag_as_required("hf_dir")
 
 def bench_r1jax(batch):
@@ -57,7 +58,8 @@ def bench_hf(batch):
   import numpy as np
   import torch
   import transformers
-  m = transformers.AutoModelForCausalLM.from_pretrained(_HF_DIR.value, dtype=torch.float32).eval()
+  dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[_DTYPE.value]
+  m = transformers.AutoModelForCausalLM.from_pretrained(_HF_DIR.value, dtype=dtype).eval()
   s = max(map(len, batch))
   ids = np.zeros((len(batch), s), np.int64)
   mask = np.zeros((len(batch), s), np.int64)
