@@ -21,6 +21,8 @@ setup(
         "absl-py>=2.1",
         "ml_collections>=1.1,<2",
         "math-verify>=0.9,<0.10",
+        "tensorboardX>=2.6,<3",
+        "matplotlib>=3.9,<4",
     ],
     extras_require={
         # HF checkpoints and tokenizers (tokenizer.json).

@@ -95,6 +95,7 @@ def model_config(cd: ml_collections.ConfigDict) -> ModelConfig:
   fields = cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else dict(cd)
   fields.pop("preset", None)
   fields.pop("hf_dir", None)
+  fields.pop("init_from", None)
   scaling = fields.pop("rope_scaling", None)
   known = {f.name for f in dataclasses.fields(ModelConfig)}
   unknown = set(fields) - known
@@ -135,6 +136,7 @@ def model_group(preset: str | None = None, **overrides) -> ml_collections.Config
   m = ml_collections.ConfigDict()
   m.preset = preset or ""  # name in PRESETS the shape came from ('' = custom)
   m.hf_dir = ""  # local HF folder to load weights (and shape) from; '' = random init
+  m.init_from = ""  # r1jax params checkpoint (model.json + params/) to start from; wins over hf_dir
   m.vocab_size = 1024  # V: token ids the embedding holds
   m.hidden = 256  # D: residual width
   m.layers = 4  # L: decoder blocks

@@ -85,7 +85,9 @@ def chunked_logprobs(params: model.Params, h_NxTxD: jax.Array, tgt_NxT: jax.Arra
 def token_logprobs_and_entropy(params: model.Params, cfg: ModelConfig, tokens_NxP: jax.Array,
                                mask_NxP: jax.Array, completion_start: int,
                                temperature: float = 1.0,
-                               chunk: int = 128) -> tuple[jax.Array, jax.Array]:
+                               chunk: int = 128, positions_NxP: jax.Array | None = None,
+                               segment_ids_NxP: jax.Array | None = None,
+                               ) -> tuple[jax.Array, jax.Array]:
   """Teacher-forced (logp_NxT, entropy_NxT) of tokens[:, completion_start:].
 
   Token j is scored by the hidden state at j − 1 (left-padded prompt, so
@@ -97,7 +99,8 @@ def token_logprobs_and_entropy(params: model.Params, cfg: ModelConfig, tokens_Nx
     raise ValueError(f"tokens {tokens_NxP.shape} and mask {mask_NxP.shape} must be equal (N, P)")
   if not 1 <= s < tokens_NxP.shape[1]:
     raise ValueError(f"completion_start={s} must be in [1, {tokens_NxP.shape[1]})")
-  h_NxPxD, _ = model.hidden_states(params, tokens_NxP, cfg, mask_BxT=mask_NxP)
+  h_NxPxD, _ = model.hidden_states(params, tokens_NxP, cfg, mask_BxT=mask_NxP,
+                                   positions_BxT=positions_NxP, segment_ids_BxT=segment_ids_NxP)
   return chunked_logprobs(params, h_NxPxD[:, s - 1:-1], tokens_NxP[:, s:], cfg, temperature,
                           chunk)
 
@@ -115,15 +118,18 @@ def token_logprobs(params: model.Params, cfg: ModelConfig, tokens_NxP: jax.Array
 
 def sft_loss(params: model.Params, cfg: ModelConfig, tokens_NxP: jax.Array, mask_NxP: jax.Array,
              loss_mask_NxP: jax.Array, denom: jax.Array | float | None = None,
-             chunk: int = 128) -> tuple[jax.Array, dict[str, jax.Array]]:
+             chunk: int = 128, positions_NxP: jax.Array | None = None,
+             segment_ids_NxP: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Masked next-token cross-entropy: Σ −logp over loss_mask / denom (default: its count).
 
   loss_mask[:, j] marks token j as a target (predicted from tokens < j);
-  position 0 has no context and is never a target.
+  position 0 has no context and is never a target. Packed rows pass their
+  per-document positions and segment ids, so documents never see each other.
   """
   if loss_mask_NxP.shape != tokens_NxP.shape:
     raise ValueError(f"loss_mask {loss_mask_NxP.shape} must match tokens {tokens_NxP.shape}")
-  logp_NxT, ent_NxT = token_logprobs_and_entropy(params, cfg, tokens_NxP, mask_NxP, 1, 1.0, chunk)
+  logp_NxT, ent_NxT = token_logprobs_and_entropy(params, cfg, tokens_NxP, mask_NxP, 1, 1.0, chunk,
+                                                 positions_NxP, segment_ids_NxP)
   m_NxT = loss_mask_NxP[:, 1:].astype(bool)
   ntok = jnp.sum(m_NxT, dtype=jnp.float32)
   denom = jnp.maximum(ntok, 1.0) if denom is None else denom

@@ -8,13 +8,11 @@ On multi-host TPU / GPU slices pass `--distributed` to initialise
 
 from __future__ import annotations
 
-import importlib
-from pathlib import Path
-
 import jax
-import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from r1jax.stages import STAGES, run  # noqa: F401  (STAGES: re-exported)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file: experiments/NAME.py[:arg].", lock_config=True)
@@ -22,24 +20,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs, checkpoints and 
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (multi-host TPU/GPU).")
 flags.mark_flags_as_required(["config", "workdir"])
-
-# stage name -> "module:function(config, workdir)"; later stages register here.
-STAGES = {
-    "smoke": "r1jax.smoke:run",
-    "reward_model": "r1jax.rewards.model:run",
-}
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> object:
-  """Runs `config.stage` in `workdir` (created; the resolved config is saved there)."""
-  if config.stage not in STAGES:
-    raise ValueError(f"unknown stage {config.stage!r}; known: {sorted(STAGES)}")
-  path = Path(workdir)
-  path.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    (path / "config.json").write_text(config.to_json_best_effort(indent=2))
-  module, fn = STAGES[config.stage].split(":")
-  return getattr(importlib.import_module(module), fn)(config, path)
 
 
 def main(argv):

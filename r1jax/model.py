@@ -226,13 +226,15 @@ _REMAT = {
 def hidden_states(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig, *,
                   positions_BxT: jax.Array | None = None,
                   mask_BxT: jax.Array | None = None,
-                  cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                  cache: KVCache | None = None,
+                  segment_ids_BxT: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
   """Final-norm hidden states (B, T, D) and the updated cache.
 
   Without a cache, token j attends to tokens i <= j with mask[i]; with one, the
   chunk is written at `cache.index` and attends to every valid earlier slot.
   Positions default to the count of real tokens before each one, so
-  left-padded rows get the same positions as unpadded ones.
+  left-padded rows get the same positions as unpadded ones. `segment_ids`
+  (packed documents, no cache) restricts attention to the same segment.
   """
   b, t = tokens_BxT.shape
   dtype = jnp.dtype(cfg.compute_dtype)
@@ -245,7 +247,11 @@ def hidden_states(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig, *,
   if cache is None:
     causal_TxT = jnp.tril(jnp.ones((t, t), bool))
     attn_mask_BxTxS = causal_TxT[None] & mask_BxT[:, None, :]
+    if segment_ids_BxT is not None:
+      attn_mask_BxTxS &= segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
   else:
+    if segment_ids_BxT is not None:
+      raise ValueError("segment_ids are for packed training batches, not cached decoding")
     valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask_BxT, cache.index, axis=1)
     slot_S = jnp.arange(cache.max_len)
     causal_TxS = slot_S[None, :] <= cache.index + jnp.arange(t)[:, None]

@@ -15,31 +15,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from r1jax import checkpoint
 from r1jax import model as model_lib
 from r1jax import sharding
-from r1jax.config import model_config
-
-
-def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-  """(ModelConfig, params) from HF weights when model.hf_dir is set, else random init."""
-  if config.model.hf_dir:
-    from r1jax import hf
-    return hf.load_pretrained(config.model.hf_dir, mesh=mesh,
-                              param_dtype=config.model.param_dtype,
-                              compute_dtype=config.model.compute_dtype,
-                              remat=config.model.remat)
-  cfg = model_config(config.model)
-  key = jax.random.key(config.seed)
-  params = sharding.init_sharded(lambda: model_lib.init_params(cfg, key),
-                                 model_lib.param_axes(cfg), mesh)
-  return cfg, params
 
 
 def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   """Sharded init (or HF load) + one forward on a left-padded batch; reports a JSON line."""
   mesh = sharding.make_mesh(config.mesh.shape)
   t0 = time.perf_counter()
-  cfg, params = build_model(config, mesh)
+  cfg, params = checkpoint.load_model(config.model, mesh, seed=config.seed)
   jax.block_until_ready(params)
   init_s = time.perf_counter() - t0
   b, t = config.smoke.batch, config.smoke.seq_len

@@ -66,6 +66,8 @@ class SFTBatch:
   tokens: jax.Array  # (N, P) int32
   mask: jax.Array  # (N, P) bool: real token (attention), False on padding
   loss_mask: jax.Array  # (N, P) bool: token j is a target (predicted from tokens < j)
+  positions: jax.Array | None = None  # (N, P) int32 per-document positions (packed rows)
+  segment_ids: jax.Array | None = None  # (N, P) int32 document per token, 0 = padding (packed)
 
 
 def lr_schedule(o: OptConfig) -> Callable[[jax.Array], jax.Array]:
@@ -109,7 +111,7 @@ def _check_batch(batch: Any, rows_per_split: int) -> None:
     want.update(completion_mask=(n, t), old_logp=(n, t), advantages=(n,), truncated=(n,),
                 ref_logp=(n, t))
   else:
-    want["loss_mask"] = (n, p)
+    want.update(loss_mask=(n, p), positions=(n, p), segment_ids=(n, p))
   for name, shape in want.items():
     x = getattr(batch, name)
     if x is not None and tuple(x.shape) != shape:
@@ -331,13 +333,15 @@ class Trainer:
   def _sft_update(self, state: TrainState, batch: SFTBatch):
     k = self.sft_microbatches
     micro = {name: self._split(getattr(batch, name), 1, k)[0]
-             for name in ("tokens", "mask", "loss_mask")}
+             for name in ("tokens", "mask", "loss_mask", "positions", "segment_ids")
+             if getattr(batch, name) is not None}
     ntok = jnp.sum(batch.loss_mask[:, 1:], dtype=jnp.float32)
     micro["denom"] = jnp.broadcast_to(jnp.maximum(ntok, 1.0), (k,))
 
     def micro_loss(params, x):
       return losses.sft_loss(params, self.cfg, x["tokens"], x["mask"], x["loss_mask"],
-                             x["denom"], self.sft_chunk)
+                             x["denom"], self.sft_chunk, x.get("positions"),
+                             x.get("segment_ids"))
 
     grads, loss, sums = self._accumulate(state, micro_loss, micro)
     state, metrics = self._apply(state, grads, loss)

@@ -260,14 +260,14 @@ def _pair_accuracy(trainer: RMTrainer, params, tok, rows, template, max_len, bat
 def run(config, workdir: Path) -> dict:
   """The `reward_model` stage: Bradley–Terry training on preference jsonl, then save."""
   from r1jax.config import opt_config
-  from r1jax.smoke import build_model
+  from r1jax.checkpoint import load_model
   from r1jax.tokenizer import load_tokenizer
   from r1jax.train_step import make_optimizer
   d = config.data
   train, held_out = load_pairs(d.train), (load_pairs(d.eval) if d.eval else [])
   tok = load_tokenizer(config.tokenizer)
   mesh = sharding_lib.make_mesh(config.mesh.shape)
-  cfg, backbone = build_model(config, mesh)
+  cfg, backbone = load_model(config.model, mesh, seed=config.seed)
   if tok.vocab_size > cfg.vocab_size:
     raise ValueError(f"tokenizer has {tok.vocab_size} ids but the model only {cfg.vocab_size}")
   trainer = RMTrainer(cfg, make_optimizer(opt_config(config.opt)), mesh)

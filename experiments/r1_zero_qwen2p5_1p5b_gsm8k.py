@@ -1,0 +1,23 @@
+"""R1-Zero on Qwen2.5-1.5B (base) with GSM8K: GRPO straight from the base model.
+
+On a TPU VM (v4-8 / v5e-8) or one GPU host, with the HF folder and the data copied locally:
+  python -m r1jax.main --config=experiments/r1_zero_qwen2p5_1p5b_gsm8k.py \\
+      --config.model.hf_dir=/data/Qwen2.5-1.5B \\
+      --config.data.train=/data/gsm8k/train.jsonl \\
+      --config.eval.benchmarks=/data/gsm8k/test.jsonl --workdir=gs://bucket/r1z_1p5b
+Multi-host slices add --distributed on every host. `:steps=N` shortens the run.
+"""
+
+import ml_collections
+
+from r1jax.config import parse_arg
+from r1jax.stage_configs import r1_zero_hf
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = parse_arg(arg, steps=400)
+  c = r1_zero_hf("qwen2.5-1.5b", steps=a.steps, max_new_tokens=1024,
+                 train="gsm8k/train.jsonl", benchmarks="gsm8k/test.jsonl")
+  c.data.adapter = "gsm8k"  # question + answer ending in '#### N'
+  c.lock()
+  return c

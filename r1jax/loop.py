@@ -1,0 +1,79 @@
+"""What every training loop shares: resume, periodic / preemption checkpoints, logging, summary.
+
+`TrainLoop` owns the orbax manager, the SIGTERM flag and the metrics writer, so the SFT and RL
+loops only say what one step does. Per step the loop calls `end_step(step, metrics, state,
+extra)`, which logs, prints the progress line, checkpoints when due (always on SIGTERM and at
+the last step) and tells the caller whether to stop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from r1jax import checkpoint as ckpt_lib
+from r1jax import metrics as metrics_lib
+
+log = logging.getLogger(__name__)
+
+
+class TrainLoop:
+  """Context manager around a loop of `config.steps` steps in `workdir`."""
+
+  def __init__(self, config, workdir: Path, stage: str):
+    self.config, self.workdir, self.stage = config, Path(workdir), stage
+    self.ckpt = ckpt_lib.TrainCheckpointer(self.workdir / "checkpoints", keep=config.ckpt.keep,
+                                           async_save=config.ckpt.async_save)
+    self.summary: dict[str, Any] = {"stage": stage}
+    self.last_metrics: dict[str, float] = {}
+    self.timer = metrics_lib.StepTimer()
+
+  def __enter__(self) -> TrainLoop:
+    self.preemption = ckpt_lib.Preemption().__enter__()
+    self.writer = metrics_lib.MetricsWriter(self.workdir, tensorboard=self.config.tensorboard)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    try:
+      self.ckpt.close()
+    finally:
+      self.writer.close()
+      self.preemption.__exit__(*exc)
+
+  def resume(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+    """(step, state, extra) of the newest checkpoint, or None for a fresh run."""
+    restored = self.ckpt.restore(abstract_state)
+    if restored:
+      log.info("%s: resumed from step %d", self.stage, restored[0])
+      self.summary["resumed_from"] = restored[0]
+    return restored
+
+  def end_step(self, step: int, metrics: dict, state: Any, extra: dict) -> bool:
+    """Logs step `step`, checkpoints if due; True when the loop must stop (SIGTERM)."""
+    c = self.config
+    self.writer.write(step, metrics)
+    self.last_metrics = metrics
+    if step % c.log_every == 0 or step == c.steps:
+      print(f"[{self.stage}] " + metrics_lib.progress_line(step, metrics), flush=True)
+    stop = self.preemption.requested
+    if stop or step % c.ckpt.every == 0 or step == c.steps:
+      self.ckpt.save(step, state, extra, force=stop)
+    if stop:
+      log.warning("%s: SIGTERM; checkpoint for step %d saved, exiting", self.stage, step)
+      self.summary["preempted"] = True
+    return stop
+
+  def finish(self, step: int) -> dict:
+    """Writes summary.json (last step's metrics included) and returns it."""
+    self.summary["step"] = step
+    self.summary.update(self.last_metrics)
+    (self.workdir / "summary.json").write_text(
+        json.dumps(self.summary, indent=2, default=float))
+    return self.summary
+
+  @property
+  def completed(self) -> bool:
+    """The run reached config.steps (not preempted)."""
+    return not self.summary.get("preempted")

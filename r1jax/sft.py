@@ -1,0 +1,84 @@
+"""The SFT / LM stage: masked next-token training on packed jsonl documents.
+
+Used for every supervised step of the recipe: pretraining the tiny base (`{"text"}` rows),
+cold start, rejection-sampling SFT and distillation (`{"prompt", "completion"}` rows, loss on
+the completion only). One step: the grain pipeline packs B rows of P tokens (documents never
+attend to each other: per-document positions and segment ids), the batch is laid out on the
+mesh, and one jitted, donated `Trainer.sft_step` applies an AdamW update (skipped, and
+counted, if the loss or gradient is not finite). Checkpoints hold the train state and the
+pipeline's position; the final params go to WORKDIR/final for the next stage.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from r1jax import checkpoint as ckpt_lib
+from r1jax import data as data_lib
+from r1jax import sharding
+from r1jax.config import opt_config
+from r1jax.loop import TrainLoop
+from r1jax.stage_configs import tokenizer_path
+from r1jax.tokenizer import load_tokenizer
+from r1jax.train_step import SFTBatch, make_trainer
+
+
+def to_batch(packed: dict[str, np.ndarray]) -> SFTBatch:
+  """An SFTPipeline batch dict as the trainer's SFTBatch."""
+  return SFTBatch(tokens=packed["tokens"], mask=packed["mask"], loss_mask=packed["loss_mask"],
+                  positions=packed["positions"], segment_ids=packed["segment_ids"])
+
+
+def _metrics(train: dict, counts: dict, seconds: float, tokens: int) -> dict[str, float]:
+  out = {k: float(np.mean(np.asarray(v))) for k, v in train.items()}
+  out["skipped"] = float(np.sum(np.asarray(train["skipped"])))
+  out["tokens_per_s"] = tokens / max(seconds, 1e-9)
+  out.update({f"data/{k}": float(v) for k, v in counts.items()})
+  return out
+
+
+def run(config, workdir: Path) -> dict:
+  """Trains config.model on config.data.train for config.steps packed batches."""
+  d = config.data
+  mesh = sharding.make_mesh(config.mesh.shape)
+  tok = load_tokenizer(tokenizer_path(config))
+  # Bad input (missing file, wrong checkpoint shape) fails here, before any training.
+  pipeline = data_lib.SFTPipeline(d.train, tok, d.batch, d.seq_len, template=d.template or None,
+                                  seed=config.seed, num_epochs=d.epochs or None)
+  cfg, params = ckpt_lib.load_model(config.model, mesh, seed=config.seed)
+  if tok.vocab_size > cfg.vocab_size:
+    raise ValueError(f"tokenizer has {tok.vocab_size} ids, the model only {cfg.vocab_size}")
+  if d.seq_len > cfg.max_position:
+    raise ValueError(f"data.seq_len {d.seq_len} > the model's max_position {cfg.max_position}")
+  trainer = make_trainer(cfg, opt_config(config.opt), mesh, sft_microbatches=config.microbatches)
+  state = trainer.init_state(params)
+  it = iter(pipeline)
+  with TrainLoop(config, workdir, "sft") as loop:
+    start = 0
+    restored = loop.resume(state)
+    if restored:
+      start, state, extra = restored
+      it.set_state(extra["data"])
+    step = start
+    for step in range(start + 1, config.steps + 1):
+      t0 = time.perf_counter()
+      try:
+        packed = next(it)
+      except StopIteration:  # data.epochs ran out before config.steps
+        step -= 1
+        loop.summary["data_exhausted"] = True
+        break
+      state, train = trainer.sft_step(state, trainer.put_batch(to_batch(packed)))
+      jax.block_until_ready(state)
+      metrics = _metrics(train, it.counts, time.perf_counter() - t0, int(packed["mask"].sum()))
+      if loop.end_step(step, metrics, state, {"data": it.get_state()}):
+        break
+    if loop.summary.get("data_exhausted") and step > start:
+      loop.ckpt.save(step, state, {"data": it.get_state()}, force=True)
+    if loop.completed:
+      loop.summary["final"] = str(ckpt_lib.save_params(workdir / "final", state.params, cfg))
+    return loop.finish(step)

@@ -1,0 +1,62 @@
+"""The tiny_zero pipeline end to end at toy size: data → base → rl → report, then a re-run."""
+
+import importlib.util
+import json
+
+from r1jax import pipeline, stages
+from tiny_world import MODEL
+
+REPO_EXPERIMENTS = pipeline.__file__.rsplit("/r1jax/", 1)[0] + "/experiments"
+
+
+def _tiny_zero(arg=None):
+  spec = importlib.util.spec_from_file_location("tiny_zero", f"{REPO_EXPERIMENTS}/tiny_zero.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _toy(c):
+  c.unlock()
+  c.synthetic.update(corpus_docs=1500, train_problems=64, held_out_problems=8)
+  c.synthetic.vocab_size = 400
+  shape = {**MODEL, "vocab_size": 400, "max_position": 512}
+  for stage in (c.base, c.rl):
+    stage.model.update(shape)
+    stage.tensorboard = False
+  c.base.steps, c.base.data.batch, c.base.data.seq_len = 4, 4, 128
+  c.base.opt.update(total_steps=4, warmup_steps=1)
+  c.rl.steps, c.rl.data.batch = 2, 4
+  c.rl.grpo.group_size = 2
+  c.rl.sampler.max_new_tokens = 8
+  c.rl.data.max_prompt_tokens = c.rl.eval.max_prompt_tokens = 200
+  c.rl.eval.update(k=2, max_new_tokens=8, batch_size=8)
+  c.lock()
+  return c
+
+
+def test_experiment_configs_resolve_workdir(tmp_path):
+  c = _tiny_zero()
+  assert c.stage == "pipeline" and "{workdir}" in c.rl.model.init_from
+  rl = pipeline.resolve(c.rl, tmp_path)
+  assert rl.model.init_from == f"{tmp_path}/base/final"
+  assert rl.eval.benchmarks == f"{tmp_path}/data/held_out.jsonl"
+
+
+def test_pipeline_runs_every_stage_and_reruns_resume(tmp_path):
+  c = _toy(_tiny_zero())
+  out = stages.run(c, str(tmp_path))
+  report = json.loads((tmp_path / "report.json").read_text())
+  for label in ("base", "rl"):
+    s = report["held_out"][label]
+    assert s["questions"] == 8 and s["k"] == 2
+    assert 0.0 <= s["pass@1"] <= 1.0 and 0.0 <= s["format"] <= 1.0
+  assert report["base_step"] == "step_000000" and report["final_step"] == "step_000002"
+  assert "pass@1_gain_points" in out["held_out"]
+  assert (tmp_path / "report.md").read_text().count("| held_out |") == 2
+  assert any(p.endswith("reward.png") for p in out["curves"])
+  base_final = tmp_path / "base" / "final" / "model.json"
+  stamp = base_final.stat().st_mtime_ns
+  again = stages.run(c, str(tmp_path))  # every stage done: nothing is retrained
+  assert base_final.stat().st_mtime_ns == stamp
+  assert again["held_out"] == out["held_out"]
