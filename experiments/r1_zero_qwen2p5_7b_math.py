@@ -20,7 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = r1_zero_hf("qwen2.5-7b", steps=a.steps, max_new_tokens=a.max_new_tokens,
                  train="math/train.jsonl", benchmarks="math500/test.jsonl")
   c.data.adapter = "math"  # problem + solution (gold: answer field or last \boxed{})
-  c.data.max_prompt_tokens = 1024
-  c.eval.max_prompt_tokens = 1024
+  c.data.max_prompt_tokens = 1024  # MATH problems run longer than GSM8K's
+  c.eval.max_prompt_tokens = 1024  # the same limit for MATH-500 / AIME prompts
   c.lock()
   return c

@@ -6,7 +6,7 @@
 1. data: synthetic multi-step arithmetic (r1jax/synthetic.py): RL prompts, a held-out split,
    and a "web" corpus that works such problems in several styles (a few with <think> tags)
    but never uses the R1-Zero instruction template.
-2. base: a 1.1M-parameter Qwen2-shaped model pretrained on that corpus (the `sft` stage).
+2. base: a 0.92M-parameter Qwen2-shaped model pretrained on that corpus (the `sft` stage).
 3. rl: GRPO from the base with the R1-Zero template, accuracy + format rewards, G = 8;
    held-out pass@1 and format are measured before the first update and after the last.
 4. report: WORKDIR/report.md, report.json and curves/*.png.

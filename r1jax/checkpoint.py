@@ -177,7 +177,7 @@ class TrainCheckpointer:
       logging.getLogger(__name__).error(
           "step %d: state holds NaN/inf; checkpoint NOT written", step)
       return False
-    if self.best_metric and (not metrics or self.best_metric not in metrics):
+    if not self.best_metric or not metrics or self.best_metric not in metrics:
       metrics = None
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)),

@@ -19,13 +19,26 @@ from r1jax import metrics as metrics_lib
 log = logging.getLogger(__name__)
 
 
+def _any_host(flag: bool) -> bool:
+  """True on every host if any host got SIGTERM, so all of them save the same step and stop."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
 class TrainLoop:
   """Context manager around a loop of `config.steps` steps in `workdir`."""
 
   def __init__(self, config, workdir: Path, stage: str):
     self.config, self.workdir, self.stage = config, Path(workdir), stage
-    self.ckpt = ckpt_lib.TrainCheckpointer(self.workdir / "checkpoints", keep=config.ckpt.keep,
-                                           async_save=config.ckpt.async_save)
+    ck = config.ckpt
+    self.ckpt = ckpt_lib.TrainCheckpointer(self.workdir / "checkpoints", keep=ck.keep,
+                                           async_save=ck.async_save,
+                                           best_metric=ck.get("best_metric") or None,
+                                           best_mode=ck.get("best_mode", "max"))
     self.summary: dict[str, Any] = {"stage": stage}
     self.last_metrics: dict[str, float] = {}
     self.timer = metrics_lib.StepTimer()
@@ -55,13 +68,15 @@ class TrainLoop:
     c = self.config
     self.writer.write(step, metrics)
     self.last_metrics = metrics
-    if step % c.log_every == 0 or step == c.steps:
+    if (c.log_every and step % c.log_every == 0) or step == c.steps:
       print(f"[{self.stage}] " + metrics_lib.progress_line(step, metrics), flush=True)
-    stop = self.preemption.requested
-    if stop or step % c.ckpt.every == 0 or step == c.steps:
-      self.ckpt.save(step, state, extra, force=stop)
+    stop = _any_host(self.preemption.requested)
+    saved = False
+    if stop or (c.ckpt.every and step % c.ckpt.every == 0) or step == c.steps:
+      saved = self.ckpt.save(step, state, extra, metrics=metrics, force=stop)
     if stop:
-      log.warning("%s: SIGTERM; checkpoint for step %d saved, exiting", self.stage, step)
+      log.warning("%s: SIGTERM at step %d; %s, exiting", self.stage, step,
+                  "checkpoint saved" if saved else "NO checkpoint (state not finite)")
       self.summary["preempted"] = True
     return stop
 

@@ -119,7 +119,8 @@ def run(config, workdir: Path) -> dict:
   summary["data"] = prepare_data(config.synthetic, workdir / "data", config.seed)
   base_dir = workdir / "base"
   if not _final_done(base_dir):
-    _run_stage("base", resolve(config.base, workdir), base_dir)
+    if _run_stage("base", resolve(config.base, workdir), base_dir).get("preempted"):
+      return {**summary, "preempted": True}
   rl_dir = workdir / "rl"
   rl_summary = {}
   if not _final_done(rl_dir):

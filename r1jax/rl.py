@@ -97,6 +97,25 @@ def _rollout_once(ctx, params, problems, key):
   return rollout, batch, ref_logp, texts, rewards
 
 
+def _informative(ctx, rewards) -> np.ndarray:
+  """(B,) bool: groups whose rewards vary (per component when advantages are per component)."""
+  from r1jax import losses
+  g = ctx.grpo.group_size
+  if ctx.grpo.reward_norm != "per_component":
+    return np.asarray(losses.informative_groups(rewards.total_B, g))
+  return np.any([np.asarray(losses.informative_groups(np.nan_to_num(v), g))
+                 for v in rewards.components.values()], axis=0)
+
+
+def _pad_prompts(batch: RolloutBatch, width: int) -> RolloutBatch:
+  """Left-pads the prompt part of a batch to `width` total columns (rollouts differ in S)."""
+  extra = width - batch.tokens.shape[1]
+  if extra == 0:
+    return batch
+  pad = lambda x: jnp.pad(x, ((0, 0), (extra, 0)))
+  return dataclasses.replace(batch, tokens=pad(batch.tokens), mask=pad(batch.mask))
+
+
 def _collect(ctx, params, step_key):
   """B groups for one update; with dynamic sampling, informative groups first (DAPO)."""
   from r1jax import losses
@@ -106,8 +125,7 @@ def _collect(ctx, params, step_key):
     problems = next(ctx.data)
     part = _rollout_once(ctx, params, problems, jax.random.fold_in(step_key, tries))
     tries += 1
-    keep = (np.asarray(losses.informative_groups(part[4].total_B, g)) if ctx.config.dynamic_sampling
-            else np.ones(b, bool))
+    keep = _informative(ctx, part[4]) if ctx.config.dynamic_sampling else np.ones(b, bool)
     parts.append((part, keep))
     informative += int(keep.sum())
     if informative >= b or tries > ctx.config.max_refill:
@@ -116,10 +134,11 @@ def _collect(ctx, params, step_key):
 
 
 def _assemble(ctx, parts):
-  """One fixed-shape RolloutBatch of B groups: informative groups first, then masked filler.
+  """One RolloutBatch of B groups: informative groups first, then masked filler.
 
-  The shape never changes, so the update compiles once; filler groups (when too
-  few informative ones were found) have no loss tokens, so they change nothing.
+  The row count never changes, so the update compiles once per prompt width; filler
+  groups (when too few informative ones were found) have no loss tokens. Rollouts
+  may have different prompt buckets: all are left-padded to the widest.
   """
   from r1jax import losses
   g, b = ctx.grpo.group_size, ctx.config.data.batch
@@ -131,9 +150,11 @@ def _assemble(ctx, parts):
     (_, batch, ref_logp, part_texts, _), _ = parts[0]
     return dataclasses.replace(batch, advantages=jnp.asarray(adv[0]),
                                ref_logp=ref_logp), list(part_texts), live
+  width = max(part[1].tokens.shape[1] for part, _ in parts)
   pieces, texts = [], []
   for n, (pi, gi) in enumerate(chosen):
     (_, batch, ref_logp, part_texts, _), _ = parts[pi]
+    batch = _pad_prompts(batch, width)
     rows = np.arange(gi * g, (gi + 1) * g)
     sub = select_rows(batch, rows)
     pieces.append(RolloutBatch(
@@ -178,7 +199,7 @@ def _step_metrics(ctx, parts, tries, live, texts, train_metrics) -> dict[str, fl
     out["accuracy"] = out["reward/accuracy"]
   lengths = np.asarray(first_rollout.mask).sum(1)
   out.update(metrics_lib.response_stats(lengths))
-  out.update(metrics_lib.reflection_counts(texts))
+  out.update(metrics_lib.reflection_counts(texts[:live * ctx.grpo.group_size]))
   reasons = np.asarray(first_rollout.stop_reason)
   for code, name in enumerate(("length", "eos", "stop")):
     out[f"stop/{name}"] = float(np.mean(reasons == code))
@@ -256,7 +277,7 @@ def run(config, workdir: Path) -> dict:
   for name, prompt, new in (("data/sampler", config.data.max_prompt_tokens,
                               config.sampler.max_new_tokens),
                              ("eval", config.eval.max_prompt_tokens, config.eval.max_new_tokens)):
-    if prompt + new > cfg.max_position:
+    if prompt + new > cfg.max_position and (name != "eval" or eval_sets):
       raise ValueError(f"{name}: max_prompt_tokens {prompt} + max_new_tokens {new} exceeds the "
                        f"model's max_position {cfg.max_position}")
   trainer = make_trainer(cfg, opt_config(config.opt), mesh, grpo)
@@ -295,8 +316,12 @@ def run(config, workdir: Path) -> dict:
       parts, tries = _collect(ctx, state.params, jax.random.fold_in(base_key, step))
       with ctx.timer("update"):
         batch, texts, live = _assemble(ctx, parts)
-        state, train_metrics = trainer.rl_step(state, trainer.put_batch(batch), ctx.ref)
-        jax.block_until_ready(state)
+        if live:
+          state, train_metrics = trainer.rl_step(state, trainer.put_batch(batch), ctx.ref)
+          jax.block_until_ready(state)
+        else:  # No group has a learning signal: an update would only apply decay/momentum.
+          log.warning("step %d: no informative group; update skipped", step)
+          train_metrics = {"skipped": np.ones(grpo.mu * grpo.minibatches)}
         ctx.ref = trainer.maybe_reset_ref(ctx.ref, state, step)
       metrics = _step_metrics(ctx, parts, tries, live, texts, train_metrics)
       wall += sum(metrics[f"time/{k}"] for k in ("rollout", "reward", "update"))

@@ -77,7 +77,7 @@ def run(config, workdir: Path) -> dict:
       metrics = _metrics(train, it.counts, time.perf_counter() - t0, int(packed["mask"].sum()))
       if loop.end_step(step, metrics, state, {"data": it.get_state()}):
         break
-    if loop.summary.get("data_exhausted") and step > start:
+    if loop.summary.get("data_exhausted") and step > start and loop.ckpt.latest_step() != step:
       loop.ckpt.save(step, state, {"data": it.get_state()}, force=True)
     if loop.completed:
       loop.summary["final"] = str(ckpt_lib.save_params(workdir / "final", state.params, cfg))

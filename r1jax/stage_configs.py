@@ -21,6 +21,8 @@ def ckpt_group(**overrides) -> ml_collections.ConfigDict:
   c.every = 50  # steps between checkpoints (SIGTERM and the last step always save)
   c.keep = 2  # newest checkpoints kept
   c.async_save = True  # orbax writes in the background while training goes on
+  c.best_metric = ""  # also keep the best step by this metric (e.g. eval/held_out/pass@1)
+  c.best_mode = "max"  # max | min for best_metric
   c.update(overrides)
   return c
 

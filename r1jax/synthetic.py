@@ -135,29 +135,41 @@ def _page(p: Problem, rng: random.Random) -> str:
   return f"{q}. {sol}"
 
 
-_SUBJECTS = ("The teacher", "A student", "My friend", "The class", "Our team", "The author")
-_VERBS = ("wrote", "checked", "solved", "explained", "read", "shared")
-_OBJECTS = ("the worksheet", "a long problem", "the notes", "an easy question", "the answers",
-            "a short story")
-_ENDINGS = ("today", "again", "in the morning", "after lunch", "with care", "for the test")
+_ROLES = ("the teacher", "a student", "my friend", "the class", "our team", "the author",
+          "the user", "the assistant", "the reader", "a helper", "the tutor", "everyone")
+_VERBS = ("wrote", "checked", "solved", "explained", "read", "shared", "asks about",
+          "thinks about", "provides", "encloses", "reviews", "answers", "repeats", "describes")
+_THINGS = ("the worksheet", "a long problem", "the notes", "an easy question", "the answers",
+           "a short story", "the conversation", "the reasoning process", "the question",
+           "the tags", "the answer", "each step", "the lesson", "the mind map", "the process")
+_TAILS = ("today", "again", "in the morning", "after lunch", "with care", "for the test",
+          "first", "respectively", "in the mind", "here", "and then moves on", "quickly",
+          "before the answer", "within the page", "i.e. step by step")
 
 
 def _filler(rng: random.Random) -> str:
-  """A few sentences of simple English, so the base has seen prose before a question."""
-  return " ".join(f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} "
-                  f"{rng.choice(_ENDINGS)}." for _ in range(rng.randint(1, 4)))
+  """Simple English (1-8 sentences), so the base learns to read past prose to a question.
+
+  It shares common words with instruction prompts (user, assistant, reasoning, answer, …)
+  as web text does, but never the R1-Zero instruction itself.
+  """
+  out = []
+  for _ in range(rng.randint(1, 8)):
+    s = f"{rng.choice(_ROLES)} {rng.choice(_VERBS)} {rng.choice(_THINGS)} {rng.choice(_TAILS)}"
+    out.append(s[0].upper() + s[1:] + rng.choice((".", ".", ",", ";")))
+  return " ".join(out)
 
 
 def corpus(num_docs: int, seed: int) -> Iterator[str]:
-  """Pretraining documents: worked problems of the train split (and some filler-led ones)."""
+  """Pretraining documents: worked problems of the train split, half led by prose."""
   rng = random.Random(f"corpus-{seed}")
   for _ in range(num_docs):
     p = random_problem(rng)
     while p.held_out:
       p = random_problem(rng)
     doc = _page(p, rng)
-    if rng.random() < 0.2:
-      doc = f"{_filler(rng)}\n{doc}"
+    if rng.random() < 0.5:
+      doc = f"{_filler(rng)}{rng.choice((' ', chr(10)))}{doc}"
     yield doc
 
 
@@ -171,7 +183,7 @@ def write_jsonl(path: str | Path, rows) -> Path:
 
 
 def problem_rows(ps: list[Problem], prefix: str) -> list[dict]:
-  """Rows in the generic problem schema: {"id", "question", "answer", "task", "ops"}."""
+  """Rows in the generic problem schema: {"id", "question", "answer", "task", "level"}."""
   return [{"id": f"{prefix}-{i}", "question": question(p), "answer": str(p.answer),
            "task": "math", "level": len(p.ops)} for i, p in enumerate(ps)]
 

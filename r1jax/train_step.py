@@ -165,6 +165,8 @@ class Trainer:
   def maybe_reset_ref(self, ref_params: Any, state: TrainState, iteration: int) -> Any:
     """The reference, replaced by the policy every grpo.ref_reset_every RL iterations."""
     every = self.grpo.ref_reset_every if self.grpo else 0
+    if ref_params is None:  # β = 0: there is no reference to reset
+      return None
     if every and iteration > 0 and iteration % every == 0:
       return self.make_ref(state.params)
     return ref_params

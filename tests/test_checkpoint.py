@@ -73,3 +73,46 @@ def test_wrong_shape_checkpoint_is_rejected(hf_dir, tmp_path):
 def test_convert_tool_usage_errors(tmp_path):
   out = _tool(f"--out={tmp_path}")
   assert out.returncode != 0 and "exactly one source" in out.stderr
+
+
+# ------------------------------------------------------------------------ train checkpoints
+
+
+def _state(value: float):
+  return {"w": jax.numpy.full((4, 3), value, jax.numpy.float32),
+          "step": jax.numpy.zeros((), jax.numpy.int32)}
+
+
+def test_train_checkpointer_round_trip_keep_n_and_nan_refusal(tmp_path):
+  ck = checkpoint.TrainCheckpointer(tmp_path / "ck", keep=2)
+  for step in (1, 2, 3):
+    assert ck.save(step, _state(float(step)), {"data": {"consumed": step * 8}})
+  assert not ck.save(4, _state(float("nan")), {"data": {"consumed": 32}})  # refused
+  ck.wait()
+  assert ck.latest_step() == 3
+  assert sorted(int(p.name) for p in (tmp_path / "ck").iterdir() if p.name.isdigit()) == [2, 3]
+  step, state, extra = ck.restore(_state(0.0))
+  assert step == 3 and extra == {"data": {"consumed": 24}}
+  np.testing.assert_array_equal(np.asarray(state["w"]), np.full((4, 3), 3.0))
+  with pytest.raises(ValueError, match="does not match"):
+    ck.restore({"w": jax.numpy.zeros((5, 3)), "step": jax.numpy.zeros((), jax.numpy.int32)})
+  ck.close()
+  assert checkpoint.TrainCheckpointer(tmp_path / "empty").restore(_state(0.0)) is None
+
+
+def test_best_checkpoint_is_kept_by_metric(tmp_path):
+  ck = checkpoint.TrainCheckpointer(tmp_path / "ck", keep=1, best_metric="acc", async_save=False)
+  for step, acc in ((1, 0.9), (2, 0.1), (3, 0.2)):
+    ck.save(step, _state(float(step)), {}, metrics={"acc": acc})
+  ck.close()
+  assert [int(p.name) for p in (tmp_path / "ck").iterdir() if p.name.isdigit()] == [1]
+
+
+def test_preemption_turns_sigterm_into_a_flag():
+  import signal
+  before = signal.getsignal(signal.SIGTERM)
+  with checkpoint.Preemption() as p:
+    assert not p.requested
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert p.requested
+  assert signal.getsignal(signal.SIGTERM) == before

@@ -32,7 +32,13 @@ def test_experiments_load_locked_and_commented(path):
   assert isinstance(c, ml_collections.ConfigDict) and c.is_locked
   with pytest.raises(AttributeError):
     c.no_such_field = 1
-  model_config(c.model)  # the model group always forms a valid ModelConfig
+  # The model group (each stage's, in a pipeline) always forms a valid ModelConfig.
+  groups = [c.model] if "model" in c else [v.model for v in c.values()
+                                           if isinstance(v, ml_collections.ConfigDict)
+                                           and "model" in v]
+  assert groups
+  for group in groups:
+    model_config(group)
   # Every field assignment in the file carries an inline comment.
   for n, line in enumerate(path.read_text().splitlines(), 1):
     if re.match(r"\s+c(\.\w+)+ = ", line) and "ConfigDict()" not in line:

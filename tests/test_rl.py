@@ -180,3 +180,69 @@ def test_raising_reward_falls_back_and_the_run_continues(world, tmp_path):
   n = c.data.batch * c.grpo.group_size
   assert all(r["reward/test_boom_failures"] == n for r in records)
   assert all(r["reward/test_boom"] == -0.5 for r in records)
+
+
+# --------------------------------------------------------------------- dynamic sampling (DAPO)
+
+
+def _part(ctx, s, t, rewards, tag):
+  """One fake rollout of B groups with prompt width s; every token id is `tag`."""
+  from types import SimpleNamespace
+  import jax.numpy as jnp
+  from r1jax import rl
+  from r1jax.train_step import RolloutBatch
+  n = len(rewards)
+  batch = RolloutBatch(jnp.full((n, s + t), tag, jnp.int32), jnp.ones((n, s + t), bool),
+                       jnp.ones((n, t), bool), jnp.zeros((n, t)), jnp.zeros(n),
+                       jnp.zeros(n, bool))
+  r = np.asarray(rewards, np.float32)
+  rw = SimpleNamespace(total_B=r, components={"acc": r, "fmt": 1 - r})
+  return (None, batch, None, [f"{tag}-{i}" for i in range(n)], rw), rl._informative(ctx, rw)
+
+
+def test_dynamic_sampling_keeps_informative_groups_across_prompt_widths():
+  from types import SimpleNamespace
+  from r1jax import losses, rl
+  from r1jax.config import GRPOConfig
+  ctx = SimpleNamespace(grpo=GRPOConfig(group_size=2), dynamic_sampling=True,
+                        config=SimpleNamespace(data=SimpleNamespace(batch=3)))
+  first = _part(ctx, 4, 3, [1, 0, 1, 1, 0, 0], 7)  # only group 0 varies
+  second = _part(ctx, 8, 3, [0, 0, 1, 0, 0, 1], 9)  # groups 1 and 2 vary
+  assert first[1].tolist() == [True, False, False]
+  batch, texts, live = rl._assemble(ctx, [first, second])
+  assert live == 3 and batch.tokens.shape == (6, 11)
+  assert texts == ["7-0", "7-1", "9-2", "9-3", "9-4", "9-5"]
+  tokens, mask = np.asarray(batch.tokens), np.asarray(batch.mask)
+  assert not mask[:2, :4].any() and (tokens[:2, 4:] == 7).all()  # left-padded to width 11
+  want = np.concatenate([np.asarray(losses.group_advantages([1, 0, 1, 1, 0, 0], 2))[:2],
+                         np.asarray(losses.group_advantages([0, 0, 1, 0, 0, 1], 2))[2:]])
+  np.testing.assert_allclose(np.asarray(batch.advantages), want)
+  # Too few informative groups: the rest is filler without loss tokens.
+  batch, _, live = rl._assemble(ctx, [first])
+  assert live == 1
+  assert np.asarray(batch.completion_mask)[2:].sum() == 0
+  assert np.asarray(batch.completion_mask)[:2].all()
+
+
+def test_beta_zero_never_creates_a_reference():
+  from r1jax import sharding, train_step
+  from r1jax.config import GRPOConfig, ModelConfig, OptConfig
+  cfg = ModelConfig(vocab_size=32, hidden=16, layers=1, heads=2, kv_heads=1, head_dim=8,
+                    mlp_dim=32)
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  tr = train_step.make_trainer(cfg, OptConfig(), mesh, GRPOConfig(beta=0.0, ref_reset_every=2))
+  state = tr.init_state_random(jax.random.key(0))
+  assert tr.maybe_reset_ref(None, state, 2) is None
+  assert tr.maybe_reset_ref(tr.make_ref(state.params), state, 2) is not None
+
+
+def test_per_component_advantages_judge_informativeness_per_component():
+  from types import SimpleNamespace
+  from r1jax import rl
+  from r1jax.config import GRPOConfig
+  rw = SimpleNamespace(total_B=np.ones(4, np.float32),
+                       components={"acc": np.array([1, 0, 1, 1], np.float32),
+                                   "fmt": np.array([0, 1, 0, 0], np.float32)})
+  ctx = lambda norm: SimpleNamespace(grpo=GRPOConfig(group_size=2, reward_norm=norm))
+  assert rl._informative(ctx("sum"), rw).tolist() == [False, False]
+  assert rl._informative(ctx("per_component"), rw).tolist() == [True, False]

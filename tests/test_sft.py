@@ -56,7 +56,7 @@ def test_sft_stage_learns_and_resumes_exactly(world, tmp_path):
   full = stages.run(sft_test_config(world, steps=6), str(tmp_path / "full"))
   records = read_metrics(tmp_path / "full" / "metrics.jsonl")
   assert [r["step"] for r in records] == list(range(1, 7))
-  assert records[-1]["loss"] < records[0]["loss"] - 0.5
+  assert records[-1]["loss"] < records[0]["loss"] - 0.3
   assert records[-1]["data/documents"] > 0 and full["final"]
   # Stop after 4 steps (a checkpoint every 2), then resume to 6: same params as one run.
   stages.run(sft_test_config(world, steps=4), str(tmp_path / "split"))
