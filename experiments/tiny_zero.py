@@ -1,7 +1,7 @@
 """R1-Zero in miniature, on a laptop CPU with nothing downloaded (README's main command).
 
   python -m r1jax.main --config=experiments/tiny_zero.py --workdir=/tmp/r1jax_zero
-  python -m r1jax.main --config=experiments/tiny_zero.py:quick --workdir=/tmp/z  # a 2-minute run
+  python -m r1jax.main --config=experiments/tiny_zero.py:quick --workdir=/tmp/z  # a few minutes, smaller
 
 1. data: synthetic multi-step arithmetic (r1jax/synthetic.py): RL prompts, a held-out split,
    and a "web" corpus that works such problems in several styles (a few with <think> tags)
@@ -23,7 +23,7 @@ MODEL = dict(vocab_size=512, hidden=128, layers=4, heads=4, kv_heads=2, head_dim
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = parse_arg(arg, quick=False, base_steps=1000, rl_steps=250)
+  a = parse_arg(arg, quick=False, base_steps=1500, rl_steps=250)
   quick = a.quick
   c = ml_collections.ConfigDict()
   c.stage = "pipeline"  # data -> base (sft) -> rl -> report, see r1jax/pipeline.py
@@ -59,7 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   r.data.max_prompt_tokens = 104  # also the sampler's prompt bucket: prompts are 90-98 tokens
   r.sampler.max_new_tokens = 64
   r.grpo.update(group_size=8, beta=0.0, eps_low=0.2, eps_high=0.28, loss_mode="bnpo")
-  r.opt.update(lr=5e-4, warmup_steps=5, grad_clip=1.0)
+  r.opt.update(lr=2e-4, warmup_steps=5, grad_clip=1.0)
+  r.rewards.components = [{"name": "accuracy", "weight": 1.0, "tasks": ["math"]},
+                          {"name": "format", "weight": 0.5}]
   r.rewards.num_workers = 1
   r.eval = eval_group(benchmarks="{workdir}/data/held_out.jsonl", k=4, max_new_tokens=64,
                       batch_size=64, max_prompt_tokens=128, every=0 if quick else 50)

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,18 @@ def prepare_data(s: ml_collections.ConfigDict, out_dir: Path, seed: int) -> dict
   return out
 
 
+def last_number_accuracy(report) -> float:
+  """Share of completions whose last integer is the gold, whatever the answer format.
+
+  A format-blind check of the arithmetic itself, reported beside pass@1 (which needs an
+  extractable answer) so that a gain from the format alone is visible as such.
+  """
+  hits = [bool(nums) and nums[-1] == q.gold
+          for q, texts in zip(report.questions, report.completions or [])
+          for nums in (re.findall(r"-?\d+", t) for t in texts)]
+  return float(np.mean(hits)) if hits else float("nan")
+
+
 def _final_done(stage_dir: Path) -> bool:
   return (stage_dir / "final" / "model.json").exists()
 
@@ -89,7 +103,8 @@ def compare(rl_dir: Path) -> dict[str, Any]:
       completions = folder / f"{name}.completions.jsonl"
       if completions.exists():
         rep.completions = [json.loads(l)["completions"] for l in completions.open()]
-      row[label] = {**rep.summary(), "format": format_rate(rep)}
+      row[label] = {**rep.summary(), "format": format_rate(rep),
+                    "last_number_acc": last_number_accuracy(rep)}
     row["pass@1_gain_points"] = 100 * (row["rl"]["pass@1"] - row["base"]["pass@1"])
     out[name] = row
   return out
@@ -97,7 +112,7 @@ def compare(rl_dir: Path) -> dict[str, Any]:
 
 def _report_md(cmp: dict[str, Any], rl_summary: dict) -> str:
   lines = ["| benchmark | model | pass@1 (%) | cons@k (%) | format (%) | answered (%) | "
-           "mean tokens |", "|---|---|---:|---:|---:|---:|---:|"]
+           "last number right (%) | mean tokens |", "|---|---|---:|---:|---:|---:|---:|---:|"]
   for name, row in cmp.items():
     if not isinstance(row, dict) or "base" not in row:
       continue
@@ -105,7 +120,7 @@ def _report_md(cmp: dict[str, Any], rl_summary: dict) -> str:
       s = row[label]
       lines.append(f"| {name} | {label} | {100 * s['pass@1']:.1f} | {100 * s['cons@k']:.1f} | "
                    f"{100 * s['format']:.1f} | {100 * s['extracted']:.1f} | "
-                   f"{s.get('mean_tokens', float('nan')):.1f} |")
+                   f"{100 * s['last_number_acc']:.1f} | {s.get('mean_tokens', float('nan')):.1f} |")
   rl_s = rl_summary.get("rl_wall_s")
   if rl_s is not None:
     lines += ["", f"RL wall time (rollout + reward + update, evals excluded): {rl_s:.0f} s"]

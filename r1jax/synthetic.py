@@ -147,6 +147,16 @@ _TAILS = ("today", "again", "in the morning", "after lunch", "with care", "for t
           "before the answer", "within the page", "i.e. step by step")
 
 
+# Prose that mentions reasoning tags, as documentation and forum pages do; what follows such a
+# sentence is a solution in any house style, so a tag mention never implies a tag answer.
+_TAG_TALK = ("Some pages put the working in <think> </think> and the result in <answer> </answer>.",
+             "Here the tags <think> </think> and <answer> </answer> mark the steps and the result.",
+             "A tutor may enclose the steps within <think> </think> tags, or not at all.",
+             "The format with <answer> </answer> tags is one option; plain text is another.",
+             "Write the reasoning first, i.e. each step, and the answer after it.",
+             "Tags such as <think> and </think> are optional on this page.")
+
+
 def _filler(rng: random.Random) -> str:
   """Simple English (1-8 sentences), so the base learns to read past prose to a question.
 
@@ -157,6 +167,8 @@ def _filler(rng: random.Random) -> str:
   for _ in range(rng.randint(1, 8)):
     s = f"{rng.choice(_ROLES)} {rng.choice(_VERBS)} {rng.choice(_THINGS)} {rng.choice(_TAILS)}"
     out.append(s[0].upper() + s[1:] + rng.choice((".", ".", ",", ";")))
+  if rng.random() < 0.4:
+    out.insert(rng.randint(0, len(out)), rng.choice(_TAG_TALK))
   return " ".join(out)
 
 

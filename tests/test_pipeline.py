@@ -35,6 +35,15 @@ def _toy(c):
   return c
 
 
+def test_last_number_accuracy_ignores_the_format():
+  from r1jax.evaluate import QuestionResult, Report
+  q = lambda gold: QuestionResult(gold, gold, [], [], None, 0, False, {})
+  rep = Report("b", [q("5"), q("12")])
+  rep.completions = [["2 + 3 = 5. The answer is 5.", "<answer> 4 </answer>"],
+                     ["#### 12", "nothing"]]
+  assert pipeline.last_number_accuracy(rep) == 0.5
+
+
 def test_experiment_configs_resolve_workdir(tmp_path):
   c = _tiny_zero()
   assert c.stage == "pipeline" and "{workdir}" in c.rl.model.init_from
@@ -51,6 +60,7 @@ def test_pipeline_runs_every_stage_and_reruns_resume(tmp_path):
     s = report["held_out"][label]
     assert s["questions"] == 8 and s["k"] == 2
     assert 0.0 <= s["pass@1"] <= 1.0 and 0.0 <= s["format"] <= 1.0
+    assert 0.0 <= s["last_number_acc"] <= 1.0
   assert report["base_step"] == "step_000000" and report["final_step"] == "step_000002"
   assert "pass@1_gain_points" in out["held_out"]
   assert (tmp_path / "report.md").read_text().count("| held_out |") == 2

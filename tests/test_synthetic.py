@@ -46,9 +46,10 @@ def test_corpus_never_holds_held_out_problems_nor_the_template():
     for e in expr.findall(doc):
       assert e not in held, e
   # The base sees the tags in a minority of pages only: R1-Zero must still teach the format.
-  tagged = sum(format_reward(doc.split(" A: ")[-1]) > 0 for doc in docs) / len(docs)
-  assert sum("<think>" in d for d in docs) / len(docs) < 0.15
-  assert tagged < 0.15
+  tagged = sum(doc.endswith("</answer>") for doc in docs) / len(docs)
+  assert 0.03 < tagged < 0.15
+  assert all(format_reward(d.rsplit("Assistant:", 1)[-1]) == 1.0 for d in docs
+             if d.endswith("</answer>") and "Assistant:" in d)
 
 
 def test_every_gold_style_worked_answer_is_graded_right(tmp_path):
