@@ -4,8 +4,10 @@ On a TPU VM (v4-8 / v5e-8) or one GPU host, with the HF folder and the data copi
   python -m r1jax.main --config=experiments/r1_zero_qwen2p5_1p5b_gsm8k.py \\
       --config.model.hf_dir=/data/Qwen2.5-1.5B \\
       --config.data.train=/data/gsm8k/train.jsonl \\
-      --config.eval.benchmarks=/data/gsm8k/test.jsonl --workdir=gs://bucket/r1z_1p5b
-Multi-host slices add --distributed on every host. `:steps=N` shortens the run.
+      --config.eval.benchmarks=/data/gsm8k/test.jsonl --workdir=/data/runs/r1z_1p5b
+Multi-host slices add --distributed on every host. On a single GPU the same command runs on
+its one device (install jax[cuda] first); lower --config.data.batch or raise
+--config.grpo.microbatches if rollouts or the update do not fit. `:steps=N` shortens the run.
 """
 
 import ml_collections

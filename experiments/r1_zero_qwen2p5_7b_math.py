@@ -6,7 +6,7 @@ sampler's dense KV cache on one host; 4096 new tokens does on a v5p-8 / 8×H100 
   python -m r1jax.main --config=experiments/r1_zero_qwen2p5_7b_math.py \\
       --config.model.hf_dir=/data/Qwen2.5-7B --config.data.train=/data/math/train.jsonl \\
       --config.eval.benchmarks=/data/math500/test.jsonl,/data/aime24/test.jsonl \\
-      --workdir=gs://bucket/r1z_7b --distributed
+      --workdir=/data/runs/r1z_7b --distributed
 """
 
 import ml_collections

@@ -118,8 +118,7 @@ def _pad_prompts(batch: RolloutBatch, width: int) -> RolloutBatch:
 
 def _collect(ctx, params, step_key):
   """B groups for one update; with dynamic sampling, informative groups first (DAPO)."""
-  from r1jax import losses
-  g, b = ctx.grpo.group_size, ctx.config.data.batch
+  b = ctx.config.data.batch
   parts, informative, tries = [], 0, 0
   while True:
     problems = next(ctx.data)
@@ -140,7 +139,6 @@ def _assemble(ctx, parts):
   groups (when too few informative ones were found) have no loss tokens. Rollouts
   may have different prompt buckets: all are left-padded to the widest.
   """
-  from r1jax import losses
   g, b = ctx.grpo.group_size, ctx.config.data.batch
   chosen = [(pi, gi) for pi, (_, keep) in enumerate(parts) for gi in np.flatnonzero(keep)][:b]
   live = len(chosen)
