@@ -64,15 +64,33 @@ def load_params(path: str | Path, mesh: Mesh | None = None, **overrides):
     return cfg, ckptr.restore(path / "params", target)
 
 
-def load_model(group, mesh: Mesh, seed: int = 0):
+def load_model(group, mesh: Mesh, seed: int = 0, abstract: bool = False):
   """(ModelConfig, params) for a config's `model` group, sharded on `mesh`.
 
   In order of precedence: `init_from` (an r1jax params checkpoint, e.g. the
   SFT'd base), `hf_dir` (an HF folder), else a random init of the group's shape.
-  The group's dtypes and remat policy apply in every case.
+  The group's dtypes and remat policy apply in every case. `abstract=True` reads
+  only the shape (ShapeDtypeStructs with target shardings): a run about to
+  restore its own checkpoint never loads weights it would throw away.
   """
   numerics = dict(param_dtype=group.param_dtype, compute_dtype=group.compute_dtype,
                   remat=group.remat)
+  if abstract:
+    if group.get("init_from"):
+      path = Path(group.init_from).absolute()
+      if not (path / "model.json").exists():
+        raise FileNotFoundError(f"{path} is not an r1jax params checkpoint (no model.json)")
+      cfg = model_config(json.loads((path / "model.json").read_text())).replace(**numerics)
+      _check_shape(cfg, model_config(group), group.init_from)
+    elif group.hf_dir:
+      from r1jax import hf
+      config_json = Path(group.hf_dir) / "config.json"
+      if not config_json.exists():
+        raise FileNotFoundError(f"no config.json in {group.hf_dir}")
+      cfg = hf.config_from_hf(json.loads(config_json.read_text()), **numerics)
+    else:
+      cfg = model_config(group)
+    return cfg, abstract_params(cfg, mesh)
   if group.get("init_from"):
     cfg, params = load_params(group.init_from, mesh, **numerics)
     _check_shape(cfg, model_config(group), group.init_from)
@@ -118,6 +136,21 @@ def _as_dict(tree: Any) -> Any:
 
 
 # ------------------------------------------------------------------ train checkpoints
+
+
+def has_checkpoint(directory: str | Path) -> bool:
+  """Whether a CheckpointManager directory holds a committed step (temp dirs do not count)."""
+  directory = Path(directory)
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def abstract_like(abstract: Any, shardings: Any, dtype: Any = None) -> Any:
+  """ShapeDtypeStructs of `abstract` carrying `shardings` (and `dtype` for float leaves)."""
+  def one(a, s):
+    dt = dtype if dtype is not None and jax.numpy.issubdtype(a.dtype, jax.numpy.floating) \
+        else a.dtype
+    return jax.ShapeDtypeStruct(a.shape, dt, sharding=s)
+  return jax.tree.map(one, abstract, shardings)
 
 
 class Preemption:

@@ -269,7 +269,9 @@ def run(config, workdir: Path) -> dict:
       max_prompt_tokens=config.data.max_prompt_tokens, seed=config.seed,
       adapter=config.data.adapter)
   eval_sets = load_eval_sets(config.eval)
-  cfg, params = ckpt_lib.load_model(config.model, mesh, seed=config.seed)
+  # Resuming: only shapes are read here; the weights come from the run's own checkpoint.
+  resuming = ckpt_lib.has_checkpoint(workdir / "checkpoints")
+  cfg, params = ckpt_lib.load_model(config.model, mesh, seed=config.seed, abstract=resuming)
   if tok.vocab_size > cfg.vocab_size:
     raise ValueError(f"tokenizer has {tok.vocab_size} ids, the model only {cfg.vocab_size}")
   for name, prompt, new in (("data/sampler", config.data.max_prompt_tokens,
@@ -279,8 +281,14 @@ def run(config, workdir: Path) -> dict:
       raise ValueError(f"{name}: max_prompt_tokens {prompt} + max_new_tokens {new} exceeds the "
                        f"model's max_position {cfg.max_position}")
   trainer = make_trainer(cfg, opt_config(config.opt), mesh, grpo)
-  state = trainer.init_state(params)
-  ref = trainer.make_ref(state.params) if grpo.beta else None
+  if resuming:  # Restore targets only: nothing is allocated twice.
+    state = ckpt_lib.abstract_like(jax.eval_shape(trainer.init_state, params),
+                                   trainer.state_shardings)
+    ref = (ckpt_lib.abstract_like(params, trainer.param_shardings, jnp.dtype(grpo.ref_dtype))
+           if grpo.beta else None)
+  else:
+    state = trainer.init_state(params)
+    ref = trainer.make_ref(state.params) if grpo.beta else None
   sp = sampler_lib.SamplingParams(
       temperature=grpo.temperature, top_p=config.sampler.top_p, top_k=config.sampler.top_k,
       max_new_tokens=config.sampler.max_new_tokens, eos_id=tok.eos_id,
@@ -298,6 +306,8 @@ def run(config, workdir: Path) -> dict:
     tree = lambda st, rf: {"train": st, **({"ref": rf} if rf is not None else {})}
     start = 0
     restored = loop.resume(tree(state, ref))
+    if resuming and not restored:
+      raise RuntimeError(f"{workdir}/checkpoints has step folders but none could be restored")
     if restored:
       start, restored_tree, extra = restored
       state, ref = restored_tree["train"], restored_tree.get("ref")

@@ -49,17 +49,23 @@ def run(config, workdir: Path) -> dict:
   # Bad input (missing file, wrong checkpoint shape) fails here, before any training.
   pipeline = data_lib.SFTPipeline(d.train, tok, d.batch, d.seq_len, template=d.template or None,
                                   seed=config.seed, num_epochs=d.epochs or None)
-  cfg, params = ckpt_lib.load_model(config.model, mesh, seed=config.seed)
+  # Resuming: only shapes are read here; the weights come from the run's own checkpoint.
+  resuming = ckpt_lib.has_checkpoint(workdir / "checkpoints")
+  cfg, params = ckpt_lib.load_model(config.model, mesh, seed=config.seed, abstract=resuming)
   if tok.vocab_size > cfg.vocab_size:
     raise ValueError(f"tokenizer has {tok.vocab_size} ids, the model only {cfg.vocab_size}")
   if d.seq_len > cfg.max_position:
     raise ValueError(f"data.seq_len {d.seq_len} > the model's max_position {cfg.max_position}")
   trainer = make_trainer(cfg, opt_config(config.opt), mesh, sft_microbatches=config.microbatches)
-  state = trainer.init_state(params)
+  state = (ckpt_lib.abstract_like(jax.eval_shape(trainer.init_state, params),
+                                  trainer.state_shardings) if resuming
+           else trainer.init_state(params))
   it = iter(pipeline)
   with TrainLoop(config, workdir, "sft") as loop:
     start = 0
     restored = loop.resume(state)
+    if resuming and not restored:
+      raise RuntimeError(f"{workdir}/checkpoints has step folders but none could be restored")
     if restored:
       start, state, extra = restored
       it.set_state(extra["data"])
