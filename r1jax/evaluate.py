@@ -314,15 +314,6 @@ def _grade(rows, completions_per_row, pool, timeout_s, max_vote) -> list[Questio
 SUMMARY_KEYS = ("pass@1", "cons@k", "pass@k", "extracted", "mean_tokens", "truncated")
 
 
-def stop_token_ids(tokenizer, stop: Sequence[str]) -> tuple[int, ...]:
-  """Ids of the stop strings: the sampler stops on ids, so each must be exactly one token."""
-  ids = [tokenizer.token_id(s) for s in stop]
-  for s, i in zip(stop, ids):
-    if i is None or tokenizer.encode(s) != [i]:
-      raise ValueError(f"stop string {s!r} is not a single token of this tokenizer")
-  return tuple(int(i) for i in ids)
-
-
 def evaluate(params, cfg, tokenizer, rows: Sequence[dict], *, sampler, key, k: int = 4,
              temperature: float = 0.6, top_p: float = 0.95, top_k: int = 0,
              max_new_tokens: int = 256, stop: Sequence[str] = ("</answer>",),
@@ -340,7 +331,8 @@ def evaluate(params, cfg, tokenizer, rows: Sequence[dict], *, sampler, key, k: i
       raise ValueError(f"row {row.get('id', i)} is a {row['task']!r} task; only math is graded")
   sp = sampler_lib.SamplingParams(
       temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-      eos_id=tokenizer.eos_id, stop_ids=stop_token_ids(tokenizer, stop), pad_id=tokenizer.pad_id)
+      eos_id=tokenizer.eos_id, stop_ids=sampler_lib.stop_token_ids(tokenizer, stop),
+      pad_id=tokenizer.pad_id)
   settings = {"temperature": temperature, "top_p": top_p, "top_k": top_k,
               "max_new_tokens": max_new_tokens, "k": k, "template": template, "stop": list(stop)}
   # A prompt the sampler would refuse is skipped like one over max_prompt_tokens, not raised.
@@ -445,7 +437,7 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
                      f"names (got {names})")
   # Everything that can fail on bad input fails here, before the model is loaded.
   tok = load_tokenizer(tokenizer_path(config))
-  stop_token_ids(tok, e.stop)
+  sampler_lib.stop_token_ids(tok, e.stop)
   loaded = [datasets.load_rows(p, e.get("adapter", "auto"), limit=e.limit or None)
             for p in paths]
   mesh = sharding.make_mesh(config.mesh.shape)

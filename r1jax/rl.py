@@ -71,16 +71,6 @@ def reward_samples(problems: list[dict], texts: list[str], lengths: np.ndarray,
   return out
 
 
-def _stop_ids(tokenizer, stops) -> tuple[int, ...]:
-  ids = []
-  for s in stops:
-    i = tokenizer.token_id(s)
-    if i is None or tokenizer.encode(s) != [i]:
-      raise ValueError(f"sampler stop string {s!r} is not a single token of this tokenizer")
-    ids.append(i)
-  return tuple(ids)
-
-
 def _rollout_once(ctx, params, problems, key):
   """Sample, start the reference forward, score on the host: one batch of B groups."""
   g = ctx.grpo.group_size
@@ -292,7 +282,7 @@ def run(config, workdir: Path) -> dict:
   sp = sampler_lib.SamplingParams(
       temperature=grpo.temperature, top_p=config.sampler.top_p, top_k=config.sampler.top_k,
       max_new_tokens=config.sampler.max_new_tokens, eos_id=tok.eos_id,
-      stop_ids=_stop_ids(tok, config.sampler.stop), pad_id=tok.pad_id)
+      stop_ids=sampler_lib.stop_token_ids(tok, config.sampler.stop), pad_id=tok.pad_id)
   data_it = iter(pipeline)
   ctx = _Context(config=config, grpo=grpo, tokenizer=tok, trainer=trainer, sp=sp,
                  sampler=sampler_lib.Sampler(cfg, mesh,

@@ -167,6 +167,15 @@ def _generate(params, prompt_BxS, pmask_BxS, max_new_N, key, cache, *, cfg: Mode
   return Rollout(toks_NxT, live_NxT, logp_NxT, reason_N, prompt_BxS, pmask_BxS, steps), cache
 
 
+def stop_token_ids(tokenizer, stop: Sequence[str]) -> tuple[int, ...]:
+  """Ids of stop strings; the decode loop compares ids, so each must be exactly one token."""
+  ids = [tokenizer.token_id(s) for s in stop]
+  for s, i in zip(stop, ids):
+    if i is None or tokenizer.encode(s) != [i]:
+      raise ValueError(f"stop string {s!r} is not a single token of this tokenizer")
+  return tuple(int(i) for i in ids)
+
+
 def bucket_length(n: int, min_bucket: int = 16) -> int:
   """Prompt length bucket: the next power of two, at least `min_bucket`."""
   return max(min_bucket, 1 << max(0, math.ceil(math.log2(max(n, 1)))))

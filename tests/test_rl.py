@@ -151,6 +151,14 @@ def test_missing_dataset_stops_before_any_work(world, tmp_path):
   assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_prompt_plus_completion_over_max_position_stops_before_any_work(world, tmp_path):
+  c = rl_test_config(world)
+  c.data.max_prompt_tokens = 250  # + 12 new tokens > the model's 256 positions
+  with pytest.raises(ValueError, match="max_position 256"):
+    stages.run(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_wrong_shape_checkpoint_stops_before_any_work(world, uninterrupted, tmp_path):
   _, _, run = uninterrupted
   c = rl_test_config(world, hidden=48)  # init_from a checkpoint of hidden 32
