@@ -120,12 +120,14 @@ def _draw(logits_NxV, key, sp: SamplingParams):
 
 
 def _generate(params, prompt_BxS, pmask_BxS, max_new_N, key, cache, *, cfg: ModelConfig,
-              sp: SamplingParams, group: int):
+              sp: SamplingParams, group: int, fuse: bool = True):
   """Pure prefill + decode loop; returns (Rollout, cache) with `cache` reused in place."""
   b, s = prompt_BxS.shape
   n, t_max = b * group, sp.max_new_tokens
   # 1. Prefill the B prompts, then repeat rows into the donated N-row cache.
-  params = model_lib.split_layers(params)  # once, outside the decode loop
+  # Once, outside the decode loop: per-layer weights, q|k|v and gate|up fused
+  # into wide matmuls unless tensor parallelism splits their heads / mlp axes.
+  params = model_lib.fuse_projections(params) if fuse else model_lib.split_layers(params)
   pre = model_lib.init_cache(cfg, b, s)
   logits_BxSxV, pre = model_lib.forward_cached(params, prompt_BxS, cfg, pre, mask_BxT=pmask_BxS)
   fill = lambda axis: lambda big, small: jax.lax.dynamic_update_slice_in_dim(
@@ -224,7 +226,8 @@ class Sampler:
   def _compiled(self, b: int, s: int, sp: SamplingParams, group: int, params):
     key = (b, s, sp, group)
     if key not in self._fns:
-      fn = lambda *a: _generate(*a, cfg=self.cfg, sp=sp, group=group)
+      fuse = self.mesh is None or self.mesh.shape["tensor"] == 1
+      fn = lambda *a: _generate(*a, cfg=self.cfg, sp=sp, group=group, fuse=fuse)
       if self.mesh is None:
         self._fns[key] = jax.jit(fn, donate_argnums=(5,))
       else:

@@ -95,6 +95,15 @@ def test_main_smoke_on_a_mesh(tmp_path):
   assert saved["smoke"]["seq_len"] == 16
 
 
+def test_main_cpu_devices_flag_sets_the_mesh(tmp_path):
+  """--cpu_devices wins over the environment's fake-device count (one device per core)."""
+  out = _main("--config=experiments/tiny.py", f"--workdir={tmp_path}", "--cpu_devices=2",
+              "--config.smoke.seq_len=16")
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.loads(out.stdout.strip().splitlines()[-1])
+  assert report["devices"] == 2 and report["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}
+
+
 def test_main_rejects_override_typo(tmp_path):
   out = _main("--config=experiments/tiny.py", f"--workdir={tmp_path}", "--config.model.hiden=3")
   assert out.returncode != 0

@@ -12,6 +12,13 @@ SHAPES = {
 }
 
 
+def use_cpu_devices(n: int) -> None:
+  """Before JAX starts: expose n CPU devices (0 = JAX's default of one)."""
+  if n:
+    import jax
+    jax.config.update("jax_num_cpu_devices", n)
+
+
 def make_random(path: str, shape: str) -> None:
   """Writes a randomly initialised Qwen2 of a benchmark shape as an HF folder."""
   import torch

@@ -8,7 +8,10 @@ Each iteration samples G completions per prompt with the current policy
 on the host (reward = share of even token ids: cheap and deterministic),
 forms group advantages and applies one GRPO update (β = 0.04 against a frozen
 reference, μ = 1, one mini-batch). Warm-up iterations (compilation) are
-excluded; the medians of the rest are printed as one JSON line.
+excluded; the medians of the rest are printed as one JSON line. With
+`--compare_torch` a plain PyTorch GRPO iteration (tools/torch_grpo.py: HF
+generate, then the same loss with torch autograd and AdamW) runs on the same
+checkpoint and prompts, alternating with r1jax's iterations.
 """
 
 import json
@@ -19,7 +22,7 @@ import time
 
 from absl import app, flags
 
-from bench_common import SHAPES, make_random, random_prompts
+from bench_common import SHAPES, make_random, random_prompts, use_cpu_devices
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "HF checkpoint folder.")
 _MAKE = flags.DEFINE_enum("make_random", None, list(SHAPES), "First write a random Qwen2 here.")
@@ -29,13 +32,28 @@ _COMPLETION = flags.DEFINE_integer("completion", 64, "Completion tokens per row 
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "Longest prompt.")
 _ITERS = flags.DEFINE_integer("iters", 6, "Timed iterations (after 2 warm-up ones).")
 _BETA = flags.DEFINE_float("beta", 0.04, "KL coefficient (0 skips the reference forward).")
+_MICRO = flags.DEFINE_integer("microbatches", 1, "Gradient-accumulation micro-batches.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", 0, "CPU only: run on this many CPU devices, a (data) mesh over them "
+    "(e.g. one per core). 0 = JAX's default single device.")
+_COMPARE = flags.DEFINE_bool("compare_torch", False,
+                              "Also time a plain PyTorch GRPO iteration (tools/torch_grpo.py).")
+_PAUSE = flags.DEFINE_float("pause_s", 1.0, "With --compare_torch: idle seconds before each "
+                             "timed iteration.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Compute dtype (params stay f32 for the optimizer).")
 flags.mark_flag_as_required("hf_dir")
 
 
+def even_share(tokens, mask):
+  """The benchmark's reward: share of even token ids in each completion (cheap, deterministic)."""
+  import numpy as np
+  return ((tokens % 2 == 0) & mask).sum(1) / np.maximum(mask.sum(1), 1)
+
+
 def main(argv):
   del argv
+  use_cpu_devices(_CPU_DEVICES.value)
   if _MAKE.value:
     make_random(_HF_DIR.value, _MAKE.value)
   import jax
@@ -48,37 +66,61 @@ def main(argv):
   cfg, params = hf.load_pretrained(_HF_DIR.value, mesh=mesh, compute_dtype=_DTYPE.value)
   g = _GROUP.value
   trainer = Trainer(cfg, OptConfig(lr=1e-6), mesh,
-                    GRPOConfig(group_size=g, beta=_BETA.value, mu=1, temperature=1.0))
+                    GRPOConfig(group_size=g, beta=_BETA.value, mu=1, temperature=1.0,
+                               microbatches=_MICRO.value))
   ref = trainer.make_ref(params) if _BETA.value else None
   state = trainer.init_state(params)
   smp = sampler.Sampler(cfg, mesh)
   sp = sampler.SamplingParams(temperature=1.0, max_new_tokens=_COMPLETION.value)
   prompts = random_prompts(cfg.vocab_size, _PROMPTS.value, _PROMPT_LEN.value)
-  times = {"rollout_s": [], "reward_s": [], "update_s": [], "step_s": []}
-  for it in range(2 + _ITERS.value):
+
+  def r1jax_step(it):
+    nonlocal state
     t0 = time.perf_counter()
     rollout = jax.block_until_ready(
         smp.generate(state.params, prompts, sp, jax.random.key(it), group=g))
     t1 = time.perf_counter()
     tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
-    rewards = ((tokens % 2 == 0) & mask).sum(1) / np.maximum(mask.sum(1), 1)
-    adv = losses.group_advantages(rewards, g)
+    adv = losses.group_advantages(even_share(tokens, mask), g)
     t2 = time.perf_counter()
     batch = trainer.put_batch(rl.to_batch(rollout, adv, g))
     state, metrics = trainer.rl_step(state, batch, ref)
     jax.block_until_ready((state, metrics))
+    skipped.append(int(np.asarray(metrics["skipped"]).sum()))
     t3 = time.perf_counter()
-    if it >= 2:
-      for k, v in (("rollout_s", t1 - t0), ("reward_s", t2 - t1), ("update_s", t3 - t2),
-                   ("step_s", t3 - t0)):
-        times[k].append(v)
-  result = {k: round(statistics.median(v), 4) for k, v in times.items()}
+    return {"rollout_s": t1 - t0, "reward_s": t2 - t1, "update_s": t3 - t2, "step_s": t3 - t0}
+
+  steps = {"r1jax": r1jax_step}
+  if _COMPARE.value:
+    import torch_grpo
+    steps["torch"] = torch_grpo.make_step(_HF_DIR.value, prompts, g, _COMPLETION.value,
+                                          _BETA.value, _DTYPE.value, even_share)
+  # Warm-up (compilation) first, then the engines take turns iteration by
+  # iteration, so drift in the machine's speed hits both alike; the pause lets
+  # the other engine's idle thread pool go quiet before the clock starts.
+  skipped: list[int] = []
+  times = {name: [] for name in steps}
+  for it in range(2 + _ITERS.value):
+    for name, step in steps.items():
+      if len(steps) > 1:
+        time.sleep(_PAUSE.value)
+      t = step(it)
+      if it >= 2:
+        times[name].append(t)
+  median = lambda rows, k: round(statistics.median(r[k] for r in rows), 4)
+  keys = ("step_s", "rollout_s", "reward_s", "update_s")
+  result = {k: median(times["r1jax"], k) for k in keys}
+  if _COMPARE.value:
+    result.update({f"torch_{k}": median(times["torch"], k) for k in keys})
+    result["speedup"] = round(result["torch_step_s"] / result["step_s"], 2)
   result.update(params=cfg.num_params, sequences=_PROMPTS.value * g,
                 completion=_COMPLETION.value, beta=_BETA.value, dtype=_DTYPE.value,
+                microbatches=_MICRO.value, cpu_devices=jax.device_count(),
+                pause_s=_PAUSE.value if _COMPARE.value else 0.0,
                 device=jax.devices()[0].device_kind,
                 machine=f"{platform.machine()} {os.cpu_count()} cores",
                 load_1m=round(os.getloadavg()[0], 2),
-                skipped=int(np.asarray(metrics["skipped"]).sum()))
+                skipped=sum(skipped))
   print(json.dumps(result))
 
 

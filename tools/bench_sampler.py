@@ -6,7 +6,9 @@
 Both draw `group` samples per prompt at temperature 1 with the KV cache on; EOS
 is disabled so every row generates exactly `new_tokens` tokens. Compilation
 (r1jax) and a warm-up call (both) are excluded and reported separately; the
-rate is the median over `--repeats` timed calls. Prints one JSON line.
+rate is the median over `--repeats` timed calls, the two engines taking turns
+call by call. `--cpu_devices=N` splits the rows over N CPU devices (one per
+core), as `python -m r1jax.main --cpu_devices=N` does. Prints one JSON line.
 """
 
 import json
@@ -17,7 +19,7 @@ import time
 
 from absl import app, flags
 
-from bench_common import SHAPES, make_random, random_prompts
+from bench_common import SHAPES, make_random, random_prompts, use_cpu_devices
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "HF checkpoint folder (created by --make_random).")
 _MAKE = flags.DEFINE_enum("make_random", None, list(SHAPES),
@@ -26,35 +28,39 @@ _PROMPTS = flags.DEFINE_integer("prompts", 8, "Prompts per batch (B).")
 _GROUP = flags.DEFINE_integer("group", 8, "Samples per prompt (G); N = B*G sequences.")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "Tokens generated per sequence.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "Longest prompt (lengths vary 50-100%).")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per engine (median reported).")
+_REPEATS = flags.DEFINE_integer("repeats", 7, "Timed calls per engine, alternating (median).")
+_PAUSE = flags.DEFINE_float("pause_s", 1.0, "Idle seconds before each timed call.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", 0, "CPU only: sample on this many CPU devices, rows split across them "
+    "(e.g. one per core). 0 = JAX's default single device.")
 _COMPARE = flags.DEFINE_bool("compare_hf", False, "Also time transformers' generate.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Param and compute dtype, for both engines.")
 flags.mark_flag_as_required("hf_dir")
 
-def bench_r1jax(batch):
+def r1jax_engine(batch):
+  """(call, compile_s, num_params): call(i) samples the batch once and returns its tokens."""
   import jax
-  from r1jax import hf, sampler
-  cfg, params = hf.load_pretrained(_HF_DIR.value, param_dtype=_DTYPE.value,
+  from r1jax import hf, sampler, sharding
+  n = jax.device_count()
+  mesh = sharding.make_mesh((n, 1, 1)) if n > 1 else None  # rows over the CPU cores
+  cfg, params = hf.load_pretrained(_HF_DIR.value, mesh=mesh, param_dtype=_DTYPE.value,
                                    compute_dtype=_DTYPE.value)
-  smp = sampler.Sampler(cfg)
+  smp = sampler.Sampler(cfg, mesh)
   sp = sampler.SamplingParams(temperature=1.0, max_new_tokens=_NEW.value)
-  t0 = time.perf_counter()
-  out = smp.generate(params, batch, sp, jax.random.key(0), group=_GROUP.value)
-  jax.block_until_ready(out)
-  compile_s = time.perf_counter() - t0
-  times = []
-  for i in range(_REPEATS.value):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(smp.generate(params, batch, sp, jax.random.key(i + 1),
+
+  def call(i):
+    out = jax.block_until_ready(smp.generate(params, batch, sp, jax.random.key(i),
                                              group=_GROUP.value))
-    times.append(time.perf_counter() - t0)
-  tokens = int(out.mask.sum())
-  assert tokens == len(batch) * _GROUP.value * _NEW.value
-  return tokens / statistics.median(times), compile_s, cfg.num_params
+    return int(out.mask.sum())
+
+  t0 = time.perf_counter()
+  call(0)
+  return call, time.perf_counter() - t0, cfg.num_params
 
 
-def bench_hf(batch):
+def hf_engine(batch):
+  """call(i) runs transformers' generate on the same batch once."""
   import numpy as np
   import torch
   import transformers
@@ -69,31 +75,55 @@ def bench_hf(batch):
             temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=_NEW.value,
             min_new_tokens=_NEW.value, num_return_sequences=_GROUP.value, use_cache=True,
             pad_token_id=0, eos_token_id=None)
-  with torch.no_grad():
-    m.generate(**kw)  # warm-up
-    times = []
-    for _ in range(_REPEATS.value):
-      t0 = time.perf_counter()
+
+  def call(i):
+    torch.manual_seed(i)
+    with torch.no_grad():
       out = m.generate(**kw)
-      times.append(time.perf_counter() - t0)
-  assert out.shape == (len(batch) * _GROUP.value, s + _NEW.value)
-  return len(batch) * _GROUP.value * _NEW.value / statistics.median(times)
+    assert out.shape == (len(batch) * _GROUP.value, s + _NEW.value)
+    return len(batch) * _GROUP.value * _NEW.value
+
+  call(0)  # warm-up
+  return call
+
+
+def timed(call, i):
+  t0 = time.perf_counter()
+  tokens = call(i)
+  return tokens, time.perf_counter() - t0
 
 
 def main(argv):
   del argv
+  use_cpu_devices(_CPU_DEVICES.value)
   if _MAKE.value:
     make_random(_HF_DIR.value, _MAKE.value)
   vocab = json.load(open(os.path.join(_HF_DIR.value, "config.json")))["vocab_size"]
   batch = random_prompts(vocab, _PROMPTS.value, _PROMPT_LEN.value)
-  r1_rate, compile_s, params = bench_r1jax(batch)
+  want = len(batch) * _GROUP.value * _NEW.value
+  engines = {"r1jax": None, "hf": None}
+  engines["r1jax"], compile_s, params = r1jax_engine(batch)
+  if _COMPARE.value:
+    engines["hf"] = hf_engine(batch)
+  # Alternate the engines call by call, so drift in the machine's speed hits
+  # both; pause at each switch so the other engine's idle threads (torch's
+  # OpenMP pool spins after each op) have gone to sleep before the clock starts.
+  rates = {name: [] for name, call in engines.items() if call}
+  for i in range(_REPEATS.value):
+    for name in rates:
+      time.sleep(_PAUSE.value)
+      tokens, seconds = timed(engines[name], i + 1)
+      assert tokens == want, (name, tokens, want)
+      rates[name].append(tokens / seconds)
+  r1_rate = statistics.median(rates["r1jax"])
   result = dict(r1jax_tokens_per_s=round(r1_rate, 1), compile_s=round(compile_s, 2))
   if _COMPARE.value:
-    hf_rate = bench_hf(batch)
+    hf_rate = statistics.median(rates["hf"])
     result.update(hf_tokens_per_s=round(hf_rate, 1), ratio=round(r1_rate / hf_rate, 2))
   import jax
   result.update(params=params, sequences=_PROMPTS.value * _GROUP.value,
                 new_tokens=_NEW.value, dtype=_DTYPE.value, device=jax.devices()[0].device_kind,
+                cpu_devices=jax.device_count(), repeats=_REPEATS.value, pause_s=_PAUSE.value,
                 machine=f"{platform.machine()} {os.cpu_count()} cores")
   print(json.dumps(result))
 
