@@ -351,10 +351,11 @@ def split_layers(params: Params) -> Params:
 def fuse_projections(params: Params) -> Params:
   """Per-layer params with q|k|v and gate|up concatenated into two wide matrices.
 
-  Same math, fewer and wider matmuls: at decode-sized M (one token per row)
-  a (D, 2F) matmul runs ~30% faster per FLOP on CPU than two (D, F) ones.
-  For unsharded or batch-sharded params only: the concatenation mixes the
-  head / mlp axes that tensor parallelism splits.
+  Same math with fewer, wider matmuls per decode step (one launch for q, k, v
+  and one for gate, up), the usual decode layout on accelerators; on the
+  2-core CPU it measured within noise (benchmarks/sampler.md). For unsharded
+  or batch-sharded params only: the concatenation mixes the head / mlp axes
+  that tensor parallelism splits.
   """
   out = []
   for lp in split_layers(params)["layers"]:
