@@ -5,7 +5,8 @@
 2. Prefill runs on the B prompts only; its cache is repeated G times into a
    pre-allocated N = B·G cache, which is donated between calls.
 3. Decode is one `lax.while_loop`: sample, record, feed the token back; it
-   ends when every row has hit EOS, a stop id or its own token budget.
+   ends when every row has hit EOS, a stop sequence (one or more token ids,
+   matched on the row's last tokens) or its own token budget.
 4. Log-probs are those of the sampled token under the *untruncated*
    temperature-scaled distribution, log_softmax(logits / temperature): the
    policy the GRPO trainer differentiates, so sampler and trainer agree
@@ -32,6 +33,7 @@ from r1jax.config import ModelConfig
 
 STOP_LENGTH, STOP_EOS, STOP_STOP = 0, 1, 2
 STOP_REASONS = ("length", "eos", "stop")
+_ANY = -2  # stop-table padding: matches any token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +45,10 @@ class SamplingParams:
   top_k: int = 0  # keep the k most likely tokens (0 = off)
   max_new_tokens: int = 256  # completion budget T (per-request budgets may be lower)
   eos_id: int | None = None  # ends a row, stop reason "eos"
-  stop_ids: tuple[int, ...] = ()  # also end a row (e.g. '</answer>'), reason "stop"
+  # Token ids or id sequences that also end a row, reason "stop": a row stops
+  # on the token that completes one (e.g. '</answer>' as its 3 BPE tokens).
+  # Normalised to a tuple of id tuples.
+  stop_ids: tuple[int | tuple[int, ...], ...] = ()
   pad_id: int = 0  # written after a row ends
 
   def __post_init__(self):
@@ -53,7 +58,19 @@ class SamplingParams:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
     if self.top_k < 0 or self.max_new_tokens < 1:
       raise ValueError("top_k must be >= 0 and max_new_tokens >= 1")
-    object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+    seqs = tuple((int(x),) if np.ndim(x) == 0 else tuple(int(i) for i in x)
+                 for x in self.stop_ids)
+    if any(not q or min(q) < 0 for q in seqs):
+      raise ValueError(f"stop sequences must be non-empty and of token ids >= 0: {seqs}")
+    object.__setattr__(self, "stop_ids", seqs)
+
+  def stop_table(self) -> np.ndarray:
+    """(num_stops, L) int32, each sequence right-aligned, -2 = any token before it."""
+    seqs = self.stop_ids or ((-1,),)  # -1 never matches: no stops
+    table = np.full((len(seqs), max(map(len, seqs))), _ANY, np.int32)
+    for i, q in enumerate(seqs):
+      table[i, table.shape[1] - len(q):] = q
+    return table
 
 
 @jax.tree_util.register_dataclass
@@ -137,14 +154,14 @@ def _generate(params, prompt_BxS, pmask_BxS, max_new_N, key, cache, *, cfg: Mode
       valid=jnp.zeros_like(cache.valid).at[:, :s].set(jnp.repeat(pmask_BxS, group, axis=0)),
       index=jnp.asarray(s, jnp.int32))
   logits_NxV = jnp.repeat(logits_BxSxV[:, -1], group, axis=0)
-  stops = jnp.asarray(sp.stop_ids or (-1,), jnp.int32)
+  stops_QxL = jnp.asarray(sp.stop_table())
 
   def cond(state):
-    t, _, _, _, _, _, done_N, _ = state
+    t, _, _, _, _, _, done_N, _, _ = state
     return (t < t_max) & ~jnp.all(done_N)
 
   def body(state):
-    t, cache, logits_NxV, toks_NxT, logp_NxT, live_NxT, done_N, reason_N = state
+    t, cache, logits_NxV, toks_NxT, logp_NxT, live_NxT, done_N, reason_N, recent_NxL = state
     tok_N, lp_N = _draw(logits_NxV, jax.random.fold_in(key, t), sp)
     live_N = ~done_N
     tok_N = jnp.where(live_N, tok_N, sp.pad_id)
@@ -152,30 +169,45 @@ def _generate(params, prompt_BxS, pmask_BxS, max_new_N, key, cache, *, cfg: Mode
     logp_NxT = logp_NxT.at[:, t].set(jnp.where(live_N, lp_N, 0.0))
     live_NxT = live_NxT.at[:, t].set(live_N)
     is_eos_N = live_N & (tok_N == (-1 if sp.eos_id is None else sp.eos_id))
-    is_stop_N = live_N & ~is_eos_N & jnp.any(tok_N[:, None] == stops[None], axis=-1)
+    # The last L completion tokens (-1 before the first), against each stop sequence.
+    recent_NxL = jnp.concatenate([recent_NxL[:, 1:], tok_N[:, None]], axis=1)
+    hit_NxQxL = (recent_NxL[:, None] == stops_QxL[None]) | (stops_QxL[None] == _ANY)
+    is_stop_N = live_N & ~is_eos_N & jnp.any(jnp.all(hit_NxQxL, axis=-1), axis=-1)
     out_of_budget_N = live_N & (t + 1 >= max_new_N)
     reason_N = jnp.where(is_eos_N, STOP_EOS, jnp.where(is_stop_N, STOP_STOP, reason_N))
     done_N = done_N | is_eos_N | is_stop_N | out_of_budget_N
     # Feed the token back; a finished row's slot is marked invalid.
     logits_Nx1xV, cache = model_lib.forward_cached(params, tok_N[:, None], cfg, cache,
                                                    mask_BxT=live_N[:, None])
-    return (t + 1, cache, logits_Nx1xV[:, 0], toks_NxT, logp_NxT, live_NxT, done_N, reason_N)
+    return (t + 1, cache, logits_Nx1xV[:, 0], toks_NxT, logp_NxT, live_NxT, done_N, reason_N,
+            recent_NxL)
 
   state = (jnp.int32(0), cache, logits_NxV,
            jnp.full((n, t_max), sp.pad_id, jnp.int32), jnp.zeros((n, t_max), jnp.float32),
-           jnp.zeros((n, t_max), bool), max_new_N <= 0, jnp.full((n,), STOP_LENGTH, jnp.int32))
-  steps, cache, _, toks_NxT, logp_NxT, live_NxT, _, reason_N = jax.lax.while_loop(
+           jnp.zeros((n, t_max), bool), max_new_N <= 0, jnp.full((n,), STOP_LENGTH, jnp.int32),
+           jnp.full((n, stops_QxL.shape[1]), -1, jnp.int32))
+  steps, cache, _, toks_NxT, logp_NxT, live_NxT, _, reason_N, _ = jax.lax.while_loop(
       cond, body, state)
   return Rollout(toks_NxT, live_NxT, logp_NxT, reason_N, prompt_BxS, pmask_BxS, steps), cache
 
 
-def stop_token_ids(tokenizer, stop: Sequence[str]) -> tuple[int, ...]:
-  """Ids of stop strings; the decode loop compares ids, so each must be exactly one token."""
-  ids = [tokenizer.token_id(s) for s in stop]
-  for s, i in zip(stop, ids):
-    if i is None or tokenizer.encode(s) != [i]:
-      raise ValueError(f"stop string {s!r} is not a single token of this tokenizer")
-  return tuple(int(i) for i in ids)
+def stop_token_ids(tokenizer, stop: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+  """Each stop string as the id sequence the decode loop watches for.
+
+  A string is matched as its standalone encoding; the string must round-trip
+  through the tokenizer, or it could never be matched. (A BPE tokenizer may
+  merge a stop string with the text before it; such a completion then runs on
+  to EOS or its budget, and the graders still see the stop string.)
+  """
+  out = []
+  for s in stop:
+    single = tokenizer.token_id(s)
+    ids = [single] if single is not None else tokenizer.encode(s)
+    if not ids or tokenizer.decode(ids) != s:
+      raise ValueError(f"stop string {s!r} does not round-trip through the tokenizer "
+                       f"(encodes to {ids})")
+    out.append(tuple(int(i) for i in ids))
+  return tuple(out)
 
 
 def bucket_length(n: int, min_bucket: int = 16) -> int:

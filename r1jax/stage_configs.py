@@ -11,6 +11,10 @@ import ml_collections
 
 from r1jax.config import grpo_group, model_group, opt_group
 
+# The R1-Zero template's closing tag, bare and after a space: how real-size
+# (byte-level BPE) tokenizers encode it in the two usual contexts.
+ANSWER_STOPS = ("</answer>", " </answer>")
+
 
 def _cd(**fields) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fields)
@@ -36,7 +40,7 @@ def eval_group(**overrides) -> ml_collections.ConfigDict:
   e.top_p = 0.95  # nucleus (R1: 0.95)
   e.top_k = 0  # 0 = off
   e.max_new_tokens = 256  # completion budget
-  e.stop = ("</answer>",)  # strings that end a completion (single tokens)
+  e.stop = ("</answer>",)  # strings that end a completion (one or more tokens each)
   e.template = "r1_zero"  # prompt template (r1jax/tokenizer.py TEMPLATES)
   e.batch_size = 32  # prompts per sampler call
   e.limit = 0  # first N rows of each benchmark (0 = all)
@@ -87,7 +91,7 @@ def rl_config(steps: int = 200) -> ml_collections.ConfigDict:
   c.sampler.max_new_tokens = 1024  # completion budget T
   c.sampler.top_p = 1.0  # rollouts sample the full distribution (R1-Zero: temperature 1)
   c.sampler.top_k = 0  # 0 = off
-  c.sampler.stop = ("</answer>",)  # strings that end a completion (single tokens)
+  c.sampler.stop = ("</answer>",)  # strings that end a completion (one or more tokens each)
   c.grpo = grpo_group()
   c.opt = opt_group()
   c.rewards = _cd(
@@ -131,15 +135,15 @@ def r1_zero_hf(preset: str, steps: int, max_new_tokens: int, train: str,
   c.data.train = train
   c.data.batch = 32  # questions per step (paper: 32)
   c.sampler.max_new_tokens = max_new_tokens
-  # Qwen's tokenizer splits '</answer>' into several tokens; rollouts end at EOS, which the
-  # template teaches the model to emit after </answer> (the format reward checks the rest).
-  c.sampler.stop = ()
+  # Byte-level BPE tokenizes '</answer>' differently after a space, so both forms stop a
+  # rollout; a form merged with other text runs on to EOS, and the format reward sees it.
+  c.sampler.stop = ANSWER_STOPS
   c.grpo.update(group_size=16, temperature=1.0, beta=0.001, eps_low=10.0, eps_high=10.0,
                 mu=1, minibatches=16, loss_mode="grpo", ref_reset_every=400,
                 ref_dtype="bfloat16", logits_chunk=256)  # paper: G 16, KL 0.001, eps 10
   c.opt.update(lr=3e-6, warmup_steps=10, weight_decay=0.0, grad_clip=1.0)  # paper: 3e-6
   c.rewards.num_workers = 8
   c.eval = eval_group(benchmarks=benchmarks, k=8, max_new_tokens=max_new_tokens,
-                      batch_size=64, every=50, stop=())
+                      batch_size=64, every=50, stop=ANSWER_STOPS)
   c.ckpt.update(every=25, keep=3)
   return c

@@ -1,5 +1,7 @@
 """Sampler: greedy == HF generate, logprob identity, sampling statistics, sharding, compiles."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -78,7 +80,7 @@ def test_logprobs_equal_teacher_forced(qwen):
   assert np.all(np.asarray(out.logprobs)[~mask] == 0)
   # Rows stop on the first stop/eos token and pad afterwards.
   for row, n in zip(np.asarray(out.tokens), lengths):
-    assert not np.isin(row[:n - 1], list(sp.stop_ids) + [3]).any()
+    assert not np.isin(row[:n - 1], [q[0] for q in sp.stop_ids] + [3]).any()
     assert np.all(row[n:] == 0)
 
 
@@ -200,3 +202,51 @@ def test_bad_input(qwen):
     smp.generate(params, [[1]], SamplingParams(max_new_tokens=cfg.max_position), jax.random.key(0))
   with pytest.raises(ValueError, match="top_p"):
     SamplingParams(top_p=0.0)
+
+
+def test_multi_token_stop_sequences(qwen):
+  """A row ends on the token completing a stop sequence; everything before is unchanged."""
+  cfg, params = qwen
+  base = SamplingParams(temperature=1.0, max_new_tokens=24, pad_id=0)
+  smp = sampler.Sampler(cfg)
+  free = smp.generate(params, PROMPTS, base, jax.random.key(5), group=2)
+  toks = np.asarray(free.tokens)
+  # Stop sequences taken from the free run: a 3-token window of row 0 and a
+  # 2-token window of row 3, so they are known to occur.
+  seq_a, seq_b = tuple(toks[0, 5:8]), tuple(toks[3, 10:12])
+  sp = dataclasses.replace(base, stop_ids=(seq_a, seq_b, 999))
+  assert sp.stop_ids == (seq_a, seq_b, (999,))
+  out = smp.generate(params, PROMPTS, sp, jax.random.key(5), group=2)
+  got, mask = np.asarray(out.tokens), np.asarray(out.mask)
+  for r in range(toks.shape[0]):
+    ends = [j + 1 for j in range(toks.shape[1]) for q in (seq_a, seq_b, (999,))
+            if j + 1 >= len(q) and tuple(toks[r, j + 1 - len(q):j + 1]) == q]
+    n = min(ends, default=toks.shape[1])
+    assert mask[r].sum() == n, (r, n, mask[r].sum())
+    np.testing.assert_array_equal(got[r, :n], toks[r, :n])  # same draws up to the stop
+    assert np.all(got[r, n:] == 0)
+    assert int(out.stop_reason[r]) == (sampler.STOP_STOP if ends else sampler.STOP_LENGTH)
+  assert int(out.stop_reason[0]) == sampler.STOP_STOP and mask[0].sum() <= 8
+
+
+class _LossyTokenizer:
+  """Encodes every string to the same ids: nothing round-trips."""
+
+  def token_id(self, piece):
+    return None
+
+  def encode(self, text):
+    return [5, 6] if text else []
+
+  def decode(self, ids):
+    return "something else"
+
+
+def test_stop_sequences_reject_bad_input():
+  for stop in ("</answer>", ""):
+    with pytest.raises(ValueError, match="round-trip"):
+      sampler.stop_token_ids(_LossyTokenizer(), [stop])
+  with pytest.raises(ValueError, match="non-empty"):
+    SamplingParams(stop_ids=((),))
+  with pytest.raises(ValueError, match="token ids >= 0"):
+    SamplingParams(stop_ids=((3, -1),))
