@@ -237,6 +237,7 @@ def swiglu(y_BxTxD, gate_DxF, up_DxF, down_FxD):
   then materialises the (F, B·T) transpose of the wide operand. Contracting
   over y (the narrow operand) avoids it: the whole-model gradient of a 3.5M
   Qwen2 gets 21% (f32) to 26% (bf16) faster. Same math, tested against autodiff.
+  Being a custom_vjp, it supports reverse mode only (grad / vjp, not jvp).
   """
   return _swiglu_fwd(y_BxTxD, gate_DxF, up_DxF, down_FxD)[0]
 
@@ -360,6 +361,9 @@ def fuse_projections(params: Params) -> Params:
   out = []
   for lp in split_layers(params)["layers"]:
     lp = dict(lp)
+    if "qkv" in lp:  # already fused: idempotent, like split_layers
+      out.append(lp)
+      continue
     d = lp["q"].shape[0]
     lp["qkv"] = jnp.concatenate([lp.pop(n).reshape(d, -1) for n in ("q", "k", "v")], axis=-1)
     lp["gate_up"] = jnp.concatenate([lp.pop("gate"), lp.pop("up")], axis=-1)

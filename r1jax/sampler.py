@@ -194,10 +194,12 @@ def _generate(params, prompt_BxS, pmask_BxS, max_new_N, key, cache, *, cfg: Mode
 def stop_token_ids(tokenizer, stop: Sequence[str]) -> tuple[tuple[int, ...], ...]:
   """Each stop string as the id sequence the decode loop watches for.
 
-  A string is matched as its standalone encoding; the string must round-trip
-  through the tokenizer, or it could never be matched. (A BPE tokenizer may
-  merge a stop string with the text before it; such a completion then runs on
-  to EOS or its budget, and the graders still see the stop string.)
+  A string is matched exactly as its standalone encoding, and must round-trip
+  through the tokenizer, or it could never be matched. A tokenizer may encode
+  the string differently in context (BPE merging it with the text before or
+  after it, sentencepiece's word-initial '▁' pieces); such a completion runs
+  on to EOS or its budget, and the graders still see the stop string. List
+  the usual variants (e.g. stage_configs.ANSWER_STOPS) to catch more.
   """
   out = []
   for s in stop:

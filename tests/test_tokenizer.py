@@ -105,3 +105,31 @@ def test_templates():
     tok_lib.render_prompt("nope", "x")
   with pytest.raises(ValueError, match="no system turn"):
     tok_lib.render_prompt("r1_zero", "x", system="be brief")
+
+
+def test_answer_stops_match_in_context_with_byte_level_bpe(corpus):
+  """Without '</answer>' as a special token (Qwen-like), ANSWER_STOPS still catch the tag.
+
+  Both forms are multi-token; after a number the bare form appears verbatim in
+  the completion's ids, after a space the spaced form does (a larger vocabulary
+  merges ' </' into one token, so the bare form alone would miss it there).
+  """
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from r1jax.sampler import stop_token_ids
+  from r1jax.stage_configs import ANSWER_STOPS
+  t = Tokenizer(models.BPE())
+  t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  t.decoder = decoders.ByteLevel()
+  t.train_from_iterator(corpus, trainers.BpeTrainer(
+      vocab_size=600, special_tokens=["<|endoftext|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok = tok_lib.HFTokenizer.__new__(tok_lib.HFTokenizer)
+  tok.tok = t
+  bare, spaced = stop_token_ids(tok, ANSWER_STOPS)
+  assert len(bare) > 1 and len(spaced) > 1 and bare != spaced
+
+  def contains(ids, seq):
+    return any(tuple(ids[i:i + len(seq)]) == seq for i in range(len(ids)))
+
+  assert contains(tok.encode("<think> 6 * 7 </think> <answer>42</answer>"), bare)
+  assert contains(tok.encode("<think> 6 * 7 </think> <answer> 42 </answer>"), spaced)
