@@ -88,7 +88,7 @@ def _final_done(stage_dir: Path) -> bool:
 
 def compare(rl_dir: Path) -> dict[str, Any]:
   """Base (step 0) vs final held-out numbers from the rl stage's eval reports."""
-  from r1jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+  from r1jax import eval_report  # pylint: disable=g-import-not-at-top
   from r1jax.rl import format_rate  # pylint: disable=g-import-not-at-top
   steps = sorted((rl_dir / "eval").glob("step_*"))
   if len(steps) < 2:
@@ -96,8 +96,8 @@ def compare(rl_dir: Path) -> dict[str, Any]:
   out: dict[str, Any] = {"base_step": steps[0].name, "final_step": steps[-1].name}
   for report_path in sorted(steps[-1].glob("*.json")):
     name = report_path.stem
-    base = eval_lib.Report.from_json(steps[0] / report_path.name)
-    final = eval_lib.Report.from_json(report_path)
+    base = eval_report.Report.from_json(steps[0] / report_path.name)
+    final = eval_report.Report.from_json(report_path)
     row = {}
     for label, rep, folder in (("base", base, steps[0]), ("rl", final, steps[-1])):
       completions = folder / f"{name}.completions.jsonl"

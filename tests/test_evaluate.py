@@ -11,6 +11,7 @@ import ml_collections
 import pytest
 
 from r1jax import datasets
+from r1jax import eval_report as er
 from r1jax import evaluate as ev
 from r1jax import sampler as sampler_lib
 from r1jax import tokenizer as tok_lib
@@ -42,21 +43,21 @@ def test_pass_at_k_matches_binomial_formula():
     for c in range(n + 1):
       for k in range(1, n + 1):
         want = 1.0 - math.comb(n - c, k) / math.comb(n, k)
-        assert ev.pass_at_k(n, c, k) == pytest.approx(want, abs=1e-12), (n, c, k)
-  assert ev.pass_at_k(64, 1, 1) == pytest.approx(1 / 64)
+        assert er.pass_at_k(n, c, k) == pytest.approx(want, abs=1e-12), (n, c, k)
+  assert er.pass_at_k(64, 1, 1) == pytest.approx(1 / 64)
   for n, k in ((4, 0), (4, 5)):
     with pytest.raises(ValueError, match="0 < k <= n"):
-      ev.pass_at_k(n, 1, k)
+      er.pass_at_k(n, 1, k)
 
 
 def test_aggregate_known_values():
-  q = lambda correct: ev.QuestionResult("q", "1", ["1"] * len(correct), correct, "1", 1, False, {})
-  s = ev.aggregate([q([True, False, False, False]), q([True, True, True, True])])
+  q = lambda correct: er.QuestionResult("q", "1", ["1"] * len(correct), correct, "1", 1, False, {})
+  s = er.aggregate([q([True, False, False, False]), q([True, True, True, True])])
   assert s["questions"] == 2 and s["samples"] == 8 and s["k"] == 4
   assert s["pass@1"] == pytest.approx(0.625)
   assert s["pass@1_stderr"] == pytest.approx(0.375)  # std([.25, 1], ddof=1) / sqrt(2)
   assert s["pass@k"] == 1.0 and "max_samples" not in s
-  assert ev.aggregate([])["questions"] == 0
+  assert er.aggregate([])["questions"] == 0
 
 
 def test_cons_votes_by_equivalence_with_earliest_tie_break(pool):
@@ -125,7 +126,7 @@ def test_math500_breakdown_and_report_files(math500_reports, tmp_path):
   table = gold.to_markdown()
   assert "| math500 | all | 500 | 1 |" in table and "| math500 | level 5 |" in table
   assert "| math500 | subject Precalculus |" in table
-  back = ev.Report.from_json(gold.to_json(tmp_path / "m.json"))
+  back = er.Report.from_json(gold.to_json(tmp_path / "m.json"))
   assert back.to_dict() == gold.to_dict()
   metrics = ev.summary_metrics(gold)
   assert set(metrics) == {f"eval/math500/{k}" for k in ("pass@1", "cons@k", "pass@k", "extracted")}
@@ -165,7 +166,7 @@ def test_grade_file_bad_input_is_counted_not_fatal(tmp_path, pool):
   assert r.missing_ids == ["c"] and r.unmatched_ids == ["zzz"] and r.skipped == 1
   table = r.to_markdown()
   assert "4 malformed completion lines" in table and "1 rows without completions" in table
-  assert ev.Report.from_json(r.to_json(tmp_path / "r.json")).malformed_lines == [3, 6, 7, 8]
+  assert er.Report.from_json(r.to_json(tmp_path / "r.json")).malformed_lines == [3, 6, 7, 8]
   empty = ev.grade_file(bench, write_jsonl(tmp_path / "none.jsonl", ["oops"]), pool=pool)
   assert empty.questions == [] and empty.malformed_lines == [1] and len(empty.missing_ids) == 3
   assert "| bench | all | 0 |" in empty.to_markdown()
@@ -194,7 +195,7 @@ def test_cli_writes_reports_and_defines_no_flags_on_import(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert "| aime_mini | all | 2 | 1 | 50.0 ± 50.0 |" in out.stdout
   assert (tmp_path / "out" / "report.md").read_text() in out.stdout
-  report = ev.Report.from_json(tmp_path / "out" / "aime_mini.json")
+  report = er.Report.from_json(tmp_path / "out" / "aime_mini.json")
   assert [q.correct for q in report.questions] == [[True, True], [False]]
   bad = subprocess.run([sys.executable, "-m", "r1jax.evaluate", f"--benchmark={bench}"],
                        capture_output=True, text=True, timeout=300)
@@ -315,7 +316,7 @@ def test_eval_stage_end_to_end(tiny, shared_data, tmp_path, capsys):
       "held_out.completions.jsonl", "held_out.json", "math500.completions.jsonl",
       "math500.json", "report.md"]
   assert (out / "report.md").read_text() in table
-  report = ev.Report.from_json(out / "math500.json")
+  report = er.Report.from_json(out / "math500.json")
   assert [q.n for q in report.questions] == [2, 2]
   assert report.settings["path"] == str(math500) and report.settings["k"] == 2
   # The saved completions grade back to the same verdicts; the other 498 rows are missing.

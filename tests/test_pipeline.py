@@ -36,7 +36,7 @@ def _toy(c):
 
 
 def test_last_number_accuracy_ignores_the_format():
-  from r1jax.evaluate import QuestionResult, Report
+  from r1jax.eval_report import QuestionResult, Report
   q = lambda gold: QuestionResult(gold, gold, [], [], None, 0, False, {})
   rep = Report("b", [q("5"), q("12")])
   rep.completions = [["2 + 3 = 5. The answer is 5.", "<answer> 4 </answer>"],
