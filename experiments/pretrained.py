@@ -8,7 +8,7 @@ one device), which checks memory and sharding before a real run.
 
 import ml_collections
 
-from r1jax.config import PRESETS, model_group, parse_arg
+from r1jax.core.config import PRESETS, model_group, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

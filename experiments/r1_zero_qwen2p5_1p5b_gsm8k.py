@@ -12,8 +12,8 @@ its one device (install jax[cuda] first); lower --config.data.batch or raise
 
 import ml_collections
 
-from r1jax.config import parse_arg
-from r1jax.stage_configs import r1_zero_hf
+from r1jax.core.config import parse_arg
+from r1jax.stages.rl import r1_zero_hf
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

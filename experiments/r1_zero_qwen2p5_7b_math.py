@@ -11,8 +11,8 @@ sampler's dense KV cache on one host; 4096 new tokens does on a v5p-8 / 8×H100 
 
 import ml_collections
 
-from r1jax.config import parse_arg
-from r1jax.stage_configs import r1_zero_hf
+from r1jax.core.config import parse_arg
+from r1jax.stages.rl import r1_zero_hf
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -6,7 +6,7 @@
 
 import ml_collections
 
-from r1jax.config import model_group, parse_arg
+from r1jax.core.config import model_group, parse_arg
 
 SIZES = {
     "tiny": dict(hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64, mlp_dim=768),
@@ -21,7 +21,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = "smoke"  # what main runs: smoke = sharded init + forward + report
   c.seed = 0  # PRNG seed for init and data
-  c.model = model_group(vocab_size=1024, **SIZES[a.size])  # see r1jax/config.py
+  c.model = model_group(vocab_size=1024, **SIZES[a.size])  # see r1jax/core/config.py
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 fills the devices
   c.smoke = ml_collections.ConfigDict()

@@ -3,7 +3,7 @@
   python -m r1jax.main --config=experiments/tiny_zero.py --workdir=/tmp/r1jax_zero
   python -m r1jax.main --config=experiments/tiny_zero.py:quick --workdir=/tmp/z  # a few minutes, smaller
 
-1. data: synthetic multi-step arithmetic (r1jax/synthetic.py): RL prompts, a held-out split,
+1. data: synthetic multi-step arithmetic (r1jax/data/synthetic.py): RL prompts, a held-out split,
    and a "web" corpus that works such problems in several styles (a few with <think> tags)
    but never uses the R1-Zero instruction template.
 2. base: a 0.92M-parameter Qwen2-shaped model pretrained on that corpus (the `sft` stage).
@@ -15,8 +15,9 @@ Re-running the command resumes: finished stages are skipped, RL resumes from its
 
 import ml_collections
 
-from r1jax.config import model_group, parse_arg
-from r1jax.stage_configs import eval_group, rl_config, sft_config
+from r1jax.core.config import eval_group, model_group, parse_arg
+from r1jax.stages.rl import rl_config
+from r1jax.stages.sft import sft_config
 
 MODEL = dict(vocab_size=512, hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32,
              mlp_dim=384, max_position=512, tie_embeddings=True)
@@ -26,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = parse_arg(arg, quick=False, base_steps=1500, rl_steps=250)
   quick = a.quick
   c = ml_collections.ConfigDict()
-  c.stage = "pipeline"  # data -> base (sft) -> rl -> report, see r1jax/pipeline.py
+  c.stage = "pipeline"  # data -> base (sft) -> rl -> report, see r1jax/stages/pipeline.py
   c.seed = 0  # seeds the synthetic data, the init, data order and sampling
 
   c.synthetic = ml_collections.ConfigDict()

@@ -13,7 +13,10 @@ import torch
 import transformers
 
 from hf_models import QWEN, make_hf_model
-from r1jax import checkpoint, hf, model, sharding
+from r1jax.core import checkpoint
+from r1jax.core import hf
+from r1jax.core import model
+from r1jax.core import sharding
 
 REPO = Path(__file__).resolve().parents[1]
 

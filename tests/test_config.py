@@ -12,8 +12,9 @@ import jax
 import ml_collections
 import pytest
 
-from r1jax import model, sharding
-from r1jax.config import PRESETS, model_config, model_group, parse_arg
+from r1jax.core import model
+from r1jax.core import sharding
+from r1jax.core.config import PRESETS, model_config, model_group, parse_arg
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.py"))

@@ -8,9 +8,9 @@ from typing import Sequence
 import numpy as np
 import pytest
 
-from r1jax import data
-from r1jax import tokenizer as tok_lib
-from r1jax.datasets import BadRow, load_rows
+from r1jax.data import pipeline as data
+from r1jax.core import tokenizer as tok_lib
+from r1jax.data.rows import BadRow, load_rows
 
 
 class ByteTokenizer(tok_lib.Tokenizer):

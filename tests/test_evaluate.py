@@ -10,15 +10,18 @@ import jax
 import ml_collections
 import pytest
 
-from r1jax import datasets
-from r1jax import eval_report as er
-from r1jax import evaluate as ev
-from r1jax import sampler as sampler_lib
-from r1jax import tokenizer as tok_lib
-from r1jax.config import ModelConfig, model_group
-from r1jax.model import init_params
+from r1jax.core import tokenizer as tok_lib
+from r1jax.core.config import ModelConfig, model_group
+from r1jax.core.model import init_params
+from r1jax.data import rows as datasets
+from r1jax.evaluation import evaluate as ev
+from r1jax.evaluation import report as er
+from r1jax.evaluation.external import grade_file
+from r1jax.generation import sampler as sampler_lib
+from r1jax.generation.engine import Engine
 from r1jax.rewards import math as math_lib
 from r1jax.rewards import pool as pool_lib
+from r1jax.stages import eval as eval_stage
 
 TINY = dict(hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, mlp_dim=64)
 VOCAB = 512
@@ -102,7 +105,7 @@ def math500_reports(shared_data, tmp_path_factory):
   shifted = write_jsonl(tmp / "shifted.jsonl", [
       {"id": r["unique_id"], "completion": rows[(i + 1) % len(rows)]["solution"]}
       for i, r in enumerate(rows)])
-  return ev.grade_file(path, gold), ev.grade_file(path, shifted)
+  return grade_file(path, gold), grade_file(path, shifted)
 
 
 def test_acceptance_math500_gold_solutions_pass_and_neighbours_fail(math500_reports):
@@ -157,7 +160,7 @@ def test_grade_file_bad_input_is_counted_not_fatal(tmp_path, pool):
       {"id": "zzz", "completions": ["\\boxed{1}"]},  # unknown id
       {"id": "c", "completions": []},  # nothing to grade
   ])
-  r = ev.grade_file(bench, comps, pool=pool)
+  r = grade_file(bench, comps, pool=pool)
   assert r.benchmark == "bench"
   assert [q.id for q in r.questions] == ["7", "b"]
   assert r.questions[0].correct == [True, False]
@@ -167,7 +170,7 @@ def test_grade_file_bad_input_is_counted_not_fatal(tmp_path, pool):
   table = r.to_markdown()
   assert "4 malformed completion lines" in table and "1 rows without completions" in table
   assert er.Report.from_json(r.to_json(tmp_path / "r.json")).malformed_lines == [3, 6, 7, 8]
-  empty = ev.grade_file(bench, write_jsonl(tmp_path / "none.jsonl", ["oops"]), pool=pool)
+  empty = grade_file(bench, write_jsonl(tmp_path / "none.jsonl", ["oops"]), pool=pool)
   assert empty.questions == [] and empty.malformed_lines == [1] and len(empty.missing_ids) == 3
   assert "| bench | all | 0 |" in empty.to_markdown()
 
@@ -175,9 +178,9 @@ def test_grade_file_bad_input_is_counted_not_fatal(tmp_path, pool):
 def test_grade_file_missing_files(tmp_path):
   bench = write_jsonl(tmp_path / "b.jsonl", [{"id": 1, "question": "q", "answer": "1"}])
   with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
-    ev.grade_file(bench, tmp_path / "nowhere.jsonl")
+    grade_file(bench, tmp_path / "nowhere.jsonl")
   with pytest.raises(FileNotFoundError, match="no_bench.jsonl"):
-    ev.grade_file(tmp_path / "no_bench.jsonl", bench)
+    grade_file(tmp_path / "no_bench.jsonl", bench)
 
 
 def test_cli_writes_reports_and_defines_no_flags_on_import(tmp_path):
@@ -189,7 +192,7 @@ def test_cli_writes_reports_and_defines_no_flags_on_import(tmp_path):
                                               {"id": 2, "question": "r", "answer": "7"}])
   comps = write_jsonl(tmp_path / "c.jsonl", [{"id": 1, "completions": ["\\boxed{25}"] * 2},
                                              {"id": 2, "completion": "\\boxed{8}"}])
-  out = subprocess.run([sys.executable, "-m", "r1jax.evaluate", f"--benchmark={bench}",
+  out = subprocess.run([sys.executable, "-m", "r1jax.evaluation", f"--benchmark={bench}",
                         f"--completions={comps}", f"--out={tmp_path / 'out'}", "--workers=1"],
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -197,7 +200,7 @@ def test_cli_writes_reports_and_defines_no_flags_on_import(tmp_path):
   assert (tmp_path / "out" / "report.md").read_text() in out.stdout
   report = er.Report.from_json(tmp_path / "out" / "aime_mini.json")
   assert [q.correct for q in report.questions] == [[True, True], [False]]
-  bad = subprocess.run([sys.executable, "-m", "r1jax.evaluate", f"--benchmark={bench}"],
+  bad = subprocess.run([sys.executable, "-m", "r1jax.evaluation", f"--benchmark={bench}"],
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "completions" in bad.stderr
 
@@ -223,15 +226,21 @@ def gen_rows(shared_data):
   return rows[:2] + [long_row] + rows[2:]
 
 
+def make_engine(cfg, tok, max_new_tokens=256, stop=("</answer>",)):
+  """R1's evaluation protocol: temperature 0.6, top-p 0.95."""
+  return Engine(cfg, None, tok, temperature=0.6, top_p=0.95, max_new_tokens=max_new_tokens,
+                max_prompt_len=1024, stop=stop)
+
+
 @pytest.fixture(scope="module")
 def generated(tiny, gen_rows, pool):
-  """Two evaluate() runs with the same key and one with another, on one Sampler."""
+  """Two evaluate() runs with the same key and one with another, on one engine."""
   _, tok, cfg, params = tiny
-  smp = sampler_lib.Sampler(cfg)
+  engine = make_engine(cfg, tok, max_new_tokens=8)
   run = lambda seed: ev.evaluate(
-      params, cfg, tok, gen_rows, sampler=smp, key=jax.random.key(seed), k=3, max_new_tokens=8,
-      batch_size=2, max_prompt_tokens=1000, benchmark="math500", pool=pool, progress=False)
-  return run(0), run(0), run(1), smp
+      params, engine, gen_rows, key=jax.random.key(seed), k=3, batch_size=2,
+      max_prompt_tokens=1000, benchmark="math500", pool=pool, progress=False)
+  return run(0), run(0), run(1), engine.sampler
 
 
 def test_evaluate_samples_k_per_question(generated, gen_rows):
@@ -263,23 +272,23 @@ def test_evaluate_is_deterministic_per_key(generated):
 
 def test_evaluate_input_errors(tiny, gen_rows):
   _, tok, cfg, params = tiny
-  smp = sampler_lib.Sampler(cfg)
-  call = lambda rows, **kw: ev.evaluate(params, cfg, tok, rows, sampler=smp,
-                                        key=jax.random.key(0), progress=False, **kw)
+  engine = make_engine(cfg, tok)
+  call = lambda rows, **kw: ev.evaluate(params, engine, rows, key=jax.random.key(0),
+                                        progress=False, **kw)
   # Multi-token stops are fine (this tokenizer falls back to bytes, so even a
   # snowman round-trips); an empty one could never match.
   assert len(sampler_lib.stop_token_ids(tok, ["answer is"])[0]) > 1
   assert len(sampler_lib.stop_token_ids(tok, ["\u2603"])[0]) == 3
   with pytest.raises(ValueError, match="round-trip"):
-    call(gen_rows, stop=("</answer>", ""))
+    make_engine(cfg, tok, stop=("</answer>", ""))
   with pytest.raises(ValueError, match="code"):
     call([{**gen_rows[0], "task": "code"}])
   with pytest.raises(ValueError, match="ids, the model only"):
-    ev.evaluate(params, cfg.replace(vocab_size=100), tok, gen_rows, sampler=smp,
+    ev.evaluate(params, make_engine(cfg.replace(vocab_size=100), tok), gen_rows,
                 key=jax.random.key(0))
   empty = call([r for r in gen_rows if r["id"] == "long"], max_prompt_tokens=1000)
   assert empty.questions == [] and empty.skipped == 1 and empty.completions == []
-  assert smp.compilations() == 0  # nothing was sampled
+  assert engine.sampler.compilations() == 0  # nothing was sampled
 
 
 # ----------------------------------------------------------------------------------- the stage
@@ -305,7 +314,7 @@ def test_eval_stage_end_to_end(tiny, shared_data, tmp_path, capsys):
       {"id": "h1", "question": "What is 2+2?", "answer": "4"},
       {"id": "h2", "question": "What is 3*3?", "answer": "9"},
       {"id": "h3", "question": "not reached: limit=2", "answer": "1"}])
-  result = ev.run(stage_config(tiny[0], f"{math500}, {held_out}"), tmp_path / "w")
+  result = eval_stage.run(stage_config(tiny[0], f"{math500}, {held_out}"), tmp_path / "w")
   table = capsys.readouterr().out
   assert result["stage"] == "eval"
   for name in ("math500", "held_out"):
@@ -320,10 +329,10 @@ def test_eval_stage_end_to_end(tiny, shared_data, tmp_path, capsys):
   assert [q.n for q in report.questions] == [2, 2]
   assert report.settings["path"] == str(math500) and report.settings["k"] == 2
   # The saved completions grade back to the same verdicts; the other 498 rows are missing.
-  again = ev.grade_file(math500, out / "math500.completions.jsonl", workers=1)
+  again = grade_file(math500, out / "math500.completions.jsonl", workers=1)
   assert [q.correct for q in again.questions] == [q.correct for q in report.questions]
   assert len(again.missing_ids) == 498
   # A benchmark's samples depend neither on the others evaluated beside it nor on the order.
-  ev.run(stage_config(tiny[0], f"{held_out},{math500}"), tmp_path / "swapped")
+  eval_stage.run(stage_config(tiny[0], f"{held_out},{math500}"), tmp_path / "swapped")
   swapped = (tmp_path / "swapped" / "eval" / "math500.completions.jsonl").read_text()
   assert swapped == (out / "math500.completions.jsonl").read_text()

@@ -11,7 +11,9 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from hf_models import LLAMA, QWEN, make_hf_model
-from r1jax import hf, model, sharding
+from r1jax.core import hf
+from r1jax.core import model
+from r1jax.core import sharding
 
 @pytest.fixture(scope="module", params=["qwen", "llama"])
 def checkpoint(request, tmp_path_factory):

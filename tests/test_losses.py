@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax import losses, model
-from r1jax.config import GRPOConfig, ModelConfig
+from r1jax.train import losses
+from r1jax.core import model
+from r1jax.core.config import GRPOConfig, ModelConfig
+from test_advantages import np_advantages
 
 CFG = ModelConfig(vocab_size=96, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8,
                   mlp_dim=64, qkv_bias=True, tie_embeddings=False)
@@ -22,24 +24,6 @@ def rel_err(got, want) -> float:
 
 
 # --- float64 restatement -------------------------------------------------------
-
-
-def np_advantages(r, g, scale, eps, ddof, reward_norm="sum", w=None):
-  """Group advantages, one group at a time, in float64."""
-  r = np.asarray(r, np.float64).reshape(len(r), -1)
-  w = np.ones(r.shape[1]) if w is None else np.asarray(w, np.float64)
-
-  def norm(x):
-    out = np.empty_like(x)
-    for b in range(len(x) // g):
-      grp = x[b * g:(b + 1) * g]
-      std = {"group": np.std(grp, ddof=ddof), "batch": np.std(x, ddof=ddof), "none": None}[scale]
-      out[b * g:(b + 1) * g] = (grp - grp.mean()) / (1.0 if std is None else std + eps)
-    return out
-
-  if reward_norm == "sum":
-    return norm(r @ w)
-  return sum(w[c] * norm(r[:, c]) for c in range(r.shape[1]))
 
 
 def np_grpo(logp, old, adv, mask, ref, cfg):
@@ -162,35 +146,6 @@ def test_garbage_at_masked_positions_never_leaks():
     got = f(bad(logp, v), bad(old, -v), bad(ref, v))
     assert float(got[0]) == float(clean[0])
     np.testing.assert_array_equal(got[1], clean[1])
-
-
-@pytest.mark.parametrize("scale,reward_norm,ddof", [
-    ("group", "sum", 1), ("group", "sum", 0), ("batch", "sum", 1), ("none", "sum", 1),
-    ("group", "per_component", 1), ("batch", "per_component", 1)])
-def test_advantages_match_float64(scale, reward_norm, ddof):
-  rng = np.random.default_rng(4)
-  r = rng.random((24, 3)).astype(np.float32)
-  r[:6] = 1.0  # one constant group: advantage exactly 0, not NaN
-  w = np.array([1.0, 0.5, 2.0], np.float32)
-  got = losses.group_advantages(r, 6, scale, 1e-4, ddof, reward_norm, w)
-  want = np_advantages(r, 6, scale, 1e-4, ddof, reward_norm, w)
-  assert rel_err(got, want) <= TOL, rel_err(got, want)
-  assert np.all(np.asarray(got)[:6] == 0) or scale == "batch"
-  one = losses.group_advantages(r[:, 0], 6, scale, 1e-4, ddof)
-  assert rel_err(one, np_advantages(r[:, 0], 6, scale, 1e-4, ddof)) <= TOL
-
-
-def test_advantage_errors_and_informative_groups():
-  with pytest.raises(ValueError, match="does not divide"):
-    losses.group_advantages(np.zeros(10), 4)
-  with pytest.raises(ValueError, match="ddof=1"):
-    losses.group_advantages(np.zeros(4), 1)
-  with pytest.raises(ValueError, match="scale"):
-    losses.group_advantages(np.zeros(4), 2, scale="global")
-  with pytest.raises(ValueError, match="one entry per reward component"):
-    losses.group_advantages(np.zeros((4, 2)), 2, weights_C=[1.0])
-  keep = losses.informative_groups(np.array([1, 1, 0, 1, 0, 0.0]), 2)
-  assert keep.tolist() == [False, True, False]
 
 
 def test_loss_errors():

@@ -13,7 +13,7 @@ import pytest
 from tensorboardX.crc32c import crc32c
 from tensorboardX.proto.event_pb2 import Event
 
-from r1jax import metrics
+from r1jax.core import metrics
 
 
 def _masked_crc(data: bytes) -> int:

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax import model
-from r1jax.config import ModelConfig, RopeScaling
+from r1jax.core import model
+from r1jax.core.config import ModelConfig, RopeScaling
 
 CFG = ModelConfig(vocab_size=128, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8,
                   mlp_dim=64, qkv_bias=True, tie_embeddings=False,

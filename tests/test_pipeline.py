@@ -3,7 +3,8 @@
 import importlib.util
 import json
 
-from r1jax import pipeline, stages
+from r1jax.stages import pipeline
+from r1jax import stages
 from tiny_world import MODEL
 
 REPO_EXPERIMENTS = pipeline.__file__.rsplit("/r1jax/", 1)[0] + "/experiments"
@@ -36,7 +37,7 @@ def _toy(c):
 
 
 def test_last_number_accuracy_ignores_the_format():
-  from r1jax.eval_report import QuestionResult, Report
+  from r1jax.evaluation.report import QuestionResult, Report
   q = lambda gold: QuestionResult(gold, gold, [], [], None, 0, False, {})
   rep = Report("b", [q("5"), q("12")])
   rep.completions = [["2 + 3 = 5. The answer is 5.", "<answer> 4 </answer>"],

@@ -71,7 +71,7 @@ def test_routing_weights_and_components(pool):
   np.testing.assert_allclose(batch.components["code"], [nan, nan, 0.5, nan])
   np.testing.assert_array_equal(batch.components["format"], [1, 1, 1, nan])
   np.testing.assert_array_equal(batch.components["lang_en"], [1, 0, 1, 1])
-  np.testing.assert_allclose(batch.total_B, [1.6, 0.5, 1.1, 0.1], rtol=1e-6)
+  np.testing.assert_allclose(batch.total_N, [1.6, 0.5, 1.1, 0.1], rtol=1e-6)
   assert not any(f.any() for f in batch.failed.values())
   assert batch.pool_cpu_s > 0 and batch.seconds > 0
   metrics = batch.metrics()
@@ -86,7 +86,7 @@ def test_config_dict_spec_and_defaults(pool):
   scorer = compose.RewardScorer(cfg, pool=pool)
   batch = scorer.score([{"completion": r"<think>a</think>\boxed{7}", "gt": 7}])
   assert batch.components["accuracy"][0] == 1.0 and batch.components["tag_count"][0] == 0.5
-  assert batch.total_B[0] == pytest.approx(2.0)
+  assert batch.total_N[0] == pytest.approx(2.0)
 
 
 @pytest.mark.parametrize("spec, match", [
@@ -134,7 +134,7 @@ def test_failing_rewards_fall_back_and_are_flagged(pool, extra_rewards):
     np.testing.assert_array_equal(batch.components[key], [fallback] * 2)
     assert batch.failed[key].all(), key
   assert not batch.failed["format"].any()
-  np.testing.assert_allclose(batch.total_B, [-0.5 - 2 - 0.5 - 0.5 + 1] * 2)
+  np.testing.assert_allclose(batch.total_N, [-0.5 - 2 - 0.5 - 0.5 + 1] * 2)
 
 
 def test_batch_reward_hook_sees_its_view(pool, extra_rewards):

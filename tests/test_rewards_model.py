@@ -1,18 +1,26 @@
-"""Reward models: Bradley–Terry loss vs float64, last-token scoring, training, sharding, RL use."""
+"""Reward models: Bradley–Terry vs float64, scoring, training, sharding, RL use, the stage."""
 
 import json
+import signal
+import subprocess
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from r1jax import checkpoint, model, sharding
-from r1jax.config import ModelConfig
-from r1jax.rewards import compose, registry
-from r1jax.rewards import model as rm
-from r1jax.tokenizer import Tokenizer
+from r1jax.core import checkpoint, model, sharding
+from r1jax.core.config import ModelConfig, OptConfig
+from r1jax.core.metrics import read_metrics
+from r1jax.core.tokenizer import Tokenizer, train_sentencepiece
+from r1jax.data.preferences import encode_pairs, load_pairs
+from r1jax.rewards import compose
+from r1jax.rewards import reward_model as rm
+from r1jax.stages.reward_model import RMTrainer, pair_batch
+from r1jax.train.state import TrainState
+
+import main_runs
 
 CFG = ModelConfig(vocab_size=128, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8,
                   mlp_dim=64, tie_embeddings=True, max_position=256)
@@ -87,13 +95,13 @@ def test_score_reads_last_real_token():
 def trained():
   tok = CharTokenizer()
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  trainer = rm.RMTrainer(CFG, optax.adamw(3e-3), mesh)
+  trainer = RMTrainer(CFG, OptConfig(lr=3e-3, grad_clip=0.0), mesh)
   state = trainer.init(jax.random.key(0))
   rows = preference_rows(512, 0)
   history = []
   for i in range(60):
-    batch = rm.encode_pairs(tok, rows[(i * 16) % 512:(i * 16) % 512 + 16], "plain", 48)
-    state, metrics = trainer.step(state, batch)
+    batch = pair_batch(encode_pairs(tok, rows[(i * 16) % 512:(i * 16) % 512 + 16], "plain", 48))
+    state, metrics = trainer.step(state, trainer.put_batch(batch))
     history.append(float(metrics["rm/loss"]))
   return tok, trainer, state, history
 
@@ -101,36 +109,58 @@ def trained():
 def test_training_learns_preferences(trained):
   tok, trainer, state, history = trained
   assert np.mean(history[-10:]) < 0.5 * np.mean(history[:5])
+  assert int(state.step) == 60
   held_out = preference_rows(128, 99)
-  batch = rm.encode_pairs(tok, held_out, "plain", 48)
+  batch = encode_pairs(tok, held_out, "plain", 48)
   rc = rm.score(state.params, *batch["chosen"], CFG)
   rr = rm.score(state.params, *batch["rejected"], CFG)
   accuracy = float(jnp.mean(rc > rr))
   print(f"reward model held-out pairwise accuracy {accuracy:.3f}")
   assert accuracy > 0.9
+  assert trainer.pair_accuracy(state.params, tok, held_out, "plain", 48, 16) == accuracy
 
 
-def test_sharded_step_matches_single_device(trained):
-  tok = trained[0]
-  batch = rm.encode_pairs(tok, preference_rows(16, 5), "plain", 48)
-  results = []
-  for shape in [(1, 1, 1), (2, 2, 2)]:
-    devices = jax.devices()[:1] if shape == (1, 1, 1) else None
-    mesh = sharding.make_mesh(shape, devices=devices)
-    # SGD: the update is linear in the gradient, so this compares gradients
-    # (Adam's g/sqrt(v) amplifies last-ulp differences where g ~ 0).
-    trainer = rm.RMTrainer(CFG, optax.sgd(0.5), mesh)
-    state = trainer.init(jax.random.key(3))
-    for _ in range(2):
-      state, metrics = trainer.step(state, batch)
-    results.append((jax.tree.map(np.asarray, state.params), float(metrics["rm/loss"])))
-  (single, loss1), (sharded, loss8) = results
-  assert loss1 == pytest.approx(loss8, abs=1e-6)
+# Adam with a large epsilon is linear in small gradients: comparing params then compares
+# gradients (g / sqrt(v) would amplify last-ulp differences where g ~ 0).
+LINEAR_OPT = OptConfig(lr=0.5, eps=10.0, grad_clip=0.0)
+
+
+def _two_steps(shape, microbatches, batch):
+  devices = jax.devices()[:1] if shape == (1, 1, 1) else None
+  trainer = RMTrainer(CFG, LINEAR_OPT, sharding.make_mesh(shape, devices=devices), microbatches)
+  state = trainer.init(jax.random.key(3))
+  for _ in range(2):
+    state, metrics = trainer.step(state, trainer.put_batch(batch))
+  return jax.tree.map(np.asarray, state.params), {k: float(v) for k, v in metrics.items()}
+
+
+def test_sharded_and_accumulated_steps_match_single_device(trained):
+  batch = pair_batch(encode_pairs(trained[0], preference_rows(16, 5), "plain", 48))
+  single, m1 = _two_steps((1, 1, 1), 1, batch)
   moved = sum(np.abs(a - b).max() for a, b in zip(
       jax.tree.leaves(single), jax.tree.leaves(rm.init_rm(CFG, jax.random.key(3)))))
   assert moved > 1e-3  # the steps really changed the params
-  for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)):
-    np.testing.assert_allclose(a, b, atol=1e-5)
+  for shape, micro in (((2, 2, 2), 1), ((1, 1, 1), 2), ((2, 2, 2), 2)):
+    other, m = _two_steps(shape, micro, batch)
+    assert m["rm/loss"] == pytest.approx(m1["rm/loss"], abs=1e-6), (shape, micro)
+    assert m["rm/accuracy"] == m1["rm/accuracy"]
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(other)):
+      np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"{shape} x{micro}")
+
+
+def test_non_finite_update_is_skipped_and_not_counted(trained):
+  tok, trainer, state, _ = trained
+  before = jax.tree.map(np.asarray, state)
+  state = jax.device_put(before, trainer.state_shardings)
+  batch = pair_batch(encode_pairs(tok, preference_rows(16, 6), "plain", 48))
+  poisoned = jax.tree.map(jnp.copy, state)
+  poisoned = TrainState({**poisoned.params, "head": {**poisoned.params["head"],
+                                                     "b": jnp.asarray(np.nan, jnp.float32)}},
+                        poisoned.opt_state, poisoned.step)
+  after, metrics = trainer.step(poisoned, trainer.put_batch(batch))
+  assert int(metrics["skipped"]) == 1 and int(after.step) == int(before.step)
+  after, metrics = trainer.step(state, trainer.put_batch(batch))
+  assert int(metrics["skipped"]) == 0 and int(after.step) == int(before.step) + 1
 
 
 def test_save_load_and_use_in_reward_scorer(trained, tmp_path):
@@ -150,7 +180,7 @@ def test_save_load_and_use_in_reward_scorer(trained, tmp_path):
   ]
   with compose.RewardScorer(spec) as scorer:
     out = scorer.score(samples)
-  r = out.total_B
+  r = out.total_N
   assert not out.failed["helpfulness_test"].any()
   # The summary after </think> is judged, not the reasoning.
   assert r[0] > r[1] and r[2] > r[1]
@@ -161,13 +191,13 @@ def test_bad_input(tmp_path):
   good = preference_rows(3, 1)
   path.write_text("\n".join([json.dumps(good[0]), "{not json", json.dumps({"prompt": "x"}),
                              json.dumps(good[1]), json.dumps({**good[2], "chosen": 5})]))
-  rows = rm.load_pairs(path)
+  rows = load_pairs(path)
   assert rows == good[:2]
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    rm.load_pairs(tmp_path / "missing.jsonl")
+    load_pairs(tmp_path / "missing.jsonl")
   (tmp_path / "bad.jsonl").write_text("{}\n[1]\n")
   with pytest.raises(ValueError, match="no usable preference rows"):
-    rm.load_pairs(tmp_path / "bad.jsonl")
+    load_pairs(tmp_path / "bad.jsonl")
   # A policy checkpoint is not a reward model.
   checkpoint.save_params(tmp_path / "policy", model.init_params(CFG, jax.random.key(0)), CFG)
   with pytest.raises(ValueError, match="not a reward model"):
@@ -176,31 +206,79 @@ def test_bad_input(tmp_path):
     rm.RewardModel(rm.init_rm(CFG, jax.random.key(0)), CFG, CharTokenizer())(["a", "b"], ["p"])
 
 
-def test_reward_model_stage_end_to_end(tmp_path):
-  import os
-  import subprocess
-  import sys
-  from pathlib import Path
-  from r1jax.tokenizer import train_sentencepiece
-  repo = Path(__file__).resolve().parents[1]
+# ------------------------------------------------------------------------- the stage
+
+
+def _start(world, workdir: Path, *overrides: str) -> subprocess.Popen:
+  return main_runs.start(
+      "--config=experiments/reward_model.py", f"--workdir={workdir}",
+      f"--config.tokenizer={world / 'spm.model'}", f"--config.data.train={world / 'train.jsonl'}",
+      f"--config.data.eval={world / 'eval.jsonl'}", "--config.mesh.shape=(2,4,1)",
+      "--config.ckpt.every=4", *overrides)
+
+
+def _rm_params(workdir: Path):
+  return jax.tree.map(np.asarray, rm.load_rm(workdir / "reward_model")[1])
+
+
+@pytest.fixture(scope="module")
+def rm_world(tmp_path_factory):
+  world = tmp_path_factory.mktemp("rm_world")
   train, held_out = preference_rows(480, 7), preference_rows(64, 8)
   for name, rows in (("train", train), ("eval", held_out)):
-    (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-  spm = train_sentencepiece([r[k] for r in train for k in ("prompt", "chosen", "rejected")],
-                            tmp_path / "spm", 400)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  out = subprocess.run(
-      [sys.executable, "-m", "r1jax.main", "--config=experiments/reward_model.py",
-       f"--workdir={tmp_path / 'w'}", f"--config.tokenizer={spm}",
-       f"--config.data.train={tmp_path / 'train.jsonl'}",
-       f"--config.data.eval={tmp_path / 'eval.jsonl'}", "--config.mesh.shape=(2,4,1)"],
-      cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  summary = json.loads(out.stdout.strip().splitlines()[-1])
+    (world / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+  train_sentencepiece([r[k] for r in train for k in ("prompt", "chosen", "rejected")],
+                      world / "spm", 400)
+  return world
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(rm_world, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("rm_full") / "w"
+  out = main_runs.finish(_start(rm_world, workdir))
+  return json.loads(out.strip().splitlines()[-1]), workdir
+
+
+def test_reward_model_stage_end_to_end(uninterrupted):
+  summary, workdir = uninterrupted
   assert summary["rm/eval_accuracy"] > 0.9, summary
-  lines = (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()
-  assert len(lines) == 6 and json.loads(lines[-1])["step"] == 60
+  assert summary["stage"] == "reward_model" and summary["step"] == 60
+  records = read_metrics(workdir / "metrics.jsonl")
+  assert [r["step"] for r in records] == list(range(1, 61))  # every step, like other stages
+  assert {"rm/loss", "rm/accuracy", "grad_norm", "lr", "skipped"} <= set(records[-1])
+  assert [r["step"] for r in records if r.get("rm/eval_accuracy") is not None] == [30, 60]
   cfg, _ = rm.load_rm(summary["checkpoint"])
   assert cfg.hidden == 128
   with pytest.raises(ValueError, match="holds a reward_model checkpoint, not policy params"):
     checkpoint.load_params(summary["checkpoint"])
+  # Best-metric checkpoints: the best eval step is kept beside the newest ones.
+  kept = main_runs.saved_steps(workdir)
+  assert 60 in kept and (30 in kept or kept[-2:] == [56, 60]), kept
+
+
+def test_sigkill_then_resume_is_bit_exact(rm_world, uninterrupted, tmp_path):
+  workdir = tmp_path / "w"
+  proc = _start(rm_world, workdir)
+  main_runs.wait_for_checkpoint(proc, workdir, 8)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert not (workdir / "reward_model").exists(), "the run finished before it was killed"
+  main_runs.finish(_start(rm_world, workdir))
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["resumed_from"] >= 8 and summary["step"] == 60
+  main_runs.assert_bit_exact(_rm_params(uninterrupted[1]), _rm_params(workdir))
+
+
+def test_sigterm_saves_exits_zero_and_resumes(rm_world, uninterrupted, tmp_path):
+  workdir = tmp_path / "w"
+  proc = _start(rm_world, workdir)
+  main_runs.wait_for_checkpoint(proc, workdir, 4)
+  proc.send_signal(signal.SIGTERM)
+  main_runs.finish(proc)
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["preempted"] is True and summary["step"] < 60
+  assert main_runs.saved_steps(workdir)[-1] == summary["step"]  # the step it stopped at was checkpointed
+  assert not (workdir / "reward_model").exists()
+  main_runs.finish(_start(rm_world, workdir))
+  main_runs.assert_bit_exact(_rm_params(uninterrupted[1]), _rm_params(workdir))

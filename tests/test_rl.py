@@ -1,23 +1,27 @@
 """The RL loop: exact resume after SIGKILL, clean SIGTERM exit, and bad input handled."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import numpy as np
 import pytest
 
-from r1jax import checkpoint, stages
-from r1jax.metrics import read_metrics
+from r1jax import stages
+from r1jax.core import checkpoint, sharding
+from r1jax.core.config import GRPOConfig, ModelConfig, OptConfig
+from r1jax.core.metrics import read_metrics
+from r1jax.generation.engine import Samples
+from r1jax.generation.sampler import STOP_EOS
 from r1jax.rewards import registry
+from r1jax.stages import rl
+from r1jax.train import advantages
+from r1jax.train.trainer import Trainer
+import main_runs
 from tiny_world import make_world, rl_test_config
-
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
 
 
@@ -40,28 +44,7 @@ def _config_file(config, path: Path) -> Path:
 
 
 def _start(config_path: Path, workdir: Path) -> subprocess.Popen:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  return subprocess.Popen([sys.executable, "-m", "r1jax.main", f"--config={config_path}",
-                           f"--workdir={workdir}"], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 400) -> str:
-  out, _ = proc.communicate(timeout=timeout)
-  assert proc.returncode == 0, out[-4000:]
-  return out
-
-
-def _wait_for_checkpoint(proc, workdir: Path, step: int, timeout: float = 300) -> None:
-  """Blocks until checkpoint `step` is committed (orbax renames its temp dir on commit)."""
-  deadline = time.monotonic() + timeout
-  target = workdir / "checkpoints" / str(step)
-  while not target.is_dir():
-    if proc.poll() is not None:
-      raise AssertionError(f"run ended before step {step}: {proc.stdout.read()[-4000:]}")
-    assert time.monotonic() < deadline, f"no checkpoint {step} after {timeout} s"
-    time.sleep(0.02)
+  return main_runs.start(f"--config={config_path}", f"--workdir={workdir}")
 
 
 def _final_params(workdir: Path):
@@ -73,13 +56,8 @@ def _final_params(workdir: Path):
 def uninterrupted(world, tmp_path_factory):
   root = tmp_path_factory.mktemp("full")
   config_path = _config_file(rl_test_config(world, steps=STEPS), root / "exp.py")
-  _finish(_start(config_path, root / "run"))
+  main_runs.finish(_start(config_path, root / "run"))
   return config_path, _final_params(root / "run"), root / "run"
-
-
-def _assert_bit_exact(a, b):
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
 def test_uninterrupted_run_logs_rl_metrics(uninterrupted):
@@ -99,31 +77,30 @@ def test_sigkill_then_resume_is_bit_exact(uninterrupted, tmp_path):
   config_path, want, _ = uninterrupted
   run = tmp_path / "run"
   proc = _start(config_path, run)
-  _wait_for_checkpoint(proc, run, 2)
+  main_runs.wait_for_checkpoint(proc, run, 2)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert proc.returncode == -signal.SIGKILL
   assert not (run / "final").exists(), "the run finished before it could be killed"
-  out = _finish(_start(config_path, run))
+  out = main_runs.finish(_start(config_path, run))
   summary = json.loads((run / "summary.json").read_text())
   assert summary["resumed_from"] >= 2, out[-2000:]
-  _assert_bit_exact(want, _final_params(run))
+  main_runs.assert_bit_exact(want, _final_params(run))
 
 
 def test_sigterm_saves_exits_zero_and_resumes(uninterrupted, tmp_path):
   config_path, want, _ = uninterrupted
   run = tmp_path / "run"
   proc = _start(config_path, run)
-  _wait_for_checkpoint(proc, run, 1)
+  main_runs.wait_for_checkpoint(proc, run, 1)
   proc.send_signal(signal.SIGTERM)
-  _finish(proc)  # exit code 0
+  main_runs.finish(proc)  # exit code 0
   summary = json.loads((run / "summary.json").read_text())
   assert summary["preempted"] is True and summary["step"] < STEPS
-  saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
-  assert saved[-1] == summary["step"]  # the step it stopped at was checkpointed
+  assert main_runs.saved_steps(run)[-1] == summary["step"]  # the step it stopped at was checkpointed
   assert not (run / "final").exists()
-  _finish(_start(config_path, run))
-  _assert_bit_exact(want, _final_params(run))
+  main_runs.finish(_start(config_path, run))
+  main_runs.assert_bit_exact(want, _final_params(run))
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -193,64 +170,81 @@ def test_raising_reward_falls_back_and_the_run_continues(world, tmp_path):
 # --------------------------------------------------------------------- dynamic sampling (DAPO)
 
 
-def _part(ctx, s, t, rewards, tag):
-  """One fake rollout of B groups with prompt width s; every token id is `tag`."""
-  from types import SimpleNamespace
-  import jax.numpy as jnp
-  from r1jax import rl
-  from r1jax.train_step import RolloutBatch
-  n = len(rewards)
-  batch = RolloutBatch(jnp.full((n, s + t), tag, jnp.int32), jnp.ones((n, s + t), bool),
-                       jnp.ones((n, t), bool), jnp.zeros((n, t)), jnp.zeros(n),
-                       jnp.zeros(n, bool))
+def _scored(s, t, rewards, tag):
+  """One fake scored rollout of B groups (G = 2) with prompt width s; every token is `tag`."""
+  n, g = len(rewards), 2
+  samples = Samples(np.full((n // g, s), tag, np.int32), np.ones((n // g, s), bool),
+                    np.full((n, t), tag, np.int32), np.ones((n, t), bool),
+                    np.zeros((n, t), np.float32), np.full(n, STOP_EOS, np.int32),
+                    tuple(f"{tag}-{i}" for i in range(n)), g)
   r = np.asarray(rewards, np.float32)
-  rw = SimpleNamespace(total_B=r, components={"acc": r, "fmt": 1 - r})
-  return (None, batch, None, [f"{tag}-{i}" for i in range(n)], rw), rl._informative(ctx, rw)
+  return rl.ScoredRollout([{}] * (n // g), samples, None, None,
+                          advantages.group_advantages(r, g), advantages.informative_groups(r, g))
 
 
 def test_dynamic_sampling_keeps_informative_groups_across_prompt_widths():
-  from types import SimpleNamespace
-  from r1jax import losses, rl
-  from r1jax.config import GRPOConfig
-  ctx = SimpleNamespace(grpo=GRPOConfig(group_size=2), dynamic_sampling=True,
+  run = SimpleNamespace(grpo=GRPOConfig(group_size=2),
                         config=SimpleNamespace(data=SimpleNamespace(batch=3)))
-  first = _part(ctx, 4, 3, [1, 0, 1, 1, 0, 0], 7)  # only group 0 varies
-  second = _part(ctx, 8, 3, [0, 0, 1, 0, 0, 1], 9)  # groups 1 and 2 vary
-  assert first[1].tolist() == [True, False, False]
-  batch, texts, live = rl._assemble(ctx, [first, second])
-  assert live == 3 and batch.tokens.shape == (6, 11)
-  assert texts == ["7-0", "7-1", "9-2", "9-3", "9-4", "9-5"]
-  tokens, mask = np.asarray(batch.tokens), np.asarray(batch.mask)
-  assert not mask[:2, :4].any() and (tokens[:2, 4:] == 7).all()  # left-padded to width 11
-  want = np.concatenate([np.asarray(losses.group_advantages([1, 0, 1, 1, 0, 0], 2))[:2],
-                         np.asarray(losses.group_advantages([0, 0, 1, 0, 0, 1], 2))[2:]])
-  np.testing.assert_allclose(np.asarray(batch.advantages), want)
+  first = _scored(4, 3, [1, 0, 1, 1, 0, 0], 7)  # only group 0 varies
+  second = _scored(8, 3, [0, 0, 1, 0, 0, 1], 9)  # groups 1 and 2 vary
+  assert first.keep.tolist() == [True, False, False]
+  update = rl.assemble(run, [first, second])
+  batch = update.batch
+  assert update.live == 3 and batch.tokens.shape == (6, 11)
+  assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(batch))  # host until placed
+  assert update.texts == ["7-0", "7-1", "9-2", "9-3", "9-4", "9-5"]
+  assert not batch.mask[:2, :4].any() and (batch.tokens[:2, 4:] == 7).all()  # left-padded
+  want = np.concatenate([advantages.group_advantages([1, 0, 1, 1, 0, 0], 2)[:2],
+                         advantages.group_advantages([0, 0, 1, 0, 0, 1], 2)[2:]])
+  np.testing.assert_allclose(batch.advantages, want)
   # Too few informative groups: the rest is filler without loss tokens.
-  batch, _, live = rl._assemble(ctx, [first])
-  assert live == 1
-  assert np.asarray(batch.completion_mask)[2:].sum() == 0
-  assert np.asarray(batch.completion_mask)[:2].all()
+  update = rl.assemble(run, [first])
+  assert update.live == 1
+  assert update.batch.completion_mask[2:].sum() == 0
+  assert update.batch.completion_mask[:2].all()
 
 
 def test_beta_zero_never_creates_a_reference():
-  from r1jax import sharding, train_step
-  from r1jax.config import GRPOConfig, ModelConfig, OptConfig
   cfg = ModelConfig(vocab_size=32, hidden=16, layers=1, heads=2, kv_heads=1, head_dim=8,
                     mlp_dim=32)
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  tr = train_step.make_trainer(cfg, OptConfig(), mesh, GRPOConfig(beta=0.0, ref_reset_every=2))
+  tr = Trainer(cfg, OptConfig(), mesh, GRPOConfig(beta=0.0, ref_reset_every=2))
   state = tr.init_state_random(jax.random.key(0))
   assert tr.maybe_reset_ref(None, state, 2) is None
   assert tr.maybe_reset_ref(tr.make_ref(state.params), state, 2) is not None
 
 
 def test_per_component_advantages_judge_informativeness_per_component():
-  from types import SimpleNamespace
-  from r1jax import rl
-  from r1jax.config import GRPOConfig
-  rw = SimpleNamespace(total_B=np.ones(4, np.float32),
+  rw = SimpleNamespace(total_N=np.ones(4, np.float32),
                        components={"acc": np.array([1, 0, 1, 1], np.float32),
                                    "fmt": np.array([0, 1, 0, 0], np.float32)})
-  ctx = lambda norm: SimpleNamespace(grpo=GRPOConfig(group_size=2, reward_norm=norm))
-  assert rl._informative(ctx("sum"), rw).tolist() == [False, False]
-  assert rl._informative(ctx("per_component"), rw).tolist() == [True, False]
+  run = lambda norm, dynamic=True: SimpleNamespace(
+      grpo=GRPOConfig(group_size=2, reward_norm=norm),
+      config=SimpleNamespace(dynamic_sampling=dynamic))
+  assert rl._keep(run("sum"), rw, 2).tolist() == [False, False]
+  assert rl._keep(run("per_component"), rw, 2).tolist() == [True, False]
+  assert rl._keep(run("sum", dynamic=False), rw, 2).tolist() == [True, True]
+
+
+def test_one_iteration_places_one_batch_and_moves_nothing_hidden(world, tmp_path):
+  """Rewards, advantages and selection stay on the host; the update gets one placed batch."""
+  run = rl.setup(rl_test_config(world, steps=1), tmp_path / "run")  # β > 0: the reference too
+  placed, put, step = [], run.trainer.put_batch, run.trainer.rl_step
+
+  def counting_put(batch):
+    placed.append(batch)
+    return put(batch)
+
+  def guarded_step(*args):
+    with jax.transfer_guard("disallow"):
+      return step(*args)
+
+  with run.loop, run.scorer:
+    _, state, ref = rl.initial_state(run)
+    run.trainer.put_batch = counting_put
+    run.trainer.rl_step = guarded_step
+    state, ref, metrics = rl.iteration(run, state, ref, 1)
+  assert len(placed) == 1
+  assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(placed[0]))
+  assert placed[0].ref_logp is not None and placed[0].ref_logp.shape == placed[0].old_logp.shape
+  assert metrics["skipped"] == 0 and int(state.step) == 4  # μ = 2 passes × 2 mini-batches

@@ -9,8 +9,11 @@ import scipy.stats
 import torch
 
 from hf_models import LLAMA, QWEN, make_hf_model
-from r1jax import hf, model, sampler, sharding
-from r1jax.sampler import SamplingParams
+from r1jax.core import hf
+from r1jax.core import model
+from r1jax.generation import sampler
+from r1jax.core import sharding
+from r1jax.generation.sampler import SamplingParams
 
 PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [200, 3], [9, 9, 9, 11, 250, 12, 13, 14, 15, 16, 1, 2, 3]]
 

@@ -7,9 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax import checkpoint, losses, model, stages
-from r1jax.config import ModelConfig
-from r1jax.metrics import read_metrics
+from r1jax.core import checkpoint
+from r1jax.train import losses
+from r1jax.core import model
+from r1jax import stages
+from r1jax.core.config import ModelConfig
+from r1jax.core.metrics import read_metrics
 from tiny_world import make_world, sft_test_config
 
 CFG = ModelConfig(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8,
@@ -36,8 +39,8 @@ def test_packed_loss_equals_the_documents_scored_alone():
   mask, target = seg > 0, seg > 0
   target[0, [0, 7]] = False  # a document's first token has no context
   loss, sums = losses.sft_loss(params, CFG, jnp.asarray(packed), jnp.asarray(mask),
-                               jnp.asarray(target), positions_NxP=jnp.asarray(pos),
-                               segment_ids_NxP=jnp.asarray(seg))
+                               jnp.asarray(target), positions_NxQ=jnp.asarray(pos),
+                               segment_ids_NxQ=jnp.asarray(seg))
   nll = 0.0
   for doc in (a, b):
     toks = jnp.asarray(doc[None].astype(np.int32))

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from r1jax import model, sharding
-from r1jax.config import ModelConfig
+from r1jax.core import model
+from r1jax.core import sharding
+from r1jax.core.config import ModelConfig
 
 CFG = ModelConfig(vocab_size=256, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16,
                   mlp_dim=128, qkv_bias=True, tie_embeddings=False)

@@ -3,11 +3,11 @@
 import json
 import re
 
-from r1jax import synthetic
-from r1jax.datasets import load_rows
+from r1jax.data import synthetic
+from r1jax.data.rows import load_rows
 from r1jax.rewards.format import format_reward
 from r1jax.rewards.math import accuracy_reward_unsafe, extract_answer
-from r1jax.tokenizer import R1_ZERO_PROMPT
+from r1jax.core.tokenizer import R1_ZERO_PROMPT
 
 
 def _independent_value(expression: str) -> int:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from r1jax import tokenizer as tok_lib
+from r1jax.core import tokenizer as tok_lib
 
 SAMPLES = ["Natalia sold clips to 48 of her friends in April.",
            "<think> 48 / 2 = 24 </think> <answer> 72 </answer>",
@@ -115,8 +115,8 @@ def test_answer_stops_match_in_context_with_byte_level_bpe(corpus):
   merges ' </' into one token, so the bare form alone would miss it there).
   """
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  from r1jax.sampler import stop_token_ids
-  from r1jax.stage_configs import ANSWER_STOPS
+  from r1jax.generation.sampler import stop_token_ids
+  from r1jax.stages.rl import ANSWER_STOPS
   t = Tokenizer(models.BPE())
   t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   t.decoder = decoders.ByteLevel()

@@ -7,9 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax import losses, model, sharding
-from r1jax import train_step as ts
-from r1jax.config import GRPOConfig, ModelConfig, OptConfig, grpo_config, grpo_group
+from r1jax.core import model, sharding
+from r1jax.core.config import GRPOConfig, ModelConfig, OptConfig, grpo_config, grpo_group
+from r1jax.train import advantages, losses
+from r1jax.train import trainer as ts
+from r1jax.generation.sampler import Rollout
+from r1jax.train.batches import RolloutBatch, SFTBatch
+from r1jax.train.state import lr_schedule
 
 CFG = ModelConfig(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8,
                   mlp_dim=64, qkv_bias=True, tie_embeddings=False)
@@ -23,7 +27,16 @@ N, S, T = 32, 6, 10
 
 def single_device_trainer(grpo=GRPO, **kw):
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  return ts.make_trainer(CFG, OPT, mesh, grpo, **kw)
+  return ts.Trainer(CFG, OPT, mesh, grpo, **kw)
+
+
+def guarded_rl_step(tr, state, placed_batch, ref=None):
+  """rl_step on a batch and reference already on the mesh, with every transfer disallowed.
+
+  Proves the jitted step moves nothing hidden: no host round trip, no resharding.
+  """
+  with jax.transfer_guard("disallow"):
+    return tr.rl_step(state, placed_batch, ref)
 
 
 def host(tree):
@@ -45,9 +58,9 @@ def rollout(rng, logp_fn=None, n=N, noise=0.3):
   cmask = np.arange(T)[None] < lens[:, None]
   mask[:, S:] = cmask
   tokens[~mask] = 0
-  adv = np.asarray(losses.group_advantages(rng.random(n), GRPO.group_size))
+  adv = np.asarray(advantages.group_advantages(rng.random(n), GRPO.group_size))
   old = rng.normal(-4.0, 1.0, (n, T)).astype(np.float32)
-  batch = ts.RolloutBatch(tokens, mask, cmask, old, adv, truncated=lens == T)
+  batch = RolloutBatch(tokens, mask, cmask, old, adv, truncated=lens == T)
   if logp_fn is not None:  # sampler-like old logprobs: the policy's, plus noise
     old = np.asarray(logp_fn(batch)) + noise * rng.normal(size=(n, T)).astype(np.float32)
     batch = dataclasses.replace(batch, old_logp=np.where(cmask, old, 0.0).astype(np.float32))
@@ -63,14 +76,14 @@ def reference():
   batch = rollout(np.random.default_rng(0),
                   lambda b: tr.logprobs(params, tr.put_batch(b)), noise=0.3)
   state = tr.init_state(jax.tree.map(jnp.copy, params))
-  new, metrics = tr.rl_step(state, tr.put_batch(batch), tr.make_ref(ref))
+  new, metrics = guarded_rl_step(tr, state, tr.put_batch(batch), tr.make_ref(ref))
   return dict(trainer=tr, params=host(params), ref=host(ref), batch=batch, new=host(new),
               metrics=host(metrics))
 
 
 def test_state_is_initialised_sharded_and_owns_its_params():
   mesh = sharding.make_mesh((1, 4, 2))
-  tr = ts.make_trainer(CFG, OPT, mesh, GRPO)
+  tr = ts.Trainer(CFG, OPT, mesh, GRPO)
   state = tr.init_state_random(jax.random.key(0))
   q = state.params["layers"]["q"]
   assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
@@ -103,9 +116,9 @@ def test_metrics_are_per_update_and_informative(reference):
 
 @pytest.mark.parametrize("shape", MESHES)
 def test_sharded_step_matches_single_device(reference, shape):
-  tr = ts.make_trainer(CFG, OPT, sharding.make_mesh(shape), GRPO)
+  tr = ts.Trainer(CFG, OPT, sharding.make_mesh(shape), GRPO)
   state = tr.init_state(jax.tree.map(jnp.asarray, reference["params"]))
-  new, metrics = tr.rl_step(state, tr.put_batch(reference["batch"]), tr.make_ref(
+  new, metrics = guarded_rl_step(tr, state, tr.put_batch(reference["batch"]), tr.make_ref(
       jax.device_put(reference["ref"], tr.param_shardings)))
   assert new.params["layers"]["gate"].sharding.mesh.shape == dict(zip(sharding.MESH_AXES, shape))
   diff = max_diff(new.params, reference["new"].params)
@@ -130,7 +143,8 @@ def test_microbatching_is_exact(reference):
   perm[0::2], perm[1::2] = order[:16], order[16:]
   permuted = jax.tree.map(lambda x: x[perm], b)
   state = tr.init_state(jax.tree.map(jnp.asarray, reference["params"]))
-  new, metrics = tr.rl_step(state, tr.put_batch(permuted), tr.make_ref(reference["ref"]))
+  new, metrics = guarded_rl_step(tr, state, tr.put_batch(permuted),
+                                 tr.make_ref(reference["ref"]))
   diff = max_diff(new.params, reference["new"].params)
   print(f"K=1 vs K=2: max |params diff| = {diff:.2e}")
   assert diff <= 1e-5
@@ -144,7 +158,8 @@ def test_first_update_gradient_is_reinforce(reference):
   b = reference["batch"]
   b = dataclasses.replace(b, old_logp=np.asarray(tr.logprobs(params, tr.put_batch(b))))
   state = tr.init_state(jax.tree.map(jnp.asarray, params))
-  _, metrics = tr.rl_step(state, tr.put_batch(b), tr.make_ref(jax.tree.map(jnp.asarray, params)))
+  ref = tr.make_ref(jax.tree.map(jnp.asarray, params))
+  _, metrics = guarded_rl_step(tr, state, tr.put_batch(b), ref)
   rows = np.array([r for r in range(N) if (r // 2) % 2 == 0])  # mini-batch 0 (M = 2, K = 2)
   eff = (b.completion_mask & ~b.truncated[:, None])[rows]
   w = eff / eff.sum()  # bnpo
@@ -173,7 +188,7 @@ def test_recomputed_old_logprobs_ignore_the_samplers(reference):
   tr = single_device_trainer(grpo)
   b = dataclasses.replace(reference["batch"], old_logp=np.full((N, T), -50.0, np.float32))
   state = tr.init_state(jax.tree.map(jnp.asarray, reference["params"]))
-  _, metrics = tr.rl_step(state, tr.put_batch(b))
+  _, metrics = guarded_rl_step(tr, state, tr.put_batch(b))
   assert abs(metrics["ratio_mean"][0] - 1) < 1e-5 and metrics["ratio_max"][0] < 1 + 1e-5
   assert abs(metrics["ratio_mean"][1] - 1) > 1e-4  # pass 2 sees the first update
 
@@ -183,7 +198,7 @@ def test_non_finite_update_is_skipped_and_counted(reference):
   before = reference["new"]
   state = jax.device_put(before, tr.state_shardings)
   bad = dataclasses.replace(b, advantages=np.full_like(b.advantages, np.nan))
-  after, metrics = tr.rl_step(state, tr.put_batch(bad), tr.make_ref(reference["ref"]))
+  after, metrics = guarded_rl_step(tr, state, tr.put_batch(bad), tr.make_ref(reference["ref"]))
   assert metrics["skipped"].tolist() == [1, 1, 1, 1]
   assert max_diff(after, before) == 0 and int(after.step) == int(before.step)
   # One poisoned row only spoils the updates of its mini-batch (row r → (r // 2) mod 2).
@@ -191,8 +206,8 @@ def test_non_finite_update_is_skipped_and_counted(reference):
   row = next(r for r in range(N) if (r // 2) % 2 == 0 and eff[r].any())
   adv = b.advantages.copy()
   adv[row] = np.inf
-  after, metrics = tr.rl_step(after, tr.put_batch(dataclasses.replace(b, advantages=adv)),
-                              tr.make_ref(reference["ref"]))
+  after, metrics = guarded_rl_step(tr, after, tr.put_batch(dataclasses.replace(b, advantages=adv)),
+                                   tr.make_ref(reference["ref"]))
   assert metrics["skipped"].tolist() == [1, 0, 1, 0]
   assert int(after.step) == int(before.step) + 2
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(host(after)))
@@ -202,11 +217,11 @@ def test_reference_survives_donation_and_resets(reference):
   tr, b = reference["trainer"], reference["batch"]
   state = tr.init_state(jax.tree.map(jnp.asarray, reference["params"]))
   ref = tr.make_ref(state.params)
-  s1, m1 = tr.rl_step(jax.tree.map(jnp.copy, state), tr.put_batch(b), ref)
+  s1, m1 = guarded_rl_step(tr, jax.tree.map(jnp.copy, state), tr.put_batch(b), ref)
   assert not ref["embed"].is_deleted()  # a copy, not the donated policy buffers
   # Precomputed reference logprobs (the loop overlaps them with rewards): the same step.
   b2 = dataclasses.replace(b, ref_logp=np.asarray(tr.logprobs(ref, tr.put_batch(b))))
-  s2, m2 = tr.rl_step(state, tr.put_batch(b2), None)
+  s2, m2 = guarded_rl_step(tr, state, tr.put_batch(b2), None)
   assert max_diff(s1.params, s2.params) <= 1e-6
   np.testing.assert_allclose(m1["kl"], m2["kl"], rtol=1e-5)
   # A bf16 reference, replaced by the policy every 2 RL iterations.
@@ -236,11 +251,11 @@ def test_bad_batches_fail_clearly(reference):
 
 
 def test_lr_schedule():
-  cos = ts.lr_schedule(OptConfig(lr=1.0, schedule="cosine", warmup_steps=4, total_steps=14,
+  cos = lr_schedule(OptConfig(lr=1.0, schedule="cosine", warmup_steps=4, total_steps=14,
                                  final_lr_ratio=0.1))
   got = [float(cos(k)) for k in (0, 3, 4, 9, 14, 100)]
   np.testing.assert_allclose(got, [0.25, 1.0, 1.0, 0.55, 0.1, 0.1], rtol=1e-6)
-  assert float(ts.lr_schedule(OptConfig(lr=2.0))(7)) == 2.0
+  assert float(lr_schedule(OptConfig(lr=2.0))(7)) == 2.0
   with pytest.raises(ValueError, match="total_steps"):
     OptConfig(schedule="cosine", warmup_steps=5, total_steps=5)
 
@@ -279,7 +294,7 @@ def bandit():
   grpo = GRPOConfig(group_size=G, beta=0.0, minibatches=2, microbatches=1, eps_low=0.2,
                     eps_high=0.28, logits_chunk=2)
   mesh = sharding.make_mesh((2, 2, 2))
-  tr = ts.make_trainer(BANDIT, OptConfig(lr=3e-3), mesh, grpo)
+  tr = ts.Trainer(BANDIT, OptConfig(lr=3e-3), mesh, grpo)
   return tr, make_sampler(BANDIT)
 
 
@@ -295,13 +310,13 @@ def train_bandit(tr, sample, steps, flip_sign=False, drop_first=False):
                                                  jax.random.key(step))
     reward = (np.asarray(tokens)[:, BS] == TARGET).astype(np.float32)
     curve.append(float(reward.mean()))
-    adv = np.asarray(losses.group_advantages(reward, G)) * (-1 if flip_sign else 1)
+    adv = np.asarray(advantages.group_advantages(reward, G)) * (-1 if flip_sign else 1)
     cmask = np.asarray(cmask)
     if drop_first:  # a deliberately wrong mask: the rewarded token is excluded
       cmask = cmask & (np.arange(BT) > 0)
-    batch = ts.RolloutBatch(np.asarray(tokens), np.asarray(mask), cmask, np.asarray(old), adv,
+    batch = RolloutBatch(np.asarray(tokens), np.asarray(mask), cmask, np.asarray(old), adv,
                             truncated=np.asarray(truncated))
-    state, _ = tr.rl_step(state, tr.put_batch(batch))
+    state, _ = guarded_rl_step(tr, state, tr.put_batch(batch))
   return curve
 
 
@@ -329,12 +344,12 @@ def test_sft_step_sharded_matches_and_memorises():
   mask[:, -3:] = np.arange(3)[None] < rng.integers(0, 4, 16)[:, None]  # right padding
   loss_mask = mask.copy()
   loss_mask[:, :4] = False  # the "prompt" is context only
-  batch = ts.SFTBatch(tokens, mask, loss_mask)
+  batch = SFTBatch(tokens, mask, loss_mask)
   params = model.init_params(CFG, jax.random.key(0))
   want_loss = float(losses.sft_loss(params, CFG, tokens, mask, loss_mask)[0])
   results = []
   for mesh in (sharding.make_mesh((1, 1, 1), jax.devices()[:1]), sharding.make_mesh((1, 4, 2))):
-    tr = ts.make_trainer(CFG, OptConfig(lr=1e-2), mesh, sft_microbatches=2)
+    tr = ts.Trainer(CFG, OptConfig(lr=1e-2), mesh, sft_microbatches=2)
     state = tr.init_state(jax.tree.map(jnp.copy, params))
     state, metrics = tr.sft_step(state, tr.put_batch(batch))
     assert abs(float(metrics["loss"]) - want_loss) <= 1e-6 * want_loss
@@ -345,3 +360,21 @@ def test_sft_step_sharded_matches_and_memorises():
     state, metrics = tr.sft_step(state, device_batch)
   print(f"SFT memorisation: loss {want_loss:.3f} -> {float(metrics['loss']):.3f}")
   assert float(metrics["loss"]) < 0.5 * want_loss
+
+
+def test_rollout_logprobs_equal_those_of_the_placed_batch(reference):
+  """The RL loop's reference forward on the sampler's device arrays = on the host-built batch."""
+  tr, b, g = reference["trainer"], reference["batch"], GRPO.group_size
+  prompt_BxS, pmask_BxS = b.tokens[::g, :S], b.mask[::g, :S]
+  rollout = Rollout(jnp.asarray(b.tokens[:, S:]), jnp.asarray(b.completion_mask),
+                    jnp.asarray(b.old_logp), jnp.zeros(N, jnp.int32), jnp.asarray(prompt_BxS),
+                    jnp.asarray(pmask_BxS), jnp.asarray(T))
+  same_prompts = RolloutBatch(
+      np.concatenate([np.repeat(prompt_BxS, g, 0), b.tokens[:, S:]], 1),
+      np.concatenate([np.repeat(pmask_BxS, g, 0), b.mask[:, S:]], 1),
+      b.completion_mask, b.old_logp, b.advantages)
+  ref = tr.make_ref(reference["ref"])
+  got = np.asarray(tr.rollout_logprobs(ref, rollout, g))
+  want = np.asarray(tr.logprobs(ref, tr.put_batch(same_prompts)))
+  assert got.shape == (N, T)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)

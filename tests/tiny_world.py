@@ -4,10 +4,11 @@ from pathlib import Path
 
 import ml_collections
 
-from r1jax import synthetic
-from r1jax.config import model_group
-from r1jax.stage_configs import eval_group, rl_config, sft_config
-from r1jax.tokenizer import train_sentencepiece
+from r1jax.core.config import eval_group, model_group
+from r1jax.core.tokenizer import train_sentencepiece
+from r1jax.data import synthetic
+from r1jax.stages.rl import rl_config
+from r1jax.stages.sft import sft_config
 
 MODEL = dict(vocab_size=384, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, mlp_dim=64,
              max_position=256)

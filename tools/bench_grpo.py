@@ -58,9 +58,12 @@ def main(argv):
     make_random(_HF_DIR.value, _MAKE.value)
   import jax
   import numpy as np
-  from r1jax import hf, losses, rl, sampler, sharding
-  from r1jax.config import GRPOConfig, OptConfig
-  from r1jax.train_step import Trainer
+  from r1jax.core import hf, sharding
+  from r1jax.core.config import GRPOConfig, OptConfig
+  from r1jax.generation import sampler
+  from r1jax.generation.engine import Samples
+  from r1jax.train import advantages, batches
+  from r1jax.train.trainer import Trainer
 
   mesh = sharding.make_mesh((-1, 1, 1))
   cfg, params = hf.load_pretrained(_HF_DIR.value, mesh=mesh, compute_dtype=_DTYPE.value)
@@ -80,10 +83,12 @@ def main(argv):
     rollout = jax.block_until_ready(
         smp.generate(state.params, prompts, sp, jax.random.key(it), group=g))
     t1 = time.perf_counter()
-    tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
-    adv = losses.group_advantages(even_share(tokens, mask), g)
+    host = jax.device_get(rollout)
+    samples = Samples(host.prompt_tokens, host.prompt_mask, host.tokens, host.mask,
+                      host.logprobs, host.stop_reason, (), g)
+    adv = advantages.group_advantages(even_share(host.tokens, host.mask), g)
     t2 = time.perf_counter()
-    batch = trainer.put_batch(rl.to_batch(rollout, adv, g))
+    batch = trainer.put_batch(batches.rollout_batch(samples, adv))
     state, metrics = trainer.rl_step(state, batch, ref)
     jax.block_until_ready((state, metrics))
     if it >= 2:  # timed iterations only

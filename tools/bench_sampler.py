@@ -41,7 +41,9 @@ flags.mark_flag_as_required("hf_dir")
 def r1jax_engine(batch):
   """(call, compile_s, num_params): call(i) samples the batch once and returns its tokens."""
   import jax
-  from r1jax import hf, sampler, sharding
+  from r1jax.core import hf
+  from r1jax.generation import sampler
+  from r1jax.core import sharding
   n = jax.device_count()
   mesh = sharding.make_mesh((n, 1, 1)) if n > 1 else None  # rows over the CPU cores
   cfg, params = hf.load_pretrained(_HF_DIR.value, mesh=mesh, param_dtype=_DTYPE.value,

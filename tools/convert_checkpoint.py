@@ -12,7 +12,9 @@ import json
 
 from absl import app, flags
 
-from r1jax import checkpoint, hf, sharding
+from r1jax.core import checkpoint
+from r1jax.core import hf
+from r1jax.core import sharding
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Source HF folder (config.json + safetensors).")
 _CKPT = flags.DEFINE_string("ckpt", None, "Source r1jax params checkpoint folder.")

@@ -3,7 +3,7 @@
   python tools/plot_metrics.py --metrics=WORKDIR/metrics.jsonl --out=WORKDIR/plots
   python tools/plot_metrics.py --metrics=... --out=... --keys='kl,eval/*/pass@1'
 
-Groups follow the key conventions in r1jax/metrics.py: reward components, accuracy (train and
+Groups follow the key conventions in r1jax/core/metrics.py: reward components, accuracy (train and
 eval pass@1 / cons@k), response length, reflective words, KL / clip / entropy, time. `--keys`
 (comma-separated, shell-style wildcards) draws just those keys into keys.png.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 
 from absl import app, flags
 
-from r1jax.metrics import read_metrics
-from r1jax.plots import plot
+from r1jax.core.metrics import read_metrics
+from r1jax.core.plots import plot
 
 _METRICS = flags.DEFINE_string("metrics", None, "A metrics.jsonl written by MetricsWriter.")
 _OUT = flags.DEFINE_string("out", None, "Folder for the PNG files (created).")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from r1jax.tokenizer import REASONING_TOKENS, load_tokenizer, train_sentencepiece
+from r1jax.core.tokenizer import REASONING_TOKENS, load_tokenizer, train_sentencepiece
 
 _INPUT = flags.DEFINE_multi_string("input", None, "Text files (one sample a line) or .jsonl.")
 _FIELDS = flags.DEFINE_list("fields", ["text"], "jsonl fields whose strings are used.")

@@ -3,6 +3,7 @@
 math.py (answer extraction + math-verify), format.py (R1-Zero template), language.py
 (language consistency), code.py (test cases) on sandbox.py + jail.py (the sandbox; attacks.py
 checks it), length.py (overlong / cosine shaping), registry.py (named rewards, the hook for
-reward models), compose.py (the config's reward spec -> per-sample rewards), pool.py (worker
-processes with hard timeouts, overlapped with device work).
+reward models), reward_model.py (Bradley–Terry reward models: scoring, save/load, the registry
+hook; trained by stages/reward_model.py), compose.py (the config's reward spec -> per-sample
+rewards), pool.py (worker processes with hard timeouts, overlapped with device work).
 """

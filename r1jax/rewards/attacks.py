@@ -150,11 +150,8 @@ def _survivors(token: str) -> list[int]:
   return found
 
 
-def run_suite(mode: str = "auto", limits: sandbox.Limits = SMALL) -> dict[str, dict]:
-  """Runs every attack; returns {name: {contained, required, status, wall_s, detail}}."""
-  mode = sandbox.resolve_mode(mode)
-  token = "r1jax-check-" + secrets.token_hex(6)
-  secret = secrets.token_hex(16)
+def _scratch_with_victim() -> tuple[str, str, str]:
+  """(scratch dir, world-writable victim dir, victim file): what write attacks aim at."""
   scratch = tempfile.mkdtemp(prefix="r1jax-check-")
   victim_dir = os.path.join(scratch, "victim")
   os.mkdir(victim_dir)
@@ -164,6 +161,15 @@ def run_suite(mode: str = "auto", limits: sandbox.Limits = SMALL) -> dict[str, d
   with open(victim, "w") as f:
     f.write("precious")
   os.chmod(victim, 0o666)
+  return scratch, victim_dir, victim
+
+
+def run_suite(mode: str = "auto", limits: sandbox.Limits = SMALL) -> dict[str, dict]:
+  """Runs every attack; returns {name: {contained, required, status, wall_s, detail}}."""
+  mode = sandbox.resolve_mode(mode)
+  token = "r1jax-check-" + secrets.token_hex(6)
+  secret = secrets.token_hex(16)
+  scratch, victim_dir, victim = _scratch_with_victim()
   outside = os.path.join(tempfile.gettempdir(), token)
   listener = socket.create_server(("127.0.0.1", 0))
   listener.settimeout(0.2)

@@ -136,17 +136,17 @@ def parse_spec(spec: Any) -> tuple[dict[str, Any], list[Component]]:
 
 @dataclasses.dataclass(frozen=True)
 class RewardBatch:
-  """Rewards of one batch of B samples."""
+  """Rewards of one batch of N samples (N = B·G in RL)."""
 
-  total_B: np.ndarray  # float32 [B]: weighted sum of the components that apply
-  components: dict[str, np.ndarray]  # key -> float32 [B] unweighted; NaN where not applicable
-  failed: dict[str, np.ndarray]  # key -> bool [B]: raised / timed out / crashed -> fallback
+  total_N: np.ndarray  # float32 [N]: weighted sum of the components that apply
+  components: dict[str, np.ndarray]  # key -> float32 [N] unweighted; NaN where not applicable
+  failed: dict[str, np.ndarray]  # key -> bool [N]: raised / timed out / crashed -> fallback
   seconds: float  # wall time from submit to result
   pool_cpu_s: float  # CPU time the pool workers spent on this batch
 
   def metrics(self) -> dict[str, float]:
     """Scalars for logging: mean of each component where it applies, failure counts, total."""
-    out = {"reward/total": float(np.mean(self.total_B)) if self.total_B.size else 0.0,
+    out = {"reward/total": float(np.mean(self.total_N)) if self.total_N.size else 0.0,
            "reward/seconds": self.seconds, "reward/pool_cpu_s": self.pool_cpu_s}
     for key, values in self.components.items():
       applies = ~np.isnan(values)
@@ -285,3 +285,14 @@ class RewardScorer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def reward_inputs(problems: Sequence[Mapping[str, Any]], texts: Sequence[str],
+                  lengths_N: Sequence[int], group: int) -> list[dict[str, Any]]:
+  """Scorer samples for N = B·G completions: problem i // G's fields + completion + length."""
+  out = []
+  for i, text in enumerate(texts):
+    p = problems[i // group]
+    out.append({**p.get("meta", {}), **{k: v for k, v in p.items() if k != "meta"},
+                "completion": text, "num_tokens": int(lengths_N[i])})
+  return out

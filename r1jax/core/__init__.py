@@ -1,0 +1,1 @@
+"""Shared core: config, model, HF io, tokenizer, sharding, weights, checkpoints, metrics."""

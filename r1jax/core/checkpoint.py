@@ -1,0 +1,187 @@
+"""Orbax checkpoints of r1jax params, with the ModelConfig stored beside them.
+
+A params checkpoint is a folder holding `model.json` (the ModelConfig) and
+`params/` (an orbax PyTree checkpoint). It is restored straight into the
+target sharding. Every stored shape is checked against the config first, so a
+mismatched checkpoint fails with the names of the bad params.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from r1jax.core import model as model_lib
+from r1jax.core import sharding as sharding_lib
+from r1jax.core.config import model_config
+
+log = logging.getLogger(__name__)
+
+
+def save_params(path: str | Path, params: Any, cfg, kind: str | None = None) -> Path:
+  """Writes `path/model.json` (+ `kind`, e.g. reward_model) and `path/params/`, blocking."""
+  path = Path(path).absolute()
+  path.mkdir(parents=True, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path / "params", params, force=True)
+    ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    meta = {**cfg.to_dict(), **({"kind": kind} if kind else {})}
+    (path / "model.json").write_text(json.dumps(meta, indent=2))
+  return path
+
+
+def abstract_params(cfg, mesh: Mesh | None) -> Any:
+  """ShapeDtypeStructs of the params, each carrying its target sharding."""
+  abstract = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+  if mesh is None:
+    single = SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: single, abstract)
+  else:
+    shardings = sharding_lib.tree_shardings(model_lib.param_axes(cfg), abstract, mesh)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def load_params(path: str | Path, mesh: Mesh | None = None, **overrides):
+  """(ModelConfig, params) from a `save_params` folder, restored into `mesh`'s sharding."""
+  path = Path(path).absolute()
+  if not (path / "model.json").exists() or not (path / "params").exists():
+    raise FileNotFoundError(f"{path} is not an r1jax params checkpoint "
+                            "(expected model.json and params/)")
+  meta = json.loads((path / "model.json").read_text())
+  if meta.get("kind"):
+    raise ValueError(f"{path} holds a {meta['kind']} checkpoint, not policy params")
+  cfg = model_config(meta).replace(**overrides)
+  target = abstract_params(cfg, mesh)
+  with ocp.StandardCheckpointer() as ckptr:
+    stored = ckptr.metadata(path / "params")
+    stored = getattr(stored, "item_metadata", stored)
+    _check_shapes(stored, target)
+    return cfg, ckptr.restore(path / "params", target)
+
+
+def _check_shapes(stored: Any, target: Any) -> None:
+  got = {k: tuple(v.shape) for k, v in model_lib.flatten(_as_dict(stored)).items()}
+  want = {k: tuple(v.shape) for k, v in model_lib.flatten(target).items()}
+  problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
+  problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
+  problems += [f"{k}: stored {got[k]}, config implies {want[k]}"
+               for k in sorted(set(got) & set(want)) if got[k] != want[k]]
+  if problems:
+    raise ValueError("checkpoint does not match model.json: " + "; ".join(problems[:10]))
+
+
+def _as_dict(tree: Any) -> Any:
+  if hasattr(tree, "items"):
+    return {k: _as_dict(v) for k, v in tree.items()}
+  return tree
+
+
+# ------------------------------------------------------------------ train checkpoints
+
+
+def has_checkpoint(directory: str | Path) -> bool:
+  """Whether a CheckpointManager directory holds a committed step (temp dirs do not count)."""
+  directory = Path(directory)
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def abstract_like(abstract: Any, shardings: Any, dtype: Any = None) -> Any:
+  """ShapeDtypeStructs of `abstract` carrying `shardings` (and `dtype` for float leaves)."""
+  def one(a, s):
+    dt = dtype if dtype is not None and jnp.issubdtype(a.dtype, jnp.floating) \
+        else a.dtype
+    return jax.ShapeDtypeStruct(a.shape, dt, sharding=s)
+  return jax.tree.map(one, abstract, shardings)
+
+
+class Preemption:
+  """Turns SIGTERM (TPU VM preemption, `kill`) into a flag the loop polls between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self) -> "Preemption":
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _all_finite(tree: Any) -> bool:
+  leaves = [x for x in jax.tree.leaves(tree)
+            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
+  return bool(all(jnp.all(jnp.isfinite(x)) for x in leaves))
+
+
+class TrainCheckpointer:
+  """Orbax CheckpointManager for a loop: a state pytree plus JSON extras (data iterator).
+
+  Saves are asynchronous and keep the newest `keep` (and, with `best_metric`,
+  the best) steps. A state holding NaN/inf is never written: the save is
+  refused and logged, so a resume always starts from finite weights.
+  """
+
+  def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True,
+               best_metric: str | None = None, best_mode: str = "max"):
+    self.directory = Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=async_save,
+        best_fn=(lambda m: m[best_metric]) if best_metric else None,
+        best_mode=best_mode, keep_checkpoints_without_metrics=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.best_metric = best_metric
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, extra: dict, metrics: dict | None = None,
+           force: bool = False) -> bool:
+    """Starts saving `step` (returns False, writing nothing, if `state` is not finite)."""
+    if not _all_finite(state):
+      log.error(
+          "step %d: state holds NaN/inf; checkpoint NOT written", step)
+      return False
+    if not self.best_metric or not metrics or self.best_metric not in metrics:
+      metrics = None
+    return self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)),
+        metrics=metrics, force=force)
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict] | None:
+    """(step, state, extra) of `step` (default: latest), laid out like `abstract_state`."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return None
+    target = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+        abstract_state)
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
+    except ValueError as e:
+      raise ValueError(f"checkpoint {self.directory}/{step} does not match this run's "
+                       f"model/optimizer shapes: {e}") from None
+    return step, out["state"], out["extra"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,365 @@
+"""Typed views of the experiment ConfigDict, plus model-shape presets.
+
+Experiments are Python files whose `get_config(arg)` returns a locked
+`ml_collections.ConfigDict`; the library reads it through the small frozen
+dataclasses here so that a typo or an inconsistent shape fails at start-up,
+not deep inside a jitted function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "save_dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama-3.1 frequency-dependent rope scaling ("llama3" rope type)."""
+
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_position: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of a Qwen2 / Llama-3 style decoder."""
+
+  vocab_size: int
+  hidden: int  # D
+  layers: int  # L
+  heads: int  # H
+  kv_heads: int  # K
+  head_dim: int
+  mlp_dim: int  # SwiGLU inner width
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  rms_eps: float = 1e-6
+  qkv_bias: bool = False  # Qwen2: True
+  out_bias: bool = False  # Llama attention_bias=True also biases o_proj
+  tie_embeddings: bool = False
+  max_position: int = 32768
+  param_dtype: str = "float32"
+  compute_dtype: str = "float32"
+  remat: str = "none"  # one of REMAT_POLICIES
+  arch: str = "qwen2"  # "qwen2" or "llama": only used for HF export
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden", "layers", "heads", "kv_heads",
+                 "head_dim", "mlp_dim"):
+      if int(getattr(self, name)) <= 0:
+        raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+    if self.heads % self.kv_heads:
+      raise ValueError(
+          f"model.heads={self.heads} must be a multiple of "
+          f"model.kv_heads={self.kv_heads} (grouped-query attention)")
+    if self.head_dim % 2:
+      raise ValueError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
+    for name in ("param_dtype", "compute_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f"model.{name}={getattr(self, name)!r} not in {DTYPES}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat={self.remat!r} not in {REMAT_POLICIES}")
+    if self.arch not in ("qwen2", "llama"):
+      raise ValueError(f"model.arch={self.arch!r} must be 'qwen2' or 'llama'")
+
+  @property
+  def num_params(self) -> int:
+    """Parameter count, embeddings included."""
+    d, f, hd = self.hidden, self.mlp_dim, self.head_dim
+    attn = d * hd * (2 * self.heads + 2 * self.kv_heads)
+    if self.qkv_bias:
+      attn += hd * (self.heads + 2 * self.kv_heads)
+    if self.out_bias:
+      attn += d
+    per_layer = attn + 3 * d * f + 2 * d
+    head = 0 if self.tie_embeddings else d * self.vocab_size
+    return self.vocab_size * d + self.layers * per_layer + d + head
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-ready fields (stored beside checkpoints)."""
+    return dataclasses.asdict(self)
+
+
+def model_config(cd: ml_collections.ConfigDict) -> ModelConfig:
+  """Builds a ModelConfig from the `model` group of an experiment config."""
+  fields = cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else dict(cd)
+  fields.pop("preset", None)
+  fields.pop("hf_dir", None)
+  fields.pop("init_from", None)
+  scaling = fields.pop("rope_scaling", None)
+  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = set(fields) - known
+  if unknown:
+    raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+  # rope_scaling.factor == 0 is the config placeholder for "no scaling".
+  scaling = RopeScaling(**scaling) if scaling and scaling.get("factor") else None
+  return ModelConfig(rope_scaling=scaling, **fields)
+
+
+# Public model shapes (from the released config.json files), for real-size
+# recipes and param-count checks. hf_dir in a recipe overrides them on load.
+PRESETS: dict[str, dict[str, Any]] = {
+    "qwen2.5-0.5b": dict(vocab_size=151936, hidden=896, layers=24, heads=14,
+                         kv_heads=2, head_dim=64, mlp_dim=4864,
+                         rope_theta=1e6, qkv_bias=True, tie_embeddings=True,
+                         max_position=32768, arch="qwen2"),
+    "qwen2.5-1.5b": dict(vocab_size=151936, hidden=1536, layers=28, heads=12,
+                         kv_heads=2, head_dim=128, mlp_dim=8960,
+                         rope_theta=1e6, qkv_bias=True, tie_embeddings=True,
+                         max_position=131072, arch="qwen2"),
+    "qwen2.5-7b": dict(vocab_size=152064, hidden=3584, layers=28, heads=28,
+                       kv_heads=4, head_dim=128, mlp_dim=18944,
+                       rope_theta=1e6, qkv_bias=True, tie_embeddings=False,
+                       max_position=131072, arch="qwen2"),
+    "llama3.1-8b": dict(vocab_size=128256, hidden=4096, layers=32, heads=32,
+                        kv_heads=8, head_dim=128, mlp_dim=14336,
+                        rope_theta=500000.0, rms_eps=1e-5, qkv_bias=False,
+                        rope_scaling=dict(factor=8.0, low_freq_factor=1.0,
+                                          high_freq_factor=4.0,
+                                          original_max_position=8192),
+                        tie_embeddings=False, max_position=131072, arch="llama"),
+}
+
+
+def model_group(preset: str | None = None, **overrides) -> ml_collections.ConfigDict:
+  """The `model` config group: a preset's shape (or the 3.5M tiny default) plus overrides."""
+  m = ml_collections.ConfigDict()
+  m.preset = preset or ""  # name in PRESETS the shape came from ('' = custom)
+  m.hf_dir = ""  # local HF folder to load weights (and shape) from; '' = random init
+  m.init_from = ""  # r1jax params checkpoint (model.json + params/) to start from; wins over hf_dir
+  m.vocab_size = 1024  # V: token ids the embedding holds
+  m.hidden = 256  # D: residual width
+  m.layers = 4  # L: decoder blocks
+  m.heads = 4  # H: query heads
+  m.kv_heads = 2  # K: key/value heads (grouped-query attention)
+  m.head_dim = 64  # per-head width (Llama may set it != hidden / heads)
+  m.mlp_dim = 768  # SwiGLU inner width
+  m.rope_theta = 10000.0  # rotary base
+  m.rms_eps = 1e-6  # RMSNorm epsilon
+  m.qkv_bias = True  # q/k/v projection biases (Qwen2 has them)
+  m.out_bias = False  # o-projection bias (Llama attention_bias=True)
+  m.tie_embeddings = True  # lm_head shares the embedding matrix
+  m.max_position = 4096  # longest sequence the rope / cache are sized for
+  m.param_dtype = "float32"  # storage dtype of params (bfloat16 on accelerators)
+  m.compute_dtype = "float32"  # activation dtype (bfloat16 on accelerators)
+  m.remat = "none"  # activation checkpointing: none | full | save_dots
+  m.arch = "qwen2"  # HF family for export: qwen2 | llama
+  # Llama-3.1 rope scaling; factor == 0 means none (kept so CLI overrides work).
+  m.rope_scaling = ml_collections.ConfigDict(dict(
+      factor=0.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192))
+  values: dict[str, Any] = {}
+  if preset is not None:
+    if preset not in PRESETS:
+      raise ValueError(f"unknown model preset {preset!r}; known: {sorted(PRESETS)}")
+    values.update(PRESETS[preset])
+  values.update(overrides)
+  for key, value in values.items():
+    if key not in m:
+      raise ValueError(f"unknown model field {key!r}")
+    if key == "rope_scaling":
+      m.rope_scaling.update(value or {"factor": 0.0})
+    else:
+      m[key] = value
+  return m
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses big_vision-style `key=value,flag` config args against typed defaults."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, eq, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config arg {key!r}; known: {sorted(defaults)}")
+    default = defaults[key]
+    if not eq:  # a bare name sets a bool flag
+      if not isinstance(default, bool):
+        raise ValueError(f"config arg {key!r} needs a value")
+      out[key] = True
+    elif isinstance(default, bool):
+      out[key] = value.lower() in ("1", "true", "yes")
+    else:
+      out[key] = type(default)(value)
+  return out
+
+
+# --- GRPO and optimiser groups -------------------------------------------------
+
+LOSS_MODES = ("grpo", "bnpo", "dr_grpo")
+ADV_SCALES = ("group", "batch", "none")
+REWARD_NORMS = ("sum", "per_component")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+  """The GRPO objective and how one rollout batch is split into updates.
+
+  The one source of the `grpo` group's defaults: `grpo_group()` is built from these fields
+  (TRL-like defaults; R1-Zero's values in the comments).
+  """
+
+  group_size: int = 16  # G: completions per prompt (R1-Zero: 16)
+  temperature: float = 1.0  # rollout temperature; logprobs use the same scaling (R1-Zero: 1.0)
+  loss_mode: str = "grpo"  # grpo (mean of seq means) | bnpo (token mean, DAPO) | dr_grpo (/ N*T)
+  adv_scale: str = "group"  # advantage std division: group | batch (whole rollout) | none
+  adv_eps: float = 1e-4  # added to the std in the advantage denominator (TRL: 1e-4)
+  adv_ddof: int = 1  # std's delta degrees of freedom (TRL: 1, Bessel)
+  reward_norm: str = "sum"  # reward components: sum then normalise | per_component (then sum)
+  eps_low: float = 0.2  # ratio clipped below at 1 - eps_low (R1-Zero: 10, i.e. hardly clipped)
+  eps_high: float = 0.2  # ratio clipped above at 1 + eps_high; > eps_low: clip-higher
+  dual_clip: float = 0.0  # dual-clip constant c > 1 bounding the loss for A < 0; 0 = off
+  beta: float = 0.001  # k3 KL-to-reference coefficient; 0 skips the reference (R1-Zero: 0.001)
+  mu: int = 1  # optimisation passes over each rollout batch (R1-Zero: 1)
+  minibatches: int = 1  # M: optimizer updates per pass (R1-Zero: 16)
+  microbatches: int = 1  # A: gradient-accumulation steps per update (memory only)
+  mask_truncated: bool = False  # drop completions that hit the length limit from the loss
+  recompute_old_logp: bool = False  # old logprobs from the pre-update policy, not the sampler
+  ref_reset_every: int = 0  # RL iterations between reference := policy; 0 = never (R1-Zero: 400)
+  ref_dtype: str = "float32"  # storage dtype of the frozen reference (bfloat16 halves it)
+  logits_chunk: int = 128  # completion positions per unembed chunk: bounds live logits
+
+  def __post_init__(self):
+    for name, allowed in (("loss_mode", LOSS_MODES), ("adv_scale", ADV_SCALES),
+                          ("reward_norm", REWARD_NORMS), ("ref_dtype", DTYPES)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"grpo.{name}={getattr(self, name)!r} not in {allowed}")
+    for name in ("group_size", "mu", "minibatches", "microbatches", "logits_chunk"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"grpo.{name} must be >= 1, got {getattr(self, name)}")
+    if self.temperature <= 0:
+      raise ValueError(f"grpo.temperature must be > 0, got {self.temperature}")
+    # eps_low >= 1 is allowed: no lower clip at all (R1-Zero's eps = 10).
+    if self.eps_low < 0 or self.eps_high < 0:
+      raise ValueError(f"grpo clip range needs eps_low >= 0 and eps_high >= 0, got "
+                       f"eps_low={self.eps_low}, eps_high={self.eps_high}")
+    if self.dual_clip and self.dual_clip <= 1:
+      raise ValueError(f"grpo.dual_clip must be 0 (off) or > 1, got {self.dual_clip}")
+    if self.beta < 0 or self.adv_eps < 0 or self.adv_ddof not in (0, 1):
+      raise ValueError("grpo.beta and grpo.adv_eps must be >= 0 and grpo.adv_ddof 0 or 1")
+    if self.ref_reset_every < 0:
+      raise ValueError(f"grpo.ref_reset_every must be >= 0, got {self.ref_reset_every}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptConfig:
+  """AdamW with linear warmup, a constant or cosine schedule and global-norm clipping.
+
+  The one source of the `opt` group's defaults (`opt_group()` is built from these fields).
+  """
+
+  lr: float = 3e-6  # peak learning rate (R1-Zero: 3e-6)
+  schedule: str = "constant"  # after warmup: constant | cosine (decays to final_lr_ratio * lr)
+  warmup_steps: int = 0  # linear warmup: update k uses lr * (k + 1) / warmup_steps
+  total_steps: int = 0  # cosine only: optimizer updates until the end of the decay
+  final_lr_ratio: float = 0.1  # cosine only: final lr as a fraction of the peak
+  b1: float = 0.9  # Adam first-moment decay
+  b2: float = 0.999  # Adam second-moment decay
+  eps: float = 1e-8  # Adam denominator epsilon
+  weight_decay: float = 0.0  # decoupled weight decay on matrices (norms and biases excluded)
+  grad_clip: float = 1.0  # global gradient-norm clip; 0 = off
+
+  def __post_init__(self):
+    if self.schedule not in LR_SCHEDULES:
+      raise ValueError(f"opt.schedule={self.schedule!r} not in {LR_SCHEDULES}")
+    if self.lr < 0 or self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+      raise ValueError("opt.lr, opt.warmup_steps, opt.grad_clip and opt.weight_decay must be >= 0")
+    if self.schedule == "cosine" and self.total_steps <= self.warmup_steps:
+      raise ValueError(f"opt.schedule='cosine' needs opt.total_steps > opt.warmup_steps, got "
+                       f"{self.total_steps} <= {self.warmup_steps}")
+
+
+def _typed(cls, group: str, cd: Any):
+  fields = cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else dict(cd)
+  unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+  if unknown:
+    raise ValueError(f"unknown {group} config fields: {sorted(unknown)}")
+  return cls(**fields)
+
+
+def grpo_config(cd: ml_collections.ConfigDict) -> GRPOConfig:
+  """Builds a GRPOConfig from the `grpo` group of an experiment config."""
+  return _typed(GRPOConfig, "grpo", cd)
+
+
+def opt_config(cd: ml_collections.ConfigDict) -> OptConfig:
+  """Builds an OptConfig from the `opt` group of an experiment config."""
+  return _typed(OptConfig, "opt", cd)
+
+
+def _group(cls, name: str, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A config group holding the defaults of dataclass `cls` (comments there), then overrides."""
+  g = ml_collections.ConfigDict(dataclasses.asdict(cls()))
+  for key, value in overrides.items():
+    if key not in g:
+      raise ValueError(f"unknown {name} field {key!r}")
+    g[key] = value
+  return g
+
+
+def grpo_group(**overrides) -> ml_collections.ConfigDict:
+  """The `grpo` config group: GRPOConfig's fields and defaults, then overrides."""
+  return _group(GRPOConfig, "grpo", overrides)
+
+
+def opt_group(**overrides) -> ml_collections.ConfigDict:
+  """The `opt` config group: OptConfig's fields and defaults, then overrides."""
+  return _group(OptConfig, "opt", overrides)
+
+
+# --- groups every stage shares -------------------------------------------------
+
+
+def ckpt_group(**overrides) -> ml_collections.ConfigDict:
+  """The `ckpt` config group: cadence, retention and best-metric checkpoints."""
+  c = ml_collections.ConfigDict()
+  c.every = 50  # steps between checkpoints (SIGTERM and the last step always save)
+  c.keep = 2  # newest checkpoints kept
+  c.async_save = True  # orbax writes in the background while training goes on
+  c.best_metric = ""  # also keep the best step by this metric (e.g. eval/held_out/pass@1)
+  c.best_mode = "max"  # max | min for best_metric
+  c.update(overrides)
+  return c
+
+
+def eval_group(**overrides) -> ml_collections.ConfigDict:
+  """The `eval` config group. R1's protocol: k samples per question at T 0.6, top-p 0.95."""
+  e = ml_collections.ConfigDict()
+  e.benchmarks = ""  # comma-separated jsonl paths ('' = none)
+  e.k = 4  # samples per question (pass@1 averages them; cons@k votes)
+  e.temperature = 0.6  # sampling temperature (R1: 0.6)
+  e.top_p = 0.95  # nucleus (R1: 0.95)
+  e.top_k = 0  # 0 = off
+  e.max_new_tokens = 256  # completion budget
+  e.stop = ("</answer>",)  # strings that end a completion (one or more tokens each)
+  e.template = "r1_zero"  # prompt template (r1jax/core/tokenizer.py TEMPLATES)
+  e.batch_size = 32  # prompts per sampler call
+  e.limit = 0  # first N rows of each benchmark (0 = all)
+  e.max_prompt_tokens = 512  # longer prompts are skipped and counted
+  e.every = 0  # RL only: steps between held-out evals (0 = only at the end, if benchmarks)
+  e.update(overrides)
+  return e
+
+
+def stage_group(stage: str, steps: int) -> ml_collections.ConfigDict:
+  """The fields every training stage reads: what runs, seeds, model, mesh, ckpt, logging."""
+  c = ml_collections.ConfigDict()
+  c.stage = stage  # what r1jax.main runs (a name in r1jax.stages.STAGES)
+  c.seed = 0  # PRNG seed for init, data order and sampling
+  c.steps = steps  # optimizer steps (sft, reward_model) / RL iterations (rl)
+  c.tokenizer = ""  # sentencepiece .model file or HF tokenizer folder
+  c.model = model_group()  # init_from / hf_dir pick the weights (r1jax/core/weights.py)
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor); one -1
+  c.ckpt = ckpt_group()
+  c.log_every = 10  # steps between console progress lines (every step goes to the JSONL)
+  c.tensorboard = True  # also write TensorBoard event files
+  return c

@@ -1,0 +1,389 @@
+"""grain input pipelines: RL prompt batches and packed SFT batches, sharded and checkpointable.
+
+RL prompts (`PromptPipeline`): rows are rendered with a template and tokenized once, up front.
+Prompt sets are small (≤ ~1e5 rows), and doing it eagerly means bad rows are counted exactly
+once and every host sees the same clean row count, so all hosts yield the same number of
+batches and stay in lockstep (a host running out first would hang the others' collectives).
+grain then shuffles (reshuffled each epoch), repeats, and deals the global stream round-robin
+to hosts: global batch k is items [k·B·H, (k+1)·B·H) of the shuffled stream, host h takes every
+H-th of them. The iterator state is that global position, the same on every host.
+
+SFT (`SFTPipeline`): rows are tokenized lazily in grain's reader threads (SFT sets are large)
+and packed first-fit into the B rows of a batch from a read-ahead window of documents; one that
+fits nowhere waits in the window for the next batch (the oldest is always placed first, so none
+waits forever). The state is grain's position before the oldest waiting document plus which of
+the records read since then still wait, so a resumed iterator rebuilds the window exactly.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import grain
+import jax
+import numpy as np
+
+from r1jax.core import tokenizer as tok_lib
+from r1jax.data.rows import (BadRow, JsonlSource, RowError, load_rows, log_bad_row,  # noqa: F401
+                            parse_json_line, read_parquet)
+
+log = logging.getLogger(__name__)
+
+
+def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+  """(index, count) of this host; defaults to the JAX process."""
+  if shard_index is None or shard_count is None:
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    shard_count = jax.process_count() if shard_count is None else shard_count
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+  return shard_index, shard_count
+
+
+def _stream(source: Any, seed: int, shuffle: bool, num_epochs: int | None) -> grain.MapDataset:
+  """Source -> shuffled (a new order per epoch) and repeated MapDataset."""
+  ds = grain.MapDataset.source(source)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  return ds.repeat(num_epochs)  # None: forever.
+
+
+# ------------------------------------------------------------------------------ RL prompts
+
+
+def prepare_prompts(rows: Sequence[dict], tokenizer: tok_lib.Tokenizer, template: str = "r1_zero",
+                    max_prompt_tokens: int | None = None, system: str | None = None,
+                    add_bos: bool = True, source: str = "rows",
+                    ) -> tuple[list[dict], list[BadRow]]:
+  """Adds `prompt` (str) and `prompt_ids` (list[int]) to rows; too-long prompts become BadRows."""
+  items, bad = [], []
+  for i, row in enumerate(rows, start=1):
+    prompt = tok_lib.render_prompt(template, row["question"], system)
+    ids = tokenizer.encode(prompt, add_bos=add_bos)
+    if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+      bad.append(BadRow(row.get("meta", {}).get("line", i), "prompt_too_long",
+                        f"{len(ids)} > {max_prompt_tokens} tokens"))
+      log_bad_row(source, bad[-1])
+      continue
+    items.append({**row, "prompt": prompt, "prompt_ids": ids})
+  return items, bad
+
+
+class PromptPipeline:
+  """Batches of B prompt items per host (lists of dicts), deterministic and resumable.
+
+  Item: {"id", "question", "gold", "task", "meta", "prompt", "prompt_ids"}. `skipped` counts the
+  bad rows by reason (file rows and too-long prompts), for metrics.
+  """
+
+  def __init__(self, rows: str | Path | Sequence[dict], tokenizer: tok_lib.Tokenizer,
+               batch_size: int, *, template: str = "r1_zero", system: str | None = None,
+               max_prompt_tokens: int | None = None, add_bos: bool = True, seed: int = 0,
+               shuffle: bool = True, num_epochs: int | None = None,
+               shard_index: int | None = None, shard_count: int | None = None,
+               adapter: str = "auto", bad_rows: Sequence[BadRow] = ()):
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    source = "rows"
+    self.bad_rows = list(bad_rows)
+    if isinstance(rows, (str, Path)):
+      source = str(rows)
+      rows, file_bad = load_rows(rows, adapter)
+      self.bad_rows += file_bad
+    self.items, prompt_bad = prepare_prompts(rows, tokenizer, template, max_prompt_tokens,
+                                             system, add_bos, source)
+    self.bad_rows += prompt_bad
+    self.skipped = collections.Counter(b.reason for b in self.bad_rows)
+    if not self.items:
+      raise ValueError(f"no usable prompt rows in {source} (skipped: {dict(self.skipped)})")
+    self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+    self.num_epochs = num_epochs
+    self.shard_index, self.shard_count = _shard(shard_index, shard_count)
+    # Identifies the data and order a state belongs to; the shard count is left out on purpose
+    # (the state is a global position), so a run may resume on a different number of hosts.
+    digest = hashlib.sha1("\n".join(r["id"] for r in self.items).encode()).hexdigest()[:16]
+    self.fingerprint = {"rows": len(self.items), "ids_sha1": digest, "seed": seed,
+                        "shuffle": shuffle, "num_epochs": num_epochs}
+    self.global_batch = batch_size * self.shard_count
+    ds = _stream(self.items, seed, shuffle, num_epochs)
+    if num_epochs is not None:  # Every host must get the same number of full batches.
+      usable = len(ds) - len(ds) % self.global_batch
+      if usable == 0:
+        raise ValueError(f"{len(ds)} prompts over {num_epochs} epochs is less than one global "
+                         f"batch of {self.global_batch}")
+      ds = ds.slice(slice(0, usable))
+    ds = ds.slice(slice(self.shard_index, None, self.shard_count))
+    self._ds = ds.map(_copy_item).batch(batch_size, drop_remainder=True, batch_fn=list)
+
+  def __len__(self) -> int:
+    """Batches per host (huge when repeating forever)."""
+    return len(self._ds)
+
+  def __iter__(self) -> PromptIterator:
+    return PromptIterator(self)
+
+
+def _copy_item(item: dict) -> dict:
+  """A fresh item per yield, so a consumer's edits never leak into later epochs."""
+  return {**item, "meta": dict(item["meta"]), "prompt_ids": list(item["prompt_ids"])}
+
+
+class PromptIterator:
+  """Yields lists of B items; get_state() / set_state() are JSON-able and host-independent."""
+
+  def __init__(self, pipeline: PromptPipeline):
+    self.pipeline = pipeline
+    # In-memory rows: reader threads would only contend for the GIL.
+    self._it = pipeline._ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)).__iter__()
+
+  def __iter__(self) -> PromptIterator:
+    return self
+
+  def __next__(self) -> list[dict]:
+    return next(self._it)
+
+  @property
+  def skipped(self) -> collections.Counter:
+    return self.pipeline.skipped
+
+  def get_state(self) -> dict:
+    """{'consumed': global items consumed, …fingerprint}: equal on every host."""
+    batches = self._it.get_state()["next_index"]
+    return {"consumed": batches * self.pipeline.global_batch, **self.pipeline.fingerprint}
+
+  def set_state(self, state: dict) -> None:
+    """Resumes at a state from get_state (possibly saved with a different host count)."""
+    p = self.pipeline
+    diff = {k: (state.get(k), v) for k, v in p.fingerprint.items() if state.get(k) != v}
+    if diff:
+      raise ValueError(f"iterator state is for other data or order: {diff} (saved, current)")
+    if state["consumed"] % p.global_batch:
+      raise ValueError(f"{state['consumed']} consumed prompts is not a whole number of global "
+                       f"batches of {p.global_batch}")
+    self._it.set_state({"next_index": state["consumed"] // p.global_batch})
+
+
+# ---------------------------------------------------------------------------------- SFT
+
+
+class SFTPipeline:
+  """Packed next-token batches from jsonl/parquet {"prompt","completion"} or {"text"} rows.
+
+  Each batch is a dict of numpy arrays, all (B, T):
+    tokens int32 (pad_id on padding), mask bool (real token), loss_mask bool (token j is a
+    target: completion tokens + EOS for prompt/completion rows, every token but the first for
+    text rows; never the first token of a document), positions int32 (0, 1, … restarting per
+    document; 0 on padding), segment_ids int32 (1, 2, … per document in its row; 0 = padding).
+  Without segment masking in the model, packed documents attend to earlier ones in their row
+  (no target ever crosses a boundary, but context leaks); with it, packing is exact.
+  Packing is first-fit over a window of `window` documents (default 4·B): larger packs denser
+  but moves documents further from their shuffled order.
+  A document longer than P is truncated to its first P tokens (counted as "truncated"): a
+  split-off tail would be a completion without its prompt. With `template`, the prompt is
+  rendered as a single user turn and the completion as the assistant's reply.
+  """
+
+  def __init__(self, path: str | Path, tokenizer: tok_lib.Tokenizer, batch_size: int,
+               seq_len: int, *, template: str | None = None, system: str | None = None,
+               add_bos: bool = True, add_eos: bool = True, seed: int = 0, shuffle: bool = True,
+               num_epochs: int | None = None, shard_index: int | None = None,
+               shard_count: int | None = None, window: int | None = None,
+               read_threads: int = 4):
+    if batch_size < 1 or seq_len < 2:
+      raise ValueError(f"need batch_size ≥ 1 and seq_len ≥ 2, got {batch_size}, {seq_len}")
+    self.path = Path(path)
+    source: Any
+    if self.path.suffix == ".parquet":
+      if not self.path.is_file():
+        raise FileNotFoundError(f"no data file at {self.path}")
+      source = list(enumerate(read_parquet(self.path), start=1))
+    else:
+      source = JsonlSource(self.path)
+    if len(source) == 0:
+      raise ValueError(f"no rows in {self.path}")
+    self.tokenizer, self.template, self.system = tokenizer, template, system
+    self.add_bos, self.add_eos = add_bos, add_eos
+    self.batch_size, self.seq_len = batch_size, seq_len
+    self.window = window or 4 * batch_size
+    self.shard_index, self.shard_count = _shard(shard_index, shard_count)
+    self.fingerprint = {"rows": len(source), "bytes": self.path.stat().st_size, "seed": seed,
+                        "shuffle": shuffle, "num_epochs": num_epochs,
+                        "shard": [self.shard_index, self.shard_count],
+                        "batch_size": batch_size, "seq_len": seq_len, "window": self.window}
+    ds = _stream(source, seed, shuffle, num_epochs)
+    ds = ds.slice(slice(self.shard_index, None, self.shard_count))
+    self._ds = ds.map(self.encode)
+    self._read_options = grain.ReadOptions(num_threads=read_threads,
+                                   prefetch_buffer_size=max(16, 4 * read_threads))
+
+  def _texts(self, row: dict) -> tuple[str, str, bool]:
+    """(prompt text, target text, is_text_row) of one row; raises RowError."""
+    if "text" in row and "completion" not in row:
+      text = row["text"]
+      if not isinstance(text, str) or not text:
+        raise RowError("empty_field" if text == "" else "bad_type", "'text'")
+      return "", text, True
+    for k in ("prompt", "completion"):
+      if k not in row:
+        raise RowError("missing_field", f"{k!r} (or use a 'text' row)")
+      if not isinstance(row[k], str):
+        raise RowError("bad_type", f"{k!r} is {type(row[k]).__name__}, not str")
+    if not row["completion"]:
+      raise RowError("empty_field", "'completion'")
+    if self.template is None:
+      return row["prompt"], row["completion"], False
+    prompt = tok_lib.render_prompt(self.template, row["prompt"], self.system)
+    turns = ([{"role": "system", "content": self.system}] if self.system else []) + [
+        {"role": "user", "content": row["prompt"]},
+        {"role": "assistant", "content": row["completion"]}]
+    full = tok_lib.render_chat(self.template, turns, add_generation_prompt=False)
+    if not full.startswith(prompt):
+      # The generation prefix is not a prefix of the finished turn (deepseek_r1 opens with
+      # '<think>\n'): train on the whole assistant turn after the user turn instead.
+      prompt = tok_lib.render_chat(self.template, turns[:-1], add_generation_prompt=False)
+    return prompt, full[len(prompt):], False
+
+  def encode(self, record: tuple[int, Any]) -> dict:
+    """(line, raw line or dict) -> {line, ids, targets} or {line, bad, detail}; never raises."""
+    line, raw = record
+    row = parse_json_line(raw) if isinstance(raw, (bytes, str)) else raw
+    try:
+      if isinstance(row, RowError):
+        raise row
+      prompt, target, is_text = self._texts(row)
+    except RowError as e:
+      return {"line": line, "bad": e.reason, "detail": e.detail}
+    tok = self.tokenizer
+    head = tok.encode(prompt, add_bos=self.add_bos)
+    body = tok.encode(target) + ([tok.eos_id] if self.add_eos and tok.eos_id is not None else [])
+    ids = np.asarray(head + body, np.int32)
+    targets = np.zeros(len(ids), bool)
+    targets[len(head):] = True
+    if is_text:
+      targets[1:] = True  # Every token but the first is predicted from the ones before it.
+    targets[:1] = False  # The first token would be predicted from the previous document.
+    truncated = len(ids) > self.seq_len
+    ids, targets = ids[:self.seq_len], targets[:self.seq_len]
+    if not targets.any():
+      return {"line": line, "bad": "no_target",
+              "detail": f"prompt fills all {self.seq_len} tokens"}
+    return {"line": line, "ids": ids, "targets": targets, "truncated": truncated}
+
+  def __iter__(self) -> SFTIterator:
+    return SFTIterator(self)
+
+
+class SFTIterator:
+  """Yields packed batch dicts (see SFTPipeline); get_state() / set_state() are JSON-able.
+
+  The state is per host (each host packs its own shard), so save one per process.
+  """
+
+  def __init__(self, pipeline: SFTPipeline):
+    self.p = pipeline
+    self._it = pipeline._ds.to_iter_dataset(pipeline._read_options).__iter__()
+    # Read-ahead documents not yet placed, oldest first: (record number, grain state just
+    # before it was read, document). Records are numbered in read order, bad ones included.
+    self._window: list[tuple[int, dict, dict]] = []
+    self._next_record = 0
+    self._exhausted = False
+    self._logged: set[tuple[int, str]] = set()
+    self.counts: collections.Counter = collections.Counter()  # Reasons, truncated, documents, …
+
+  def __iter__(self) -> SFTIterator:
+    return self
+
+  def _read(self) -> tuple[int, dict, dict] | None:
+    """The next record as (number, state before it, document), or None at the end."""
+    state = dict(self._it.get_state())
+    try:
+      doc = next(self._it)
+    except StopIteration:
+      self._exhausted = True
+      return None
+    self._next_record += 1
+    return self._next_record - 1, state, doc
+
+  def _refill(self) -> None:
+    """Reads until the window holds `window` good documents; bad ones are counted and logged."""
+    while len(self._window) < self.p.window and not self._exhausted:
+      record = self._read()
+      if record is None:
+        return
+      doc = record[2]
+      if "bad" not in doc:
+        self._window.append(record)
+        continue
+      self.counts[doc["bad"]] += 1
+      if (doc["line"], doc["bad"]) not in self._logged:  # Once per process, not per epoch.
+        self._logged.add((doc["line"], doc["bad"]))
+        log_bad_row(self.p.path, BadRow(doc["line"], doc["bad"], doc["detail"]))
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    b, p = self.p.batch_size, self.p.seq_len
+    out = {"tokens": np.full((b, p), self.p.tokenizer.pad_id, np.int32),
+           "mask": np.zeros((b, p), bool), "loss_mask": np.zeros((b, p), bool),
+           "positions": np.zeros((b, p), np.int32), "segment_ids": np.zeros((b, p), np.int32)}
+    fill, segments = [0] * b, [0] * b
+    placed = True
+    while placed:  # Passes over the window until none of its documents fits any more.
+      self._refill()
+      placed, keep = False, []
+      for record in self._window:
+        doc = record[2]
+        n = len(doc["ids"])
+        r = next((r for r in range(b) if fill[r] + n <= p), None)
+        if r is None:
+          keep.append(record)
+          continue
+        s = slice(fill[r], fill[r] + n)
+        segments[r] += 1
+        out["tokens"][r, s] = doc["ids"]
+        out["mask"][r, s] = True
+        out["loss_mask"][r, s] = doc["targets"]
+        out["positions"][r, s] = np.arange(n)
+        out["segment_ids"][r, s] = segments[r]
+        fill[r] += n
+        placed = True
+        self.counts["documents"] += 1
+        self.counts["truncated"] += int(doc["truncated"])
+      self._window = keep
+    if not any(fill):
+      raise StopIteration
+    self.counts["tokens"] += sum(fill)
+    self.counts["target_tokens"] += int(out["loss_mask"].sum())
+    self.counts["padding"] += b * p - sum(fill)
+    return out
+
+  def get_state(self) -> dict:
+    """grain's position before the oldest unplaced document, which later records are pending."""
+    if self._window:
+      first = self._window[0][0]
+      grain_state = self._window[0][1]
+      read = self._next_record - first
+      pending = [number - first for number, _, _ in self._window]
+    else:
+      grain_state, read, pending = dict(self._it.get_state()), 0, []
+    return {"grain": grain_state, "read": read, "pending": pending, "counts": dict(self.counts),
+            **self.p.fingerprint}
+
+  def set_state(self, state: dict) -> None:
+    """Resumes exactly at a state from get_state on the same host and configuration."""
+    diff = {k: (state.get(k), v) for k, v in self.p.fingerprint.items() if state.get(k) != v}
+    if diff:
+      raise ValueError(f"iterator state is for another configuration: {diff} (saved, current)")
+    self._it.set_state(dict(state["grain"]))
+    self._window, self._next_record, self._exhausted = [], 0, False
+    pending = set(state["pending"])
+    for k in range(state["read"]):  # Re-read the window; records already used are passed over.
+      record = self._read()
+      if record is None:
+        raise ValueError("iterator state points past the end of the data")
+      if k in pending:
+        self._window.append(record)
+    self.counts = collections.Counter(state["counts"])

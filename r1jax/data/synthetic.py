@@ -1,0 +1,231 @@
+"""The miniature R1-Zero's world: multi-step arithmetic problems and a "web" corpus about them.
+
+Nothing is downloaded. A problem is a chain of 2–3 additions / subtractions of numbers 1–9
+whose running value stays in [0, 40], e.g. "Compute 7 + 5 - 9" (gold 3). Problems are split
+by a hash of their expression, so the held-out split never appears in the pretraining corpus
+nor in the RL prompts: held-out pass@1 measures generalisation, not recall.
+
+The pretraining corpus mimics what a base model sees on the web: the same kind of problems
+worked in several house styles (Q/A pages, forum dialogues, GSM8K-style `#### N` solutions,
+LaTeX `\\boxed{}` answers, terse one-liners, and a minority of pages that use
+`<think>…</think> <answer>…</answer>` tags), plus plain English filler. It never contains the
+R1-Zero instruction template. The base therefore has weak but real arithmetic ability and has
+seen the tags, yet does not follow the template: that is what RL has to teach it (R1-Zero §2.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Iterator
+
+from r1jax.core import tokenizer as tok_lib
+
+MIN_OPERAND, MAX_OPERAND = 1, 9
+MAX_VALUE = 40
+HELD_OUT_BUCKETS = 10  # 1 in 10 expressions is held out
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """An arithmetic chain: numbers[0] op[0] numbers[1] op[1] …"""
+
+  numbers: tuple[int, ...]
+  ops: tuple[str, ...]  # "+" or "-", len(numbers) - 1
+
+  @property
+  def expression(self) -> str:
+    parts = [str(self.numbers[0])]
+    for op, n in zip(self.ops, self.numbers[1:]):
+      parts += [op, str(n)]
+    return " ".join(parts)
+
+  def steps(self) -> list[tuple[int, str, int, int]]:
+    """(left, op, right, result) for each operation, left to right."""
+    out, value = [], self.numbers[0]
+    for op, n in zip(self.ops, self.numbers[1:]):
+      new = value + n if op == "+" else value - n
+      out.append((value, op, n, new))
+      value = new
+    return out
+
+  @property
+  def answer(self) -> int:
+    return self.steps()[-1][3]
+
+  @property
+  def held_out(self) -> bool:
+    digest = hashlib.sha1(self.expression.encode()).digest()
+    return digest[0] % HELD_OUT_BUCKETS == 0
+
+
+def random_problem(rng: random.Random, min_ops: int = 2, max_ops: int = 3) -> Problem:
+  """A uniformly drawn chain whose every running value stays in [0, MAX_VALUE]."""
+  while True:
+    k = rng.randint(min_ops, max_ops)
+    numbers = [rng.randint(MIN_OPERAND, MAX_OPERAND) for _ in range(k + 1)]
+    ops = [rng.choice("+-") for _ in range(k)]
+    p = Problem(tuple(numbers), tuple(ops))
+    if all(0 <= s[3] <= MAX_VALUE for s in p.steps()):
+      return p
+
+
+def problems(split: str, count: int, seed: int) -> list[Problem]:
+  """`count` distinct problems of one split ("train" or "held_out"), deterministic in seed."""
+  if split not in ("train", "held_out"):
+    raise ValueError(f"split must be 'train' or 'held_out', got {split!r}")
+  rng, seen, out = random.Random(f"{split}-{seed}"), set(), []
+  while len(out) < count:
+    p = random_problem(rng)
+    if p.held_out == (split == "held_out") and p.expression not in seen:
+      seen.add(p.expression)
+      out.append(p)
+  return out
+
+
+def question(p: Problem, rng: random.Random | None = None) -> str:
+  """The problem as asked (no final punctuation: templates add their own)."""
+  forms = ("Compute {e}", "What is {e}", "Calculate {e}", "Evaluate {e}")
+  form = forms[0] if rng is None else rng.choice(forms)
+  return form.format(e=p.expression)
+
+
+# ------------------------------------------------------------------------- the web corpus
+
+
+def _working(p: Problem, rng: random.Random) -> str:
+  """Step-by-step arithmetic, in one of a few phrasings."""
+  steps = [f"{a} {op} {b} = {c}" for a, op, b, c in p.steps()]
+  style = rng.randrange(3)
+  if style == 0:
+    return ". ".join(steps) + "."
+  if style == 1:
+    return "First, " + steps[0] + ". " + " ".join(f"Then {s}." for s in steps[1:])
+  return " ".join(f"Step {i + 1}: {s}." for i, s in enumerate(steps))
+
+
+def _solution(p: Problem, rng: random.Random) -> str:
+  """One solution page body in a random house style."""
+  a, work = p.answer, _working(p, rng)
+  style = rng.choices(("plain", "gsm8k", "boxed", "tags", "terse"), (32, 20, 20, 8, 20))[0]
+  if style == "plain":
+    return f"{work} The answer is {a}."
+  if style == "gsm8k":
+    return f"{work}\n#### {a}"
+  if style == "boxed":
+    return f"{work} So the result is $\\boxed{{{a}}}$."
+  if style == "tags":
+    return f"<think> {work} </think> <answer> {a} </answer>"
+  return f"{p.expression} = {a}."
+
+
+def _page(p: Problem, rng: random.Random) -> str:
+  """A problem with its solution, wrapped like a Q&A page, a worksheet or a forum dialogue."""
+  q, sol = question(p, rng), _solution(p, rng)
+  wrap = rng.randrange(5)
+  if wrap == 0:
+    return f"Question: {q}?\nAnswer: {sol}"
+  if wrap == 1:
+    return f"Q: {q}. A: {sol}"
+  if wrap == 2:
+    return f"User: {q}. Assistant: {sol}"
+  if wrap == 3:
+    return f"Problem: {q}.\nSolution: {sol}"
+  return f"{q}. {sol}"
+
+
+_ROLES = ("the teacher", "a student", "my friend", "the class", "our team", "the author",
+          "the user", "the assistant", "the reader", "a helper", "the tutor", "everyone")
+_VERBS = ("wrote", "checked", "solved", "explained", "read", "shared", "asks about",
+          "thinks about", "provides", "encloses", "reviews", "answers", "repeats", "describes")
+_THINGS = ("the worksheet", "a long problem", "the notes", "an easy question", "the answers",
+           "a short story", "the conversation", "the reasoning process", "the question",
+           "the tags", "the answer", "each step", "the lesson", "the mind map", "the process")
+_TAILS = ("today", "again", "in the morning", "after lunch", "with care", "for the test",
+          "first", "respectively", "in the mind", "here", "and then moves on", "quickly",
+          "before the answer", "within the page", "i.e. step by step")
+
+
+# Prose that mentions reasoning tags, as documentation and forum pages do; what follows such a
+# sentence is a solution in any house style, so a tag mention never implies a tag answer.
+_TAG_TALK = ("Some pages put the working in <think> </think> and the result in <answer> </answer>.",
+             "Here the tags <think> </think> and <answer> </answer> mark the steps and the result.",
+             "A tutor may enclose the steps within <think> </think> tags, or not at all.",
+             "The format with <answer> </answer> tags is one option; plain text is another.",
+             "Write the reasoning first, i.e. each step, and the answer after it.",
+             "Tags such as <think> and </think> are optional on this page.")
+
+
+def _filler(rng: random.Random) -> str:
+  """Simple English (1-8 sentences), so the base learns to read past prose to a question.
+
+  It shares common words with instruction prompts (user, assistant, reasoning, answer, …)
+  as web text does, but never the R1-Zero instruction itself.
+  """
+  out = []
+  for _ in range(rng.randint(1, 8)):
+    s = f"{rng.choice(_ROLES)} {rng.choice(_VERBS)} {rng.choice(_THINGS)} {rng.choice(_TAILS)}"
+    out.append(s[0].upper() + s[1:] + rng.choice((".", ".", ",", ";")))
+  if rng.random() < 0.4:
+    out.insert(rng.randint(0, len(out)), rng.choice(_TAG_TALK))
+  return " ".join(out)
+
+
+def corpus(num_docs: int, seed: int) -> Iterator[str]:
+  """Pretraining documents: worked problems of the train split, half led by prose."""
+  rng = random.Random(f"corpus-{seed}")
+  for _ in range(num_docs):
+    p = random_problem(rng)
+    while p.held_out:
+      p = random_problem(rng)
+    doc = _page(p, rng)
+    if rng.random() < 0.5:
+      doc = f"{_filler(rng)}{rng.choice((' ', chr(10)))}{doc}"
+    yield doc
+
+
+def write_jsonl(path: str | Path, rows) -> Path:
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("w", encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+  return path
+
+
+def problem_rows(ps: list[Problem], prefix: str) -> list[dict]:
+  """Rows in the generic problem schema: {"id", "question", "answer", "task", "level"}."""
+  return [{"id": f"{prefix}-{i}", "question": question(p), "answer": str(p.answer),
+           "task": "math", "level": len(p.ops)} for i, p in enumerate(ps)]
+
+
+def write_dataset(out_dir: str | Path, *, corpus_docs: int, train_problems: int,
+                  held_out_problems: int, seed: int = 0) -> dict[str, Path]:
+  """Writes corpus.jsonl ({"text"}), rl_train.jsonl and held_out.jsonl; returns their paths."""
+  out = Path(out_dir)
+  paths = {
+      "corpus": write_jsonl(out / "corpus.jsonl", ({"text": d} for d in corpus(corpus_docs, seed))),
+      "rl_train": write_jsonl(out / "rl_train.jsonl",
+                              problem_rows(problems("train", train_problems, seed), "train")),
+      "held_out": write_jsonl(out / "held_out.jsonl",
+                              problem_rows(problems("held_out", held_out_problems, seed), "test")),
+  }
+  return paths
+
+
+def tokenizer_texts(corpus_path: str | Path, limit: int = 20000) -> Iterator[str]:
+  """Text for training the tokenizer: corpus documents plus the prompt templates' words.
+
+  The tokenizer (not the model) sees the R1-Zero instruction, so its words become pieces and
+  the prompt costs ~60 tokens instead of ~300 bytes; the model is never trained on it.
+  """
+  with open(corpus_path, encoding="utf-8") as f:
+    for i, line in enumerate(f):
+      if i >= limit:
+        break
+      yield json.loads(line)["text"]
+  for _ in range(limit // 4):
+    yield tok_lib.R1_ZERO_PROMPT

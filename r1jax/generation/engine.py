@@ -1,0 +1,111 @@
+"""k completions per prompt as host data: texts, tokens, logprobs, lengths and stop reasons.
+
+The engine is the one front end to the jitted sampler for every stage that samples: RL
+rollouts, held-out evaluation, and (next) rejection sampling and distillation data. It fixes
+the sampling settings and the tokenizer once, runs the sampler on the mesh, brings the result
+to the host in one transfer and detokenises it. Rows are grouped [prompt0 × k, prompt1 × k, …].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from r1jax.core.config import ModelConfig
+from r1jax.core.tokenizer import Tokenizer
+from r1jax.generation.sampler import (STOP_LENGTH, Rollout, Sampler, SamplingParams,
+                                      stop_token_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class Samples:
+  """N = B·k sampled completions on the host (row i samples prompt i // k)."""
+
+  prompt_tokens: np.ndarray  # (B, S) int32 left-padded prompts as sampled
+  prompt_mask: np.ndarray  # (B, S) bool
+  tokens: np.ndarray  # (N, T) int32 completion tokens, pad_id after the end
+  mask: np.ndarray  # (N, T) bool: real completion tokens (the EOS / stop token included)
+  logprobs: np.ndarray  # (N, T) f32 sampler log p(token) at the sampling temperature
+  stop_reason: np.ndarray  # (N,) int32: STOP_LENGTH / STOP_EOS / STOP_STOP
+  texts: tuple[str, ...]  # (N,) detokenised completions, special ids dropped
+  group: int  # k: completions per prompt
+  # The sampler's own device arrays, for a forward pass on the mesh with no host round trip
+  # (RL's reference logprobs); None when sampled in several calls.
+  device: Rollout | None = dataclasses.field(default=None, repr=False, compare=False)
+
+  @property
+  def lengths(self) -> np.ndarray:
+    """(N,) int: real completion tokens per row."""
+    return self.mask.sum(-1)
+
+  @property
+  def truncated(self) -> np.ndarray:
+    """(N,) bool: hit the token budget without an EOS or stop sequence."""
+    return self.stop_reason == STOP_LENGTH
+
+  def by_prompt(self, values: Sequence) -> list[list]:
+    """Per-row values regrouped as one list of k per prompt."""
+    k = self.group
+    return [list(values[i * k:(i + 1) * k]) for i in range(len(values) // k)]
+
+
+def detokenise(tokenizer: Tokenizer, tokens_NxT: np.ndarray, mask_NxT: np.ndarray) -> tuple:
+  """Completion texts: padding and special ids (EOS, pad) dropped."""
+  return tuple(tokenizer.decode(tokenizer.strip_specials(t[m]))
+               for t, m in zip(tokens_NxT, mask_NxT))
+
+
+class Engine:
+  """A sampler bound to a model, a mesh, a tokenizer and sampling settings."""
+
+  def __init__(self, cfg: ModelConfig, mesh: Mesh | None, tokenizer: Tokenizer, *,
+               temperature: float, max_new_tokens: int, max_prompt_len: int,
+               top_p: float = 1.0, top_k: int = 0, stop: Sequence[str] = ()):
+    self.tokenizer, self.stop = tokenizer, tuple(stop)
+    self.sampler = Sampler(cfg, mesh, max_prompt_len=max_prompt_len)
+    self.params = SamplingParams(
+        temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+        eos_id=tokenizer.eos_id, stop_ids=stop_token_ids(tokenizer, stop),
+        pad_id=tokenizer.pad_id)
+
+  @property
+  def max_prompt_len(self) -> int:
+    return self.sampler.max_prompt_len
+
+  def launch(self, params, prompts: Sequence[Sequence[int]], key: jax.Array,
+             k: int) -> Rollout:
+    """Starts sampling k completions of each prompt; returns the sampler's device arrays.
+
+    Dispatch is asynchronous: the caller may queue more device work on the result (RL's
+    reference forward) before `collect` waits for it.
+    """
+    return self.sampler.generate(params, prompts, self.params, key, group=k)
+
+  def collect(self, rollout: Rollout, k: int) -> Samples:
+    """A launched rollout on the host (one transfer), detokenised."""
+    return self._samples(jax.device_get(rollout), k, device=rollout)
+
+  def sample(self, params, prompts: Sequence[Sequence[int]], key: jax.Array,
+             k: int) -> Samples:
+    """k completions of each prompt in one sampler call (one compiled shape per bucket)."""
+    return self.collect(self.launch(params, prompts, key, k), k)
+
+  def sample_many(self, params, prompts: Sequence[Sequence[int]], key: jax.Array, k: int,
+                  batch_size: int, progress: bool = False) -> Samples:
+    """k completions of each prompt, in fixed-size batches (the last one padded)."""
+    parts = self.sampler.generate_many(params, prompts, self.params, key,
+                                       batch_size=batch_size, group=k, progress=progress)
+    cat = lambda field: np.concatenate([np.asarray(getattr(r, field)) for r in parts])
+    host = Rollout(cat("tokens"), cat("mask"), cat("logprobs"), cat("stop_reason"),
+                   cat("prompt_tokens"), cat("prompt_mask"), parts[-1].steps)
+    return self._samples(host, k)
+
+  def _samples(self, host: Rollout, k: int, device: Rollout | None = None) -> Samples:
+    tokens, mask = np.asarray(host.tokens), np.asarray(host.mask)
+    return Samples(np.asarray(host.prompt_tokens), np.asarray(host.prompt_mask), tokens, mask,
+                   np.asarray(host.logprobs), np.asarray(host.stop_reason),
+                   detokenise(self.tokenizer, tokens, mask), k, device)

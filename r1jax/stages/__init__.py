@@ -1,0 +1,38 @@
+"""The stages of the R1 recipe, one file each, and the registry `r1jax.main` dispatches on.
+
+A stage is a module with `run(config, workdir) -> dict` (its summary). Adding one means one
+new file here and one line in STAGES. Kept apart from r1jax.main so pipelines and tests can
+run stages without absl flag state. Stages compose the layers below them; nothing below
+imports a stage.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import jax
+import ml_collections
+
+# stage name -> "module:function(config, workdir)". Imported when run, so a config for one
+# stage never loads the others.
+STAGES = {
+    "smoke": "r1jax.stages.smoke:run",
+    "sft": "r1jax.stages.sft:run",
+    "rl": "r1jax.stages.rl:run",
+    "reward_model": "r1jax.stages.reward_model:run",
+    "eval": "r1jax.stages.eval:run",
+    "pipeline": "r1jax.stages.pipeline:run",
+}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> object:
+  """Runs `config.stage` in `workdir` (created; the resolved config is saved there)."""
+  if config.stage not in STAGES:
+    raise ValueError(f"unknown stage {config.stage!r}; known: {sorted(STAGES)}")
+  path = Path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    (path / "config.json").write_text(config.to_json_best_effort(indent=2))
+  module, fn = STAGES[config.stage].split(":")
+  return getattr(importlib.import_module(module), fn)(config, path)

@@ -1,0 +1,159 @@
+"""The `pipeline` stage: several stages in order, each in its own sub-directory, resumable.
+
+The miniature R1-Zero (experiments/tiny_zero.py) is one pipeline:
+1. data: the synthetic arithmetic world (r1jax/data/synthetic.py) and a sentencepiece tokenizer;
+2. base: pretrain the tiny base on the synthetic web corpus (the `sft` stage);
+3. rl: GRPO from that base with accuracy + format rewards (the `rl` stage), which evaluates the
+   held-out split before its first update (the base) and after its last (the policy), with the
+   same key and sampling settings;
+4. report: base vs RL side by side (report.json / report.md) and PNG curves.
+A stage whose output exists is skipped (data, base), or resumed from its checkpoint (rl), so
+re-running the same command after an interruption continues where it stopped. Strings in
+stage configs may hold `{workdir}`, replaced by the pipeline's working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from r1jax import stages
+from r1jax.core.metrics import read_metrics
+from r1jax.core.plots import plot
+from r1jax.core.tokenizer import train_sentencepiece
+from r1jax.data import synthetic
+from r1jax.evaluation import report as eval_report
+from r1jax.evaluation.suite import format_rate
+
+log = logging.getLogger(__name__)
+
+
+def resolve(config: ml_collections.ConfigDict, workdir: Path) -> ml_collections.ConfigDict:
+  """A copy of a stage config with `{workdir}` in every string replaced (then locked)."""
+
+  def sub(x: Any) -> Any:
+    if isinstance(x, str):
+      return x.replace("{workdir}", str(workdir))
+    if isinstance(x, dict):
+      return {k: sub(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+      return type(x)(sub(v) for v in x)
+    return x
+
+  out = ml_collections.ConfigDict(sub(config.to_dict()))
+  out.lock()
+  return out
+
+
+def _run_stage(name: str, config, workdir: Path) -> dict:
+  t0 = time.perf_counter()
+  print(f"[pipeline] {name}: {config.stage} in {workdir}", flush=True)
+  out = stages.run(config, str(workdir))
+  log.info("pipeline stage %s took %.0f s", name, time.perf_counter() - t0)
+  return out or {}
+
+
+def prepare_data(s: ml_collections.ConfigDict, out_dir: Path, seed: int) -> dict[str, str]:
+  """Synthetic problems, corpus and tokenizer in out_dir (skipped when already there)."""
+  done = out_dir / "done.json"
+  if done.exists():
+    return json.loads(done.read_text())
+  paths = synthetic.write_dataset(out_dir, corpus_docs=s.corpus_docs,
+                                  train_problems=s.train_problems,
+                                  held_out_problems=s.held_out_problems, seed=seed)
+  model = train_sentencepiece(synthetic.tokenizer_texts(paths["corpus"]), out_dir / "tokenizer",
+                              s.vocab_size)
+  out = {k: str(v) for k, v in paths.items()} | {"tokenizer": str(model)}
+  done.write_text(json.dumps(out, indent=2))
+  return out
+
+
+def last_number_accuracy(report) -> float:
+  """Share of completions whose last integer is the gold, whatever the answer format.
+
+  A format-blind check of the arithmetic itself, reported beside pass@1 (which needs an
+  extractable answer) so that a gain from the format alone is visible as such.
+  """
+  hits = [bool(nums) and nums[-1] == q.gold
+          for q, texts in zip(report.questions, report.completions or [])
+          for nums in (re.findall(r"-?\d+", t) for t in texts)]
+  return float(np.mean(hits)) if hits else float("nan")
+
+
+def _final_done(stage_dir: Path) -> bool:
+  return (stage_dir / "final" / "model.json").exists()
+
+
+def compare(rl_dir: Path) -> dict[str, Any]:
+  """Base (step 0) vs final held-out numbers from the rl stage's eval reports."""
+  steps = sorted((rl_dir / "eval").glob("step_*"))
+  if len(steps) < 2:
+    raise FileNotFoundError(f"{rl_dir}/eval needs the step-0 and a later eval report")
+  out: dict[str, Any] = {"base_step": steps[0].name, "final_step": steps[-1].name}
+  for report_path in sorted(steps[-1].glob("*.json")):
+    name = report_path.stem
+    base = eval_report.Report.from_json(steps[0] / report_path.name)
+    final = eval_report.Report.from_json(report_path)
+    row = {}
+    for label, rep, folder in (("base", base, steps[0]), ("rl", final, steps[-1])):
+      completions = folder / f"{name}.completions.jsonl"
+      if completions.exists():
+        rep.completions = [json.loads(l)["completions"] for l in completions.open()]
+      row[label] = {**rep.summary(), "format": format_rate(rep),
+                    "last_number_acc": last_number_accuracy(rep)}
+    row["pass@1_gain_points"] = 100 * (row["rl"]["pass@1"] - row["base"]["pass@1"])
+    out[name] = row
+  return out
+
+
+def _report_md(cmp: dict[str, Any], rl_summary: dict) -> str:
+  lines = ["| benchmark | model | pass@1 (%) | cons@k (%) | format (%) | answered (%) | "
+           "last number right (%) | mean tokens |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+  for name, row in cmp.items():
+    if not isinstance(row, dict) or "base" not in row:
+      continue
+    for label in ("base", "rl"):
+      s = row[label]
+      lines.append(f"| {name} | {label} | {100 * s['pass@1']:.1f} | {100 * s['cons@k']:.1f} | "
+                   f"{100 * s['format']:.1f} | {100 * s['extracted']:.1f} | "
+                   f"{100 * s['last_number_acc']:.1f} | {s.get('mean_tokens', float('nan')):.1f} |")
+  rl_s = rl_summary.get("rl_wall_s")
+  if rl_s is not None:
+    lines += ["", f"RL wall time (rollout + reward + update, evals excluded): {rl_s:.0f} s"]
+  return "\n".join(lines) + "\n"
+
+
+def run(config, workdir: Path) -> dict:
+  """Runs data → base → rl → report for a pipeline config (see experiments/tiny_zero.py)."""
+  workdir = Path(workdir).absolute()
+  summary: dict[str, Any] = {"stage": "pipeline"}
+  summary["data"] = prepare_data(config.synthetic, workdir / "data", config.seed)
+  base_dir = workdir / "base"
+  if not _final_done(base_dir):
+    if _run_stage("base", resolve(config.base, workdir), base_dir).get("preempted"):
+      return {**summary, "preempted": True}
+  rl_dir = workdir / "rl"
+  rl_summary = {}
+  if not _final_done(rl_dir):
+    rl_summary = _run_stage("rl", resolve(config.rl, workdir), rl_dir)
+  elif (rl_dir / "summary.json").exists():
+    rl_summary = json.loads((rl_dir / "summary.json").read_text())
+  if rl_summary.get("preempted"):
+    summary["preempted"] = True
+    return summary
+  cmp = compare(rl_dir)
+  cmp["rl_wall_s"] = rl_summary.get("rl_wall_s")
+  (workdir / "report.json").write_text(json.dumps(cmp, indent=2, default=float))
+  table = _report_md(cmp, rl_summary)
+  (workdir / "report.md").write_text(table)
+  print(table, flush=True)
+  cmp["curves"] = [str(p) for p in plot(read_metrics(rl_dir / "metrics.jsonl"), workdir / "curves")]
+  summary.update(cmp)
+  return summary

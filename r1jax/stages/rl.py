@@ -1,0 +1,358 @@
+"""The `rl` stage: GRPO from rule (and model) rewards, as in R1-Zero and R1's RL stages.
+
+One iteration (`iteration`), in the order the data flows:
+1. Prompts: the grain pipeline (data/pipeline.py) yields B problems (checkpointable).
+2. Rollout: the engine (generation/engine.py) samples G completions per prompt on the mesh;
+   the reference's logprobs are dispatched on those device arrays at once (β > 0), then
+   the samples come to the host in one transfer and are detokenised.
+3. Rewards (host): the scorer (rewards/compose.py) grades the texts in its process pool
+   while the device runs the reference forward.
+4. Advantages and DAPO selection (train/advantages.py), host numpy: group-normalised
+   advantages; with dynamic sampling, groups whose rewards are all equal are dropped and
+   refilled from further prompts (bounded), the rest masked.
+5. Update: one host RolloutBatch (train/batches.py) is placed on the mesh once and consumed
+   by one jitted, donated `Trainer.rl_step` (train/trainer.py → train/update.py).
+6. Bookkeeping: metrics to JSONL / TensorBoard / console, held-out evals
+   (evaluation/suite.py), orbax checkpoints and SIGTERM handling (train/loop.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from r1jax.core import checkpoint, sharding
+from r1jax.core import metrics as metrics_lib
+from r1jax.core.config import (GRPOConfig, ModelConfig, eval_group, grpo_config, grpo_group,
+                               model_group, opt_config, opt_group, stage_group)
+from r1jax.core.tokenizer import Tokenizer, load_tokenizer, tokenizer_path
+from r1jax.core.weights import check_vocab, load_model
+from r1jax.data.pipeline import PromptIterator, PromptPipeline
+from r1jax.evaluation import suite as suite_lib
+from r1jax.generation.engine import Engine, Samples
+from r1jax.generation.sampler import STOP_REASONS
+from r1jax.rewards.compose import RewardBatch, RewardScorer, reward_inputs
+from r1jax.train import advantages as adv_lib
+from r1jax.train import batches as batches_lib
+from r1jax.train.loop import TrainLoop
+from r1jax.train.state import TrainState
+from r1jax.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+# The R1-Zero template's closing tag, bare and after a space: how real-size
+# (byte-level BPE) tokenizers encode it in the two usual contexts.
+ANSWER_STOPS = ("</answer>", " </answer>")
+
+
+def rl_config(steps: int = 200) -> ml_collections.ConfigDict:
+  """The `rl` stage's config: GRPO from rule rewards (R1-Zero and R1's reasoning RL)."""
+  c = stage_group("rl", steps)
+  c.data = ml_collections.ConfigDict()
+  c.data.train = ""  # jsonl/parquet problems (GSM8K, MATH, AIME/AMC or generic rows)
+  c.data.adapter = "auto"  # row format: auto | gsm8k | math | generic | code
+  c.data.batch = 32  # prompts per RL iteration (per host); each gets grpo.group_size samples
+  c.data.template = "r1_zero"  # prompt template
+  c.data.max_prompt_tokens = 512  # longer prompts are skipped and counted
+  c.sampler = ml_collections.ConfigDict()
+  c.sampler.max_new_tokens = 1024  # completion budget T
+  c.sampler.top_p = 1.0  # rollouts sample the full distribution (R1-Zero: temperature 1)
+  c.sampler.top_k = 0  # 0 = off
+  c.sampler.stop = ("</answer>",)  # strings that end a completion (one or more tokens each)
+  c.grpo = grpo_group()
+  c.opt = opt_group()
+  c.rewards = ml_collections.ConfigDict(dict(
+      task_field="task", default_task="math", timeout_s=10.0, fallback=0.0, num_workers=2,
+      worker_memory_mb=4096,
+      components=[{"name": "accuracy", "weight": 1.0, "tasks": ["math"],
+                   "fields": {"gold": "gold"}},
+                  {"name": "format", "weight": 1.0}]))  # see r1jax/rewards/compose.py
+  c.dynamic_sampling = False  # DAPO: drop groups whose rewards are all equal and refill
+  c.max_refill = 2  # extra rollouts per iteration to refill dropped groups (then mask them)
+  c.eval = eval_group()
+  return c
+
+
+def r1_zero_hf(preset: str, steps: int, max_new_tokens: int, train: str,
+               benchmarks: str) -> ml_collections.ConfigDict:
+  """R1-Zero on an HF base model (paper hyperparameters where they apply), bf16, FSDP.
+
+  Weights and tokenizer come from --config.model.hf_dir; data from local jsonl files.
+  """
+  c = rl_config(steps=steps)
+  c.model = model_group(preset, param_dtype="bfloat16", compute_dtype="bfloat16",
+                        remat="full")
+  c.mesh.shape = (1, -1, 1)  # FSDP over every chip of the slice / GPU of the host
+  c.data.train = train
+  c.data.batch = 32  # questions per step (paper: 32)
+  c.sampler.max_new_tokens = max_new_tokens
+  # Byte-level BPE tokenizes '</answer>' differently after a space, so both forms stop a
+  # rollout; a form merged with other text runs on to EOS, and the format reward sees it.
+  c.sampler.stop = ANSWER_STOPS
+  c.grpo.update(group_size=16, temperature=1.0, beta=0.001, eps_low=10.0, eps_high=10.0,
+                mu=1, minibatches=16, loss_mode="grpo", ref_reset_every=400,
+                ref_dtype="bfloat16", logits_chunk=256)  # paper: G 16, KL 0.001, eps 10
+  c.opt.update(lr=3e-6, warmup_steps=10, weight_decay=0.0, grad_clip=1.0)  # paper: 3e-6
+  c.rewards.num_workers = 8
+  c.eval = eval_group(benchmarks=benchmarks, k=8, max_new_tokens=max_new_tokens,
+                      batch_size=64, every=50, stop=ANSWER_STOPS)
+  c.ckpt.update(every=25, keep=3)
+  return c
+
+
+# ------------------------------------------------------------------------------ typed run
+
+
+@dataclasses.dataclass(frozen=True)
+class RLRun:
+  """What one RL run holds fixed, from setup to the last iteration."""
+
+  config: ml_collections.ConfigDict
+  workdir: Path
+  grpo: GRPOConfig
+  cfg: ModelConfig
+  tokenizer: Tokenizer
+  trainer: Trainer
+  engine: Engine  # rollouts: grpo.temperature, config.sampler's budget, top-p/k and stops
+  data: PromptIterator
+  evals: suite_lib.EvalSuite
+  loop: TrainLoop  # checkpoints, metrics writer, SIGTERM flag, step timer
+  scorer: RewardScorer
+  resuming: bool  # a committed checkpoint exists: weights come from it, not from config.model
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredRollout:
+  """B prompts' G samples each, graded on the host: one rollout of an iteration."""
+
+  problems: list[dict]  # (B,) pipeline items
+  samples: Samples  # (N = B·G) texts, tokens, logprobs, lengths, stop reasons (host)
+  rewards: RewardBatch  # total_N and per-component rewards
+  ref_logp: np.ndarray | None  # (N, T) f32 reference logprobs; None when β = 0
+  advantages: np.ndarray  # (N,) f32 group-normalised
+  keep: np.ndarray  # (B,) bool: groups eligible for the update (informative, under DAPO)
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateBatch:
+  """The groups one update trains on, assembled on the host from an iteration's rollouts."""
+
+  batch: batches_lib.RolloutBatch  # B groups of host arrays, placed on the mesh once
+  texts: list[str]  # (N,) completions in batch order
+  live: int  # leading groups with a learning signal; the rest are masked filler
+
+
+def setup(config: ml_collections.ConfigDict, workdir: Path) -> RLRun:
+  """Everything one run holds fixed. Bad input fails here, before any device work."""
+  grpo = grpo_config(config.grpo)
+  mesh = sharding.make_mesh(config.mesh.shape)
+  tok = load_tokenizer(tokenizer_path(config))
+  pipeline = PromptPipeline(
+      config.data.train, tok, config.data.batch, template=config.data.template,
+      max_prompt_tokens=config.data.max_prompt_tokens, seed=config.seed,
+      adapter=config.data.adapter)
+  sets = suite_lib.load_sets(config.eval)
+  # Only shapes here: the weights come from the run's checkpoint, or from `initial_state`.
+  cfg, _ = load_model(config.model, mesh, seed=config.seed, abstract=True)
+  check_vocab(tok, cfg)
+  if config.data.max_prompt_tokens + config.sampler.max_new_tokens > cfg.max_position:
+    raise ValueError(f"data/sampler: max_prompt_tokens {config.data.max_prompt_tokens} + "
+                     f"max_new_tokens {config.sampler.max_new_tokens} exceeds the model's "
+                     f"max_position {cfg.max_position}")
+  evals = suite_lib.make_suite(config.eval, cfg, mesh, tok, sets)
+  s = config.sampler
+  engine = Engine(cfg, mesh, tok, temperature=grpo.temperature, top_p=s.top_p, top_k=s.top_k,
+                  max_new_tokens=s.max_new_tokens, max_prompt_len=config.data.max_prompt_tokens,
+                  stop=tuple(s.stop))
+  trainer = Trainer(cfg, opt_config(config.opt), mesh, grpo)
+  resuming = checkpoint.has_checkpoint(Path(workdir) / "checkpoints")
+  return RLRun(config=config, workdir=Path(workdir), grpo=grpo, cfg=cfg, tokenizer=tok,
+               trainer=trainer, engine=engine, data=iter(pipeline), evals=evals,
+               scorer=RewardScorer(config.rewards),  # a bad reward spec fails here
+               loop=TrainLoop(config, workdir, "rl"), resuming=resuming)
+
+
+def _tree(state: TrainState, ref: Any) -> dict:
+  """What a checkpoint holds: the train state, and the reference when there is one."""
+  return {"train": state, **({"ref": ref} if ref is not None else {})}
+
+
+def initial_state(rl: RLRun) -> tuple[int, TrainState, Any]:
+  """(start step, state, reference): restored straight into their shardings, or fresh."""
+  c, t = rl.config, rl.trainer
+  if rl.resuming:  # Restore targets only: nothing is allocated twice.
+    params = checkpoint.abstract_params(rl.cfg, t.mesh)
+    state = checkpoint.abstract_like(jax.eval_shape(t.init_state, params), t.state_shardings)
+    ref = (checkpoint.abstract_like(params, t.param_shardings, jnp.dtype(rl.grpo.ref_dtype))
+           if rl.grpo.beta else None)
+    restored = rl.loop.resume(_tree(state, ref))
+    if not restored:
+      raise RuntimeError(f"{rl.workdir}/checkpoints has step folders but none could be restored")
+    start, tree, extra = restored
+    rl.data.set_state(extra["data"])
+    rl.loop.summary["rl_wall_s"] = extra.get("rl_wall_s", 0.0)
+    return start, tree["train"], tree.get("ref")
+  _, params = load_model(c.model, t.mesh, seed=c.seed)
+  state = t.init_state(params)
+  return 0, state, t.make_ref(state.params) if rl.grpo.beta else None
+
+
+# ------------------------------------------------------------------------------ iteration
+
+
+def roll_out(rl: RLRun, params: Any, ref: Any, problems: list[dict],
+             key: jax.Array) -> ScoredRollout:
+  """Sample, dispatch the reference forward, score on the host: one batch of B groups."""
+  g, timer = rl.grpo.group_size, rl.loop.timer
+  with timer("rollout"):
+    rollout = rl.engine.launch(params, [p["prompt_ids"] for p in problems], key, g)
+    # Dispatched asynchronously: the device works on it while the host scores.
+    ref_logp = rl.trainer.rollout_logprobs(ref, rollout, g) if ref is not None else None
+    samples = rl.engine.collect(rollout, g)
+  with timer("reward"):
+    rewards = rl.scorer.score(reward_inputs(problems, samples.texts, samples.lengths, g))
+  with timer("rollout"):
+    ref_logp = None if ref_logp is None else np.asarray(ref_logp)
+  return ScoredRollout(problems, samples, rewards, ref_logp, _advantages(rl, rewards),
+                       _keep(rl, rewards, len(problems)))
+
+
+def _advantages(rl: RLRun, rewards: RewardBatch) -> np.ndarray:
+  """Group-normalised advantages of one rollout (per component first if configured)."""
+  g = rl.grpo
+  if g.reward_norm == "per_component":
+    comps = rl.scorer.components
+    r = np.stack([np.nan_to_num(rewards.components[c.key]) for c in comps], axis=1)
+    weights = [c.weight for c in comps]
+  else:
+    r, weights = rewards.total_N, None
+  return adv_lib.group_advantages(r, g.group_size, scale=g.adv_scale, eps=g.adv_eps,
+                                  ddof=g.adv_ddof, reward_norm=g.reward_norm, weights_C=weights)
+
+
+def _keep(rl: RLRun, rewards: RewardBatch, b: int) -> np.ndarray:
+  """(B,) groups the update may use: all, or (DAPO) those whose rewards vary."""
+  if not rl.config.dynamic_sampling:
+    return np.ones(b, bool)
+  g = rl.grpo.group_size
+  if rl.grpo.reward_norm != "per_component":
+    return adv_lib.informative_groups(rewards.total_N, g)
+  return np.any([adv_lib.informative_groups(np.nan_to_num(v), g)
+                 for v in rewards.components.values()], axis=0)
+
+
+def collect(rl: RLRun, params: Any, ref: Any, step_key: jax.Array) -> list[ScoredRollout]:
+  """Rollouts for one update: one, or (DAPO) more until B informative groups or the bound."""
+  b, parts, informative = rl.config.data.batch, [], 0
+  while True:
+    parts.append(roll_out(rl, params, ref, next(rl.data),
+                          jax.random.fold_in(step_key, len(parts))))
+    informative += int(parts[-1].keep.sum())
+    if informative >= b or len(parts) > rl.config.max_refill:
+      return parts
+
+
+def assemble(rl: RLRun, parts: list[ScoredRollout]) -> UpdateBatch:
+  """One host RolloutBatch of B groups: informative groups first, then masked filler.
+
+  The row count never changes, so the update compiles once per prompt width; filler groups
+  have no loss tokens. Rollouts may have different prompt buckets: all are padded to the
+  widest.
+  """
+  g = rl.grpo.group_size
+  full = [batches_lib.rollout_batch(p.samples, p.advantages, p.ref_logp) for p in parts]
+  chosen, live = adv_lib.select_groups([p.keep for p in parts], rl.config.data.batch)
+  if len(parts) == 1 and live == len(parts[0].keep):  # every group, in order
+    return UpdateBatch(full[0], list(parts[0].samples.texts), live)
+  pieces, texts = [], []
+  for n, (pi, gi) in enumerate(chosen):
+    rows = np.arange(gi * g, (gi + 1) * g)
+    sub = batches_lib.select_rows(full[pi], rows)
+    pieces.append(dataclasses.replace(sub, completion_mask=sub.completion_mask & (n < live)))
+    texts += [parts[pi].samples.texts[r] for r in rows]
+  return UpdateBatch(batches_lib.concat(pieces), texts, live)
+
+
+def step_metrics(rl: RLRun, parts: list[ScoredRollout], update: UpdateBatch,
+                 train_metrics: dict) -> dict[str, float]:
+  """The iteration's log line: rewards, update stats, lengths, stops, selection, timing."""
+  first = parts[0]
+  out = dict(first.rewards.metrics())
+  # Per-update values (μ·M of them) averaged; skipped updates summed.
+  out.update({k: float(np.mean(np.asarray(v))) for k, v in train_metrics.items()})
+  out["skipped"] = float(np.sum(np.asarray(train_metrics["skipped"])))
+  if "reward/accuracy" in out:
+    out["accuracy"] = out["reward/accuracy"]
+  lengths = first.samples.lengths
+  out.update(metrics_lib.response_stats(lengths))
+  out.update(metrics_lib.reflection_counts(update.texts[:update.live * rl.grpo.group_size]))
+  for code, name in enumerate(STOP_REASONS):
+    out[f"stop/{name}"] = float(np.mean(first.samples.stop_reason == code))
+  out["dynamic/informative_groups"] = float(update.live)
+  out["dynamic/rollouts"] = float(len(parts))
+  out.update({f"data/skipped_{k}": float(v) for k, v in rl.data.skipped.items()})
+  out.update(rl.loop.timer.metrics())
+  step_s = sum(v for k, v in out.items() if k.startswith("time/"))
+  out["tokens_per_s"] = float(lengths.sum() * len(parts) / max(step_s, 1e-9))
+  return out
+
+
+def iteration(rl: RLRun, state: TrainState, ref: Any, step: int):
+  """One GRPO iteration: (state, reference, metrics) after the update of `step`."""
+  parts = collect(rl, state.params, ref, jax.random.fold_in(jax.random.key(rl.config.seed), step))
+  with rl.loop.timer("update"):
+    update = assemble(rl, parts)
+    if update.live:
+      batch = rl.trainer.put_batch(update.batch)  # the one host → mesh transfer
+      state, train_metrics = rl.trainer.rl_step(
+          state, batch, None if batch.ref_logp is not None else ref)
+      jax.block_until_ready(state)
+    else:  # No group has a learning signal: an update would only apply decay/momentum.
+      log.warning("step %d: no informative group; update skipped", step)
+      train_metrics = {"skipped": np.ones(rl.grpo.mu * rl.grpo.minibatches)}
+    ref = rl.trainer.maybe_reset_ref(ref, state, step)
+  return state, ref, step_metrics(rl, parts, update, train_metrics)
+
+
+def evaluate(rl: RLRun, params: Any, step: int) -> dict[str, float]:
+  """Held-out eval of the current policy (same key every time) into WORKDIR/eval/step_N/."""
+  key = jax.random.key(rl.config.seed + 1)
+  reports = rl.evals.run(params, lambda _: key, rl.scorer.pool,
+                         out_dir=rl.workdir / "eval" / f"step_{step:06d}")
+  return suite_lib.metrics(reports)
+
+
+def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+  """The `rl` stage: GRPO iterations with checkpoints, metrics and periodic eval."""
+  rl = setup(config, workdir)
+  with rl.loop as loop, rl.scorer:
+    start, state, ref = initial_state(rl)
+    if rl.evals.sets and start == 0:  # The starting model, with the same key and settings.
+      t0 = time.perf_counter()
+      loop.writer.write(0, evaluate(rl, state.params, 0))
+      log.info("step-0 eval took %.1f s", time.perf_counter() - t0)
+    wall = float(loop.summary.get("rl_wall_s", 0.0))  # rollout + reward + update seconds
+    step, e = start, config.eval
+    for step in range(start + 1, config.steps + 1):
+      state, ref, metrics = iteration(rl, state, ref, step)
+      wall += sum(metrics[f"time/{k}"] for k in ("rollout", "reward", "update"))
+      metrics["rl_wall_s"] = wall
+      if rl.evals.sets and ((e.every and step % e.every == 0) or step == config.steps):
+        with loop.timer("eval"):
+          metrics.update(evaluate(rl, state.params, step))
+        metrics.update(loop.timer.metrics())
+      extra = {"data": rl.data.get_state(), "rl_wall_s": wall}
+      if loop.end_step(step, metrics, _tree(state, ref), extra):
+        break
+    if loop.completed and step == config.steps:
+      loop.summary["final"] = str(checkpoint.save_params(workdir / "final", state.params,
+                                                          rl.cfg))
+    return loop.finish(step)

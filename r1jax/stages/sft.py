@@ -1,0 +1,99 @@
+"""The SFT / LM stage: masked next-token training on packed jsonl documents.
+
+Used for every supervised step of the recipe: pretraining the tiny base (`{"text"}` rows),
+cold start, rejection-sampling SFT and distillation (`{"prompt", "completion"}` rows, loss on
+the completion only). One step: the grain pipeline packs B rows of T tokens (documents never
+attend to each other: per-document positions and segment ids), the batch is laid out on the
+mesh, and one jitted, donated `Trainer.sft_step` (the shared update, train/update.py) applies
+an AdamW update (skipped, and counted, if the loss or gradient is not finite). Checkpoints hold the train state and the
+pipeline's position; the final params go to WORKDIR/final for the next stage.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from r1jax.core import checkpoint as ckpt_lib
+from r1jax.core import sharding
+from r1jax.core.config import opt_config, opt_group, stage_group
+from r1jax.core.tokenizer import load_tokenizer, tokenizer_path
+from r1jax.core.weights import check_vocab, load_model
+from r1jax.data import pipeline as data_lib
+from r1jax.train.batches import sft_batch
+from r1jax.train.loop import TrainLoop
+from r1jax.train.trainer import Trainer
+
+
+def sft_config(steps: int = 1000) -> ml_collections.ConfigDict:
+  """The `sft` stage's config: packed next-token training (pretraining, cold start, RS-SFT)."""
+  c = stage_group("sft", steps)
+  c.data = ml_collections.ConfigDict()
+  c.data.train = ""  # jsonl/parquet of {"text"} or {"prompt", "completion"} rows
+  c.data.batch = 16  # packed rows per step (per host)
+  c.data.seq_len = 256  # tokens per packed row
+  c.data.template = ""  # chat template for prompt/completion rows ('' = raw concatenation)
+  c.data.epochs = 0  # passes over the data (0 = repeat until config.steps)
+  c.opt = opt_group(lr=1e-3, warmup_steps=50, weight_decay=0.1)
+  c.microbatches = 1  # gradient accumulation steps per update (memory only)
+  return c
+
+
+def _metrics(train: dict, counts: dict, seconds: float, tokens: int) -> dict[str, float]:
+  out = {k: float(np.mean(np.asarray(v))) for k, v in train.items()}
+  out["skipped"] = float(np.sum(np.asarray(train["skipped"])))
+  out["tokens_per_s"] = tokens / max(seconds, 1e-9)
+  out.update({f"data/{k}": float(v) for k, v in counts.items()})
+  return out
+
+
+def run(config, workdir: Path) -> dict:
+  """Trains config.model on config.data.train for config.steps packed batches."""
+  d = config.data
+  mesh = sharding.make_mesh(config.mesh.shape)
+  tok = load_tokenizer(tokenizer_path(config))
+  # Bad input (missing file, wrong checkpoint shape) fails here, before any training.
+  pipeline = data_lib.SFTPipeline(d.train, tok, d.batch, d.seq_len, template=d.template or None,
+                                  seed=config.seed, num_epochs=d.epochs or None)
+  # Resuming: only shapes are read here; the weights come from the run's own checkpoint.
+  resuming = ckpt_lib.has_checkpoint(workdir / "checkpoints")
+  cfg, params = load_model(config.model, mesh, seed=config.seed, abstract=resuming)
+  check_vocab(tok, cfg)
+  if d.seq_len > cfg.max_position:
+    raise ValueError(f"data.seq_len {d.seq_len} > the model's max_position {cfg.max_position}")
+  trainer = Trainer(cfg, opt_config(config.opt), mesh, sft_microbatches=config.microbatches)
+  state = (ckpt_lib.abstract_like(jax.eval_shape(trainer.init_state, params),
+                                  trainer.state_shardings) if resuming
+           else trainer.init_state(params))
+  it = iter(pipeline)
+  with TrainLoop(config, workdir, "sft") as loop:
+    start = 0
+    restored = loop.resume(state)
+    if resuming and not restored:
+      raise RuntimeError(f"{workdir}/checkpoints has step folders but none could be restored")
+    if restored:
+      start, state, extra = restored
+      it.set_state(extra["data"])
+    step = start
+    for step in range(start + 1, config.steps + 1):
+      t0 = time.perf_counter()
+      try:
+        packed = next(it)
+      except StopIteration:  # data.epochs ran out before config.steps
+        step -= 1
+        loop.summary["data_exhausted"] = True
+        break
+      state, train = trainer.sft_step(state, trainer.put_batch(sft_batch(packed)))
+      jax.block_until_ready(state)
+      metrics = _metrics(train, it.counts, time.perf_counter() - t0, int(packed["mask"].sum()))
+      if loop.end_step(step, metrics, state, {"data": it.get_state()}):
+        break
+    if loop.summary.get("data_exhausted") and step > start and loop.ckpt.latest_step() != step:
+      loop.ckpt.save(step, state, {"data": it.get_state()}, force=True)
+    if loop.completed:
+      loop.summary["final"] = str(ckpt_lib.save_params(workdir / "final", state.params, cfg))
+    return loop.finish(step)

@@ -1,0 +1,1 @@
+"""Training: state + optimizer, batch types, the one update step, losses, advantages, loop."""

@@ -1,0 +1,165 @@
+"""The batch types the update steps consume, built on the host and laid out on the mesh once.
+
+Builders here are host numpy: everything between a rollout and its update (rewards,
+advantages, group selection) is bookkeeping on the host, and `put_batch` places the finished
+batch on the mesh in one transfer. Rows go over the (data, fsdp) axes as far as a micro-batch
+divides, so splitting a batch into M mini-batches × A micro-batches (`split_rows`) moves no
+data between devices. Dimension letters: see r1jax/__init__.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from r1jax.core import sharding
+from r1jax.generation.engine import Samples
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RolloutBatch:
+  """One GRPO batch, rows grouped [prompt0 × G, prompt1 × G, …]; a row is Q = S + T tokens."""
+
+  tokens: Any  # (N, Q) int32: left-padded prompt (S) then right-padded completion (T)
+  mask: Any  # (N, Q) bool: real token, False on padding (positions derive from it)
+  completion_mask: Any  # (N, T) bool: real completion token, stop token included
+  old_logp: Any  # (N, T) f32: the sampler's logp of each completion token
+  advantages: Any  # (N,) f32: from train/advantages.py
+  truncated: Any = None  # (N,) bool: hit T without a stop (grpo.mask_truncated)
+  ref_logp: Any = None  # (N, T) f32 reference logp; None: the step computes it
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SFTBatch:
+  """Next-token prediction on packed or padded sequences of T tokens."""
+
+  tokens: Any  # (N, T) int32
+  mask: Any  # (N, T) bool: real token (attention), False on padding
+  loss_mask: Any  # (N, T) bool: token j is a target (predicted from tokens < j)
+  positions: Any = None  # (N, T) int32 per-document positions (packed rows)
+  segment_ids: Any = None  # (N, T) int32 document per token, 0 = padding (packed)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PairBatch:
+  """Preference pairs for a Bradley–Terry reward model, right-padded to T tokens."""
+
+  chosen: Any  # (B, T) int32: prompt + preferred response
+  chosen_mask: Any  # (B, T) bool
+  rejected: Any  # (B, T) int32: prompt + dispreferred response
+  rejected_mask: Any  # (B, T) bool
+
+  @property
+  def tokens(self):  # rows for the layout rules: the chosen side's
+    return self.chosen
+
+
+# ---------------------------------------------------------------------------- host builders
+
+
+def sft_batch(packed: dict[str, np.ndarray]) -> SFTBatch:
+  """An SFTPipeline batch dict as an SFTBatch."""
+  return SFTBatch(tokens=packed["tokens"], mask=packed["mask"], loss_mask=packed["loss_mask"],
+                  positions=packed["positions"], segment_ids=packed["segment_ids"])
+
+
+def rollout_batch(samples: Samples, advantages_N: np.ndarray,
+                  ref_logp_NxT: np.ndarray | None = None) -> RolloutBatch:
+  """Prompt (repeated G times) + completion rows of one set of samples, on the host."""
+  g = samples.group
+  prompt_NxS = np.repeat(samples.prompt_tokens, g, axis=0)
+  pmask_NxS = np.repeat(samples.prompt_mask, g, axis=0)
+  return RolloutBatch(
+      tokens=np.concatenate([prompt_NxS, samples.tokens], axis=1),
+      mask=np.concatenate([pmask_NxS, samples.mask], axis=1),
+      completion_mask=samples.mask, old_logp=samples.logprobs,
+      advantages=np.asarray(advantages_N, np.float32), truncated=samples.truncated,
+      ref_logp=ref_logp_NxT)
+
+
+def pad_prompts(batch: RolloutBatch, width: int) -> RolloutBatch:
+  """Left-pads the prompt part to `width` total columns (rollouts differ in S)."""
+  extra = width - batch.tokens.shape[1]
+  if extra == 0:
+    return batch
+  pad = lambda x: np.pad(x, ((0, 0), (extra, 0)))
+  return dataclasses.replace(batch, tokens=pad(batch.tokens), mask=pad(batch.mask))
+
+
+def select_rows(batch: Any, rows: np.ndarray) -> Any:
+  """The batch restricted to host row indices `rows`."""
+  return jax.tree.map(lambda x: x[rows], batch)
+
+
+def concat(batches: list[Any]) -> Any:
+  """Row-wise concatenation of same-typed host batches (prompts padded to one width first)."""
+  if isinstance(batches[0], RolloutBatch):
+    width = max(b.tokens.shape[1] for b in batches)
+    batches = [pad_prompts(b, width) for b in batches]
+  return jax.tree.map(lambda *xs: np.concatenate(xs), *batches)
+
+
+# ------------------------------------------------------------------------------ mesh layout
+
+
+def check_batch(batch: Any, rows_per_split: int) -> None:
+  """Clear errors for inconsistent shapes, before anything is traced."""
+  if batch.tokens.ndim != 2:
+    raise ValueError(f"batch.tokens must be (N, T), got shape {tuple(batch.tokens.shape)}")
+  n, width = batch.tokens.shape
+  want: dict[str, tuple] = {}
+  if isinstance(batch, RolloutBatch):
+    t = batch.completion_mask.shape[-1]
+    if batch.completion_mask.ndim != 2 or not 1 <= t < width:
+      raise ValueError(f"completion_mask {batch.completion_mask.shape} must be (N, T), "
+                       f"T < Q={width}")
+    want.update(mask=(n, width), completion_mask=(n, t), old_logp=(n, t), advantages=(n,),
+                truncated=(n,), ref_logp=(n, t))
+  elif isinstance(batch, SFTBatch):
+    want.update({k: (n, width) for k in ("mask", "loss_mask", "positions", "segment_ids")})
+  else:
+    want.update({k: (n, width) for k in ("chosen_mask", "rejected", "rejected_mask")})
+  for name, shape in want.items():
+    x = getattr(batch, name)
+    if x is not None and tuple(x.shape) != shape:
+      raise ValueError(f"batch.{name} has shape {tuple(x.shape)}, expected {shape}")
+  if n % rows_per_split:
+    raise ValueError(f"batch of {n} rows does not split into {rows_per_split} "
+                     "(mini-batches × micro-batches)")
+
+
+def row_axes(rows_per_micro: int, mesh: Mesh) -> tuple:
+  """Mesh axes for the row dim: the batch axes that divide a micro-batch."""
+  return tuple(sharding.batch_spec(1, rows_per_micro, mesh))
+
+
+def batch_shardings(batch: Any, splits: int, mesh: Mesh) -> Any:
+  """Shardings for a batch split `splits` ways: rows over the batch axes that divide."""
+  row = row_axes(batch.tokens.shape[0] // splits, mesh)
+  return jax.tree.map(
+      lambda x: NamedSharding(mesh, PartitionSpec(*row, *[None] * (x.ndim - 1))), batch)
+
+
+def put_batch(batch: Any, splits: int, mesh: Mesh) -> Any:
+  """Host batch → the mesh in one transfer, laid out for a step that splits it `splits` ways."""
+  check_batch(batch, splits)
+  return jax.device_put(batch, batch_shardings(batch, splits, mesh))
+
+
+def split_rows(x: jax.Array, m: int, a: int, mesh: Mesh) -> jax.Array:
+  """(N, ...) → (M, A, n, ...): row i·M·A + j·A + l goes to mini-batch j, micro-batch l.
+
+  Each micro-batch is thus spread evenly over the devices that hold contiguous row blocks.
+  """
+  n = x.shape[0] // (m * a)
+  x = jnp.moveaxis(x.reshape(n, m, a, *x.shape[1:]), 0, 2)
+  spec = PartitionSpec(None, None, *row_axes(n, mesh), *[None] * (x.ndim - 3))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -1,0 +1,238 @@
+"""Token logprobs, the SFT loss and the GRPO surrogate with k3 KL (advantages: advantages.py).
+
+Dimension letters in tensor names: the table in r1jax/__init__.py.
+
+Definitions (TRL's GRPOTrainer is the per-token reference):
+- logp: log_softmax(logits / temperature)[token] of the *untruncated*
+  temperature-scaled distribution, in f32 from `model.unembed` — the sampler's
+  definition, so a sampler's old logprobs and ours agree for the same params.
+- ratio ρ = exp(logp − old_logp); objective per token
+  min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A), and with dual-clip (Ye et al. 2020)
+  max(that, c·A) where A < 0; loss = −objective + β·k3, with
+  k3 = exp(ref − logp) − (ref − logp) − 1.
+- Token aggregation (`loss_mode`), every one exact under micro-batching because
+  the denominator is taken over the whole mini-batch (`loss_denominator`):
+  "grpo" Σ_i (Σ_t ℓ_it / |o_i|) / #sequences; "bnpo" Σ ℓ / #tokens (DAPO);
+  "dr_grpo" Σ ℓ / (N·T), N the mini-batch's rows and T the padded completion
+  width (the sampler pads to the max length, so the normaliser is constant).
+- Advantages: group mean always; std (ddof 1, + 1e-4) of the group, of the whole
+  rollout's raw rewards (TRL scale_rewards="batch") or none (Dr.GRPO).
+
+Where we differ from TRL, on purpose:
+- "grpo" averages over the sequences that have at least one loss token, not over
+  all rows: masked rows (truncated completions, dropped groups) then do not
+  shrink the step. Unmasked batches give TRL's value exactly.
+- Advantages with several reward components may normalise each component then
+  sum (`reward_norm="per_component"`); TRL only sums then normalises.
+- Values at masked positions are replaced by zeros before `exp`, so garbage
+  (even NaN / inf) in padding never reaches the loss or its gradient.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from r1jax.core import model
+from r1jax.core.config import LOSS_MODES, GRPOConfig, ModelConfig
+
+
+# --- teacher-forced logprobs ---------------------------------------------------
+
+
+def _chunk_logp(params: model.Params, h_NxWxD: jax.Array, tgt_NxW: jax.Array, cfg: ModelConfig,
+                temperature: float) -> tuple[jax.Array, jax.Array]:
+  """Logprob of each target and the entropy, for one chunk of positions."""
+  logits_NxWxV = model.unembed(params, h_NxWxD, cfg) / temperature
+  lsm_NxWxV = jax.nn.log_softmax(logits_NxWxV, axis=-1)
+  # A one-hot reduction instead of a gather: stays local when V is sharded.
+  hit_NxWxV = jnp.arange(lsm_NxWxV.shape[-1]) == tgt_NxW[..., None]
+  logp_NxW = jnp.sum(jnp.where(hit_NxWxV, lsm_NxWxV, 0.0), axis=-1)
+  ent_NxW = -jnp.sum(jnp.exp(lsm_NxWxV) * lsm_NxWxV, axis=-1)
+  return logp_NxW, ent_NxW
+
+
+def chunked_logprobs(params: model.Params, h_NxTxD: jax.Array, tgt_NxT: jax.Array,
+                     cfg: ModelConfig, temperature: float = 1.0,
+                     chunk: int = 128) -> tuple[jax.Array, jax.Array]:
+  """(logp_NxT, entropy_NxT) of targets given the hidden state that predicts each.
+
+  Scans over chunks of `chunk` positions with a rematerialised body, so only
+  one chunk's N·chunk·V f32 logits is ever live, in the forward and backward.
+  """
+  n, t, d = h_NxTxD.shape
+  c = max(1, min(chunk, t))
+  pad = -t % c
+  h_NxTxD = jnp.pad(h_NxTxD, ((0, 0), (0, pad), (0, 0)))
+  tgt_NxT = jnp.pad(tgt_NxT, ((0, 0), (0, pad)))
+  h_UxNxWxD = h_NxTxD.reshape(n, -1, c, d).swapaxes(0, 1)
+  tgt_UxNxW = tgt_NxT.reshape(n, -1, c).swapaxes(0, 1)
+  body = jax.checkpoint(lambda x: _chunk_logp(params, x[0], x[1], cfg, temperature))
+  logp_UxNxW, ent_UxNxW = jax.lax.map(body, (h_UxNxWxD, tgt_UxNxW))
+  unchunk = lambda x: x.swapaxes(0, 1).reshape(n, -1)[:, :t]
+  return unchunk(logp_UxNxW), unchunk(ent_UxNxW)
+
+
+def token_logprobs_and_entropy(params: model.Params, cfg: ModelConfig, tokens_NxQ: jax.Array,
+                               mask_NxQ: jax.Array, completion_start: int,
+                               temperature: float = 1.0,
+                               chunk: int = 128, positions_NxQ: jax.Array | None = None,
+                               segment_ids_NxQ: jax.Array | None = None,
+                               ) -> tuple[jax.Array, jax.Array]:
+  """Teacher-forced (logp_NxT, entropy_NxT) of tokens[:, completion_start:].
+
+  Token j is scored by the hidden state at j − 1 (left-padded prompt, so
+  position completion_start − 1 is the last prompt token). Values at padding
+  positions are finite but meaningless: mask them with the completion mask.
+  """
+  s = int(completion_start)
+  if tokens_NxQ.ndim != 2 or mask_NxQ.shape != tokens_NxQ.shape:
+    raise ValueError(f"tokens {tokens_NxQ.shape} and mask {mask_NxQ.shape} must be equal (N, Q)")
+  if not 1 <= s < tokens_NxQ.shape[1]:
+    raise ValueError(f"completion_start={s} must be in [1, {tokens_NxQ.shape[1]})")
+  h_NxQxD, _ = model.hidden_states(params, tokens_NxQ, cfg, mask_BxT=mask_NxQ,
+                                   positions_BxT=positions_NxQ, segment_ids_BxT=segment_ids_NxQ)
+  return chunked_logprobs(params, h_NxQxD[:, s - 1:-1], tokens_NxQ[:, s:], cfg, temperature,
+                          chunk)
+
+
+def token_logprobs(params: model.Params, cfg: ModelConfig, tokens_NxQ: jax.Array,
+                   mask_NxQ: jax.Array, completion_start: int, temperature: float = 1.0,
+                   chunk: int = 128) -> jax.Array:
+  """Teacher-forced logp_NxT of the completion tokens (see `token_logprobs_and_entropy`)."""
+  return token_logprobs_and_entropy(params, cfg, tokens_NxQ, mask_NxQ, completion_start,
+                                    temperature, chunk)[0]
+
+
+# --- SFT -----------------------------------------------------------------------
+
+
+def sft_loss(params: model.Params, cfg: ModelConfig, tokens_NxQ: jax.Array, mask_NxQ: jax.Array,
+             loss_mask_NxQ: jax.Array, denom: jax.Array | float | None = None,
+             chunk: int = 128, positions_NxQ: jax.Array | None = None,
+             segment_ids_NxQ: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Masked next-token cross-entropy: Σ −logp over loss_mask / denom (default: its count).
+
+  loss_mask[:, j] marks token j as a target (predicted from tokens < j);
+  position 0 has no context and is never a target. Packed rows pass their
+  per-document positions and segment ids, so documents never see each other.
+  """
+  if loss_mask_NxQ.shape != tokens_NxQ.shape:
+    raise ValueError(f"loss_mask {loss_mask_NxQ.shape} must match tokens {tokens_NxQ.shape}")
+  logp_NxT, ent_NxT = token_logprobs_and_entropy(params, cfg, tokens_NxQ, mask_NxQ, 1, 1.0, chunk,
+                                                 positions_NxQ, segment_ids_NxQ)
+  m_NxT = loss_mask_NxQ[:, 1:].astype(bool)
+  ntok = jnp.sum(m_NxT, dtype=jnp.float32)
+  denom = jnp.maximum(ntok, 1.0) if denom is None else denom
+  nll = -jnp.sum(jnp.where(m_NxT, logp_NxT, 0.0))
+  sums = {"nll": nll, "entropy": jnp.sum(jnp.where(m_NxT, ent_NxT, 0.0)), "tokens": ntok}
+  return nll / denom, sums
+
+
+# --- GRPO surrogate ------------------------------------------------------------
+
+
+def per_token_loss(logp_NxT: jax.Array, old_logp_NxT: jax.Array, adv_N: jax.Array,
+                   mask_NxT: jax.Array, cfg: GRPOConfig,
+                   ref_logp_NxT: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """ℓ_NxT = −objective + β·k3 (zero off the mask) and per-token stats for metrics."""
+  m = mask_NxT.astype(bool)
+  lp = jnp.where(m, logp_NxT, 0.0)
+  log_ratio = lp - jnp.where(m, jax.lax.stop_gradient(old_logp_NxT), 0.0)
+  ratio = jnp.exp(log_ratio)
+  a = adv_N.astype(jnp.float32)[:, None]
+  obj = jnp.minimum(ratio * a, jnp.clip(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high) * a)
+  stats = {"ratio": ratio, "approx_kl_old": ratio - 1 - log_ratio,
+           "clip_low": (ratio < 1 - cfg.eps_low) & (a < 0),
+           "clip_high": (ratio > 1 + cfg.eps_high) & (a > 0)}
+  if cfg.dual_clip:
+    floor = cfg.dual_clip * a
+    stats["clip_dual"] = (a < 0) & (obj < floor)
+    obj = jnp.where(a < 0, jnp.maximum(obj, floor), obj)
+  stats["surrogate"] = obj
+  loss = -obj
+  if ref_logp_NxT is not None:
+    d = jnp.where(m, jax.lax.stop_gradient(ref_logp_NxT), 0.0) - lp
+    k3 = jnp.exp(d) - d - 1
+    stats["kl"] = k3
+    if cfg.beta:  # with β = 0 a given reference is only a metric
+      loss = loss + cfg.beta * k3
+  return jnp.where(m, loss, 0.0), {k: jnp.where(m, v, 0) for k, v in stats.items()}
+
+
+def loss_denominator(mask_NxT: jax.Array, mode: str) -> jax.Array:
+  """The mini-batch-wide normaliser of the token-loss sum, for `mode`."""
+  m = mask_NxT.astype(bool)
+  if mode == "grpo":
+    return jnp.maximum(jnp.sum(jnp.any(m, axis=-1), dtype=jnp.float32), 1.0)
+  if mode == "bnpo":
+    return jnp.maximum(jnp.sum(m, dtype=jnp.float32), 1.0)
+  if mode == "dr_grpo":
+    return jnp.asarray(float(np.prod(m.shape)), jnp.float32)
+  raise ValueError(f"unknown loss mode {mode!r}; known: {LOSS_MODES}")
+
+
+def token_weights(mask_NxT: jax.Array, mode: str, denom: jax.Array) -> jax.Array:
+  """w_NxT with loss = Σ w·ℓ: the mask, / |o_i| for "grpo", / the mini-batch denominator."""
+  if mode not in LOSS_MODES:
+    raise ValueError(f"unknown loss mode {mode!r}; known: {LOSS_MODES}")
+  w = mask_NxT.astype(jnp.float32)
+  if mode == "grpo":
+    w = w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1.0)
+  return w / denom
+
+
+def effective_mask(completion_mask_NxT: jax.Array, truncated_N: jax.Array | None,
+                   cfg: GRPOConfig) -> jax.Array:
+  """The loss mask: completion tokens, minus truncated completions if configured."""
+  m = completion_mask_NxT.astype(bool)
+  if cfg.mask_truncated and truncated_N is not None:
+    m = m & ~truncated_N.astype(bool)[:, None]
+  return m
+
+
+def grpo_loss(logp_NxT: jax.Array, old_logp_NxT: jax.Array, adv_N: jax.Array,
+              mask_NxT: jax.Array, cfg: GRPOConfig, ref_logp_NxT: jax.Array | None = None,
+              denom: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Scalar GRPO loss and metric sums; `denom` defaults to this batch's own.
+
+  Pass the mini-batch's `loss_denominator` when this is one micro-batch of it:
+  the micro-batch losses (and gradients) then sum to the mini-batch's.
+  """
+  _check_shapes(logp_NxT, old_logp_NxT, adv_N, mask_NxT, ref_logp_NxT)
+  denom = loss_denominator(mask_NxT, cfg.loss_mode) if denom is None else denom
+  loss_NxT, stats = per_token_loss(logp_NxT, old_logp_NxT, adv_N, mask_NxT, cfg, ref_logp_NxT)
+  loss = jnp.sum(token_weights(mask_NxT, cfg.loss_mode, denom) * loss_NxT)
+  m = mask_NxT.astype(bool)
+  sums = {k: jnp.sum(v, dtype=jnp.float32) for k, v in stats.items()}
+  sums["tokens"] = jnp.sum(m, dtype=jnp.float32)
+  sums["ratio_min"] = jnp.min(jnp.where(m, stats["ratio"], jnp.inf))
+  sums["ratio_max"] = jnp.max(jnp.where(m, stats["ratio"], -jnp.inf))
+  return loss, sums
+
+
+def _check_shapes(logp, old, adv, mask, ref) -> None:
+  n_t = logp.shape
+  if len(n_t) != 2:
+    raise ValueError(f"logp must be (N, T), got {n_t}")
+  for name, x in (("old_logp", old), ("mask", mask), ("ref_logp", ref)):
+    if x is not None and x.shape != n_t:
+      raise ValueError(f"{name} has shape {x.shape}, expected {n_t} like logp")
+  if adv.shape != n_t[:1]:
+    raise ValueError(f"advantages have shape {adv.shape}, expected ({n_t[0]},)")
+
+
+def grpo_metrics(loss: jax.Array, sums: dict[str, jax.Array],
+                 update_metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """One GRPO update's metrics: token sums as per-token means, ratio extremes, clip fractions."""
+  out = dict(update_metrics)
+  tokens = jnp.maximum(sums["tokens"], 1.0)
+  out.update({name: v / tokens for name, v in sums.items()
+              if name not in ("tokens", "ratio_min", "ratio_max")})
+  out.update(loss=loss, tokens=sums["tokens"], ratio_min=sums["ratio_min"],
+             ratio_max=sums["ratio_max"], ratio_mean=out.pop("ratio"),
+             clip_frac_low=out.pop("clip_low"), clip_frac_high=out.pop("clip_high"))
+  if "clip_dual" in out:
+    out["clip_frac_dual"] = out.pop("clip_dual")
+  return out

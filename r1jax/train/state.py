@@ -1,0 +1,75 @@
+"""The train state every stage updates, the optimizer, and where their arrays live on the mesh.
+
+`TrainState` is a plain pytree (params, optimizer state, step) passed to pure jitted functions.
+The optimizer is AdamW after global-norm clipping, with a warmup + constant / cosine schedule.
+`state_shardings` lays optimizer moments out exactly like their params and replicates the
+rest, so a policy, a reference and a reward model share one layout rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from r1jax.core import model
+from r1jax.core.config import OptConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+  """Everything one update changes."""
+
+  params: Any  # sharded by the model's logical axes (model.param_axes, or an RM's rm_axes)
+  opt_state: Any  # optax state: param-shaped leaves sharded like params, the rest replicated
+  step: jax.Array  # () int32: optimizer updates applied (skipped ones excluded)
+
+
+def lr_schedule(o: OptConfig) -> Callable[[jax.Array], jax.Array]:
+  """lr(step): linear warmup lr·(step+1)/warmup, then constant or cosine to final_lr_ratio·lr."""
+
+  def schedule(step):
+    s = jnp.asarray(step, jnp.float32)
+    lr = o.lr * (jnp.minimum(1.0, (s + 1) / o.warmup_steps) if o.warmup_steps else 1.0)
+    if o.schedule == "cosine":
+      frac = jnp.clip((s - o.warmup_steps) / (o.total_steps - o.warmup_steps), 0.0, 1.0)
+      lr = lr * (o.final_lr_ratio + (1 - o.final_lr_ratio) * 0.5 * (1 + jnp.cos(math.pi * frac)))
+    return lr
+
+  return schedule
+
+
+def _decay_mask(params: Any) -> Any:
+  """True on matrices: norms and biases get no weight decay."""
+  flat = model.flatten(params)
+  return model.unflatten({n: "norm" not in n and "bias" not in n for n in flat})
+
+
+def make_optimizer(o: OptConfig) -> optax.GradientTransformation:
+  """Global-norm clip, then AdamW (decay on matrices only: norms and biases excluded)."""
+  return optax.chain(
+      optax.clip_by_global_norm(o.grad_clip) if o.grad_clip else optax.identity(),
+      optax.scale_by_adam(o.b1, o.b2, o.eps),
+      optax.add_decayed_weights(o.weight_decay, _decay_mask) if o.weight_decay
+      else optax.identity(),
+      optax.scale_by_learning_rate(lr_schedule(o)))
+
+
+def init_state(tx: optax.GradientTransformation, params: Any) -> TrainState:
+  """Step 0 of `params` under optimizer `tx` (pure: jit it with the state shardings)."""
+  return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+
+
+def state_shardings(tx: optax.GradientTransformation, abstract_params: Any, param_shardings: Any,
+                    mesh: Mesh) -> TrainState:
+  """TrainState of shardings: moments like their params, counts and the step replicated."""
+  rep = NamedSharding(mesh, PartitionSpec())
+  opt = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params),
+                              param_shardings, transform_non_params=lambda _: rep)
+  return TrainState(param_shardings, opt, rep)

@@ -1,0 +1,47 @@
+"""Helpers for tests that run `python -m r1jax.main` in a subprocess and interrupt it."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start(*args: str) -> subprocess.Popen:
+  """`python -m r1jax.main ARGS` on 8 fake CPU devices, output captured."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  return subprocess.Popen([sys.executable, "-m", "r1jax.main", *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+  """Its output, once it exited 0."""
+  out, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, out[-4000:]
+  return out
+
+
+def wait_for_checkpoint(proc, workdir: Path, step: int, timeout: float = 300) -> None:
+  """Blocks until checkpoint `step` is committed (orbax renames its temp dir on commit)."""
+  deadline = time.monotonic() + timeout
+  target = workdir / "checkpoints" / str(step)
+  while not target.is_dir():
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended before step {step}: {proc.stdout.read()[-4000:]}")
+    assert time.monotonic() < deadline, f"no checkpoint {step} after {timeout} s"
+    time.sleep(0.02)
+
+
+def saved_steps(workdir: Path) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def assert_bit_exact(a, b) -> None:
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
