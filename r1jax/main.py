@@ -5,11 +5,20 @@ Parses the (locked) experiment config with absl's config_flags, so
 On multi-host TPU / GPU slices pass `--distributed` to initialise
 `jax.distributed` first; on a CPU-only machine `--cpu_devices=N` gives the
 mesh one device per core. Then it dispatches on `config.stage`.
+
+Exit status: 0 when the stage finished; EXIT_PREEMPTED (75, EX_TEMPFAIL) when it stopped on
+SIGTERM after saving a checkpoint, so a scheduler or retry loop restarts it (re-running the
+same command resumes); 1 on an error.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import jax
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -27,6 +36,48 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "0 keeps JAX's default. No effect on GPU/TPU.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: "try again later"
+
+
+def _config_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Every dotted field path of a ConfigDict (groups and leaves)."""
+  out = []
+  for key, value in config.items():
+    path = f"{prefix}{key}"
+    out.append(path)
+    if isinstance(value, ml_collections.ConfigDict):
+      out += _config_paths(value, path + ".")
+  return out
+
+
+def check_argv(argv: list[str]) -> str | None:
+  """A clear message for a missing config file or an override under the wrong group, else None.
+
+  absl reports both with a traceback whose last line hides the cause; this runs first.
+  """
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None:
+    return None  # absl says the flag is required
+  path, _, arg = spec.partition(":")
+  if not Path(path).is_file():
+    return f"no such config file: {path}"
+  module_spec = importlib.util.spec_from_file_location("_r1jax_experiment", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  paths = set(_config_paths(config))
+  for a in argv:
+    if not a.startswith("--config."):
+      continue
+    field = a[len("--config."):].split("=", 1)[0]
+    if field in paths:
+      continue
+    homes = sorted(p for p in paths if p.endswith("." + field))
+    if homes:
+      return (f"--config.{field}: {path} has no field {field!r}; it lives at "
+              + " or ".join(f"--config.{h}" for h in homes))
+  return None
+
 
 def main(argv):
   if len(argv) > 1:
@@ -37,8 +88,15 @@ def main(argv):
     jax.distributed.initialize()
   logging.info("process %d/%d, %d devices (%s)", jax.process_index(), jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)
-  run(_CONFIG.value, _WORKDIR.value)
+  summary = run(_CONFIG.value, _WORKDIR.value)
+  if isinstance(summary, dict) and summary.get("preempted"):
+    logging.warning("preempted: checkpoint saved; exiting %d so the run is restarted",
+                    EXIT_PREEMPTED)
+    sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":
+  problem = check_argv(sys.argv[1:])
+  if problem:
+    sys.exit(problem)
   app.run(main)

@@ -12,6 +12,19 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
+def config_file(config, path: Path) -> Path:
+  """An experiment file that rebuilds `config` (so a subprocess runs exactly it)."""
+  (path.parent / "config.json").write_text(config.to_json())
+  path.write_text(
+      "import json, pathlib, ml_collections\n"
+      "def get_config(arg=None):\n"
+      f"  d = json.loads(pathlib.Path({str(path.parent / 'config.json')!r}).read_text())\n"
+      "  c = ml_collections.ConfigDict(d)\n"
+      "  c.lock()\n"
+      "  return c\n")
+  return path
+
+
 def start(*args: str) -> subprocess.Popen:
   """`python -m r1jax.main ARGS` on 8 fake CPU devices, output captured."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
@@ -20,10 +33,10 @@ def start(*args: str) -> subprocess.Popen:
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
-  """Its output, once it exited 0."""
+def finish(proc: subprocess.Popen, timeout: float = 600, returncode: int = 0) -> str:
+  """Its output, once it exited with `returncode` (0: finished; 75: preempted)."""
   out, _ = proc.communicate(timeout=timeout)
-  assert proc.returncode == 0, out[-4000:]
+  assert proc.returncode == returncode, (proc.returncode, out[-4000:])
   return out
 
 

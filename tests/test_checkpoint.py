@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,7 @@ def test_train_checkpointer_round_trip_keep_n_and_nan_refusal(tmp_path):
   np.testing.assert_array_equal(np.asarray(state["w"]), np.full((4, 3), 3.0))
   with pytest.raises(ValueError, match="does not match"):
     ck.restore({"w": jax.numpy.zeros((5, 3)), "step": jax.numpy.zeros((), jax.numpy.int32)})
+  assert ck.latest_step() == 3  # a shape mismatch is the run's config: nothing is set aside
   ck.close()
   assert checkpoint.TrainCheckpointer(tmp_path / "empty").restore(_state(0.0)) is None
 
@@ -119,3 +121,58 @@ def test_preemption_turns_sigterm_into_a_flag():
     os.kill(os.getpid(), signal.SIGTERM)
     assert p.requested
   assert signal.getsignal(signal.SIGTERM) == before
+
+
+def _largest_array_file(step_dir):
+  return max((p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)),
+             key=lambda p: p.stat().st_size)
+
+
+def _truncate(path):
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+DAMAGE = {
+    "truncated array file": lambda d: _truncate(_largest_array_file(d)),
+    "deleted array file": lambda d: _largest_array_file(d).unlink(),
+    "truncated state metadata": lambda d: _truncate(d / "state" / "_METADATA"),
+    "deleted extra metadata": lambda d: (d / "extra" / "metadata").unlink(),
+    "empty step folder": lambda d: (shutil.rmtree(d), d.mkdir()),
+}
+REASONS = {"truncated array file": "bytes; the save wrote", "deleted array file": "is missing",
+           "truncated state metadata": "does not parse", "deleted extra metadata": "is missing",
+           "empty step folder": "empty step folder"}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_newest_step_is_set_aside_and_the_previous_restores(tmp_path, damage):
+  ck = checkpoint.TrainCheckpointer(tmp_path / "checkpoints", keep=3)
+  for step in (1, 2):
+    ck.save(step, _state(float(step)), {"data": {"consumed": step}})
+  ck.close()
+  assert (tmp_path / "checkpoints" / "2" / checkpoint.FILE_LIST).is_file()
+  DAMAGE[damage](tmp_path / "checkpoints" / "2")
+  ck = checkpoint.TrainCheckpointer(tmp_path / "checkpoints", keep=3)
+  step, state, extra = ck.restore(_state(0.0))
+  assert step == 1 and extra == {"data": {"consumed": 1}}
+  np.testing.assert_array_equal(np.asarray(state["w"]), np.full((4, 3), 1.0))
+  aside = tmp_path / checkpoint.SET_ASIDE
+  assert (aside / "2").is_dir()  # moved, never deleted
+  assert REASONS[damage] in (aside / "2.reason.txt").read_text()
+  assert ck.manager.all_steps() == [1]
+  ck.save(2, _state(5.0), {"data": {"consumed": 2}})  # the step number can be written again
+  ck.close()
+
+
+def test_no_restorable_step_fails_listing_each_reason(tmp_path):
+  ck = checkpoint.TrainCheckpointer(tmp_path / "checkpoints", keep=3)
+  for step in (1, 2):
+    ck.save(step, _state(float(step)), {})
+  ck.close()
+  _truncate(tmp_path / "checkpoints" / "2" / "state" / "_METADATA")
+  (tmp_path / "checkpoints" / "1" / "extra" / "metadata").unlink()
+  with pytest.raises(RuntimeError, match=r"step 2: state/_METADATA does not parse.*; "
+                                         r"step 1: extra/metadata is missing"):
+    checkpoint.TrainCheckpointer(tmp_path / "checkpoints").restore(_state(0.0))
+  assert sorted(p.name for p in (tmp_path / checkpoint.SET_ASIDE).iterdir()) == [
+      "1", "1.reason.txt", "2", "2.reason.txt"]

@@ -116,3 +116,15 @@ def test_main_rejects_bad_mesh(tmp_path):
   out = _main("--config=experiments/tiny.py", f"--workdir={tmp_path}",
               "--config.mesh.shape=(3,1,1)")
   assert out.returncode != 0 and "needs 3 devices, but 8 are available" in out.stderr
+
+
+def test_main_names_a_missing_config_file_and_a_field_under_the_wrong_group(tmp_path):
+  missing = _main("--config=experiments/nope.py", f"--workdir={tmp_path}")
+  assert missing.returncode != 0
+  assert missing.stderr.strip().splitlines()[0] == "no such config file: experiments/nope.py"
+  wrong = _main("--config=experiments/tiny_zero.py:quick", f"--workdir={tmp_path}",
+                "--config.grpo.beta=0.1")
+  assert wrong.returncode != 0
+  assert ("--config.grpo.beta: experiments/tiny_zero.py has no field 'grpo.beta'; it lives at "
+          "--config.rl.grpo.beta") in wrong.stderr
+  assert not (tmp_path / "config.json").exists()  # refused before any work

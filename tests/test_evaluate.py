@@ -169,10 +169,24 @@ def test_grade_file_bad_input_is_counted_not_fatal(tmp_path, pool):
   assert r.missing_ids == ["c"] and r.unmatched_ids == ["zzz"] and r.skipped == 1
   table = r.to_markdown()
   assert "4 malformed completion lines" in table and "1 rows without completions" in table
+  # The row without completions counts as wrong: (1/2 + 1/2 + 0) / 3, not the graded 1/2.
+  s = r.summary()
+  assert s["questions"] == 3 and s["graded"] == 2 and s["missing"] == 1
+  assert s["pass@1"] == pytest.approx(1 / 3) and s["cons@k"] == pytest.approx(2 / 3)
   assert er.Report.from_json(r.to_json(tmp_path / "r.json")).malformed_lines == [3, 6, 7, 8]
   empty = grade_file(bench, write_jsonl(tmp_path / "none.jsonl", ["oops"]), pool=pool)
   assert empty.questions == [] and empty.malformed_lines == [1] and len(empty.missing_ids) == 3
-  assert "| bench | all | 0 |" in empty.to_markdown()
+  assert empty.summary()["pass@1"] == 0.0 and empty.summary()["questions"] == 3
+  assert "| bench | all | 3 | | 0.0 | 0.0 | 0.0 | |" in empty.to_markdown()
+
+
+def test_grade_file_refuses_duplicate_benchmark_ids(tmp_path):
+  bench = write_jsonl(tmp_path / "b.jsonl", [{"id": 1, "question": "q", "answer": "1"},
+                                             {"id": 2, "question": "r", "answer": "2"},
+                                             {"id": 1, "question": "q again", "answer": "1"}])
+  comps = write_jsonl(tmp_path / "c.jsonl", [{"id": 1, "completion": "\\boxed{1}"}])
+  with pytest.raises(ValueError, match=r"1 duplicate row ids \(first: \['1'\]\)"):
+    grade_file(bench, comps)
 
 
 def test_grade_file_missing_files(tmp_path):
@@ -203,6 +217,12 @@ def test_cli_writes_reports_and_defines_no_flags_on_import(tmp_path):
   bad = subprocess.run([sys.executable, "-m", "r1jax.evaluation", f"--benchmark={bench}"],
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "completions" in bad.stderr
+  # Completions for another benchmark: nothing graded is an error, not a score of 0.
+  other = write_jsonl(tmp_path / "other.jsonl", [{"id": "x9", "completion": "\\boxed{1}"}])
+  none = subprocess.run([sys.executable, "-m", "r1jax.evaluation", f"--benchmark={bench}",
+                         f"--completions={other}", f"--out={tmp_path / 'none'}", "--workers=1"],
+                        capture_output=True, text=True, timeout=300)
+  assert none.returncode == 1 and "nothing was graded for aime_mini" in none.stderr
 
 
 # ---------------------------------------------------------------------------------- generation

@@ -3,8 +3,10 @@
 import importlib.util
 import json
 
-from r1jax.stages import pipeline
+import pytest
+
 from r1jax import stages
+from r1jax.stages import pipeline
 from tiny_world import MODEL
 
 REPO_EXPERIMENTS = pipeline.__file__.rsplit("/r1jax/", 1)[0] + "/experiments"
@@ -71,3 +73,31 @@ def test_pipeline_runs_every_stage_and_reruns_resume(tmp_path):
   again = stages.run(c, str(tmp_path))  # every stage done: nothing is retrained
   assert base_final.stat().st_mtime_ns == stamp
   assert again["held_out"] == out["held_out"]
+  # Changed settings are refused, naming the fields, never reported under the old results.
+  more = _toy(_tiny_zero())
+  more.unlock()
+  more.rl.steps, more.rl.opt.lr = 3, 1e-3
+  with pytest.raises(ValueError, match=r"rl\.opt\.lr: 0\.0002 -> 0\.001; rl\.steps: 2 -> 3.*"
+                                       r"allow_changes=rl\.opt\.lr,rl\.steps"):
+    stages.run(more, str(tmp_path))
+  assert json.loads((tmp_path / "rl" / "config.json").read_text())["steps"] == 2
+  # Allowed: the rl stage resumes from its last checkpoint and trains on to the new end.
+  more.rl.opt.lr = c.rl.opt.lr
+  more.allow_changes = "rl.steps"
+  longer = stages.run(more, str(tmp_path))
+  assert longer["final_step"] == "step_000003" and base_final.stat().st_mtime_ns == stamp
+  assert json.loads((tmp_path / "rl" / "summary.json").read_text())["resumed_from"] == 2
+
+
+def test_a_bad_later_stage_value_fails_before_the_first_stage(tmp_path):
+  c = _toy(_tiny_zero())
+  c.unlock()
+  c.rl.grpo.loss_mode = "bogus"
+  with pytest.raises(ValueError, match="grpo.loss_mode='bogus'"):
+    stages.run(c, str(tmp_path))
+  assert not (tmp_path / "data").exists() and not (tmp_path / "base").exists()
+  c.rl.grpo.loss_mode = "bnpo"
+  c.rl.rewards.components = [{"name": "acuracy", "weight": 1.0}]
+  with pytest.raises(ValueError, match="acuracy"):
+    stages.run(c, str(tmp_path))
+  assert not (tmp_path / "data").exists()

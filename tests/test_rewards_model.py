@@ -20,6 +20,8 @@ from r1jax.rewards import reward_model as rm
 from r1jax.stages.reward_model import RMTrainer, pair_batch
 from r1jax.train.state import TrainState
 
+from r1jax.main import EXIT_PREEMPTED
+
 import main_runs
 
 CFG = ModelConfig(vocab_size=128, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8,
@@ -270,12 +272,12 @@ def test_sigkill_then_resume_is_bit_exact(rm_world, uninterrupted, tmp_path):
   main_runs.assert_bit_exact(_rm_params(uninterrupted[1]), _rm_params(workdir))
 
 
-def test_sigterm_saves_exits_zero_and_resumes(rm_world, uninterrupted, tmp_path):
+def test_sigterm_saves_exits_75_and_resumes(rm_world, uninterrupted, tmp_path):
   workdir = tmp_path / "w"
   proc = _start(rm_world, workdir)
   main_runs.wait_for_checkpoint(proc, workdir, 4)
   proc.send_signal(signal.SIGTERM)
-  main_runs.finish(proc)
+  main_runs.finish(proc, returncode=EXIT_PREEMPTED)  # saved, then "try again later"
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["preempted"] is True and summary["step"] < 60
   assert main_runs.saved_steps(workdir)[-1] == summary["step"]  # the step it stopped at was checkpointed

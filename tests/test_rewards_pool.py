@@ -174,6 +174,23 @@ def test_workers_that_cannot_start_break_the_pool_loudly(tmp_path):
       out.stdout + out.stderr[-2000:])
 
 
+def test_unguarded_script_gets_an_exception_not_a_wrong_reward(tmp_path):
+  """accuracy_reward from a script without a __main__ guard used to return 0.0 for a correct
+  answer (every worker re-ran the script and died); now the first call raises, with the fix."""
+  script = tmp_path / "score.py"
+  script.write_text(
+      "import sys\n"
+      f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+      "from r1jax.rewards.math import accuracy_reward\n"
+      "print('VALUE', accuracy_reward('so \\\\boxed{4}', '4'), flush=True)\n")
+  out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=180, check=False, cwd=tmp_path)
+  assert "VALUE" not in out.stdout, out.stdout
+  assert out.returncode != 0
+  assert "RewardPoolBroken: RewardPool is broken" in out.stderr, out.stderr[-3000:]
+  assert "if __name__ == '__main__':" in out.stderr
+
+
 def test_task_whose_module_cannot_load_fails_alone(pool, monkeypatch):
   """A function the worker cannot import is that task's error; the worker keeps serving."""
   module = types.ModuleType("r1jax_parent_only_module")  # Exists in this process only.

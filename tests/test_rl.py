@@ -20,6 +20,8 @@ from r1jax.rewards import registry
 from r1jax.stages import rl
 from r1jax.train import advantages
 from r1jax.train.trainer import Trainer
+from r1jax.main import EXIT_PREEMPTED
+
 import main_runs
 from tiny_world import make_world, rl_test_config
 STEPS = 8
@@ -28,19 +30,6 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
   return make_world(tmp_path_factory.mktemp("world"))
-
-
-def _config_file(config, path: Path) -> Path:
-  """An experiment file that rebuilds `config` (so a subprocess runs exactly it)."""
-  (path.parent / "config.json").write_text(config.to_json())
-  path.write_text(
-      "import json, pathlib, ml_collections\n"
-      "def get_config(arg=None):\n"
-      f"  d = json.loads(pathlib.Path({str(path.parent / 'config.json')!r}).read_text())\n"
-      "  c = ml_collections.ConfigDict(d)\n"
-      "  c.lock()\n"
-      "  return c\n")
-  return path
 
 
 def _start(config_path: Path, workdir: Path) -> subprocess.Popen:
@@ -55,7 +44,7 @@ def _final_params(workdir: Path):
 @pytest.fixture(scope="module")
 def uninterrupted(world, tmp_path_factory):
   root = tmp_path_factory.mktemp("full")
-  config_path = _config_file(rl_test_config(world, steps=STEPS), root / "exp.py")
+  config_path = main_runs.config_file(rl_test_config(world, steps=STEPS), root / "exp.py")
   main_runs.finish(_start(config_path, root / "run"))
   return config_path, _final_params(root / "run"), root / "run"
 
@@ -88,13 +77,13 @@ def test_sigkill_then_resume_is_bit_exact(uninterrupted, tmp_path):
   main_runs.assert_bit_exact(want, _final_params(run))
 
 
-def test_sigterm_saves_exits_zero_and_resumes(uninterrupted, tmp_path):
+def test_sigterm_saves_exits_75_and_resumes(uninterrupted, tmp_path):
   config_path, want, _ = uninterrupted
   run = tmp_path / "run"
   proc = _start(config_path, run)
   main_runs.wait_for_checkpoint(proc, run, 1)
   proc.send_signal(signal.SIGTERM)
-  main_runs.finish(proc)  # exit code 0
+  main_runs.finish(proc, returncode=EXIT_PREEMPTED)  # saved, then "try again later"
   summary = json.loads((run / "summary.json").read_text())
   assert summary["preempted"] is True and summary["step"] < STEPS
   assert main_runs.saved_steps(run)[-1] == summary["step"]  # the step it stopped at was checkpointed

@@ -1,18 +1,22 @@
 """The SFT stage: exact packing (segments never see each other), loss goes down, resume, errors."""
 
 import json
+import shutil
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax.core import checkpoint
-from r1jax.train import losses
-from r1jax.core import model
 from r1jax import stages
+from r1jax.core import checkpoint, model
 from r1jax.core.config import ModelConfig
 from r1jax.core.metrics import read_metrics
+from r1jax.train import losses
+
+import main_runs
+from test_checkpoint import DAMAGE
 from tiny_world import make_world, sft_test_config
 
 CFG = ModelConfig(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8,
@@ -55,9 +59,20 @@ def test_packed_loss_equals_the_documents_scored_alone():
   assert abs(float(leaky["nll"]) - nll) > 1e-3
 
 
-def test_sft_stage_learns_and_resumes_exactly(world, tmp_path):
-  full = stages.run(sft_test_config(world, steps=6), str(tmp_path / "full"))
-  records = read_metrics(tmp_path / "full" / "metrics.jsonl")
+@pytest.fixture(scope="module")
+def full_run(world, tmp_path_factory):
+  """6 SFT steps, a checkpoint every 2: the run every resumed one must reproduce."""
+  path = tmp_path_factory.mktemp("sft_full") / "full"
+  return stages.run(sft_test_config(world, steps=6), str(path)), path
+
+
+def _final(run):
+  return checkpoint.load_params(run / "final")[1]
+
+
+def test_sft_stage_learns_and_resumes_exactly(world, full_run, tmp_path):
+  full, full_path = full_run
+  records = read_metrics(full_path / "metrics.jsonl")
   assert [r["step"] for r in records] == list(range(1, 7))
   assert records[-1]["loss"] < records[0]["loss"] - 0.3
   assert records[-1]["data/documents"] > 0 and full["final"]
@@ -65,12 +80,25 @@ def test_sft_stage_learns_and_resumes_exactly(world, tmp_path):
   stages.run(sft_test_config(world, steps=4), str(tmp_path / "split"))
   resumed = stages.run(sft_test_config(world, steps=6), str(tmp_path / "split"))
   assert resumed["resumed_from"] == 4
-  _, want = checkpoint.load_params(tmp_path / "full" / "final")
-  _, got = checkpoint.load_params(tmp_path / "split" / "final")
-  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  main_runs.assert_bit_exact(_final(full_path), _final(tmp_path / "split"))
   summary = json.loads((tmp_path / "split" / "summary.json").read_text())
   assert summary["step"] == 6
+
+
+@pytest.mark.parametrize("damage", ["truncated array file", "deleted array file",
+                                    "truncated state metadata", "empty step folder"])
+def test_damaged_latest_checkpoint_resumes_from_the_previous_one(world, full_run, tmp_path,
+                                                                 damage):
+  """One bad write must not become a crash loop: step 6 is set aside and 4 resumes."""
+  _, full_path = full_run
+  run = tmp_path / "run"
+  shutil.copytree(full_path, run)
+  shutil.rmtree(run / "final")  # as if killed after the last checkpoint was (badly) written
+  DAMAGE[damage](run / "checkpoints" / "6")
+  summary = stages.run(sft_test_config(world, steps=6), str(run))
+  assert summary["resumed_from"] == 4 and summary["step"] == 6
+  assert (run / checkpoint.SET_ASIDE / "6").is_dir()
+  main_runs.assert_bit_exact(_final(full_path), _final(run))
 
 
 def test_sft_bad_input(world, tmp_path):
@@ -92,3 +120,21 @@ def test_sft_bad_input(world, tmp_path):
   assert summary["data_exhausted"] and summary["step"] < 20
   assert summary["data/malformed_json"] == 1 and summary["data/bad_type"] == 1
   assert summary["data/documents"] == 30
+
+
+@pytest.mark.parametrize("epochs", [0, 1])
+def test_sft_with_no_usable_rows_fails_fast_and_writes_nothing(world, tmp_path, epochs):
+  """A CSV given as training data: every row is bad. It used to spin forever (epochs 0) or
+  write untrained weights as final/ (epochs 1); now it is a clear error within seconds."""
+  csv = tmp_path / "train.csv"
+  csv.write_text("question,answer\n" + "\n".join(f"q{i},{i}" for i in range(40)) + "\n")
+  c = sft_test_config(world)
+  c.data.train, c.data.epochs = str(csv), epochs
+  t0 = time.monotonic()
+  proc = main_runs.start(f"--config={main_runs.config_file(c, tmp_path / 'exp.py')}",
+                         f"--workdir={tmp_path / 'w'}")
+  out, _ = proc.communicate(timeout=120)  # a hang fails here instead of stalling the suite
+  assert proc.returncode == 1, out[-3000:]
+  assert "no usable rows in" in out and "malformed_json" in out, out[-3000:]
+  assert time.monotonic() - t0 < 90
+  assert not (tmp_path / "w" / "final").exists()

@@ -129,6 +129,55 @@ def _all_finite(tree: Any) -> bool:
   return bool(all(jnp.all(jnp.isfinite(x)) for x in leaves))
 
 
+# Files every committed step holds, and the file list r1jax adds once a save has finished.
+_REQUIRED = ("_CHECKPOINT_METADATA", "state/_METADATA", "extra/metadata")
+_JSON_FILES = ("state/_METADATA", "extra/metadata")
+FILE_LIST = "r1jax_files.json"
+SET_ASIDE = "checkpoints_set_aside"  # beside the checkpoints folder: damaged steps, kept
+
+
+def step_problem(step_dir: Path) -> str | None:
+  """Why a committed step folder cannot be restored, or None if it looks whole.
+
+  Checks that the folder holds files, that orbax's metadata and our JSON extras exist and
+  parse, and that every file the save wrote (FILE_LIST, written once the save finished) is
+  still there with its size: a truncated or deleted array file is caught before orbax reads it.
+  """
+  if not step_dir.is_dir() or not any(step_dir.iterdir()):
+    return "empty step folder"
+  for rel in _REQUIRED:
+    if not (step_dir / rel).is_file():
+      return f"{rel} is missing"
+  for rel in _JSON_FILES:
+    try:
+      json.loads((step_dir / rel).read_text())
+    except ValueError as e:
+      return f"{rel} does not parse ({e})"
+  listed = step_dir / FILE_LIST
+  if listed.is_file():
+    try:
+      sizes = json.loads(listed.read_text())
+    except ValueError as e:
+      return f"{FILE_LIST} does not parse ({e})"
+    for rel, size in sizes.items():
+      path = step_dir / rel
+      if not path.is_file():
+        return f"{rel} is missing"
+      if path.stat().st_size != size:
+        return f"{rel} has {path.stat().st_size} bytes; the save wrote {size}"
+  return None
+
+
+def _file_sizes(step_dir: Path) -> dict[str, int]:
+  return {str(p.relative_to(step_dir)): p.stat().st_size for p in sorted(step_dir.rglob("*"))
+          if p.is_file() and p.name != FILE_LIST}
+
+
+def _is_shape_mismatch(error: Exception) -> bool:
+  """orbax's error for a stored array whose shape is not the target's (a config problem)."""
+  return isinstance(error, ValueError) and "not compatible with the stored shape" in str(error)
+
+
 class TrainCheckpointer:
   """Orbax CheckpointManager for a loop: a state pytree plus JSON extras (data iterator).
 
@@ -146,6 +195,7 @@ class TrainCheckpointer:
         best_mode=best_mode, keep_checkpoints_without_metrics=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self.best_metric = best_metric
+    self._unlisted: list[int] = []  # saved steps whose file list is not written yet
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -159,29 +209,88 @@ class TrainCheckpointer:
       return False
     if not self.best_metric or not metrics or self.best_metric not in metrics:
       metrics = None
-    return self.manager.save(step, args=ocp.args.Composite(
+    self.check()
+    saved = self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)),
         metrics=metrics, force=force)
+    if saved:
+      self._unlisted.append(step)
+    return saved
 
-  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict] | None:
-    """(step, state, extra) of `step` (default: latest), laid out like `abstract_state`."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      return None
+  def check(self) -> None:
+    """Raises if an earlier asynchronous save failed (with its cause); lists finished saves.
+
+    A failed save never replaces a good step (orbax commits by renaming a finished temp
+    folder), so the run stops here and a re-run resumes from the last good step.
+    """
+    try:
+      self.manager.check_for_errors()
+    except Exception as e:  # orbax re-raises the writer thread's error, whatever its type
+      raise RuntimeError(f"saving a checkpoint to {self.directory} failed: "
+                         f"{type(e).__name__}: {e}") from e
+    if self._unlisted and not self.manager.is_saving_in_progress():
+      self._write_file_lists()
+
+  def _write_file_lists(self) -> None:
+    for step in self._unlisted:
+      step_dir = self.directory / str(step)
+      if jax.process_index() == 0 and step_dir.is_dir():
+        (step_dir / FILE_LIST).write_text(json.dumps(_file_sizes(step_dir)))
+    self._unlisted = []
+
+  def restore(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+    """(step, state, extra) of the newest step that restores, laid out like `abstract_state`.
+
+    A damaged step (see `step_problem`, or one orbax fails to read) is logged and moved aside
+    to SET_ASIDE (never deleted), and the previous kept step is tried. A step whose arrays
+    have other shapes than the run's is a configuration error: it raises at once. None for
+    a fresh run; RuntimeError listing each step's reason when no step restores.
+    """
     target = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
         abstract_state)
-    try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
-    except ValueError as e:
-      raise ValueError(f"checkpoint {self.directory}/{step} does not match this run's "
-                       f"model/optimizer shapes: {e}") from None
-    return step, out["state"], out["extra"]
+    reasons = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      problem = step_problem(self.directory / str(step))
+      if problem is None:
+        try:
+          out = self.manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
+          return step, out["state"], out["extra"]
+        except Exception as e:  # pylint: disable=broad-except  (any read error: damaged)
+          if _is_shape_mismatch(e):
+            raise ValueError(f"checkpoint {self.directory}/{step} does not match this run's "
+                             f"model/optimizer shapes: {e}") from None
+          problem = f"orbax could not read it: {type(e).__name__}: {str(e)[:300]}"
+      reasons.append(f"step {step}: {problem}")
+      self._set_aside(step, problem)
+    if reasons:
+      raise RuntimeError(f"no checkpoint in {self.directory} could be restored (each was moved "
+                         f"to {self.directory.parent / SET_ASIDE}): " + "; ".join(reasons))
+    return None
+
+  def _set_aside(self, step: int, problem: str) -> None:
+    """Moves a damaged step out of the manager's sight, with the reason beside it."""
+    log.error("checkpoint %s/%d is damaged (%s): moved aside; trying the previous step",
+              self.directory, step, problem)
+    if jax.process_index() == 0:
+      aside = self.directory.parent / SET_ASIDE
+      aside.mkdir(exist_ok=True)
+      dest = aside / str(step)
+      n = 1
+      while dest.exists():
+        dest, n = aside / f"{step}.{n}", n + 1
+      (self.directory / str(step)).rename(dest)
+      (aside / f"{dest.name}.reason.txt").write_text(problem + "\n")
+    self.manager.reload()
 
   def wait(self) -> None:
+    """Blocks until pending saves are written, then raises if one failed."""
     self.manager.wait_until_finished()
+    self.check()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()

@@ -323,6 +323,7 @@ def ckpt_group(**overrides) -> ml_collections.ConfigDict:
   """The `ckpt` config group: cadence, retention and best-metric checkpoints."""
   c = ml_collections.ConfigDict()
   c.every = 50  # steps between checkpoints (SIGTERM and the last step always save)
+  c.every_minutes = 10.0  # also save when this much wall time passed since the last save; 0 off
   c.keep = 2  # newest checkpoints kept
   c.async_save = True  # orbax writes in the background while training goes on
   c.best_metric = ""  # also keep the best step by this metric (e.g. eval/held_out/pass@1)

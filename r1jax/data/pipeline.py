@@ -215,6 +215,9 @@ class SFTPipeline:
                         "shuffle": shuffle, "num_epochs": num_epochs,
                         "shard": [self.shard_index, self.shard_count],
                         "batch_size": batch_size, "seq_len": seq_len, "window": self.window}
+    # Records in one pass over this host's shard: that many bad ones in a row means none is
+    # usable, which must fail loudly rather than spin (repeating epochs) or end silently.
+    self.pass_records = len(range(self.shard_index, len(source), self.shard_count))
     ds = _stream(source, seed, shuffle, num_epochs)
     ds = ds.slice(slice(self.shard_index, None, self.shard_count))
     self._ds = ds.map(self.encode)
@@ -278,6 +281,9 @@ class SFTPipeline:
     return SFTIterator(self)
 
 
+_PACKING_COUNTS = ("documents", "truncated", "tokens", "target_tokens", "padding")
+
+
 class SFTIterator:
   """Yields packed batch dicts (see SFTPipeline); get_state() / set_state() are JSON-able.
 
@@ -292,6 +298,7 @@ class SFTIterator:
     self._window: list[tuple[int, dict, dict]] = []
     self._next_record = 0
     self._exhausted = False
+    self._bad_run = 0  # bad records read since the last good one
     self._logged: set[tuple[int, str]] = set()
     self.counts: collections.Counter = collections.Counter()  # Reasons, truncated, documents, …
 
@@ -310,19 +317,33 @@ class SFTIterator:
     return self._next_record - 1, state, doc
 
   def _refill(self) -> None:
-    """Reads until the window holds `window` good documents; bad ones are counted and logged."""
+    """Reads until the window holds `window` good documents; bad ones are counted and logged.
+
+    Raises ValueError when a whole pass over the shard (or the whole data) held no usable row.
+    """
     while len(self._window) < self.p.window and not self._exhausted:
       record = self._read()
       if record is None:
-        return
+        break
       doc = record[2]
       if "bad" not in doc:
         self._window.append(record)
+        self._bad_run = 0
         continue
+      self._bad_run += 1
       self.counts[doc["bad"]] += 1
       if (doc["line"], doc["bad"]) not in self._logged:  # Once per process, not per epoch.
         self._logged.add((doc["line"], doc["bad"]))
         log_bad_row(self.p.path, BadRow(doc["line"], doc["bad"], doc["detail"]))
+      if self._bad_run >= self.p.pass_records:
+        self._no_usable_rows()
+    if self._exhausted and not self._window and not self.counts["documents"]:
+      self._no_usable_rows()
+
+  def _no_usable_rows(self) -> None:
+    skipped = {k: v for k, v in self.counts.items() if k not in _PACKING_COUNTS}
+    raise ValueError(f"no usable rows in {self.p.path}: a whole pass over its "
+                     f"{self.p.pass_records} records held none (skipped: {skipped})")
 
   def __next__(self) -> dict[str, np.ndarray]:
     b, p = self.p.batch_size, self.p.seq_len

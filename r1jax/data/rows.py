@@ -299,3 +299,15 @@ def load_rows(path: str | Path, adapter: str = "auto",
   if bad:
     log.warning("%s: %d rows loaded, %d skipped", path, len(rows), len(bad))
   return rows, bad
+
+
+def check_unique_ids(rows: list[dict], source: str | Path) -> None:
+  """A benchmark whose ids repeat would grade (and count) those rows twice: refuse it."""
+  seen, repeated = set(), []
+  for row in rows:
+    if row["id"] in seen:
+      repeated.append(row["id"])
+    seen.add(row["id"])
+  if repeated:
+    raise ValueError(f"{source}: {len(repeated)} duplicate row ids (first: "
+                     f"{sorted(set(repeated))[:5]}); ids must be unique to grade by id")

@@ -1,11 +1,13 @@
 """`python -m r1jax.evaluation`: grade completion files against benchmarks.
 
-Writes OUT/<benchmark>.json and OUT/report.md (see evaluation/external.py).
+Writes OUT/<benchmark>.json and OUT/report.md (see evaluation/external.py). Rows without
+completions count as wrong; the exit status is 1 when a benchmark had nothing to grade.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -42,6 +44,9 @@ def main(argv: Sequence[str]) -> None:
   table = markdown_table(reports)
   (Path(f.out) / "report.md").write_text(table)
   print(table, flush=True)
+  empty = [r.benchmark for r in reports if not r.questions]
+  if empty:  # a typo'd or mismatched file must not look like a (zero) score
+    sys.exit(f"nothing was graded for {', '.join(empty)}: no completion id matched a row")
 
 
 if __name__ == "__main__":

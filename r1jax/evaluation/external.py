@@ -42,8 +42,13 @@ def read_completions(path: str | Path) -> tuple[dict[str, list[str]], list[int]]
 def grade_file(benchmark_path: str | Path, completions_path: str | Path, *,
                adapter: str = "auto", workers: int | None = None, timeout_s: float = 10.0,
                pool: pool_lib.RewardPool | None = None) -> Report:
-  """Grades a jsonl of {"id", "completions"} (or {"id", "completion"}) lines against a benchmark."""
+  """Grades a jsonl of {"id", "completions"} (or {"id", "completion"}) lines against a benchmark.
+
+  Rows without completions are listed in `missing_ids` and count as wrong in the headline;
+  a benchmark with repeated ids is refused.
+  """
   rows, bad_rows = datasets.load_rows(benchmark_path, adapter)
+  datasets.check_unique_ids(rows, benchmark_path)
   by_id, malformed = read_completions(completions_path)
   name, known = benchmark_name(benchmark_path), {r["id"] for r in rows}
   graded = [r for r in rows if by_id.get(r["id"])]

@@ -48,18 +48,26 @@ def pass_at_k(n: int, c: int, k: int) -> float:
   return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def aggregate(questions: Sequence[QuestionResult]) -> dict[str, Any]:
-  """Summary numbers of a set of graded questions (k = the fewest samples any question has)."""
+def aggregate(questions: Sequence[QuestionResult], missing: int = 0) -> dict[str, Any]:
+  """Summary numbers of a set of graded questions (k = the fewest samples any question has).
+
+  `missing` benchmark rows had no completions at all: they count as wrong in pass@1, pass@k
+  and cons@k (and in `questions`), so a partial file can never raise the headline.
+  """
   if not questions:
-    return {"questions": 0}
+    return {"questions": missing, "graded": 0, "missing": missing,
+            **({"pass@1": 0.0, "pass@k": 0.0, "cons@k": 0.0} if missing else {})}
   k = min(q.n for q in questions)
-  per_q = np.array([np.mean(q.correct) for q in questions])
-  out = {"questions": len(questions), "samples": sum(q.n for q in questions), "k": k,
+  zeros = [0.0] * missing
+  per_q = np.array([np.mean(q.correct) for q in questions] + zeros)
+  out = {"questions": len(per_q), "graded": len(questions), "missing": missing,
+         "samples": sum(q.n for q in questions), "k": k,
          "pass@1": float(per_q.mean()),
          "pass@1_stderr": float(per_q.std(ddof=1) / math.sqrt(len(per_q))) if len(per_q) > 1
          else 0.0,
-         "pass@k": float(np.mean([pass_at_k(q.n, sum(q.correct), k) for q in questions])),
-         "cons@k": float(np.mean([q.majority_correct for q in questions])),
+         "pass@k": float(np.mean([pass_at_k(q.n, sum(q.correct), k) for q in questions]
+                                 + zeros)),
+         "cons@k": float(np.mean([q.majority_correct for q in questions] + zeros)),
          "extracted": float(np.mean([a is not None for q in questions for a in q.answers])),
          "grading_errors": sum(q.grading_errors for q in questions)}
   if any(q.n != k for q in questions):
@@ -91,7 +99,8 @@ class Report:
   completions: list[list[str]] | None = None  # raw texts (generation); not in the JSON
 
   def summary(self) -> dict[str, Any]:
-    return aggregate(self.questions)
+    """The headline: rows without completions (missing_ids) count as wrong."""
+    return aggregate(self.questions, missing=len(self.missing_ids))
 
   def breakdown(self) -> dict[str, dict[str, dict[str, Any]]]:
     """field -> value -> summary, for each BREAKDOWN_FIELD with at least two values."""
@@ -150,8 +159,9 @@ def markdown_table(reports: Sequence[Report]) -> str:
   notes = []
 
   def row(name, subset, s):
-    if not s["questions"]:
-      lines.append(f"| {name} | {subset} | 0 | | | | | |")
+    if not s.get("graded", s["questions"]):  # nothing graded: all wrong if rows were missing
+      zero = f" {_pct(0.0)} |" if s["questions"] else " |"
+      lines.append(f"| {name} | {subset} | {s['questions']} | |{zero * 3} |")
       return
     lines.append(f"| {name} | {subset} | {s['questions']} | {s['k']} | {_pct(s['pass@1'])} ± "
                  f"{_pct(s['pass@1_stderr'])} | {_pct(s['pass@k'])} | {_pct(s['cons@k'])} | "
@@ -163,7 +173,8 @@ def markdown_table(reports: Sequence[Report]) -> str:
     for field, groups in r.breakdown().items():
       for value, g in groups.items():
         row(r.benchmark, f"{field} {value}", g)
-    facts = [f"{len(r.missing_ids)} rows without completions" if r.missing_ids else "",
+    facts = [f"{len(r.missing_ids)} rows without completions (counted as wrong)"
+             if r.missing_ids else "",
              f"{len(r.unmatched_ids)} completion ids not in the benchmark"
              if r.unmatched_ids else "",
              f"{r.skipped} rows skipped" if r.skipped else "",

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from r1jax.core.config import ModelConfig
 from r1jax.core.tokenizer import Tokenizer
-from r1jax.data.rows import load_rows
+from r1jax.data.rows import check_unique_ids, load_rows
 from r1jax.evaluation.evaluate import benchmark_name, evaluate, summary_metrics
 from r1jax.evaluation.report import Report
 from r1jax.generation.engine import Engine
@@ -97,6 +97,7 @@ def load_sets(e: ml_collections.ConfigDict) -> tuple[EvalSet, ...]:
   out = []
   for path, name in zip(paths, names):
     rows, bad = load_rows(path, e.get("adapter", "auto"), limit=e.limit or None)
+    check_unique_ids(rows, path)
     out.append(EvalSet(name, path, rows, len(bad)))
   return tuple(out)
 

@@ -221,7 +221,8 @@ class PendingRewards:
       outcome = future.result()
       pool_cpu_s += outcome.cpu_s
       key = self._scorer.components[ci].key
-      components[key][si] = outcome.value
+      # A broken pool stops the caller (RL stops the run): no reward was computed at all.
+      components[key][si] = outcome.value_or_raise()
       failed[key][si] = not outcome.ok
     total = np.zeros(n, np.float32)
     for c in self._scorer.components:

@@ -34,6 +34,7 @@ from typing import Any, Callable
 _log = logging.getLogger(__name__)
 _IN_WORKER = False
 _READY = "ready"
+_BROKEN = "pool broken: "
 # This many workers in a row dying before they are ready means they can never start.
 _MAX_STARTUP_FAILURES = 3
 # Modules imported once in the forkserver so that every (re)started worker has them ready.
@@ -57,6 +58,21 @@ class Outcome:
   @property
   def ok(self) -> bool:
     return self.error is None
+
+  @property
+  def pool_broken(self) -> bool:
+    """The pool could not run the task at all (a setup bug, not this sample's failure)."""
+    return self.error is not None and self.error.startswith(_BROKEN)
+
+  def value_or_raise(self) -> Any:
+    """The value (the fallback for a failed task); raises RewardPoolBroken if no worker ran."""
+    if self.pool_broken:
+      raise RewardPoolBroken("RewardPool is broken: " + self.error[len(_BROKEN):])
+    return self.value
+
+
+class RewardPoolBroken(RuntimeError):
+  """Reward workers cannot run at all (for example the main module is not import-safe)."""
 
 
 @dataclasses.dataclass
@@ -160,9 +176,10 @@ class RewardPool:
                  self.fallback if fallback is None else fallback,
                  getattr(fn, "__qualname__", repr(fn)))
     with self._lock:
+      if self._broken:
+        raise RewardPoolBroken(f"RewardPool is broken: {self._broken}")
       if self._closed:
-        raise RuntimeError("RewardPool is " + (f"broken: {self._broken}" if self._broken
-                                                else "closed"))
+        raise RuntimeError("RewardPool is closed")
       self._tasks[payload_id] = task
       self._pending.append(payload_id)
       self.stats["submitted"] += 1
@@ -170,8 +187,14 @@ class RewardPool:
     return future
 
   def run(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
-    """Blocking submit: the value, or the fallback if the task failed."""
-    return self.submit(fn, *args, **kwargs).result().value
+    """Blocking submit: the value, or the fallback if the task failed.
+
+    Raises RewardPoolBroken when the pool cannot run tasks at all: a reward computed by no
+    worker is never reported as the fallback value.
+    """
+    if self._broken:
+      raise RewardPoolBroken(f"RewardPool is broken: {self._broken}")
+    return self.submit(fn, *args, **kwargs).result().value_or_raise()
 
   def close(self) -> None:
     """Stops the dispatcher, resolves queued tasks to their fallback, and kills the workers."""
@@ -248,7 +271,7 @@ class RewardPool:
     _log.error("RewardPool broken: %s", reason)
     self._broken, self._closed = reason, True
     for task_id in list(self._tasks):
-      self._resolve(task_id, None, f"pool broken: {reason}")
+      self._resolve(task_id, None, _BROKEN + reason)
 
   def _dispatch_loop(self) -> None:
     try:

@@ -1,7 +1,8 @@
 """The stages of the R1 recipe, one file each, and the registry `r1jax.main` dispatches on.
 
-A stage is a module with `run(config, workdir) -> dict` (its summary). Adding one means one
-new file here and one line in STAGES. Kept apart from r1jax.main so pipelines and tests can
+A stage is a module with `run(config, workdir) -> dict` (its summary) and, optionally,
+`validate(config)` (checks without running). Adding one means one new file here and one line
+in STAGES. Kept apart from r1jax.main so pipelines and tests can
 run stages without absl flag state. Stages compose the layers below them; nothing below
 imports a stage.
 """
@@ -36,3 +37,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> object:
     (path / "config.json").write_text(config.to_json_best_effort(indent=2))
   module, fn = STAGES[config.stage].split(":")
   return getattr(importlib.import_module(module), fn)(config, path)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks a stage config without running it (types, enums, names), where the stage can.
+
+  A stage module may define `validate(config)`; pipelines call this for every stage first.
+  """
+  if config.stage not in STAGES:
+    raise ValueError(f"unknown stage {config.stage!r}; known: {sorted(STAGES)}")
+  module = importlib.import_module(STAGES[config.stage].split(":")[0])
+  if hasattr(module, "validate"):
+    module.validate(config)

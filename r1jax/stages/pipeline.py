@@ -63,15 +63,21 @@ def _run_stage(name: str, config, workdir: Path) -> dict:
 def prepare_data(s: ml_collections.ConfigDict, out_dir: Path, seed: int) -> dict[str, str]:
   """Synthetic problems, corpus and tokenizer in out_dir (skipped when already there)."""
   done = out_dir / "done.json"
+  settings = {"synthetic": s.to_dict(), "seed": seed}
   if done.exists():
-    return json.loads(done.read_text())
+    out = json.loads(done.read_text())
+    changes = config_changes(out.pop("settings", settings), settings, "")
+    if changes:
+      raise ValueError(f"{out_dir} was generated with other settings: {'; '.join(changes)}. "
+                       "Use a new --workdir: every later stage was trained on that data.")
+    return out
   paths = synthetic.write_dataset(out_dir, corpus_docs=s.corpus_docs,
                                   train_problems=s.train_problems,
                                   held_out_problems=s.held_out_problems, seed=seed)
   model = train_sentencepiece(synthetic.tokenizer_texts(paths["corpus"]), out_dir / "tokenizer",
                               s.vocab_size)
   out = {k: str(v) for k, v in paths.items()} | {"tokenizer": str(model)}
-  done.write_text(json.dumps(out, indent=2))
+  done.write_text(json.dumps({**out, "settings": settings}, indent=2))
   return out
 
 
@@ -130,19 +136,58 @@ def _report_md(cmp: dict[str, Any], rl_summary: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+  """'field: old -> new' for every leaf that differs between two JSON config dicts."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    return [change for key in sorted(set(old) | set(new))
+            for change in config_changes(old.get(key), new.get(key), f"{prefix}{key}.")]
+  return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def _changed_since_last_run(name: str, config, stage_dir: Path, allowed: set[str]) -> bool:
+  """Whether a stage that already ran here must run again for allowed changes.
+
+  A finished (or partly run) stage whose recorded config differs in any other field stops
+  the pipeline, naming the fields, instead of reporting stale results under a new config.
+  """
+  recorded = stage_dir / "config.json"
+  if not recorded.exists():
+    return False
+  changes = config_changes(json.loads(recorded.read_text()),
+                           json.loads(config.to_json_best_effort()), f"{name}.")
+  refused = [c for c in changes if c.split(":", 1)[0] not in allowed]
+  if refused:
+    fields = ",".join(c.split(":", 1)[0] for c in refused)
+    raise ValueError(
+        f"{stage_dir} was run with other settings: {'; '.join(refused)}. Use a new --workdir, "
+        f"or continue this run with --config.allow_changes={fields} (for example after "
+        "raising rl.steps: the stage resumes from its checkpoints)")
+  return bool(changes)
+
+
+def validate(config) -> None:
+  """Every stage config resolves and type-checks before the first stage runs."""
+  for name in ("base", "rl"):
+    stages.validate(resolve(config[name], Path("/nonexistent-workdir")))
+
+
 def run(config, workdir: Path) -> dict:
   """Runs data → base → rl → report for a pipeline config (see experiments/tiny_zero.py)."""
   workdir = Path(workdir).absolute()
+  validate(config)  # a bad later-stage value fails now, not after hours of earlier stages
+  allowed = {f.strip() for f in config.get("allow_changes", "").split(",") if f.strip()}
+  base, rl = resolve(config.base, workdir), resolve(config.rl, workdir)
+  base_dir, rl_dir = workdir / "base", workdir / "rl"
+  rerun = {name: _changed_since_last_run(name, c, d, allowed)
+           for name, c, d in (("base", base, base_dir), ("rl", rl, rl_dir))}
   summary: dict[str, Any] = {"stage": "pipeline"}
   summary["data"] = prepare_data(config.synthetic, workdir / "data", config.seed)
-  base_dir = workdir / "base"
-  if not _final_done(base_dir):
-    if _run_stage("base", resolve(config.base, workdir), base_dir).get("preempted"):
+  if not _final_done(base_dir) or rerun["base"]:
+    if _run_stage("base", base, base_dir).get("preempted"):
       return {**summary, "preempted": True}
-  rl_dir = workdir / "rl"
   rl_summary = {}
-  if not _final_done(rl_dir):
-    rl_summary = _run_stage("rl", resolve(config.rl, workdir), rl_dir)
+  if not _final_done(rl_dir) or rerun["rl"]:
+    rl_summary = _run_stage("rl", rl, rl_dir)
   elif (rl_dir / "summary.json").exists():
     rl_summary = json.loads((rl_dir / "summary.json").read_text())
   if rl_summary.get("preempted"):

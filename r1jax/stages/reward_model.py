@@ -30,7 +30,7 @@ from r1jax.data.preferences import encode_pairs, load_pairs
 from r1jax.rewards.reward_model import bradley_terry, init_rm, rm_axes, save_rm, score
 from r1jax.train import batches as batches_lib
 from r1jax.train.batches import PairBatch
-from r1jax.train.loop import TrainLoop
+from r1jax.train.loop import TrainLoop, refuse_untrained
 from r1jax.train.state import TrainState, init_state, lr_schedule, make_optimizer, state_shardings
 from r1jax.train.update import UpdateStep, jit_donated
 
@@ -160,6 +160,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
       if loop.end_step(step, metrics, state, {"pairs_seen": step * d.batch}):
         break
     if loop.completed and step == config.steps:
+      refuse_untrained(state, workdir)
       loop.summary["checkpoint"] = str(save_rm(workdir / "reward_model", state.params, cfg))
     summary = loop.finish(step)
   print(json.dumps(summary, default=float), flush=True)

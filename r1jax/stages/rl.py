@@ -32,17 +32,18 @@ import numpy as np
 from r1jax.core import checkpoint, sharding
 from r1jax.core import metrics as metrics_lib
 from r1jax.core.config import (GRPOConfig, ModelConfig, eval_group, grpo_config, grpo_group,
-                               model_group, opt_config, opt_group, stage_group)
-from r1jax.core.tokenizer import Tokenizer, load_tokenizer, tokenizer_path
+                               model_config, model_group, opt_config, opt_group, stage_group)
+from r1jax.core.tokenizer import TEMPLATES, Tokenizer, load_tokenizer, tokenizer_path
 from r1jax.core.weights import check_vocab, load_model
 from r1jax.data.pipeline import PromptIterator, PromptPipeline
+from r1jax.data.rows import ADAPTERS
 from r1jax.evaluation import suite as suite_lib
 from r1jax.generation.engine import Engine, Samples
-from r1jax.generation.sampler import STOP_REASONS
-from r1jax.rewards.compose import RewardBatch, RewardScorer, reward_inputs
+from r1jax.generation.sampler import STOP_REASONS, SamplingParams
+from r1jax.rewards.compose import RewardBatch, RewardScorer, parse_spec, reward_inputs
 from r1jax.train import advantages as adv_lib
 from r1jax.train import batches as batches_lib
-from r1jax.train.loop import TrainLoop
+from r1jax.train.loop import TrainLoop, refuse_untrained
 from r1jax.train.state import TrainState
 from r1jax.train.trainer import Trainer
 
@@ -150,8 +151,30 @@ class UpdateBatch:
   live: int  # leading groups with a learning signal; the rest are masked filler
 
 
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Type-checks an rl config without running it: what is knowable before earlier stages."""
+  grpo = grpo_config(config.grpo)
+  opt_config(config.opt)
+  model_config(config.model)
+  parse_spec(config.rewards)  # reward names, weights, tasks, fields
+  s = config.sampler
+  SamplingParams(temperature=grpo.temperature, top_p=s.top_p, top_k=s.top_k,
+                 max_new_tokens=s.max_new_tokens)
+  for where, template in (("data", config.data.template), ("eval", config.eval.template)):
+    if template not in TEMPLATES:
+      raise ValueError(f"rl: {where}.template {template!r} not in {sorted(TEMPLATES)}")
+  if config.data.adapter != "auto" and config.data.adapter not in ADAPTERS:
+    raise ValueError(f"rl: data.adapter {config.data.adapter!r} not in "
+                     f"{['auto', *sorted(ADAPTERS)]}")
+  rows, splits = config.data.batch * grpo.group_size, grpo.minibatches * grpo.microbatches
+  if config.data.batch < 1 or rows % splits:
+    raise ValueError(f"rl: data.batch × grpo.group_size = {rows} rows do not split into "
+                     f"grpo.minibatches × grpo.microbatches = {splits}")
+
+
 def setup(config: ml_collections.ConfigDict, workdir: Path) -> RLRun:
   """Everything one run holds fixed. Bad input fails here, before any device work."""
+  validate(config)
   grpo = grpo_config(config.grpo)
   mesh = sharding.make_mesh(config.mesh.shape)
   tok = load_tokenizer(tokenizer_path(config))
@@ -353,6 +376,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
       if loop.end_step(step, metrics, _tree(state, ref), extra):
         break
     if loop.completed and step == config.steps:
+      refuse_untrained(state, workdir)
       loop.summary["final"] = str(checkpoint.save_params(workdir / "final", state.params,
                                                           rl.cfg))
     return loop.finish(step)

@@ -20,12 +20,12 @@ import numpy as np
 
 from r1jax.core import checkpoint as ckpt_lib
 from r1jax.core import sharding
-from r1jax.core.config import opt_config, opt_group, stage_group
-from r1jax.core.tokenizer import load_tokenizer, tokenizer_path
+from r1jax.core.config import model_config, opt_config, opt_group, stage_group
+from r1jax.core.tokenizer import TEMPLATES, load_tokenizer, tokenizer_path
 from r1jax.core.weights import check_vocab, load_model
 from r1jax.data import pipeline as data_lib
 from r1jax.train.batches import sft_batch
-from r1jax.train.loop import TrainLoop
+from r1jax.train.loop import TrainLoop, refuse_untrained
 from r1jax.train.trainer import Trainer
 
 
@@ -43,6 +43,21 @@ def sft_config(steps: int = 1000) -> ml_collections.ConfigDict:
   return c
 
 
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Type-checks an sft config without running it: what is knowable before earlier stages."""
+  opt_config(config.opt)
+  model_config(config.model)
+  d = config.data
+  if d.batch < 1 or d.seq_len < 2 or config.steps < 0 or d.epochs < 0:
+    raise ValueError(f"sft: need data.batch >= 1, data.seq_len >= 2, steps >= 0 and "
+                     f"data.epochs >= 0, got {d.batch}, {d.seq_len}, {config.steps}, {d.epochs}")
+  if d.template and d.template not in TEMPLATES:
+    raise ValueError(f"sft: data.template {d.template!r} not in {sorted(TEMPLATES)}")
+  if config.microbatches < 1 or d.batch % config.microbatches:
+    raise ValueError(f"sft: data.batch {d.batch} does not split into microbatches="
+                     f"{config.microbatches}")
+
+
 def _metrics(train: dict, counts: dict, seconds: float, tokens: int) -> dict[str, float]:
   out = {k: float(np.mean(np.asarray(v))) for k, v in train.items()}
   out["skipped"] = float(np.sum(np.asarray(train["skipped"])))
@@ -53,6 +68,7 @@ def _metrics(train: dict, counts: dict, seconds: float, tokens: int) -> dict[str
 
 def run(config, workdir: Path) -> dict:
   """Trains config.model on config.data.train for config.steps packed batches."""
+  validate(config)
   d = config.data
   mesh = sharding.make_mesh(config.mesh.shape)
   tok = load_tokenizer(tokenizer_path(config))
@@ -95,5 +111,6 @@ def run(config, workdir: Path) -> dict:
     if loop.summary.get("data_exhausted") and step > start and loop.ckpt.latest_step() != step:
       loop.ckpt.save(step, state, {"data": it.get_state()}, force=True)
     if loop.completed:
+      refuse_untrained(state, workdir)
       loop.summary["final"] = str(ckpt_lib.save_params(workdir / "final", state.params, cfg))
     return loop.finish(step)

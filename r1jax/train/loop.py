@@ -1,15 +1,17 @@
 """What every training loop shares: resume, periodic / preemption checkpoints, logging, summary.
 
-`TrainLoop` owns the orbax manager, the SIGTERM flag and the metrics writer, so the SFT, RL and
-reward-model loops only say what one step does. Per step the loop calls `end_step(step, metrics, state,
-extra)`, which logs, prints the progress line, checkpoints when due (always on SIGTERM and at
-the last step) and tells the caller whether to stop.
+`TrainLoop` owns the orbax manager, the SIGTERM flag and the metrics writer, so the SFT, RL
+and reward-model loops only say what one step does. Per step the loop calls
+`end_step(step, metrics, state, extra)`, which logs, prints the progress line, checkpoints when
+due (`save_due`: by steps, by wall time, half-way, always on SIGTERM and at the last step)
+and tells the caller whether to stop.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ class TrainLoop:
 
   def __enter__(self) -> TrainLoop:
     self.preemption = ckpt_lib.Preemption().__enter__()
+    self._last_save = time.monotonic()
     self.writer = metrics_lib.MetricsWriter(self.workdir, tensorboard=self.config.tensorboard)
     return self
 
@@ -67,19 +70,33 @@ class TrainLoop:
   def end_step(self, step: int, metrics: dict, state: Any, extra: dict) -> bool:
     """Logs step `step`, checkpoints if due; True when the loop must stop (SIGTERM)."""
     c = self.config
+    self.ckpt.check()  # an earlier asynchronous save that failed stops the run here, loudly
     self.writer.write(step, metrics)
     self.last_metrics = metrics
     if (c.log_every and step % c.log_every == 0) or step == c.steps:
       print(f"[{self.stage}] " + metrics_lib.progress_line(step, metrics), flush=True)
     stop = _any_host(self.preemption.requested)
     saved = False
-    if stop or (c.ckpt.every and step % c.ckpt.every == 0) or step == c.steps:
+    if stop or self.save_due(step):
       saved = self.ckpt.save(step, state, extra, metrics=metrics, force=stop)
+      self._last_save = time.monotonic()
     if stop:
       log.warning("%s: SIGTERM at step %d; %s, exiting", self.stage, step,
                   "checkpoint saved" if saved else "NO checkpoint (state not finite)")
       self.summary["preempted"] = True
     return stop
+
+  def save_due(self, step: int) -> bool:
+    """Whether `step` checkpoints: every `ckpt.every` steps, every `ckpt.every_minutes` of wall
+    time, once half-way when the step cadence would not save before the last step, and at
+    the last step. A kill therefore loses at most about that much work."""
+    c, ck = self.config, self.config.ckpt
+    if step == c.steps or (ck.every and step % ck.every == 0):
+      return True
+    if (not ck.every or ck.every >= c.steps) and step == max(1, c.steps // 2):
+      return True
+    minutes = ck.get("every_minutes", 0.0)
+    return bool(minutes) and time.monotonic() - self._last_save >= 60.0 * minutes
 
   def finish(self, step: int) -> dict:
     """Writes summary.json (last step's metrics included) and returns it."""
@@ -93,3 +110,10 @@ class TrainLoop:
   def completed(self) -> bool:
     """The run reached config.steps (not preempted)."""
     return not self.summary.get("preempted")
+
+
+def refuse_untrained(state: Any, workdir: Path) -> None:
+  """A stage never writes final/ (the next stage's starting point) without one update applied."""
+  if int(jax.device_get(state.step)) == 0:
+    raise RuntimeError(f"{workdir}: no optimizer update was applied (no usable data, or every "
+                       "update skipped as non-finite); refusing to write final/ untrained weights")
