@@ -29,9 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = "pipeline"  # data -> base (sft) -> rl -> report, see r1jax/stages/pipeline.py
   c.seed = 0  # seeds the synthetic data, the init, data order and sampling
-  # A re-run in the same workdir refuses changed settings of a stage that already ran; list
-  # the fields to accept (e.g. "rl.steps" to train on from the last checkpoint).
-  c.allow_changes = ""
+  c.allow_changes = ""  # fields a re-run may change in a stage that ran, e.g. "rl.steps"
 
   c.synthetic = ml_collections.ConfigDict()
   c.synthetic.corpus_docs = 20000 if quick else 120000  # pretraining documents

@@ -81,6 +81,7 @@ def test_pipeline_runs_every_stage_and_reruns_resume(tmp_path):
                                        r"allow_changes=rl\.opt\.lr,rl\.steps"):
     stages.run(more, str(tmp_path))
   assert json.loads((tmp_path / "rl" / "config.json").read_text())["steps"] == 2
+  assert json.loads((tmp_path / "config.json").read_text())["rl"]["steps"] == 2  # not rewritten
   # Allowed: the rl stage resumes from its last checkpoint and trains on to the new end.
   more.rl.opt.lr = c.rl.opt.lr
   more.allow_changes = "rl.steps"
@@ -100,4 +101,8 @@ def test_a_bad_later_stage_value_fails_before_the_first_stage(tmp_path):
   c.rl.rewards.components = [{"name": "acuracy", "weight": 1.0}]
   with pytest.raises(ValueError, match="acuracy"):
     stages.run(c, str(tmp_path))
-  assert not (tmp_path / "data").exists()
+  c.rl.rewards.components = [{"name": "accuracy", "weight": 1.0}]
+  c.rl.eval.benchmarks = str(tmp_path / "no_such_benchmark.jsonl")
+  with pytest.raises(FileNotFoundError, match="rl.eval.benchmarks: .*no_such_benchmark"):
+    stages.run(c, str(tmp_path))
+  assert not (tmp_path / "data").exists() and not (tmp_path / "config.json").exists()

@@ -181,3 +181,16 @@ def test_submit_returns_before_rewards_finish(pool):
   batch = pending.result()
   assert submitted < batch.seconds / 4  # 24 sandboxed runs take far longer than submitting.
   np.testing.assert_array_equal(batch.components["code"], [1.0] * 4)
+
+
+def test_a_broken_pool_stops_scoring_instead_of_filling_fallbacks():
+  """RL must stop when no worker can run (a setup bug), not train on fallback rewards."""
+  # A task that failed on its own keeps its fallback; one no worker could run raises.
+  assert pool_lib.Outcome(0.0, "timeout after 10s", 10.0).value_or_raise() == 0.0
+  with pytest.raises(pool_lib.RewardPoolBroken, match="RewardPool is broken: no workers"):
+    pool_lib.Outcome(0.0, "pool broken: no workers", 0.0).value_or_raise()
+  with pool_lib.RewardPool(num_workers=1, timeout_s=20) as broken:
+    with broken._lock:  # what the dispatcher does when workers die before they start
+      broken._break("workers die before they start (simulated)")
+    with pytest.raises(pool_lib.RewardPoolBroken, match="simulated"):
+      compose.RewardScorer(SPEC, pool=broken).score(SAMPLES)

@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import signal
+import subprocess
 import time
 
 import jax
@@ -13,6 +15,7 @@ from r1jax import stages
 from r1jax.core import checkpoint, model
 from r1jax.core.config import ModelConfig
 from r1jax.core.metrics import read_metrics
+from r1jax.main import EXIT_PREEMPTED
 from r1jax.train import losses
 
 import main_runs
@@ -138,3 +141,49 @@ def test_sft_with_no_usable_rows_fails_fast_and_writes_nothing(world, tmp_path, 
   assert "no usable rows in" in out and "malformed_json" in out, out[-3000:]
   assert time.monotonic() - t0 < 90
   assert not (tmp_path / "w" / "final").exists()
+
+
+def test_a_full_disk_stops_the_run_loudly_and_the_last_good_step_resumes(world, full_run,
+                                                                          tmp_path):
+  """A save that fails (no space left) must stop the run at the next step boundary with the
+  cause, not be noticed saves later; the steps saved before it stay restorable."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  # Room for about two of this model's checkpoints (~0.7 MB each), then ENOSPC.
+  subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1800k", "tmpfs", str(disk)], check=True)
+  c = sft_test_config(world, steps=6)
+  c.ckpt.update(every=1, keep=10)
+  try:
+    proc = main_runs.start(f"--config={main_runs.config_file(c, tmp_path / 'exp.py')}",
+                           f"--workdir={disk / 'run'}")
+    out, _ = proc.communicate(timeout=300)
+    shutil.copytree(disk / "run", tmp_path / "run", ignore=shutil.ignore_patterns("*tmp*"))
+  finally:
+    subprocess.run(["umount", str(disk)], check=True)
+  assert proc.returncode == 1, out[-3000:]
+  assert "saving a checkpoint to" in out and "No space left on device" in out, out[-3000:]
+  saved = main_runs.saved_steps(tmp_path / "run")
+  assert 1 <= len(saved) < 6 and not (tmp_path / "run" / "final").exists()
+  resumed = stages.run(c, str(tmp_path / "run"))  # now with room: from the last good step
+  assert resumed["resumed_from"] == saved[-1] and resumed["step"] == 6
+  main_runs.assert_bit_exact(_final(full_run[1]), _final(tmp_path / "run"))
+
+
+def test_sigterm_while_skipping_bad_rows_exits_within_seconds(world, tmp_path):
+  """SIGTERM is polled inside the data loop too: a long run of bad rows (a pass over these
+  takes well over 10 s) used to make the process deaf to it."""
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"text": 3}\n' * 400_000)
+  c = sft_test_config(world)  # data.epochs = 0: passes would repeat
+  c.data.train = str(bad)
+  proc = main_runs.start(f"--config={main_runs.config_file(c, tmp_path / 'exp.py')}",
+                         f"--workdir={tmp_path / 'w'}")
+  deadline = time.monotonic() + 120
+  while "bad_type" not in proc.stdout.readline():  # it is reading the bad rows now
+    assert proc.poll() is None and time.monotonic() < deadline
+  time.sleep(1.0)
+  sent = time.monotonic()
+  proc.send_signal(signal.SIGTERM)
+  out = main_runs.finish(proc, timeout=60, returncode=EXIT_PREEMPTED)
+  assert time.monotonic() - sent < 10, out[-2000:]
+  assert json.loads((tmp_path / "w" / "summary.json").read_text())["preempted"] is True

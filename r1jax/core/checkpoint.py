@@ -210,9 +210,13 @@ class TrainCheckpointer:
     if not self.best_metric or not metrics or self.best_metric not in metrics:
       metrics = None
     self.check()
-    saved = self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)),
-        metrics=metrics, force=force)
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)),
+          metrics=metrics, force=force)
+    except Exception as e:  # the synchronous part of a save: same loud error as the async one
+      raise RuntimeError(f"saving a checkpoint to {self.directory} failed: "
+                         f"{type(e).__name__}: {e}") from e
     if saved:
       self._unlisted.append(step)
     return saved

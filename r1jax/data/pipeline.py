@@ -21,7 +21,7 @@ import collections
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 import jax
@@ -281,6 +281,13 @@ class SFTPipeline:
     return SFTIterator(self)
 
 
+_LOGGED_PER_REASON = 20
+
+
+class DataInterrupted(Exception):
+  """Reading was stopped by `SFTIterator.should_stop` (a preemption), not by the data."""
+
+
 _PACKING_COUNTS = ("documents", "truncated", "tokens", "target_tokens", "padding")
 
 
@@ -299,7 +306,11 @@ class SFTIterator:
     self._next_record = 0
     self._exhausted = False
     self._bad_run = 0  # bad records read since the last good one
+    # Polled while reading (e.g. the SIGTERM flag): a long run of bad rows must not make the
+    # process deaf to preemption. When it returns True, reading raises DataInterrupted.
+    self.should_stop: Callable[[], bool] | None = None
     self._logged: set[tuple[int, str]] = set()
+    self._logged_per_reason: collections.Counter = collections.Counter()
     self.counts: collections.Counter = collections.Counter()  # Reasons, truncated, documents, …
 
   def __iter__(self) -> SFTIterator:
@@ -331,14 +342,27 @@ class SFTIterator:
         self._bad_run = 0
         continue
       self._bad_run += 1
+      if self.should_stop is not None and self._bad_run % 256 == 0 and self.should_stop():
+        raise DataInterrupted(f"stopped while skipping bad rows of {self.p.path}")
       self.counts[doc["bad"]] += 1
-      if (doc["line"], doc["bad"]) not in self._logged:  # Once per process, not per epoch.
-        self._logged.add((doc["line"], doc["bad"]))
-        log_bad_row(self.p.path, BadRow(doc["line"], doc["bad"], doc["detail"]))
+      self._log_bad(doc)
       if self._bad_run >= self.p.pass_records:
         self._no_usable_rows()
     if self._exhausted and not self._window and not self.counts["documents"]:
       self._no_usable_rows()
+
+  def _log_bad(self, doc: dict) -> None:
+    """Logs a bad row once per process (not per epoch), the first _LOGGED_PER_REASON of each
+    reason only: a file of a million bad rows must not flood the log (all are counted)."""
+    key, n = (doc["line"], doc["bad"]), self._logged_per_reason[doc["bad"]]
+    if key in self._logged or n > _LOGGED_PER_REASON:
+      return
+    self._logged_per_reason[doc["bad"]] += 1
+    if n < _LOGGED_PER_REASON:
+      self._logged.add(key)
+      log_bad_row(self.p.path, BadRow(doc["line"], doc["bad"], doc["detail"]))
+    else:
+      log.warning("%s: further %r rows are counted, not logged", self.p.path, doc["bad"])
 
   def _no_usable_rows(self) -> None:
     skipped = {k: v for k, v in self.counts.items() if k not in _PACKING_COUNTS}

@@ -33,10 +33,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> object:
     raise ValueError(f"unknown stage {config.stage!r}; known: {sorted(STAGES)}")
   path = Path(workdir)
   path.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    (path / "config.json").write_text(config.to_json_best_effort(indent=2))
   module, fn = STAGES[config.stage].split(":")
-  return getattr(importlib.import_module(module), fn)(config, path)
+  module = importlib.import_module(module)
+  if not getattr(module, "RECORDS_OWN_CONFIG", False):  # a pipeline checks reruns first
+    record_config(config, path)
+  return getattr(module, fn)(config, path)
+
+
+def record_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+  """WORKDIR/config.json: the resolved config a stage ran with (process 0 writes it)."""
+  if jax.process_index() == 0:
+    (Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -165,10 +165,23 @@ def _changed_since_last_run(name: str, config, stage_dir: Path, allowed: set[str
   return bool(changes)
 
 
+# stages.run leaves WORKDIR/config.json to `run`, which writes it once a re-run is accepted.
+RECORDS_OWN_CONFIG = True
+_PATH_FIELDS = ("tokenizer", "model.init_from", "model.hf_dir", "data.train", "eval.benchmarks")
+
+
 def validate(config) -> None:
-  """Every stage config resolves and type-checks before the first stage runs."""
+  """Every stage config resolves and type-checks before the first stage runs; input files
+  that no earlier stage writes (no `{workdir}` in them) must exist."""
   for name in ("base", "rl"):
     stages.validate(resolve(config[name], Path("/nonexistent-workdir")))
+    for field in _PATH_FIELDS:
+      group, _, key = field.rpartition(".")
+      section = config[name].get(group) if group else config[name]
+      value = section.get(key, "") if section else ""
+      for path in filter(None, (p.strip() for p in str(value).split(","))):
+        if "{workdir}" not in path and not Path(path).exists():
+          raise FileNotFoundError(f"{name}.{field}: {path} does not exist")
 
 
 def run(config, workdir: Path) -> dict:
@@ -180,6 +193,7 @@ def run(config, workdir: Path) -> dict:
   base_dir, rl_dir = workdir / "base", workdir / "rl"
   rerun = {name: _changed_since_last_run(name, c, d, allowed)
            for name, c, d in (("base", base, base_dir), ("rl", rl, rl_dir))}
+  stages.record_config(config, workdir)
   summary: dict[str, Any] = {"stage": "pipeline"}
   summary["data"] = prepare_data(config.synthetic, workdir / "data", config.seed)
   if not _final_done(base_dir) or rerun["base"]:

@@ -95,6 +95,7 @@ def run(config, workdir: Path) -> dict:
       start, state, extra = restored
       it.set_state(extra["data"])
     step = start
+    it.should_stop = lambda: loop.preemption.requested
     for step in range(start + 1, config.steps + 1):
       t0 = time.perf_counter()
       try:
@@ -102,6 +103,12 @@ def run(config, workdir: Path) -> dict:
       except StopIteration:  # data.epochs ran out before config.steps
         step -= 1
         loop.summary["data_exhausted"] = True
+        break
+      except data_lib.DataInterrupted:  # SIGTERM while skipping bad rows: save what we have
+        step -= 1
+        loop.summary["preempted"] = True
+        if step > start and loop.ckpt.latest_step() != step:
+          loop.ckpt.save(step, state, {"data": it.get_state()}, force=True)
         break
       state, train = trainer.sft_step(state, trainer.put_batch(sft_batch(packed)))
       jax.block_until_ready(state)
