@@ -100,7 +100,10 @@ def test_train_checkpointer_round_trip_keep_n_and_nan_refusal(tmp_path):
   np.testing.assert_array_equal(np.asarray(state["w"]), np.full((4, 3), 3.0))
   with pytest.raises(ValueError, match="does not match"):
     ck.restore({"w": jax.numpy.zeros((5, 3)), "step": jax.numpy.zeros((), jax.numpy.int32)})
-  assert ck.latest_step() == 3  # a shape mismatch is the run's config: nothing is set aside
+  with pytest.raises(ValueError, match="does not match"):  # another structure (e.g. a reference)
+    ck.restore({**_state(0.0), "ref": jax.numpy.zeros(3)})
+  assert ck.latest_step() == 3  # a config mismatch is the run's, not the files': nothing moved
+  assert not (tmp_path / checkpoint.SET_ASIDE).exists()
   ck.close()
   assert checkpoint.TrainCheckpointer(tmp_path / "empty").restore(_state(0.0)) is None
 

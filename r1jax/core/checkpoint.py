@@ -173,9 +173,15 @@ def _file_sizes(step_dir: Path) -> dict[str, int]:
           if p.is_file() and p.name != FILE_LIST}
 
 
-def _is_shape_mismatch(error: Exception) -> bool:
-  """orbax's error for a stored array whose shape is not the target's (a config problem)."""
-  return isinstance(error, ValueError) and "not compatible with the stored shape" in str(error)
+# orbax's messages when the run's state has other shapes or another structure than the
+# stored one: a configuration change (e.g. another model, β > 0 adding a reference), which
+# must be reported as such, never "repaired" by moving good checkpoints aside.
+_CONFIG_MISMATCH = ("not compatible with the stored shape", "tree structures do not match",
+                    "Structure mismatch")
+
+
+def _is_config_mismatch(error: Exception) -> bool:
+  return isinstance(error, ValueError) and any(m in str(error) for m in _CONFIG_MISMATCH)
 
 
 class TrainCheckpointer:
@@ -236,18 +242,28 @@ class TrainCheckpointer:
       self._write_file_lists()
 
   def _write_file_lists(self) -> None:
-    for step in self._unlisted:
+    """Each finished step's file sizes, written atomically (a failed write leaves none)."""
+    steps, self._unlisted = self._unlisted, []
+    for step in steps:
       step_dir = self.directory / str(step)
-      if jax.process_index() == 0 and step_dir.is_dir():
-        (step_dir / FILE_LIST).write_text(json.dumps(_file_sizes(step_dir)))
-    self._unlisted = []
+      if jax.process_index() != 0 or not step_dir.is_dir():
+        continue
+      tmp = step_dir / (FILE_LIST + ".tmp")
+      try:
+        tmp.write_text(json.dumps(_file_sizes(step_dir)))
+        tmp.rename(step_dir / FILE_LIST)
+      except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"saving a checkpoint to {self.directory} failed: writing the "
+                           f"file list of step {step}: {e}") from e
 
   def restore(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
     """(step, state, extra) of the newest step that restores, laid out like `abstract_state`.
 
     A damaged step (see `step_problem`, or one orbax fails to read) is logged and moved aside
     to SET_ASIDE (never deleted), and the previous kept step is tried. A step whose arrays
-    have other shapes than the run's is a configuration error: it raises at once. None for
+    have other shapes or structure than the run's is a configuration error: it raises at once
+    and moves nothing. None for
     a fresh run; RuntimeError listing each step's reason when no step restores.
     """
     target = jax.tree.map(
@@ -262,9 +278,9 @@ class TrainCheckpointer:
               state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
           return step, out["state"], out["extra"]
         except Exception as e:  # pylint: disable=broad-except  (any read error: damaged)
-          if _is_shape_mismatch(e):
+          if _is_config_mismatch(e):
             raise ValueError(f"checkpoint {self.directory}/{step} does not match this run's "
-                             f"model/optimizer shapes: {e}") from None
+                             f"model/optimizer shapes or state structure: {e}") from None
           problem = f"orbax could not read it: {type(e).__name__}: {str(e)[:300]}"
       reasons.append(f"step {step}: {problem}")
       self._set_aside(step, problem)
