@@ -96,7 +96,7 @@ def _grade(rows, completions_per_row, pool, timeout_s, max_vote) -> list[Questio
     out = {}
     for p, f in futures.items():
       o = f.result()
-      out[p] = bool(o.value) and o.ok
+      out[p] = bool(o.value_or_raise()) and o.ok  # a broken pool raises: no silent zeros
       errors[p[0]] += not o.ok
     return out
 
