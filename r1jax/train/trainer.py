@@ -237,9 +237,3 @@ class Trainer:
     metrics.update(loss=loss, tokens=sums["tokens"],
                    entropy=sums["entropy"] / jnp.maximum(sums["tokens"], 1.0))
     return state, metrics
-
-
-def make_trainer(model_cfg: ModelConfig, opt_cfg: OptConfig, mesh: Mesh,
-                 grpo_cfg: GRPOConfig | None = None, **kw) -> Trainer:
-  """The Trainer for this model on this mesh (RL steps need grpo_cfg)."""
-  return Trainer(model_cfg, opt_cfg, mesh, grpo_cfg, **kw)
