@@ -1,6 +1,7 @@
 """Helpers for tests that run `python -m r1jax.main` in a subprocess and interrupt it."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -49,6 +50,14 @@ def wait_for_checkpoint(proc, workdir: Path, step: int, timeout: float = 300) ->
       raise AssertionError(f"run ended before step {step}: {proc.stdout.read()[-4000:]}")
     assert time.monotonic() < deadline, f"no checkpoint {step} after {timeout} s"
     time.sleep(0.02)
+
+
+def kill_after_checkpoint(proc, workdir: Path, step: int) -> None:
+  """SIGKILL (no chance to save) once checkpoint `step` is committed."""
+  wait_for_checkpoint(proc, workdir, step)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
 
 
 def saved_steps(workdir: Path) -> list[int]:

@@ -261,10 +261,7 @@ def test_reward_model_stage_end_to_end(uninterrupted):
 def test_sigkill_then_resume_is_bit_exact(rm_world, uninterrupted, tmp_path):
   workdir = tmp_path / "w"
   proc = _start(rm_world, workdir)
-  main_runs.wait_for_checkpoint(proc, workdir, 8)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL
+  main_runs.kill_after_checkpoint(proc, workdir, 8)
   assert not (workdir / "reward_model").exists(), "the run finished before it was killed"
   main_runs.finish(_start(rm_world, workdir))
   summary = json.loads((workdir / "summary.json").read_text())
@@ -280,7 +277,7 @@ def test_sigterm_saves_exits_75_and_resumes(rm_world, uninterrupted, tmp_path):
   main_runs.finish(proc, returncode=EXIT_PREEMPTED)  # saved, then "try again later"
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["preempted"] is True and summary["step"] < 60
-  assert main_runs.saved_steps(workdir)[-1] == summary["step"]  # the step it stopped at was checkpointed
+  assert main_runs.saved_steps(workdir)[-1] == summary["step"]  # its last step was saved
   assert not (workdir / "reward_model").exists()
   main_runs.finish(_start(rm_world, workdir))
   main_runs.assert_bit_exact(_rm_params(uninterrupted[1]), _rm_params(workdir))

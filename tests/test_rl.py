@@ -66,10 +66,7 @@ def test_sigkill_then_resume_is_bit_exact(uninterrupted, tmp_path):
   config_path, want, _ = uninterrupted
   run = tmp_path / "run"
   proc = _start(config_path, run)
-  main_runs.wait_for_checkpoint(proc, run, 2)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL
+  main_runs.kill_after_checkpoint(proc, run, 2)
   assert not (run / "final").exists(), "the run finished before it could be killed"
   out = main_runs.finish(_start(config_path, run))
   summary = json.loads((run / "summary.json").read_text())

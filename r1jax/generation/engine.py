@@ -89,11 +89,6 @@ class Engine:
     """A launched rollout on the host (one transfer), detokenised."""
     return self._samples(jax.device_get(rollout), k, device=rollout)
 
-  def sample(self, params, prompts: Sequence[Sequence[int]], key: jax.Array,
-             k: int) -> Samples:
-    """k completions of each prompt in one sampler call (one compiled shape per bucket)."""
-    return self.collect(self.launch(params, prompts, key, k), k)
-
   def sample_many(self, params, prompts: Sequence[Sequence[int]], key: jax.Array, k: int,
                   batch_size: int, progress: bool = False) -> Samples:
     """k completions of each prompt, in fixed-size batches (the last one padded)."""

@@ -192,8 +192,6 @@ class RewardPool:
     Raises RewardPoolBroken when the pool cannot run tasks at all: a reward computed by no
     worker is never reported as the fallback value.
     """
-    if self._broken:
-      raise RewardPoolBroken(f"RewardPool is broken: {self._broken}")
     return self.submit(fn, *args, **kwargs).result().value_or_raise()
 
   def close(self) -> None:

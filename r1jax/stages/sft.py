@@ -104,18 +104,17 @@ def run(config, workdir: Path) -> dict:
         step -= 1
         loop.summary["data_exhausted"] = True
         break
-      except data_lib.DataInterrupted:  # SIGTERM while skipping bad rows: save what we have
+      except data_lib.DataInterrupted:  # SIGTERM while skipping bad rows
         step -= 1
         loop.summary["preempted"] = True
-        if step > start and loop.ckpt.latest_step() != step:
-          loop.ckpt.save(step, state, {"data": it.get_state()}, force=True)
         break
       state, train = trainer.sft_step(state, trainer.put_batch(sft_batch(packed)))
       jax.block_until_ready(state)
       metrics = _metrics(train, it.counts, time.perf_counter() - t0, int(packed["mask"].sum()))
       if loop.end_step(step, metrics, state, {"data": it.get_state()}):
         break
-    if loop.summary.get("data_exhausted") and step > start and loop.ckpt.latest_step() != step:
+    stopped_in_data = loop.summary.get("data_exhausted") or loop.summary.get("preempted")
+    if stopped_in_data and step > start and loop.ckpt.latest_step() != step:
       loop.ckpt.save(step, state, {"data": it.get_state()}, force=True)
     if loop.completed:
       refuse_untrained(state, workdir)
