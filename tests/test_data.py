@@ -328,6 +328,34 @@ def test_sft_chat_template_trains_on_the_assistant_turn(tmp_path):
                             add_generation_prompt=False))
 
 
+def test_sft_public_trace_formats_train_on_the_same_tokens(tmp_path):
+  """messages, ShareGPT conversations and prompt/completion rows of one trace pack alike."""
+  trace = "<think>\n2 + 2 = 4\n</think>\n\nThe final answer is $\\boxed{4}$."
+  rows = [{"prompt": "What is 2 + 2?", "completion": trace},
+          {"messages": [{"role": "user", "content": "What is 2 + 2?"},
+                        {"role": "assistant", "content": trace}]},
+          {"conversations": [{"from": "human", "value": "What is 2 + 2?"},
+                             {"from": "gpt", "value": trace}]}]
+  docs = []
+  for i, row in enumerate(rows):
+    path = write_jsonl(tmp_path / f"r{i}.jsonl", [row])
+    docs.append(documents(next(iter(sft(path, template="chatml", seq_len=512, num_epochs=1)))))
+  assert docs[0] == docs[1] == docs[2] and len(docs[0]) == 1
+  ids, loss = docs[0][0]
+  assert TOK.decode([t for t, m in zip(ids, loss) if m][:-1]).startswith("<think>")
+  bad = [({"messages": [{"role": "assistant", "content": "x"}]}, "bad_messages"),
+         ({"messages": [{"role": "user", "content": "q"}]}, "bad_messages"),
+         ({"messages": [{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}]},
+          "bad_messages"),
+         ({"messages": "not a list"}, "bad_messages"),
+         ({"conversations": [{"from": "human", "value": 3}]}, "bad_messages")]
+  pipe = sft(write_jsonl(tmp_path / "ok.jsonl", rows), template="chatml", seq_len=512)
+  for row, reason in bad:
+    assert pipe.encode((1, json.dumps(row)))["bad"] == reason, row
+  no_template = sft(write_jsonl(tmp_path / "ok2.jsonl", rows), seq_len=512)
+  assert no_template.encode((1, json.dumps(rows[1])))["bad"] == "needs_template"
+
+
 def test_sft_resume_is_exact_with_waiting_documents(tmp_path):
   path, _ = sft_file(tmp_path)
   make = lambda: iter(sft(path, seq_len=48, read_threads=2))  # Forever, threaded reads.

@@ -158,3 +158,12 @@ def test_accuracy_reward_works_off_the_main_thread():
   thread.join(timeout=60)
   assert results == [1.0]
   assert math_lib.answers_equivalent("1/2", "0.5")  # In-process works too in the main thread.
+
+
+def test_identical_answers_are_right_without_math_verify(monkeypatch):
+  """As evaluation counts them: a prediction equal to the gold (up to spaces) is correct even
+  where math-verify could not parse it, so RL, generate and eval never disagree on it."""
+  monkeypatch.setattr(math_lib, "answers_equivalent", lambda pred, gold: False)
+  assert math_lib.accuracy_reward_unsafe("<answer> \\text{ Mon } </answer>", "\\text{Mon}") == 1.0
+  assert math_lib.accuracy_reward_unsafe("<answer>13</answer>", "12") == 0.0
+  assert math_lib.accuracy_reward_unsafe("<answer> </answer>", " ") == 0.0

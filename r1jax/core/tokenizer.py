@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -218,6 +219,21 @@ def render_prompt(template: str, question: str, system: str | None = None) -> st
   messages = ([{"role": "system", "content": system}] if system else []) + [
       {"role": "user", "content": question}]
   return render_chat(template, messages)
+
+
+def tokenizer_fingerprint(path: str | Path) -> str:
+  """sha1 of a tokenizer's defining files: two tokenizers with equal fingerprints share ids."""
+  path = Path(path)
+  files = [path] if path.is_file() else sorted(
+      p for p in path.iterdir() if p.name in ("tokenizer.json", "tokenizer.model",
+                                              "tokenizer_config.json", "vocab.json",
+                                              "merges.txt", "added_tokens.json"))
+  if not files:
+    raise FileNotFoundError(f"no tokenizer files in {path}")
+  h = hashlib.sha1()
+  for p in files:
+    h.update(p.name.encode() + b"\0" + p.read_bytes())
+  return h.hexdigest()
 
 
 def tokenizer_path(config) -> str:

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from r1jax.core import tokenizer as tok_lib
+from r1jax.data import sft_rows
 from r1jax.data.rows import (BadRow, JsonlSource, RowError, load_rows, log_bad_row,  # noqa: F401
                             parse_json_line, read_parquet)
 
@@ -172,7 +173,7 @@ class PromptIterator:
 
 
 class SFTPipeline:
-  """Packed next-token batches from jsonl/parquet {"prompt","completion"} or {"text"} rows.
+  """Packed next-token batches from jsonl/parquet rows (formats: data/sft_rows.py).
 
   Each batch is a dict of numpy arrays, all (B, T):
     tokens int32 (pad_id on padding), mask bool (real token), loss_mask bool (token j is a
@@ -193,7 +194,7 @@ class SFTPipeline:
                add_bos: bool = True, add_eos: bool = True, seed: int = 0, shuffle: bool = True,
                num_epochs: int | None = None, shard_index: int | None = None,
                shard_count: int | None = None, window: int | None = None,
-               read_threads: int = 4):
+               read_threads: int = 4, distill_top_k: int = 0):
     if batch_size < 1 or seq_len < 2:
       raise ValueError(f"need batch_size ≥ 1 and seq_len ≥ 2, got {batch_size}, {seq_len}")
     self.path = Path(path)
@@ -209,12 +210,14 @@ class SFTPipeline:
     self.tokenizer, self.template, self.system = tokenizer, template, system
     self.add_bos, self.add_eos = add_bos, add_eos
     self.batch_size, self.seq_len = batch_size, seq_len
+    self.distill_top_k = int(distill_top_k)
     self.window = window or 4 * batch_size
     self.shard_index, self.shard_count = _shard(shard_index, shard_count)
     self.fingerprint = {"rows": len(source), "bytes": self.path.stat().st_size, "seed": seed,
                         "shuffle": shuffle, "num_epochs": num_epochs,
                         "shard": [self.shard_index, self.shard_count],
-                        "batch_size": batch_size, "seq_len": seq_len, "window": self.window}
+                        "batch_size": batch_size, "seq_len": seq_len, "window": self.window,
+                        "distill_top_k": self.distill_top_k}
     # Records in one pass over this host's shard: that many bad ones in a row means none is
     # usable, which must fail loudly rather than spin (repeating epochs) or end silently.
     self.pass_records = len(range(self.shard_index, len(source), self.shard_count))
@@ -224,33 +227,6 @@ class SFTPipeline:
     self._read_options = grain.ReadOptions(num_threads=read_threads,
                                    prefetch_buffer_size=max(16, 4 * read_threads))
 
-  def _texts(self, row: dict) -> tuple[str, str, bool]:
-    """(prompt text, target text, is_text_row) of one row; raises RowError."""
-    if "text" in row and "completion" not in row:
-      text = row["text"]
-      if not isinstance(text, str) or not text:
-        raise RowError("empty_field" if text == "" else "bad_type", "'text'")
-      return "", text, True
-    for k in ("prompt", "completion"):
-      if k not in row:
-        raise RowError("missing_field", f"{k!r} (or use a 'text' row)")
-      if not isinstance(row[k], str):
-        raise RowError("bad_type", f"{k!r} is {type(row[k]).__name__}, not str")
-    if not row["completion"]:
-      raise RowError("empty_field", "'completion'")
-    if self.template is None:
-      return row["prompt"], row["completion"], False
-    prompt = tok_lib.render_prompt(self.template, row["prompt"], self.system)
-    turns = ([{"role": "system", "content": self.system}] if self.system else []) + [
-        {"role": "user", "content": row["prompt"]},
-        {"role": "assistant", "content": row["completion"]}]
-    full = tok_lib.render_chat(self.template, turns, add_generation_prompt=False)
-    if not full.startswith(prompt):
-      # The generation prefix is not a prefix of the finished turn (deepseek_r1 opens with
-      # '<think>\n'): train on the whole assistant turn after the user turn instead.
-      prompt = tok_lib.render_chat(self.template, turns[:-1], add_generation_prompt=False)
-    return prompt, full[len(prompt):], False
-
   def encode(self, record: tuple[int, Any]) -> dict:
     """(line, raw line or dict) -> {line, ids, targets} or {line, bad, detail}; never raises."""
     line, raw = record
@@ -258,7 +234,14 @@ class SFTPipeline:
     try:
       if isinstance(row, RowError):
         raise row
-      prompt, target, is_text = self._texts(row)
+      if self.distill_top_k:
+        doc = sft_rows.teacher_doc(row, self.tokenizer, self.distill_top_k, self.add_eos)
+        truncated = len(doc["ids"]) > self.seq_len
+        doc = {k: v[:self.seq_len] for k, v in doc.items()}
+        if not doc["targets"].any():
+          raise RowError("no_target", f"prompt fills all {self.seq_len} tokens")
+        return {"line": line, **doc, "truncated": truncated}
+      prompt, target, is_text = sft_rows.row_texts(row, self.template, self.system)
     except RowError as e:
       return {"line": line, "bad": e.reason, "detail": e.detail}
     tok = self.tokenizer
@@ -374,6 +357,11 @@ class SFTIterator:
     out = {"tokens": np.full((b, p), self.p.tokenizer.pad_id, np.int32),
            "mask": np.zeros((b, p), bool), "loss_mask": np.zeros((b, p), bool),
            "positions": np.zeros((b, p), np.int32), "segment_ids": np.zeros((b, p), np.int32)}
+    k = self.p.distill_top_k
+    if k:
+      out.update(top_ids=np.zeros((b, p, k), np.int32),
+                 top_logprobs=np.zeros((b, p, k), np.float32),
+                 teacher_mask=np.zeros((b, p), bool))
     fill, segments = [0] * b, [0] * b
     placed = True
     while placed:  # Passes over the window until none of its documents fits any more.
@@ -393,6 +381,9 @@ class SFTIterator:
         out["loss_mask"][r, s] = doc["targets"]
         out["positions"][r, s] = np.arange(n)
         out["segment_ids"][r, s] = segments[r]
+        if k:
+          for name in ("top_ids", "top_logprobs", "teacher_mask"):
+            out[name][r, s] = doc[name]
         fill[r] += n
         placed = True
         self.counts["documents"] += 1

@@ -195,8 +195,11 @@ def adapt_math(row: dict, line: int) -> dict:
           "meta": _meta(row, ("problem", "answer", "id"), line, "math")}
 
 
-def adapt_generic(row: dict, line: int) -> dict:
-  """AIME / AMC / any {id?, question|problem|prompt, answer|gold, task?} row."""
+def adapt_generic(row: dict, line: int, require_gold: bool = True) -> dict:
+  """AIME / AMC / any {id?, question|problem|prompt, answer|gold, task?} row.
+
+  require_gold=False: a math row without an answer gets gold '' (sampling with no verifier).
+  """
   task = row.get("task", "math")
   if task not in TASKS:
     raise RowError("bad_task", repr(task))
@@ -204,7 +207,7 @@ def adapt_generic(row: dict, line: int) -> dict:
     return adapt_code(row, line)
   question = _text(row, "question", "problem", "prompt")
   gold_key = next((k for k in ("answer", "gold") if row.get(k) is not None), None)
-  if gold_key is None and task == "math":
+  if gold_key is None and task == "math" and require_gold:
     raise RowError("missing_field", "'answer' or 'gold'")
   gold = gold_text(row[gold_key]) if gold_key else ""  # General prompts are judged by an RM.
   used = ("id", "question", "problem", "prompt", "answer", "gold", "task")
@@ -234,7 +237,7 @@ ADAPTERS: dict[str, Callable[[dict, int], dict]] = {
 }
 
 
-def detect_adapter(row: dict) -> str | None:
+def detect_adapter(row: dict, require_gold: bool = True) -> str | None:
   """The adapter a row's fields point to, or None if none fits."""
   if "tests" in row or row.get("task") == "code":
     return "code"
@@ -243,18 +246,20 @@ def detect_adapter(row: dict) -> str | None:
     return "math"  # MATH rows carry unique_id (or nothing), competition rows an id.
   if isinstance(row.get("answer"), str) and "####" in row["answer"] and "question" in row:
     return "gsm8k"
-  if has_q and ("answer" in row or "gold" in row or row.get("task") in TASKS):
+  if has_q and ("answer" in row or "gold" in row or row.get("task") in TASKS
+                or not require_gold):
     return "generic"
   return None
 
 
-def load_rows(path: str | Path, adapter: str = "auto",
-              limit: int | None = None) -> tuple[list[dict], list[BadRow]]:
+def load_rows(path: str | Path, adapter: str = "auto", limit: int | None = None,
+              require_gold: bool = True) -> tuple[list[dict], list[BadRow]]:
   """Reads a problem file into normalised rows and the bad rows skipped (each logged).
 
   adapter="auto" picks one adapter per file from its first row that fits one, so a later row
   with a missing field is reported as such rather than silently handled as another format.
-  `limit` stops after that many good rows.
+  `limit` stops after that many good rows. require_gold=False accepts generic math rows
+  without an answer (gold ''), for sampling with no verifier.
   """
   if adapter != "auto" and adapter not in ADAPTERS:
     raise ValueError(f"unknown adapter {adapter!r}; known: auto, {', '.join(sorted(ADAPTERS))}")
@@ -267,7 +272,10 @@ def load_rows(path: str | Path, adapter: str = "auto",
     try:
       if isinstance(record, RowError):
         raise record
-      rows.append(chosen(record, line))
+      if chosen is adapt_generic and not require_gold:
+        rows.append(adapt_generic(record, line, require_gold=False))
+      else:
+        rows.append(chosen(record, line))
     except RowError as e:
       bad.append(BadRow(line, e.reason, e.detail))
       log_bad_row(path, bad[-1])
@@ -276,7 +284,7 @@ def load_rows(path: str | Path, adapter: str = "auto",
     if limit is not None and len(rows) >= limit:
       break
     if chosen is None and isinstance(record, dict):
-      name = detect_adapter(record)
+      name = detect_adapter(record, require_gold)
       if name is None:
         pending.append((line, record))
         continue

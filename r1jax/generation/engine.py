@@ -1,9 +1,9 @@
 """k completions per prompt as host data: texts, tokens, logprobs, lengths and stop reasons.
 
 The engine is the one front end to the jitted sampler for every stage that samples: RL
-rollouts, held-out evaluation, and (next) rejection sampling and distillation data. It fixes
-the sampling settings and the tokenizer once, runs the sampler on the mesh, brings the result
-to the host in one transfer and detokenises it. Rows are grouped [prompt0 × k, prompt1 × k, …].
+rollouts, held-out evaluation, and the `generate` stage (rejection sampling, distillation
+data). It fixes the sampling settings and the tokenizer once, runs the sampler on the mesh,
+brings the result to the host in one transfer and detokenises it. Rows are grouped [prompt0 × k, prompt1 × k, …].
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from r1jax.core.config import ModelConfig
 from r1jax.core.tokenizer import Tokenizer
 from r1jax.generation.sampler import (STOP_LENGTH, Rollout, Sampler, SamplingParams,
-                                      stop_token_ids)
+                                      keep_rows, stop_token_ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,8 @@ class Samples:
   stop_reason: np.ndarray  # (N,) int32: STOP_LENGTH / STOP_EOS / STOP_STOP
   texts: tuple[str, ...]  # (N,) detokenised completions, special ids dropped
   group: int  # k: completions per prompt
+  top_ids: np.ndarray | None = None  # (N, T, K) int32: the K likeliest tokens at each step
+  top_logprobs: np.ndarray | None = None  # (N, T, K) f32: their log-probs (temperature 1)
   # The sampler's own device arrays, for a forward pass on the mesh with no host round trip
   # (RL's reference logprobs); None when sampled in several calls.
   device: Rollout | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -59,18 +61,29 @@ def detokenise(tokenizer: Tokenizer, tokens_NxT: np.ndarray, mask_NxT: np.ndarra
                for t, m in zip(tokens_NxT, mask_NxT))
 
 
+def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
+  """Host rollouts of equal T joined row-wise (prompts too)."""
+  def cat(field):
+    xs = [getattr(r, field) for r in parts]
+    return None if xs[0] is None else np.concatenate([np.asarray(x) for x in xs])
+  return Rollout(*(cat(f) for f in ("tokens", "mask", "logprobs", "stop_reason",
+                                    "prompt_tokens", "prompt_mask")), parts[-1].steps,
+                 cat("top_ids"), cat("top_logprobs"))
+
+
 class Engine:
   """A sampler bound to a model, a mesh, a tokenizer and sampling settings."""
 
   def __init__(self, cfg: ModelConfig, mesh: Mesh | None, tokenizer: Tokenizer, *,
                temperature: float, max_new_tokens: int, max_prompt_len: int,
-               top_p: float = 1.0, top_k: int = 0, stop: Sequence[str] = ()):
+               top_p: float = 1.0, top_k: int = 0, stop: Sequence[str] = (),
+               record_top_k: int = 0):
     self.tokenizer, self.stop = tokenizer, tuple(stop)
     self.sampler = Sampler(cfg, mesh, max_prompt_len=max_prompt_len)
     self.params = SamplingParams(
         temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
         eos_id=tokenizer.eos_id, stop_ids=stop_token_ids(tokenizer, stop),
-        pad_id=tokenizer.pad_id)
+        pad_id=tokenizer.pad_id, record_top_k=record_top_k)
 
   @property
   def max_prompt_len(self) -> int:
@@ -85,22 +98,28 @@ class Engine:
     """
     return self.sampler.generate(params, prompts, self.params, key, group=k)
 
-  def collect(self, rollout: Rollout, k: int) -> Samples:
-    """A launched rollout on the host (one transfer), detokenised."""
-    return self._samples(jax.device_get(rollout), k, device=rollout)
+  def collect(self, rollout: Rollout, k: int, prompts: int | None = None) -> Samples:
+    """A launched rollout on the host (one transfer), detokenised.
+
+    prompts: keep only the first `prompts` prompts' rows (a padded batch's real ones); the
+    result then carries no device arrays.
+    """
+    host = jax.device_get(rollout)
+    if prompts is None:
+      return self._samples(host, k, device=rollout)
+    return self._samples(keep_rows(host, prompts, k), k)
 
   def sample_many(self, params, prompts: Sequence[Sequence[int]], key: jax.Array, k: int,
                   batch_size: int, progress: bool = False) -> Samples:
     """k completions of each prompt, in fixed-size batches (the last one padded)."""
     parts = self.sampler.generate_many(params, prompts, self.params, key,
                                        batch_size=batch_size, group=k, progress=progress)
-    cat = lambda field: np.concatenate([np.asarray(getattr(r, field)) for r in parts])
-    host = Rollout(cat("tokens"), cat("mask"), cat("logprobs"), cat("stop_reason"),
-                   cat("prompt_tokens"), cat("prompt_mask"), parts[-1].steps)
-    return self._samples(host, k)
+    return self._samples(concat_rollouts(parts), k)
 
   def _samples(self, host: Rollout, k: int, device: Rollout | None = None) -> Samples:
     tokens, mask = np.asarray(host.tokens), np.asarray(host.mask)
+    top = lambda x: None if x is None else np.asarray(x)
     return Samples(np.asarray(host.prompt_tokens), np.asarray(host.prompt_mask), tokens, mask,
                    np.asarray(host.logprobs), np.asarray(host.stop_reason),
-                   detokenise(self.tokenizer, tokens, mask), k, device)
+                   detokenise(self.tokenizer, tokens, mask), k, top(host.top_ids),
+                   top(host.top_logprobs), device)

@@ -50,14 +50,18 @@ class SamplingParams:
   # Normalised to a tuple of id tuples.
   stop_ids: tuple[int | tuple[int, ...], ...] = ()
   pad_id: int = 0  # written after a row ends
+  # Also record, per token, the K most likely next tokens and their log-probs under the
+  # model's own distribution log_softmax(logits) (temperature 1, untruncated): a teacher's
+  # targets for logit distillation. 0 = off (Rollout.top_ids / top_logprobs are None).
+  record_top_k: int = 0
 
   def __post_init__(self):
     if self.temperature < 0:
       raise ValueError(f"temperature must be >= 0, got {self.temperature}")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-    if self.top_k < 0 or self.max_new_tokens < 1:
-      raise ValueError("top_k must be >= 0 and max_new_tokens >= 1")
+    if self.top_k < 0 or self.max_new_tokens < 1 or self.record_top_k < 0:
+      raise ValueError("top_k and record_top_k must be >= 0 and max_new_tokens >= 1")
     seqs = tuple((int(x),) if np.ndim(x) == 0 else tuple(int(i) for i in x)
                  for x in self.stop_ids)
     if any(not q or min(q) < 0 for q in seqs):
@@ -85,6 +89,8 @@ class Rollout:
   prompt_tokens: jax.Array  # (B, S) int32 left-padded prompts as sampled
   prompt_mask: jax.Array  # (B, S) bool
   steps: jax.Array  # () int32 decode iterations run (< T when every row stopped early)
+  top_ids: jax.Array | None = None  # (N, T, K) int32 with SamplingParams.record_top_k = K
+  top_logprobs: jax.Array | None = None  # (N, T, K) f32 log_softmax(logits) of top_ids
 
   @property
   def lengths(self):
@@ -157,13 +163,18 @@ def _generate(params, prompt_BxS, pmask_BxS, max_new_N, key, cache, *, cfg: Mode
   stops_QxL = jnp.asarray(sp.stop_table())
 
   def cond(state):
-    t, _, _, _, _, _, done_N, _, _ = state
+    t, done_N = state[0], state[6]
     return (t < t_max) & ~jnp.all(done_N)
 
   def body(state):
-    t, cache, logits_NxV, toks_NxT, logp_NxT, live_NxT, done_N, reason_N, recent_NxL = state
+    (t, cache, logits_NxV, toks_NxT, logp_NxT, live_NxT, done_N, reason_N, recent_NxL,
+     top) = state
     tok_N, lp_N = _draw(logits_NxV, jax.random.fold_in(key, t), sp)
     live_N = ~done_N
+    if sp.record_top_k:
+      vals_NxK, ids_NxK = jax.lax.top_k(jax.nn.log_softmax(logits_NxV, axis=-1), sp.record_top_k)
+      top = (top[0].at[:, t].set(jnp.where(live_N[:, None], ids_NxK, sp.pad_id)),
+             top[1].at[:, t].set(jnp.where(live_N[:, None], vals_NxK, 0.0)))
     tok_N = jnp.where(live_N, tok_N, sp.pad_id)
     toks_NxT = toks_NxT.at[:, t].set(tok_N)
     logp_NxT = logp_NxT.at[:, t].set(jnp.where(live_N, lp_N, 0.0))
@@ -180,15 +191,28 @@ def _generate(params, prompt_BxS, pmask_BxS, max_new_N, key, cache, *, cfg: Mode
     logits_Nx1xV, cache = model_lib.forward_cached(params, tok_N[:, None], cfg, cache,
                                                    mask_BxT=live_N[:, None])
     return (t + 1, cache, logits_Nx1xV[:, 0], toks_NxT, logp_NxT, live_NxT, done_N, reason_N,
-            recent_NxL)
+            recent_NxL, top)
 
+  k_rec = sp.record_top_k
+  top = ((jnp.full((n, t_max, k_rec), sp.pad_id, jnp.int32),
+          jnp.zeros((n, t_max, k_rec), jnp.float32)) if k_rec else ())
   state = (jnp.int32(0), cache, logits_NxV,
            jnp.full((n, t_max), sp.pad_id, jnp.int32), jnp.zeros((n, t_max), jnp.float32),
            jnp.zeros((n, t_max), bool), max_new_N <= 0, jnp.full((n,), STOP_LENGTH, jnp.int32),
-           jnp.full((n, stops_QxL.shape[1]), -1, jnp.int32))
-  steps, cache, _, toks_NxT, logp_NxT, live_NxT, _, reason_N, _ = jax.lax.while_loop(
+           jnp.full((n, stops_QxL.shape[1]), -1, jnp.int32), top)
+  steps, cache, _, toks_NxT, logp_NxT, live_NxT, _, reason_N, _, top = jax.lax.while_loop(
       cond, body, state)
-  return Rollout(toks_NxT, live_NxT, logp_NxT, reason_N, prompt_BxS, pmask_BxS, steps), cache
+  return Rollout(toks_NxT, live_NxT, logp_NxT, reason_N, prompt_BxS, pmask_BxS, steps,
+                 *(top or (None, None))), cache
+
+
+def keep_rows(r: Rollout, prompts: int, group: int) -> Rollout:
+  """The first `prompts` prompts' rows of a (host) rollout: drops a padded batch's filler."""
+  n = prompts * group
+  cut = lambda x, rows: None if x is None else x[:rows]
+  return Rollout(cut(r.tokens, n), cut(r.mask, n), cut(r.logprobs, n), cut(r.stop_reason, n),
+                 cut(r.prompt_tokens, prompts), cut(r.prompt_mask, prompts), r.steps,
+                 cut(r.top_ids, n), cut(r.top_logprobs, n))
 
 
 def stop_token_ids(tokenizer, stop: Sequence[str]) -> tuple[tuple[int, ...], ...]:
@@ -271,8 +295,10 @@ class Sampler:
         cache_sh = sharding_lib.cache_shardings(cache, m)
         rows = lambda shape: sharding_lib.batch_sharding(m, shape)
         n, t = b * group, sp.max_new_tokens
+        k_rec = sp.record_top_k
+        top = (rows((n, t, k_rec)), rows((n, t, k_rec))) if k_rec else (None, None)
         out = Rollout(rows((n, t)), rows((n, t)), rows((n, t)), rows((n,)), rows((b, s)),
-                      rows((b, s)), NamedSharding(m, P()))
+                      rows((b, s)), NamedSharding(m, P()), *top)
         self._fns[key] = jax.jit(
             fn, donate_argnums=(5,),
             in_shardings=(jax.tree.map(lambda a: a.sharding, params), rows((b, s)),
@@ -330,11 +356,7 @@ class Sampler:
       real = len(chunk)
       chunk += [chunk[0]] * (batch_size - real)  # same shape -> no recompilation
       r = self.generate(params, chunk, sp, jax.random.fold_in(key, i), group)
-      r = jax.tree.map(lambda x: np.asarray(x), r)
-      keep = lambda x, rows: x[:rows]
-      out.append(Rollout(keep(r.tokens, real * group), keep(r.mask, real * group),
-                         keep(r.logprobs, real * group), keep(r.stop_reason, real * group),
-                         keep(r.prompt_tokens, real), keep(r.prompt_mask, real), r.steps))
+      out.append(keep_rows(jax.device_get(r), real, group))
       done_tokens += int(out[-1].mask.sum())
       if progress:
         rate = done_tokens / max(time.perf_counter() - start, 1e-9)

@@ -110,7 +110,10 @@ def accuracy_reward_unsafe(completion: str, gold: str | int | float) -> float:
   pred = extract_answer(completion)
   if pred is None:
     return 0.0
-  return 1.0 if answers_equivalent(pred, gold_answer(gold)) else 0.0
+  gold = gold_answer(gold)
+  if "".join(pred.split()) == "".join(gold.split()) and gold.strip():
+    return 1.0  # the same answer, as evaluation counts it, whatever math-verify can parse
+  return 1.0 if answers_equivalent(pred, gold) else 0.0
 
 
 def accuracy_reward(completion: str, gold: str | int | float, timeout_s: float = 10.0) -> float:

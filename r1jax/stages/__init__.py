@@ -23,6 +23,7 @@ STAGES = {
     "rl": "r1jax.stages.rl:run",
     "reward_model": "r1jax.stages.reward_model:run",
     "eval": "r1jax.stages.eval:run",
+    "generate": "r1jax.stages.generate:run",
     "pipeline": "r1jax.stages.pipeline:run",
 }
 

@@ -1,5 +1,10 @@
 """The `pipeline` stage: several stages in order, each in its own sub-directory, resumable.
 
+Two forms. With `config.order` (a tuple of names, each a stage config in the pipeline
+config), those stages run in turn in WORKDIR/<name>; a stage that finished (its done.json)
+is skipped on a re-run, and `config.report` compares the eval stages side by side
+(experiments/tiny_distill.py). Without it, the R1-Zero form below.
+
 The miniature R1-Zero (experiments/tiny_zero.py) is one pipeline:
 1. data: the synthetic arithmetic world (r1jax/data/synthetic.py) and a sentencepiece tokenizer;
 2. base: pretrain the tiny base on the synthetic web corpus (the `sft` stage);
@@ -36,7 +41,12 @@ log = logging.getLogger(__name__)
 
 
 def resolve(config: ml_collections.ConfigDict, workdir: Path) -> ml_collections.ConfigDict:
-  """A copy of a stage config with `{workdir}` in every string replaced (then locked)."""
+  """A copy of a stage config with `{workdir}` in every string replaced (then locked).
+
+  A nested pipeline is returned as is: it resolves `{workdir}` against its own folder.
+  """
+  if config.get("stage") == "pipeline":
+    return config
 
   def sub(x: Any) -> Any:
     if isinstance(x, str):
@@ -167,13 +177,21 @@ def _changed_since_last_run(name: str, config, stage_dir: Path, allowed: set[str
 
 # stages.run leaves WORKDIR/config.json to `run`, which writes it once a re-run is accepted.
 RECORDS_OWN_CONFIG = True
-_PATH_FIELDS = ("tokenizer", "model.init_from", "model.hf_dir", "data.train", "eval.benchmarks")
+_PATH_FIELDS = ("tokenizer", "model.init_from", "model.hf_dir", "data.train", "eval.benchmarks",
+                "data.prompts")
+_R1_ZERO = ("base", "rl")  # the default order: experiments/tiny_zero.py
+
+
+def _order(config) -> tuple[str, ...]:
+  return tuple(config.get("order") or _R1_ZERO)
 
 
 def validate(config) -> None:
   """Every stage config resolves and type-checks before the first stage runs; input files
   that no earlier stage writes (no `{workdir}` in them) must exist."""
-  for name in ("base", "rl"):
+  for name in _order(config):
+    if name not in config:
+      raise ValueError(f"pipeline: order names {name!r}, which the config does not define")
     stages.validate(resolve(config[name], Path("/nonexistent-workdir")))
     for field in _PATH_FIELDS:
       group, _, key = field.rpartition(".")
@@ -184,11 +202,79 @@ def validate(config) -> None:
           raise FileNotFoundError(f"{name}.{field}: {path} does not exist")
 
 
+def _run_chain(config, workdir: Path, allowed: set[str]) -> dict:
+  """config.order's stages in turn, each in WORKDIR/<name>; finished ones (done.json) skipped."""
+  resolved = {name: resolve(config[name], workdir) for name in config.order}
+  rerun = {name: _changed_since_last_run(name, c, workdir / name, allowed)
+           for name, c in resolved.items()}
+  stages.record_config(config, workdir)
+  summary: dict[str, Any] = {"stage": "pipeline"}
+  if "synthetic" in config:
+    summary["data"] = prepare_data(config.synthetic, workdir / "data", config.seed)
+  for name, c in resolved.items():
+    done = workdir / name / "done.json"
+    if done.exists() and not rerun[name]:
+      summary[name] = json.loads(done.read_text())
+      continue
+    out = _run_stage(name, c, workdir / name)
+    if out.get("preempted"):
+      return {**summary, "preempted": True}
+    done.write_text(json.dumps(out, indent=2, default=str))
+    summary[name] = out
+  if config.get("report"):
+    summary["report"] = compare_evals(config, workdir)
+  return summary
+
+
+def compare_evals(config, workdir: Path) -> dict[str, Any]:
+  """The eval stages of a chain side by side: report.json / report.md in workdir.
+
+  config.report: {"reference": eval stage the others are a share of (the teacher),
+  "base": eval stage the others' gain is measured from}. pass@1's standard error is over
+  questions (each question's share of correct samples).
+  """
+  ref, base = config.report.get("reference", ""), config.report.get("base", "")
+  rows: dict[str, dict] = {}
+  for name in config.order:
+    if config[name].stage != "eval":
+      continue
+    for path in sorted((workdir / name / "eval").glob("*.json")):
+      rep = eval_report.Report.from_json(path)
+      per_q = [np.mean(q.correct) for q in rep.questions] or [float("nan")]
+      rows.setdefault(path.stem, {})[name] = {
+          **rep.summary(), "format": format_rate(rep),
+          "pass@1_se": float(np.std(per_q, ddof=1) / np.sqrt(len(per_q))) if len(per_q) > 1
+          else float("nan")}
+  lines = []
+  for bench, by_stage in rows.items():
+    lines += [f"### {bench}", "", "| model | pass@1 (%) | ± s.e. | cons@k (%) | format (%) | "
+              "mean tokens | of reference | points over base |", "|---|" + "---:|" * 7]
+    for name, s in by_stage.items():
+      if ref in by_stage:  # NaN when the reference solves nothing
+        r = by_stage[ref]["pass@1"]
+        s["of_reference"] = s["pass@1"] / r if r > 0 else float("nan")
+      if base in by_stage:
+        s["points_over_base"] = 100 * (s["pass@1"] - by_stage[base]["pass@1"])
+      lines.append(f"| {name} | {100 * s['pass@1']:.1f} | {100 * s['pass@1_se']:.1f} | "
+                   f"{100 * s['cons@k']:.1f} | {100 * s['format']:.1f} | "
+                   f"{s.get('mean_tokens', float('nan')):.1f} | "
+                   f"{100 * s.get('of_reference', float('nan')):.1f} % | "
+                   f"{s.get('points_over_base', float('nan')):+.1f} |")
+    lines.append("")
+  (workdir / "report.json").write_text(json.dumps(rows, indent=2, default=float))
+  (workdir / "report.md").write_text("\n".join(lines))
+  print("\n".join(lines), flush=True)
+  return rows
+
+
 def run(config, workdir: Path) -> dict:
-  """Runs data → base → rl → report for a pipeline config (see experiments/tiny_zero.py)."""
+  """Runs a pipeline config: config.order's stages (then compare_evals), or by default
+  data → base → rl → report (experiments/tiny_zero.py)."""
   workdir = Path(workdir).absolute()
   validate(config)  # a bad later-stage value fails now, not after hours of earlier stages
   allowed = {f.strip() for f in config.get("allow_changes", "").split(",") if f.strip()}
+  if config.get("order"):
+    return _run_chain(config, workdir, allowed)
   base, rl = resolve(config.base, workdir), resolve(config.rl, workdir)
   base_dir, rl_dir = workdir / "base", workdir / "rl"
   rerun = {name: _changed_since_last_run(name, c, d, allowed)

@@ -2,15 +2,18 @@
 
 Used for every supervised step of the recipe: pretraining the tiny base (`{"text"}` rows),
 cold start, rejection-sampling SFT and distillation (`{"prompt", "completion"}` rows, loss on
-the completion only). One step: the grain pipeline packs B rows of T tokens (documents never
-attend to each other: per-document positions and segment ids), the batch is laid out on the
-mesh, and one jitted, donated `Trainer.sft_step` (the shared update, train/update.py) applies
-an AdamW update (skipped, and counted, if the loss or gradient is not finite). Checkpoints hold the train state and the
-pipeline's position; the final params go to WORKDIR/final for the next stage.
+the completion only; with `distill.top_k`, logit distillation on a teacher's top-k logprobs
+stored by the `generate` stage). One step: the grain pipeline packs B rows of T tokens
+(documents never attend to each other: per-document positions and segment ids), the batch is
+laid out on the mesh, and one jitted, donated `Trainer.sft_step` (the shared update,
+train/update.py) applies an AdamW update (skipped, and counted, if the loss or gradient is
+not finite). Checkpoints hold the train state and the pipeline's position; the final params
+go to WORKDIR/final for the next stage.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -21,7 +24,7 @@ import numpy as np
 from r1jax.core import checkpoint as ckpt_lib
 from r1jax.core import sharding
 from r1jax.core.config import model_config, opt_config, opt_group, stage_group
-from r1jax.core.tokenizer import TEMPLATES, load_tokenizer, tokenizer_path
+from r1jax.core.tokenizer import TEMPLATES, load_tokenizer, tokenizer_fingerprint, tokenizer_path
 from r1jax.core.weights import check_vocab, load_model
 from r1jax.data import pipeline as data_lib
 from r1jax.train.batches import sft_batch
@@ -40,6 +43,10 @@ def sft_config(steps: int = 1000) -> ml_collections.ConfigDict:
   c.data.epochs = 0  # passes over the data (0 = repeat until config.steps)
   c.opt = opt_group(lr=1e-3, warmup_steps=50, weight_decay=0.1)
   c.microbatches = 1  # gradient accumulation steps per update (memory only)
+  # Logit distillation from a teacher's `generate` output (output.top_k_logprobs >= top_k):
+  # loss = kd_weight·KL(teacher top-k + rest ‖ student) + (1 − kd_weight)·CE. The student must
+  # share the teacher's tokenizer (checked before training). top_k = 0: plain SFT on the text.
+  c.distill = ml_collections.ConfigDict(dict(top_k=0, kd_weight=0.5))
   return c
 
 
@@ -53,9 +60,44 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f"data.epochs >= 0, got {d.batch}, {d.seq_len}, {config.steps}, {d.epochs}")
   if d.template and d.template not in TEMPLATES:
     raise ValueError(f"sft: data.template {d.template!r} not in {sorted(TEMPLATES)}")
+  kd = config.get("distill") or {"top_k": 0, "kd_weight": 0.5}
+  if kd["top_k"] < 0 or not 0 <= kd["kd_weight"] <= 1:
+    raise ValueError(f"sft: need distill.top_k >= 0 and 0 <= distill.kd_weight <= 1, got "
+                     f"{kd['top_k']}, {kd['kd_weight']}")
+  if kd["top_k"] and d.template:
+    raise ValueError("sft: distillation trains on the teacher's own token ids, so "
+                     "data.template must be '' (the prompt is already rendered)")
   if config.microbatches < 1 or d.batch % config.microbatches:
     raise ValueError(f"sft: data.batch {d.batch} does not split into microbatches="
                      f"{config.microbatches}")
+
+
+def check_teacher(path: str, tokenizer_file: str, vocab_size: int, top_k: int) -> None:
+  """Logit distillation needs the teacher's ids to be the student's: checked on the data's
+  first teacher record, before any training (ValueError naming both sides)."""
+  first = None
+  with open(path, "rb") as f:
+    for raw in f:
+      try:
+        row = json.loads(raw)
+      except ValueError:
+        continue
+      if isinstance(row, dict) and isinstance(row.get("teacher"), dict):
+        first = row["teacher"]
+        break
+  if first is None:
+    raise ValueError(f"distill.top_k={top_k} but {path} has no teacher logprobs: write it with "
+                     "the generate stage's output.top_k_logprobs >= distill.top_k")
+  mine = tokenizer_fingerprint(tokenizer_file)
+  if first.get("tokenizer") != mine or first.get("vocab_size") != vocab_size:
+    raise ValueError(
+        f"the teacher's vocabulary differs from the student's: teacher tokenizer "
+        f"{first.get('tokenizer')} / vocab {first.get('vocab_size')}, student {mine} / vocab "
+        f"{vocab_size}. Logit distillation needs one tokenizer; distil a student of another "
+        "family by plain SFT on the text (distill.top_k = 0)")
+  if len(first.get("top_ids", [[]])[0]) < top_k:
+    raise ValueError(f"{path} stores {len(first['top_ids'][0])} teacher logprobs per token, "
+                     f"fewer than distill.top_k={top_k}")
 
 
 def _metrics(train: dict, counts: dict, seconds: float, tokens: int) -> dict[str, float]:
@@ -72,16 +114,21 @@ def run(config, workdir: Path) -> dict:
   d = config.data
   mesh = sharding.make_mesh(config.mesh.shape)
   tok = load_tokenizer(tokenizer_path(config))
+  kd = config.get("distill") or {"top_k": 0, "kd_weight": 0.5}
   # Bad input (missing file, wrong checkpoint shape) fails here, before any training.
   pipeline = data_lib.SFTPipeline(d.train, tok, d.batch, d.seq_len, template=d.template or None,
-                                  seed=config.seed, num_epochs=d.epochs or None)
+                                  seed=config.seed, num_epochs=d.epochs or None,
+                                  distill_top_k=kd["top_k"])
   # Resuming: only shapes are read here; the weights come from the run's own checkpoint.
   resuming = ckpt_lib.has_checkpoint(workdir / "checkpoints")
   cfg, params = load_model(config.model, mesh, seed=config.seed, abstract=resuming)
   check_vocab(tok, cfg)
+  if kd["top_k"]:
+    check_teacher(d.train, tokenizer_path(config), tok.vocab_size, kd["top_k"])
   if d.seq_len > cfg.max_position:
     raise ValueError(f"data.seq_len {d.seq_len} > the model's max_position {cfg.max_position}")
-  trainer = Trainer(cfg, opt_config(config.opt), mesh, sft_microbatches=config.microbatches)
+  trainer = Trainer(cfg, opt_config(config.opt), mesh, sft_microbatches=config.microbatches,
+                    kd_weight=kd["kd_weight"])
   state = (ckpt_lib.abstract_like(jax.eval_shape(trainer.init_state, params),
                                   trainer.state_shardings) if resuming
            else trainer.init_state(params))

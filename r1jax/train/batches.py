@@ -45,6 +45,10 @@ class SFTBatch:
   loss_mask: Any  # (N, T) bool: token j is a target (predicted from tokens < j)
   positions: Any = None  # (N, T) int32 per-document positions (packed rows)
   segment_ids: Any = None  # (N, T) int32 document per token, 0 = padding (packed)
+  # Logit distillation (SFT on a teacher's generate output with output.top_k_logprobs):
+  top_ids: Any = None  # (N, T, K) int32: the teacher's K likeliest tokens for token j
+  top_logprobs: Any = None  # (N, T, K) f32: their teacher log-probs
+  teacher_mask: Any = None  # (N, T) bool: token j has a teacher record
 
 
 @jax.tree_util.register_dataclass
@@ -68,7 +72,9 @@ class PairBatch:
 def sft_batch(packed: dict[str, np.ndarray]) -> SFTBatch:
   """An SFTPipeline batch dict as an SFTBatch."""
   return SFTBatch(tokens=packed["tokens"], mask=packed["mask"], loss_mask=packed["loss_mask"],
-                  positions=packed["positions"], segment_ids=packed["segment_ids"])
+                  positions=packed["positions"], segment_ids=packed["segment_ids"],
+                  top_ids=packed.get("top_ids"), top_logprobs=packed.get("top_logprobs"),
+                  teacher_mask=packed.get("teacher_mask"))
 
 
 def rollout_batch(samples: Samples, advantages_N: np.ndarray,
@@ -124,7 +130,13 @@ def check_batch(batch: Any, rows_per_split: int) -> None:
     want.update(mask=(n, width), completion_mask=(n, t), old_logp=(n, t), advantages=(n,),
                 truncated=(n,), ref_logp=(n, t))
   elif isinstance(batch, SFTBatch):
-    want.update({k: (n, width) for k in ("mask", "loss_mask", "positions", "segment_ids")})
+    want.update({k: (n, width) for k in ("mask", "loss_mask", "positions", "segment_ids",
+                                         "teacher_mask")})
+    if batch.top_ids is not None:
+      k = batch.top_ids.shape[-1]
+      want.update(top_ids=(n, width, k), top_logprobs=(n, width, k))
+      if batch.top_logprobs is None or batch.teacher_mask is None:
+        raise ValueError("a distillation batch needs top_ids, top_logprobs and teacher_mask")
   else:
     want.update({k: (n, width) for k in ("chosen_mask", "rejected", "rejected_mask")})
   for name, shape in want.items():

@@ -130,6 +130,79 @@ def sft_loss(params: model.Params, cfg: ModelConfig, tokens_NxQ: jax.Array, mask
   return nll / denom, sums
 
 
+# --- logit distillation -----------------------------------------------------------
+
+
+def _chunk_kd(params: model.Params, h_NxWxD: jax.Array, tgt_NxW: jax.Array,
+              ids_NxWxK: jax.Array, tlp_NxWxK: jax.Array, cfg: ModelConfig
+              ) -> tuple[jax.Array, jax.Array]:
+  """(logp of each target, top-k forward KL) for one chunk of positions.
+
+  The teacher is known on its top K tokens only: p_k = exp(tlp_k) and the rest mass
+  r = 1 − Σ p_k. The student is read on the same K + 1 bins: q_k at the same ids and
+  q_rest = 1 − Σ q_k (a log-sum-exp over the other ids, exact even when q_rest is tiny).
+  KL = Σ_k p_k (log p_k − log q_k) + r (log r − log q_rest), with 0·log 0 = 0.
+  """
+  lsm_NxWxV = jax.nn.log_softmax(model.unembed(params, h_NxWxD, cfg), axis=-1)
+  v = lsm_NxWxV.shape[-1]
+  hit_NxWxV = jnp.arange(v) == tgt_NxW[..., None]
+  logp_NxW = jnp.sum(jnp.where(hit_NxWxV, lsm_NxWxV, 0.0), axis=-1)
+  lq_NxWxK = jnp.take_along_axis(lsm_NxWxV, ids_NxWxK, axis=-1)
+  n, w, _ = ids_NxWxK.shape
+  in_top_NxWxV = jnp.zeros((n, w, v), bool).at[
+      jnp.arange(n)[:, None, None], jnp.arange(w)[None, :, None], ids_NxWxK].set(True)
+  lq_rest_NxW = jax.nn.logsumexp(jnp.where(in_top_NxWxV, -jnp.inf, lsm_NxWxV), axis=-1)
+  p_NxWxK = jnp.exp(tlp_NxWxK)
+  r_NxW = jnp.clip(1.0 - jnp.sum(p_NxWxK, axis=-1), 0.0, 1.0)
+  kl_top = jnp.sum(p_NxWxK * (tlp_NxWxK - lq_NxWxK), axis=-1)
+  safe_r = jnp.where(r_NxW > 0, r_NxW, 1.0)
+  kl_rest = jnp.where(r_NxW > 0, r_NxW * (jnp.log(safe_r) - jnp.maximum(lq_rest_NxW, -1e30)),
+                      0.0)
+  return logp_NxW, kl_top + kl_rest
+
+
+def distill_loss(params: model.Params, cfg: ModelConfig, tokens_NxQ: jax.Array,
+                 mask_NxQ: jax.Array, loss_mask_NxQ: jax.Array, top_ids_NxQxK: jax.Array,
+                 top_logp_NxQxK: jax.Array, teacher_mask_NxQ: jax.Array, kd_weight: float,
+                 denom: jax.Array | float | None = None, chunk: int = 128,
+                 positions_NxQ: jax.Array | None = None,
+                 segment_ids_NxQ: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Σ over targets of w·KL_topk(teacher ‖ student) + (1 − w)·CE, / denom.
+
+  top_ids / top_logp[:, j] are the teacher's K likeliest tokens (and log-probs) for the
+  distribution over token j, as `loss_mask[:, j]` marks token j; where teacher_mask[:, j] is
+  False (no teacher record, e.g. an appended EOS) the target's CE is used alone.
+  """
+  if top_ids_NxQxK.shape[:2] != tokens_NxQ.shape or top_logp_NxQxK.shape != top_ids_NxQxK.shape:
+    raise ValueError(f"teacher top-k {top_ids_NxQxK.shape} / {top_logp_NxQxK.shape} must be "
+                     f"(N, Q, K) with (N, Q) = {tokens_NxQ.shape}")
+  h_NxQxD, _ = model.hidden_states(params, tokens_NxQ, cfg, mask_BxT=mask_NxQ,
+                                   positions_BxT=positions_NxQ, segment_ids_BxT=segment_ids_NxQ)
+  h_NxTxD, tgt_NxT = h_NxQxD[:, :-1], tokens_NxQ[:, 1:]
+  ids_NxTxK, tlp_NxTxK = top_ids_NxQxK[:, 1:], top_logp_NxQxK[:, 1:]
+  n, t, d = h_NxTxD.shape
+  c = max(1, min(chunk, t))
+  pad = -t % c
+  padded = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+  to_chunks = lambda x: padded(x).reshape(n, -1, c, *x.shape[2:]).swapaxes(0, 1)
+  body = jax.checkpoint(lambda x: _chunk_kd(params, *x, cfg))
+  logp_UxNxW, kl_UxNxW = jax.lax.map(body, tuple(map(to_chunks, (
+      h_NxTxD, tgt_NxT, ids_NxTxK, tlp_NxTxK))))
+  unchunk = lambda x: x.swapaxes(0, 1).reshape(n, -1)[:, :t]
+  logp_NxT, kl_NxT = unchunk(logp_UxNxW), unchunk(kl_UxNxW)
+  m_NxT = loss_mask_NxQ[:, 1:].astype(bool)
+  kd_NxT = m_NxT & teacher_mask_NxQ[:, 1:].astype(bool)
+  ntok = jnp.sum(m_NxT, dtype=jnp.float32)
+  denom = jnp.maximum(ntok, 1.0) if denom is None else denom
+  per_tok = jnp.where(kd_NxT, kd_weight * kl_NxT + (1.0 - kd_weight) * -logp_NxT, -logp_NxT)
+  total = jnp.sum(jnp.where(m_NxT, per_tok, 0.0))
+  sums = {"nll": -jnp.sum(jnp.where(m_NxT, logp_NxT, 0.0)), "tokens": ntok,
+          "kl": jnp.sum(jnp.where(kd_NxT, kl_NxT, 0.0)),
+          "kd_tokens": jnp.sum(kd_NxT, dtype=jnp.float32)}
+  return total / denom, sums
+
+
 # --- GRPO surrogate ------------------------------------------------------------
 
 

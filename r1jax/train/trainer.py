@@ -39,9 +39,12 @@ class Trainer:
 
   def __init__(self, model_cfg: ModelConfig, opt_cfg: OptConfig, mesh: Mesh,
                grpo_cfg: GRPOConfig | None = None, sft_microbatches: int = 1,
-               sft_chunk: int = 128):
+               sft_chunk: int = 128, kd_weight: float = 0.5):
     self.cfg, self.opt, self.grpo, self.mesh = model_cfg, opt_cfg, grpo_cfg, mesh
     self.sft_microbatches, self.sft_chunk = int(sft_microbatches), int(sft_chunk)
+    if not 0.0 <= kd_weight <= 1.0:
+      raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight}")
+    self.kd_weight = float(kd_weight)  # distillation batches: w·KL_topk + (1 − w)·CE
     self.tx = make_optimizer(opt_cfg)
     self.schedule = lr_schedule(opt_cfg)
     self._rep = NamedSharding(mesh, PartitionSpec())
@@ -223,17 +226,27 @@ class Trainer:
   def _sft_update(self, state: TrainState, batch: SFTBatch):
     a = self.sft_microbatches
     micro = {name: self._split(getattr(batch, name), 1, a)[0]
-             for name in ("tokens", "mask", "loss_mask", "positions", "segment_ids")
+             for name in ("tokens", "mask", "loss_mask", "positions", "segment_ids", "top_ids",
+                          "top_logprobs", "teacher_mask")
              if getattr(batch, name) is not None}
     ntok = jnp.sum(batch.loss_mask[:, 1:], dtype=jnp.float32)
     micro["denom"] = jnp.broadcast_to(jnp.maximum(ntok, 1.0), (a,))
 
     def micro_loss(params, x):
+      if "top_ids" in x:
+        return losses.distill_loss(
+            params, self.cfg, x["tokens"], x["mask"], x["loss_mask"], x["top_ids"],
+            x["top_logprobs"], x["teacher_mask"], self.kd_weight, x["denom"], self.sft_chunk,
+            x.get("positions"), x.get("segment_ids"))
       return losses.sft_loss(params, self.cfg, x["tokens"], x["mask"], x["loss_mask"],
                              x["denom"], self.sft_chunk, x.get("positions"),
                              x.get("segment_ids"))
 
     state, loss, sums, metrics = self.update(state, micro, micro_loss)
-    metrics.update(loss=loss, tokens=sums["tokens"],
-                   entropy=sums["entropy"] / jnp.maximum(sums["tokens"], 1.0))
+    ntok = jnp.maximum(sums["tokens"], 1.0)
+    metrics.update(loss=loss, tokens=sums["tokens"], nll=sums["nll"] / ntok)
+    if "entropy" in sums:
+      metrics.update(entropy=sums["entropy"] / ntok)
+    if "kl" in sums:
+      metrics.update(kd_kl=sums["kl"] / jnp.maximum(sums["kd_tokens"], 1.0))
     return state, metrics
