@@ -133,7 +133,7 @@ def _check_gold(rows: list[dict], bad: list, f: filters_lib.Filters, scorer) -> 
   if not f.verifier:
     return
   missing = [b for b in bad if b.reason == "missing_field" and "answer" in b.detail]
-  comp = next(c for c in scorer.components if c.key == f.verifier)
+  comp = next(c for c in scorer.components if c.key == f.verifier)  # rows load gold-optional
   empty = [r["id"] for r in rows if (comp.tasks is None or r["task"] in comp.tasks)
            and "gold" in comp.fields.values() and not str(r.get("gold", "")).strip()]
   if missing or empty:
@@ -146,7 +146,7 @@ def _check_gold(rows: list[dict], bad: list, f: filters_lib.Filters, scorer) -> 
 
 def _load_prompts(config, tok, scorer, f: filters_lib.Filters) -> tuple[list[dict], dict]:
   d = config.data
-  rows, bad = load_rows(d.prompts, d.adapter, require_gold=bool(f.verifier))
+  rows, bad = load_rows(d.prompts, d.adapter, require_gold=False)
   _check_gold(rows, bad, f, scorer)
   if d.limit:
     rows = rows[:d.limit]
