@@ -313,6 +313,7 @@ def test_distillation_chain_runs_and_compares_evals(world, tmp_path):
   assert set(rows) == {"eval_teacher", "eval_kd"}
   assert rows["eval_teacher"]["pass@1"] == 0.0  # a random teacher: no share to take
   assert np.isnan(rows["eval_teacher"]["of_reference"])
+  assert all(0 <= r["format"] <= 1 and 0 <= r["last_number_acc"] <= 1 for r in rows.values())
   assert rows["eval_teacher"]["points_over_base"] == 0.0
   assert out["kd"]["kd_kl"] >= 0 and "| eval_kd |" in (tmp_path / "report.md").read_text()
   stamp = (tmp_path / "kd" / "final" / "model.json").stat().st_mtime_ns

@@ -123,9 +123,22 @@ def _manifest(config, prompts_sha1: str) -> dict:
   for field in _VOLATILE:
     group, _, key = field.rpartition(".")
     (c.get(group, {}) if group else c).pop(key, None)
-  model_json = Path(config.model.get("init_from") or "/nonexistent") / "model.json"
   return {"config": c, "prompts_sha1": prompts_sha1, "hosts": jax.process_count(),
-          "model_json": json.loads(model_json.read_text()) if model_json.exists() else None}
+          "weights": _weights_fingerprint(config.model)}
+
+
+def _weights_fingerprint(group) -> str | None:
+  """sha1 over the weight files' names, sizes and mtimes (init_from, else hf_dir): the same
+  path rewritten with other weights is another run. None for a random init."""
+  folder = group.get("init_from") or group.get("hf_dir")
+  if not folder:
+    return None
+  h = hashlib.sha1()
+  for p in sorted(Path(folder).rglob("*")):
+    if p.is_file():
+      st = p.stat()
+      h.update(f"{p.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+  return h.hexdigest()
 
 
 def _check_gold(rows: list[dict], bad: list, f: filters_lib.Filters, scorer) -> None:

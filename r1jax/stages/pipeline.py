@@ -240,15 +240,19 @@ def compare_evals(config, workdir: Path) -> dict[str, Any]:
       continue
     for path in sorted((workdir / name / "eval").glob("*.json")):
       rep = eval_report.Report.from_json(path)
+      completions = path.with_suffix(".completions.jsonl")
+      if completions.exists():  # the format rate reads the texts
+        rep.completions = [json.loads(l)["completions"] for l in completions.open()]
       per_q = [np.mean(q.correct) for q in rep.questions] or [float("nan")]
       rows.setdefault(path.stem, {})[name] = {
-          **rep.summary(), "format": format_rate(rep),
+          **rep.summary(), "format": format_rate(rep), "last_number_acc": last_number_accuracy(rep),
           "pass@1_se": float(np.std(per_q, ddof=1) / np.sqrt(len(per_q))) if len(per_q) > 1
           else float("nan")}
   lines = []
   for bench, by_stage in rows.items():
     lines += [f"### {bench}", "", "| model | pass@1 (%) | ± s.e. | cons@k (%) | format (%) | "
-              "mean tokens | of reference | points over base |", "|---|" + "---:|" * 7]
+              "last number right (%) | mean tokens | of reference | points over base |",
+              "|---|" + "---:|" * 8]
     for name, s in by_stage.items():
       if ref in by_stage:  # NaN when the reference solves nothing
         r = by_stage[ref]["pass@1"]
@@ -257,6 +261,7 @@ def compare_evals(config, workdir: Path) -> dict[str, Any]:
         s["points_over_base"] = 100 * (s["pass@1"] - by_stage[base]["pass@1"])
       lines.append(f"| {name} | {100 * s['pass@1']:.1f} | {100 * s['pass@1_se']:.1f} | "
                    f"{100 * s['cons@k']:.1f} | {100 * s['format']:.1f} | "
+                   f"{100 * s['last_number_acc']:.1f} | "
                    f"{s.get('mean_tokens', float('nan')):.1f} | "
                    f"{100 * s.get('of_reference', float('nan')):.1f} % | "
                    f"{s.get('points_over_base', float('nan')):+.1f} |")
