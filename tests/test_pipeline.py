@@ -106,3 +106,11 @@ def test_a_bad_later_stage_value_fails_before_the_first_stage(tmp_path):
   with pytest.raises(FileNotFoundError, match="rl.eval.benchmarks: .*no_such_benchmark"):
     stages.run(c, str(tmp_path))
   assert not (tmp_path / "data").exists() and not (tmp_path / "config.json").exists()
+
+
+def test_settings_added_by_a_later_version_are_not_changes():
+  old, new = {"a": 1, "g": {"x": 1}}, {"a": 1, "g": {"x": 1, "y": 0}, "h": {"z": 0}}
+  assert pipeline.config_changes(old, new, added_ok=True) == []
+  assert pipeline.config_changes(old, new) == ["g.y: None -> 0", "h: None -> {'z': 0}"]
+  # A changed or a removed field still is one.
+  assert pipeline.config_changes(old, {"a": 2}, added_ok=True) == ["a: 1 -> 2", "g: {'x': 1} -> None"]

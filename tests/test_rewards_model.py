@@ -205,7 +205,10 @@ def test_bad_input(tmp_path):
   with pytest.raises(ValueError, match="not a reward model"):
     rm.load_rm(tmp_path / "policy")
   with pytest.raises(ValueError, match="2 responses but 1 prompts"):
-    rm.RewardModel(rm.init_rm(CFG, jax.random.key(0)), CFG, CharTokenizer())(["a", "b"], ["p"])
+    rm.RewardModel(rm.init_rm(CFG, jax.random.key(0)), CFG, CharTokenizer(), template="plain")(
+        ["a", "b"], ["p"])
+  with pytest.raises(ValueError, match="disagrees with the declared template"):
+    rm.RewardModel(rm.init_rm(CFG, jax.random.key(0)), CFG, CharTokenizer(), template="chatml")
 
 
 # ------------------------------------------------------------------------- the stage
@@ -281,3 +284,47 @@ def test_sigterm_saves_exits_75_and_resumes(rm_world, uninterrupted, tmp_path):
   assert not (workdir / "reward_model").exists()
   main_runs.finish(_start(rm_world, workdir))
   main_runs.assert_bit_exact(_rm_params(uninterrupted[1]), _rm_params(workdir))
+
+
+def test_scores_in_the_loop_equal_the_stage_scoring(trained):
+  """The RL loop (RewardScorer → device reward) and the reward_model stage score alike."""
+  tok, trainer, state, _ = trained
+  rows = preference_rows(24, 7)
+  chosen, _ = trainer.pair_scores(state.params, tok, rows, "plain", 48)
+  model_ = rm.RewardModel(state.params, CFG, tok, template="plain", max_len=48, batch_size=16)
+  model_.register("safety_test", view="full", overwrite=True)
+  spec = dict(default_task="general", components=[
+      dict(name="safety_test", fields={"prompt": "question"})])
+  samples = [{"question": r["prompt"], "completion": r["chosen"]} for r in rows]
+  with compose.RewardScorer(spec) as scorer:
+    out = scorer.score(samples)
+  np.testing.assert_allclose(out.components["safety_test"], chosen, atol=1e-5)
+  assert out.device_s > 0
+
+
+def test_reward_norms():
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(3, 2, 50), rng.normal(3, 2, 70)
+  running = rm.RewardNorm("running")
+  running(a)
+  got = running(b)
+  seen = np.concatenate([a, b])
+  np.testing.assert_allclose(got, (b - seen.mean()) / seen.std(ddof=1), rtol=1e-9)
+  fixed = rm.RewardNorm("affine", 3.0, 2.0)
+  np.testing.assert_allclose(fixed(np.array([5.0, 1.0])), [1.0, -1.0])
+  assert np.array_equal(rm.RewardNorm()(np.array([2.5])), [2.5])
+  with pytest.raises(ValueError, match="std > 0"):
+    rm.RewardNorm("affine", 0.0, 0.0)
+  with pytest.raises(ValueError, match="none, affine or running"):
+    rm.RewardNorm("zscore")
+
+
+def test_affine_norm_from_validation_responses(trained):
+  tok, _, state, _ = trained
+  model_ = rm.RewardModel(state.params, CFG, tok, template="plain", max_len=48, batch_size=8)
+  rows = preference_rows(16, 3)
+  texts = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+  prompts = [r["prompt"] for r in rows] * 2
+  model_.norm = model_.affine_from(texts, prompts)
+  z = np.asarray(model_(texts, prompts))
+  assert abs(z.mean()) < 1e-5 and abs(z.std() - 1) < 1e-4

@@ -11,6 +11,7 @@ import abc
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -192,6 +193,28 @@ TEMPLATES: dict[str, ChatTemplate] = {
         generation="<｜Assistant｜><think>\n", system="{content}",
         begin="<｜begin▁of▁sentence｜>"),
 }
+
+
+_MARKER_RE = re.compile(r"<\|[^|<>\s]+\|>|<｜[^｜\s]+｜>")
+
+
+def template_markers(template: str) -> list[str]:
+  """The special tokens a chat template is written with (<|im_start|>, <｜User｜>, …)."""
+  t = TEMPLATES[template]
+  text = "".join([t.user, t.assistant, t.generation, t.system, t.begin])
+  return sorted(set(_MARKER_RE.findall(text)))
+
+
+def check_template(tokenizer: "Tokenizer", template: str, what: str = "model") -> None:
+  """A model trained with a chat template has each of its markers as one token id: a
+  tokenizer that splits them is not the one the template was used with (ValueError)."""
+  if template not in TEMPLATES:
+    raise ValueError(f"unknown template {template!r}; known: {sorted(TEMPLATES)}")
+  missing = [m for m in template_markers(template) if tokenizer.token_id(m) is None]
+  if missing:
+    raise ValueError(f"the {what}'s tokenizer has no single id for {missing} of template "
+                     f"{template!r}: it disagrees with the declared template (set the template "
+                     "the model was trained with)")
 
 
 def render_chat(template: str, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:

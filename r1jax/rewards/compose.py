@@ -10,6 +10,11 @@ The spec, e.g. `config.rewards`:
     {"name": "format", "weight": 0.5, "kwargs": {"require_answer_tag": True}},
     {"name": "language", "key": "lang_en", "weight": 0.1, "kwargs": {"lang": "en"}},
   ]
+Routing by task, as R1's all-scenario stage does, may instead be one readable group:
+  by_task: {"math": {"accuracy": 1.0, "format": 0.5, "language": 0.1, "safety": 1.0},
+            "general": {"helpful": 1.0, "safety": 1.0}}
+which names, per task, the component keys that judge it and their weights (a component's own
+`weight` / `tasks` are then not used). A sample whose task is in no group is an error.
 A component applies to the samples whose task is in its `tasks` (default: every task). `fields`
 maps the reward's per-sample inputs to dataset fields (default: same name), `kwargs` are fixed
 arguments, `key` names it in the logs (default: name). The total is the weighted sum of the
@@ -37,7 +42,7 @@ _log = logging.getLogger(__name__)
 _COMPONENT_KEYS = {"name", "key", "weight", "tasks", "fields", "kwargs", "timeout_s", "fallback",
                    "view"}
 _SPEC_KEYS = {"components", "task_field", "default_task", "timeout_s", "fallback", "num_workers",
-              "worker_memory_mb"}
+              "worker_memory_mb", "by_task"}
 
 
 def _plain(x: Any) -> Any:
@@ -64,6 +69,10 @@ class Component:
   timeout_s: float
   fallback: float
   view: str
+  task_weights: dict[str, float] | None = None  # by_task routing: the weight per task
+
+  def weight_for(self, task: str) -> float:
+    return self.weight if self.task_weights is None else self.task_weights.get(task, 0.0)
 
 
 def _check_finite(value: Any, key: str) -> float:
@@ -131,7 +140,33 @@ def parse_spec(spec: Any) -> tuple[dict[str, Any], list[Component]]:
   keys = [c.key for c in components]
   if len(set(keys)) != len(keys):
     raise ValueError(f"reward component keys must be unique (set `key`), got {keys}")
+  if spec.get("by_task") is not None:
+    components = _route(spec["by_task"], components, entries)
   return settings, components
+
+
+def _route(by_task: Any, components: list[Component], entries: list[dict]) -> list[Component]:
+  """Components with their tasks and per-task weights taken from a by_task group."""
+  if not isinstance(by_task, dict) or not by_task:
+    raise ValueError("rewards.by_task must map each task to {component key: weight}")
+  keys = {c.key for c in components}
+  for task, group in by_task.items():
+    if not isinstance(group, dict) or not group:
+      raise ValueError(f"rewards.by_task[{task!r}] must be a non-empty {{key: weight}} map")
+    unknown = set(group) - keys
+    if unknown:
+      raise ValueError(f"rewards.by_task[{task!r}] names {sorted(unknown)}, which are not "
+                       f"component keys ({sorted(keys)})")
+  out = []
+  for c, entry in zip(components, entries):
+    if "tasks" in entry or "weight" in entry:
+      raise ValueError(f"reward component {c.key!r}: with rewards.by_task, set its tasks and "
+                       "weights there, not on the component")
+    weights = {t: float(g[c.key]) for t, g in by_task.items() if c.key in g}
+    if not weights:
+      raise ValueError(f"reward component {c.key!r} judges no task in rewards.by_task")
+    out.append(dataclasses.replace(c, tasks=frozenset(weights), task_weights=weights))
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,15 +178,31 @@ class RewardBatch:
   failed: dict[str, np.ndarray]  # key -> bool [N]: raised / timed out / crashed -> fallback
   seconds: float  # wall time from submit to result
   pool_cpu_s: float  # CPU time the pool workers spent on this batch
+  tasks: tuple[str, ...] = ()  # (N,) each sample's task
+  device_s: float = 0.0  # host time launching device (reward-model) rewards and waiting on them
+  device_keys: frozenset[str] = frozenset()  # the components that are device rewards
 
   def metrics(self) -> dict[str, float]:
-    """Scalars for logging: mean of each component where it applies, failure counts, total."""
+    """Scalars for logging: mean of each component where it applies, failure counts, total;
+    with several tasks, the same per task (`reward/<task>/<key>`)."""
     out = {"reward/total": float(np.mean(self.total_N)) if self.total_N.size else 0.0,
-           "reward/seconds": self.seconds, "reward/pool_cpu_s": self.pool_cpu_s}
+           "reward/seconds": self.seconds, "reward/pool_cpu_s": self.pool_cpu_s,
+           "reward/device_s": self.device_s}
+    mean = lambda v: float(np.mean(v)) if v.size else float("nan")
     for key, values in self.components.items():
       applies = ~np.isnan(values)
-      out[f"reward/{key}"] = float(np.mean(values[applies])) if applies.any() else float("nan")
+      out[f"reward/{key}"] = mean(values[applies])
       out[f"reward/{key}_failures"] = float(self.failed[key].sum())
+    tasks = np.asarray(self.tasks)
+    if len(set(self.tasks)) > 1:
+      for task in sorted(set(self.tasks)):
+        rows = tasks == task
+        out[f"reward/{task}/total"] = mean(self.total_N[rows])
+        out[f"reward/{task}/samples"] = float(rows.sum())
+        for key, values in self.components.items():
+          v = values[rows]
+          if (~np.isnan(v)).any():
+            out[f"reward/{task}/{key}"] = mean(v[~np.isnan(v)])
     return out
 
 
@@ -163,6 +214,7 @@ class PendingRewards:
     self._scorer, self._samples, self._tasks = scorer, samples, tasks
     self._start = time.monotonic()
     self._futures = {}  # (component index, sample index) -> Future
+    self._device = {}  # component index -> (sample indices, launched device scoring or error)
     self._batch = None
     for ci, c in enumerate(scorer.components):
       if c.reward.kind != "pool":
@@ -172,6 +224,18 @@ class PendingRewards:
         self._futures[ci, si] = scorer.pool.submit(
             _call_reward, c.reward.fn, text, kwargs, c.key, timeout_s=c.timeout_s,
             fallback=c.fallback)
+    # Reward models: dispatched to the device now, collected after the host rewards ran.
+    t0 = time.monotonic()
+    for ci, c in enumerate(scorer.components):
+      if c.reward.kind == "device":
+        idx = self._applicable(c)
+        texts, columns = self._columns(c, idx)
+        try:
+          self._device[ci] = (idx, c.reward.fn.launch(texts, **columns, **c.kwargs) if idx
+                                   else None)
+        except Exception as e:  # pylint: disable=broad-except
+          self._device[ci] = (idx, e)
+    self._device_s = time.monotonic() - t0
 
   def _applicable(self, c: Component) -> list[int]:
     return [i for i, t in enumerate(self._tasks) if c.tasks is None or t in c.tasks]
@@ -185,13 +249,41 @@ class PendingRewards:
         _log.warning("reward %s failed on sample %d: %s: %s", c.key, si, type(e).__name__, e)
         values[si], failed[si] = c.fallback, True
 
-  def _run_batch(self, c: Component, idx: list[int], values, failed) -> None:
-    texts, columns = [], {}
+  def _columns(self, c: Component, idx: list[int]) -> tuple[list[str], dict[str, list]]:
+    """The texts (in c's view) and per-sample input columns of the samples idx."""
+    texts, columns = [], {name: [] for name in c.fields}
     for si in idx:
       text, kwargs = self._scorer.arguments(c, self._samples[si])
       texts.append(text)
       for name in c.fields:
-        columns.setdefault(name, []).append(kwargs[name])
+        columns[name].append(kwargs[name])
+    return texts, columns
+
+  def _collect_device(self, ci: int, values, failed) -> None:
+    """A reward model's scores; a non-finite score (or a failed call) is a failure, counted
+    and given the fallback: RL masks such samples out of the update."""
+    c = self._scorer.components[ci]
+    idx, launched = self._device[ci]
+    if not idx:
+      return
+    try:
+      if isinstance(launched, Exception):
+        raise launched
+      out = np.asarray(launched.result(), np.float64)
+      if out.shape != (len(idx),):
+        raise ValueError(f"returned {out.shape} rewards for {len(idx)} samples")
+    except Exception as e:  # pylint: disable=broad-except
+      _log.warning("device reward %s failed: %s: %s", c.key, type(e).__name__, e)
+      values[idx], failed[idx] = c.fallback, True
+      return
+    bad = ~np.isfinite(out)
+    if bad.any():
+      _log.warning("device reward %s: %d non-finite scores masked", c.key, int(bad.sum()))
+    values[idx] = np.where(bad, c.fallback, out)
+    failed[np.asarray(idx)[bad]] = True
+
+  def _run_batch(self, c: Component, idx: list[int], values, failed) -> None:
+    texts, columns = self._columns(c, idx)
     try:
       out = list(c.reward.fn(texts, **columns, **c.kwargs)) if idx else []
       if len(out) != len(idx):
@@ -216,6 +308,11 @@ class PendingRewards:
       elif c.reward.kind == "batch":
         self._run_batch(c, idx, values, fails)
       components[c.key], failed[c.key] = values, fails
+    t0 = time.monotonic()
+    for ci in self._device:
+      c = self._scorer.components[ci]
+      self._collect_device(ci, components[c.key], failed[c.key])
+    device_s = self._device_s + time.monotonic() - t0
     pool_cpu_s = 0.0
     for (ci, si), future in self._futures.items():
       outcome = future.result()
@@ -226,9 +323,11 @@ class PendingRewards:
       failed[key][si] = not outcome.ok
     total = np.zeros(n, np.float32)
     for c in self._scorer.components:
-      total += c.weight * np.nan_to_num(components[c.key], nan=0.0)
+      w = np.asarray([c.weight_for(t) for t in self._tasks], np.float32)
+      total += w * np.nan_to_num(components[c.key], nan=0.0)
     self._batch = RewardBatch(total, components, failed, time.monotonic() - self._start,
-                              pool_cpu_s)
+                              pool_cpu_s, tuple(self._tasks), device_s,
+                              frozenset(self._scorer.components[ci].key for ci in self._device))
     return self._batch
 
 
@@ -266,6 +365,19 @@ class RewardScorer:
           raise ValueError(f"sample {i} (task {task!r}) lacks fields {missing} that reward "
                            f"{c.key!r} reads")
     return task
+
+  def check_tasks(self, tasks: Sequence[str], source: str = "data") -> None:
+    """Every task of a prompt set has components that judge it: a clear error before work."""
+    if self.tasks is None:
+      return
+    counts: dict[str, int] = {}
+    for t in tasks:
+      counts[t] = counts.get(t, 0) + 1
+    unjudged = {t: n for t, n in counts.items() if t not in self.tasks}
+    if unjudged:
+      raise ValueError(f"{source}: rows of tasks {unjudged} (task: count) have no reward "
+                       f"components; the spec judges {sorted(self.tasks)}. Add them to "
+                       "rewards.by_task (or a component's tasks), or drop those rows.")
 
   def submit(self, samples: Sequence[Mapping[str, Any]]) -> PendingRewards:
     """Starts scoring; returns at once. Each sample: {"completion": str, task field, inputs…}."""

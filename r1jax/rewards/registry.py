@@ -8,6 +8,10 @@ Three kinds, by where they run:
 - batch: fn(texts: list[str], **input_lists, **kwargs) -> list[float], run once per batch in the
   trainer thread. This is the hook for model-based rewards (helpfulness on the summary,
   safety on the whole response): `register("helpfulness", rm_fn, kind="batch", view="summary")`.
+- device: an object with fn.launch(texts, **input_lists, **kwargs) -> pending, pending.result()
+  -> list[float]: a model on the accelerator (rewards/reward_model.py:RewardModel). It is
+  launched when the batch is submitted and collected after the host rewards ran, so the
+  device forward overlaps them; a non-finite score counts as a failure.
 `view` picks the text a reward judges: the full response, its reasoning, or its summary.
 """
 
@@ -23,7 +27,7 @@ from r1jax.rewards import language
 from r1jax.rewards import length as length_lib
 from r1jax.rewards import math as math_lib
 
-KINDS = ("pool", "inline", "batch")
+KINDS = ("pool", "inline", "batch", "device")
 VIEWS = ("full", "reasoning", "summary")
 
 
@@ -62,6 +66,8 @@ def register(name: str, fn: Callable[..., Any], *, inputs: tuple[str, ...] = (),
     raise ValueError(f"reward {name!r} is already registered; pass overwrite=True to replace it")
   if not callable(fn):
     raise TypeError(f"reward {name!r}: fn must be callable, got {type(fn).__name__}")
+  if kind == "device" and not callable(getattr(fn, "launch", None)):
+    raise TypeError(f"device reward {name!r} needs a launch(texts, ...) method")
   if kind == "pool" and (getattr(fn, "__qualname__", "<") != getattr(fn, "__name__", "")
                          or "<" in getattr(fn, "__qualname__", "<")):
     raise ValueError(f"pool reward {name!r} must be a module-level function (it is pickled "

@@ -6,11 +6,13 @@ decoder plus a linear head on the final hidden state of the last real token:
 r = h_last · w + b. The `reward_model` stage (stages/reward_model.py) trains it
 on (prompt, chosen, rejected) rows with the policy's shared update step, mesh and
 logical-axis shardings. `RewardModel` plugs a trained model into the reward
-registry as a "batch" reward.
+registry as a "device" reward: RL dispatches its forward when a batch is submitted and
+collects it after the host rule rewards ran, so the two overlap.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,6 +27,7 @@ from r1jax.core import checkpoint
 from r1jax.core import model as model_lib
 from r1jax.core import sharding as sharding_lib
 from r1jax.core.config import ModelConfig, model_config
+from r1jax.core.tokenizer import check_template
 from r1jax.data.preferences import encode_pairs
 from r1jax.rewards import registry
 
@@ -93,31 +96,110 @@ def load_rm(path: str | Path, mesh: Mesh | None = None):
 # ------------------------------------------------------------------------- scoring
 
 
+@dataclasses.dataclass
+class RewardNorm:
+  """Puts a reward model's scores on the rule rewards' scale: r' = (r − mean) / std.
+
+  mode "none": raw scores. "affine": a fixed mean / std, e.g. the RM's scores on its
+  validation responses (`RewardModel.affine_from`). "running": the mean / std of every score
+  seen so far in this process (Welford; the current batch included), for an RM whose scale
+  on the policy's responses is unknown in advance; it restarts with the process.
+  """
+
+  mode: str = "none"
+  mean: float = 0.0
+  std: float = 1.0
+  count: int = 0
+  _m2: float = 0.0
+
+  def __post_init__(self):
+    if self.mode not in ("none", "affine", "running"):
+      raise ValueError(f"normalisation mode must be none, affine or running, got {self.mode!r}")
+    if self.mode == "affine" and not self.std > 0:
+      raise ValueError(f"affine normalisation needs std > 0, got {self.std}")
+
+  def __call__(self, scores: np.ndarray) -> np.ndarray:
+    x = np.asarray(scores, np.float64)
+    if self.mode == "none":
+      return x
+    if self.mode == "running":
+      for v in x[np.isfinite(x)]:
+        self.count += 1
+        delta = v - self.mean
+        self.mean += delta / self.count
+        self._m2 += delta * (v - self.mean)
+      self.std = float(np.sqrt(self._m2 / (self.count - 1))) if self.count > 1 else 1.0
+    return (x - self.mean) / max(self.std, 1e-6)
+
+
+class _Launched:
+  """Scores dispatched to the device; `result()` brings them to the host once."""
+
+  def __init__(self, parts: list, n: int, finish):
+    self._parts, self._n, self._finish = parts, n, finish
+
+  def result(self) -> list[float]:
+    raw = np.concatenate([np.asarray(jax.device_get(p)) for p in self._parts])[:self._n]
+    return [float(v) for v in self._finish(raw)]
+
+
 class RewardModel:
-  """A trained RM as a batch reward: fn(texts, prompt=[...]) -> list[float]."""
+  """A trained RM as a device reward: `launch(texts, prompt=[...])` encodes on the host and
+  dispatches the jitted scoring (asynchronous), `result()` collects; calling it does both.
+
+  The texts are the view the component asks for (the summary after </think> for helpfulness,
+  the whole response for safety), wrapped in the chat template the RM was trained with,
+  exactly as the reward_model stage encodes them.
+  """
 
   def __init__(self, params, cfg: ModelConfig, tokenizer, *, template: str = "chatml",
-               max_len: int = 512, batch_size: int = 32, scale: float = 1.0):
+               max_len: int = 512, batch_size: int = 32, scale: float = 1.0,
+               norm: RewardNorm | None = None):
+    check_template(tokenizer, template, "reward model")
     self.params, self.cfg, self.tok = params, cfg, tokenizer
     self.template, self.max_len, self.batch_size, self.scale = template, max_len, batch_size, scale
+    self.norm = norm or RewardNorm()
     self._score = jax.jit(lambda p, t, m: score(p, t, m, cfg))
 
-  def __call__(self, texts: Sequence[str], prompt: Sequence[str] | None = None,
-               **_) -> list[float]:
+  @classmethod
+  def load(cls, path: str | Path, tokenizer, mesh: Mesh | None = None, **kwargs) -> RewardModel:
+    """A saved reward model (reward_model stage output), restored into `mesh`."""
+    cfg, params = load_rm(path, mesh)
+    if tokenizer.vocab_size > cfg.vocab_size:
+      raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} ids, the RM only "
+                       f"{cfg.vocab_size}")
+    return cls(params, cfg, tokenizer, **kwargs)
+
+  def launch(self, texts: Sequence[str], prompt: Sequence[str] | None = None,
+             **_) -> _Launched:
     prompts = list(prompt) if prompt is not None else [""] * len(texts)
     if len(prompts) != len(texts):
       raise ValueError(f"{len(texts)} responses but {len(prompts)} prompts")
-    out: list[float] = []
+    parts = []
     for lo in range(0, len(texts), self.batch_size):
       rows = [{"prompt": p, "chosen": t, "rejected": ""}
               for p, t in zip(prompts[lo:lo + self.batch_size], texts[lo:lo + self.batch_size])]
-      real = len(rows)
-      rows += [rows[0]] * (self.batch_size - real)  # one compiled shape
+      rows += [rows[0]] * (self.batch_size - len(rows))  # one compiled shape
       tokens, mask = encode_pairs(self.tok, rows, self.template, self.max_len)["chosen"]
-      out += [self.scale * float(r) for r in np.asarray(self._score(self.params, tokens, mask))[:real]]
-    return out
+      parts.append(self._score(self.params, tokens, mask))
+    return _Launched(parts, len(texts), lambda raw: self.scale * self.norm(raw))
+
+  def __call__(self, texts: Sequence[str], prompt: Sequence[str] | None = None,
+               **_) -> list[float]:
+    return self.launch(texts, prompt).result() if len(texts) else []
+
+  def raw_scores(self, texts: Sequence[str], prompts: Sequence[str]) -> np.ndarray:
+    """Unnormalised, unscaled scores (for a fixed affine normalisation)."""
+    launched = self.launch(texts, prompts)
+    launched._finish = lambda raw: raw  # pylint: disable=protected-access
+    return np.asarray(launched.result())
+
+  def affine_from(self, texts: Sequence[str], prompts: Sequence[str]) -> RewardNorm:
+    """A fixed normalisation from this RM's scores on validation responses."""
+    raw = self.raw_scores(texts, prompts)
+    return RewardNorm("affine", float(np.mean(raw)), float(np.std(raw) or 1.0))
 
   def register(self, name: str, view: str, overwrite: bool = False):
     """Adds this model to the reward registry (e.g. 'helpfulness' on 'summary')."""
-    return registry.register(name, self, inputs=("prompt",), kind="batch", view=view,
+    return registry.register(name, self, inputs=("prompt",), kind="device", view=view,
                              overwrite=overwrite)

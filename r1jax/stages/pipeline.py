@@ -146,12 +146,22 @@ def _report_md(cmp: dict[str, Any], rl_summary: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
-  """'field: old -> new' for every leaf that differs between two JSON config dicts."""
+_ABSENT = object()
+
+
+def config_changes(old: Any, new: Any, prefix: str = "", added_ok: bool = False) -> list[str]:
+  """'field: old -> new' for every leaf that differs between two JSON config dicts.
+
+  added_ok: a field the old config does not have at all (a setting added by a later r1jax
+  version; the old run ran with its then-only behaviour) is not a change.
+  """
   if isinstance(old, dict) and isinstance(new, dict):
     return [change for key in sorted(set(old) | set(new))
-            for change in config_changes(old.get(key), new.get(key), f"{prefix}{key}.")]
-  return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+            if not (added_ok and key not in old)
+            for change in config_changes(old.get(key, _ABSENT), new.get(key, _ABSENT),
+                                         f"{prefix}{key}.", added_ok)]
+  shown = lambda x: None if x is _ABSENT else x
+  return [] if old == new else [f"{prefix[:-1]}: {shown(old)!r} -> {shown(new)!r}"]
 
 
 def _changed_since_last_run(name: str, config, stage_dir: Path, allowed: set[str]) -> bool:
@@ -164,7 +174,7 @@ def _changed_since_last_run(name: str, config, stage_dir: Path, allowed: set[str
   if not recorded.exists():
     return False
   changes = config_changes(json.loads(recorded.read_text()),
-                           json.loads(config.to_json_best_effort()), f"{name}.")
+                           json.loads(config.to_json_best_effort()), f"{name}.", added_ok=True)
   refused = [c for c in changes if c.split(":", 1)[0] not in allowed]
   if refused:
     fields = ",".join(c.split(":", 1)[0] for c in refused)

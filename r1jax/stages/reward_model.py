@@ -110,15 +110,20 @@ class RMTrainer:
     return state, {**metrics, "rm/loss": loss, "rm/accuracy": sums["correct"] / pairs,
                    "rm/margin": sums["margin"] / pairs}
 
+  def pair_scores(self, params: Any, tokenizer: Tokenizer, rows: Sequence[dict],
+                  template: str, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(chosen, rejected) f32 scores of preference rows, as the stage encodes them."""
+    enc = encode_pairs(tokenizer, rows, template, max_len)
+    return (np.asarray(self._score(params, *enc["chosen"])),
+            np.asarray(self._score(params, *enc["rejected"])))
+
   def pair_accuracy(self, params: Any, tokenizer: Tokenizer, rows: Sequence[dict],
                     template: str, max_len: int, batch: int) -> float:
     """Share of held-out pairs (whole batches of `batch`) ranked right."""
     right = 0
     for lo in range(0, len(rows) - batch + 1, batch):
-      enc = encode_pairs(tokenizer, rows[lo:lo + batch], template, max_len)
-      rc = self._score(params, *enc["chosen"])
-      rr = self._score(params, *enc["rejected"])
-      right += int(jnp.sum(rc > rr))
+      rc, rr = self.pair_scores(params, tokenizer, rows[lo:lo + batch], template, max_len)
+      right += int(np.sum(rc > rr))
     return right / max(1, (len(rows) // batch) * batch)
 
 

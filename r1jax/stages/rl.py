@@ -63,6 +63,7 @@ def rl_config(steps: int = 200) -> ml_collections.ConfigDict:
   c.data.batch = 32  # prompts per RL iteration (per host); each gets grpo.group_size samples
   c.data.template = "r1_zero"  # prompt template
   c.data.max_prompt_tokens = 512  # longer prompts are skipped and counted
+  c.data.task_weights = ml_collections.ConfigDict()  # expected task mix, e.g. math=0.7 (warns)
   c.sampler = ml_collections.ConfigDict()
   c.sampler.max_new_tokens = 1024  # completion budget T
   c.sampler.top_p = 1.0  # rollouts sample the full distribution (R1-Zero: temperature 1)
@@ -141,6 +142,22 @@ class ScoredRollout:
   advantages: np.ndarray  # (N,) f32 group-normalised
   keep: np.ndarray  # (B,) bool: groups eligible for the update (informative, under DAPO)
 
+  @property
+  def row_ok(self) -> np.ndarray:
+    """(N,) bool: no reward model failed on the sample (a failed one is kept out of the loss)."""
+    if self.rewards is None:
+      return np.ones(len(self.samples.texts), bool)
+    return ~failed_rows(self.rewards)
+
+
+def failed_rows(rewards: RewardBatch) -> np.ndarray:
+  """(N,) samples a device reward (a reward model) could not score: NaN, error."""
+  out = np.zeros(len(rewards.total_N), bool)
+  for key, failed in rewards.failed.items():
+    if key in rewards.device_keys:
+      out |= failed
+  return out
+
 
 @dataclasses.dataclass(frozen=True)
 class UpdateBatch:
@@ -182,6 +199,11 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> RLRun:
       config.data.train, tok, config.data.batch, template=config.data.template,
       max_prompt_tokens=config.data.max_prompt_tokens, seed=config.seed,
       adapter=config.data.adapter)
+  scorer = RewardScorer(config.rewards)  # a bad reward spec fails here
+  tasks = [it["task"] for it in pipeline.items]
+  scorer.check_tasks(tasks, config.data.train)  # a task no reward judges: before any work
+  weights = config.data.get("task_weights")
+  check_mixture(tasks, weights.to_dict() if weights else {}, config.data.train)
   sets = suite_lib.load_sets(config.eval)
   # Only shapes here: the weights come from the run's checkpoint, or from `initial_state`.
   cfg, _ = load_model(config.model, mesh, seed=config.seed, abstract=True)
@@ -199,7 +221,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> RLRun:
   resuming = checkpoint.has_checkpoint(Path(workdir) / "checkpoints")
   return RLRun(config=config, workdir=Path(workdir), grpo=grpo, cfg=cfg, tokenizer=tok,
                trainer=trainer, engine=engine, data=iter(pipeline), evals=evals,
-               scorer=RewardScorer(config.rewards),  # a bad reward spec fails here
+               scorer=scorer,
                loop=TrainLoop(config, workdir, "rl"), resuming=resuming)
 
 
@@ -248,6 +270,33 @@ def roll_out(rl: RLRun, params: Any, ref: Any, problems: list[dict],
                        _keep(rl, rewards, len(problems)))
 
 
+def check_mixture(tasks: list[str], weights: dict, source: str, tolerance: float = 0.1) -> None:
+  """Warns (with the actual proportions) when a prompt file's task mixture is far from the
+  configured data.task_weights: a mixture that is not what the run was planned on."""
+  if not weights:
+    return
+  total = sum(weights.values())
+  actual = {t: tasks.count(t) / len(tasks) for t in sorted(set(tasks) | set(weights))}
+  far = {t: (round(actual[t], 3), round(weights.get(t, 0) / total, 3)) for t in actual
+         if abs(actual[t] - weights.get(t, 0) / total) > tolerance}
+  if far:
+    log.warning("%s: task proportions %s are far from data.task_weights (task: (actual, "
+                "configured) %s)", source, {t: round(v, 3) for t, v in actual.items()}, far)
+
+
+def _fill_failed(r: np.ndarray, bad: np.ndarray, g: int) -> np.ndarray:
+  """Rewards with failed samples set to their group's mean over the others, so a sample kept
+  out of the loss does not move its group's baseline either."""
+  if not bad.any():
+    return r
+  r = r.copy()
+  for lo in range(0, len(r), g):
+    ok = ~bad[lo:lo + g]
+    fill = r[lo:lo + g][ok].mean(axis=0) if ok.any() else 0.0
+    r[lo:lo + g][~ok] = fill
+  return r
+
+
 def _advantages(rl: RLRun, rewards: RewardBatch) -> np.ndarray:
   """Group-normalised advantages of one rollout (per component first if configured)."""
   g = rl.grpo
@@ -257,6 +306,7 @@ def _advantages(rl: RLRun, rewards: RewardBatch) -> np.ndarray:
     weights = [c.weight for c in comps]
   else:
     r, weights = rewards.total_N, None
+  r = _fill_failed(r, failed_rows(rewards), g.group_size)
   return adv_lib.group_advantages(r, g.group_size, scale=g.adv_scale, eps=g.adv_eps,
                                   ddof=g.adv_ddof, reward_norm=g.reward_norm, weights_C=weights)
 
@@ -292,6 +342,8 @@ def assemble(rl: RLRun, parts: list[ScoredRollout]) -> UpdateBatch:
   """
   g = rl.grpo.group_size
   full = [batches_lib.rollout_batch(p.samples, p.advantages, p.ref_logp) for p in parts]
+  full = [dataclasses.replace(f, completion_mask=f.completion_mask & p.row_ok[:, None])
+          for f, p in zip(full, parts)]
   chosen, live = adv_lib.select_groups([p.keep for p in parts], rl.config.data.batch)
   if len(parts) == 1 and live == len(parts[0].keep):  # every group, in order
     return UpdateBatch(full[0], list(parts[0].samples.texts), live)
@@ -319,6 +371,7 @@ def step_metrics(rl: RLRun, parts: list[ScoredRollout], update: UpdateBatch,
   out.update(metrics_lib.reflection_counts(update.texts[:update.live * rl.grpo.group_size]))
   for code, name in enumerate(STOP_REASONS):
     out[f"stop/{name}"] = float(np.mean(first.samples.stop_reason == code))
+  out["reward/masked_samples"] = float(sum((~p.row_ok).sum() for p in parts))
   out["dynamic/informative_groups"] = float(update.live)
   out["dynamic/rollouts"] = float(len(parts))
   out.update({f"data/skipped_{k}": float(v) for k, v in rl.data.skipped.items()})

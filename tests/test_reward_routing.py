@@ -1,0 +1,141 @@
+"""All-scenario reward routing: per-task component sets, views, device rewards, NaN masking."""
+
+import numpy as np
+import pytest
+
+from r1jax.rewards import compose, registry
+
+
+class Recorder:
+  """A device reward that records what it saw and when, and scores len(text)."""
+
+  def __init__(self, log, name, nan_for=()):
+    self.log, self.name, self.nan_for = log, name, set(nan_for)
+
+  def __call__(self, texts, **_):
+    return self.launch(texts).result()
+
+  def launch(self, texts, prompt=None, **_):
+    self.log.append((self.name, "launch", list(texts), list(prompt or [])))
+    outer = self
+
+    class Pending:
+      def result(self):
+        outer.log.append((outer.name, "result"))
+        return [float("nan") if t in outer.nan_for else float(len(t)) for t in texts]
+    return Pending()
+
+
+def _inline_logger(log):
+  def fn(text):
+    log.append(("rule", "run"))
+    return 1.0
+  return fn
+
+
+SPEC = {
+    "default_task": "math",
+    "by_task": {"math": {"accuracy": 1.0, "format": 0.5, "safety": 2.0},
+                "general": {"helpful": 1.0, "safety": 1.0}},
+    "components": [{"name": "accuracy"}, {"name": "format"},
+                   {"name": "helpful_t", "key": "helpful", "fields": {"prompt": "question"}},
+                   {"name": "safety_t", "key": "safety", "fields": {"prompt": "question"}}],
+}
+REASONING, SUMMARY = "secret plan 12", " The answer is \\boxed{12}."
+RESPONSE = f"<think>{REASONING}</think>{SUMMARY}"
+
+
+@pytest.fixture()
+def log():
+  events = []
+  registry.register("helpful_t", Recorder(events, "helpful"), inputs=("prompt",),
+                    kind="device", view="summary", overwrite=True)
+  registry.register("safety_t", Recorder(events, "safety", nan_for={"NaN please"}),
+                    inputs=("prompt",), kind="device", view="full", overwrite=True)
+  return events
+
+
+def test_each_task_gets_exactly_its_components_and_weights(log):
+  samples = [{"task": "math", "gold": "12", "question": "q0", "completion": RESPONSE},
+             {"task": "general", "gold": "", "question": "q1", "completion": RESPONSE}]
+  with compose.RewardScorer(SPEC) as scorer:
+    out = scorer.score(samples)
+  c = out.components
+  assert c["accuracy"][0] == 1.0 and np.isnan(c["accuracy"][1])
+  assert c["format"][0] == 0.0 and np.isnan(c["format"][1])  # no <answer> tags
+  assert np.isnan(c["helpful"][0]) and c["helpful"][1] == len(SUMMARY)
+  assert c["safety"].tolist() == [len(RESPONSE)] * 2
+  assert out.total_N.tolist() == [1.0 + 0.0 + 2.0 * len(RESPONSE),
+                                  len(SUMMARY) + 1.0 * len(RESPONSE)]
+  m = out.metrics()
+  assert m["reward/general/helpful"] == len(SUMMARY) and "reward/math/helpful" not in m
+  assert m["reward/math/samples"] == 1 and m["reward/general/total"] == out.total_N[1]
+
+
+def test_each_reward_model_sees_its_view(log):
+  """Helpfulness judges the summary after </think> only, safety the whole response."""
+  samples = [{"task": "general", "gold": "", "question": "q", "completion": RESPONSE}]
+  with compose.RewardScorer(SPEC) as scorer:
+    scorer.score(samples)
+  seen = {name: texts for name, what, *rest in log if what == "launch" for texts in rest[:1]}
+  assert seen["helpful"] == [SUMMARY] and REASONING not in seen["helpful"][0]
+  assert seen["safety"] == [RESPONSE]
+  prompts = {name: rest[1] for name, what, *rest in log if what == "launch"}
+  assert prompts == {"helpful": ["q"], "safety": ["q"]}
+
+
+def test_device_rewards_launch_at_submit_and_are_collected_after_host_rewards(log):
+  registry.register("rule_t", _inline_logger(log), kind="inline", overwrite=True)
+  spec = {"default_task": "general", "components": [
+      {"name": "safety_t", "key": "safety", "fields": {"prompt": "question"}},
+      {"name": "rule_t"}]}
+  with compose.RewardScorer(spec) as scorer:
+    pending = scorer.submit([{"question": "q", "completion": "hi"}])
+    assert [e[:2] for e in log] == [("safety", "launch")]  # dispatched, not waited on
+    pending.result()
+  assert [e[:2] for e in log] == [("safety", "launch"), ("rule", "run"), ("safety", "result")]
+
+
+def test_non_finite_reward_model_scores_are_failures_not_rewards(log):
+  samples = [{"task": "general", "gold": "", "question": "q", "completion": c}
+             for c in ("fine", "NaN please", "also fine")]
+  with compose.RewardScorer(SPEC) as scorer:
+    out = scorer.score(samples)
+  assert out.failed["safety"].tolist() == [False, True, False]
+  assert np.isfinite(out.total_N).all() and out.components["safety"][1] == 0.0  # fallback
+  assert out.metrics()["reward/safety_failures"] == 1
+
+
+def test_routing_errors_before_work(log):
+  with compose.RewardScorer(SPEC) as scorer:
+    with pytest.raises(ValueError, match=r"tasks \{'code': 2\}.*no reward components"):
+      scorer.check_tasks(["math", "code", "general", "code"], "prompts.jsonl")
+    scorer.check_tasks(["math", "general"])
+  bad = {**SPEC, "by_task": {"math": {"acuracy": 1.0}}}
+  with pytest.raises(ValueError, match="not component keys"):
+    compose.parse_spec(bad)
+  weighted = {**SPEC, "components": [{"name": "accuracy", "weight": 2.0}, *SPEC["components"][1:]]}
+  with pytest.raises(ValueError, match="set its tasks and weights there"):
+    compose.parse_spec(weighted)
+  unused = {**SPEC, "by_task": {"math": {"accuracy": 1.0, "format": 1.0, "safety": 1.0}}}
+  with pytest.raises(ValueError, match="'helpful' judges no task"):
+    compose.parse_spec(unused)
+  with pytest.raises(TypeError, match="launch"):
+    registry.register("no_launch", lambda texts: [0.0], kind="device")
+
+
+def test_mixture_far_from_the_configured_weights_warns(caplog):
+  from r1jax.stages.rl import check_mixture
+  tasks = ["math"] * 9 + ["general"]
+  check_mixture(tasks, {"math": 0.85, "general": 0.15}, "mix.jsonl")
+  assert "far from" not in caplog.text
+  check_mixture(tasks, {"math": 0.5, "general": 0.5}, "mix.jsonl")
+  assert "mix.jsonl: task proportions {'general': 0.1, 'math': 0.9}" in caplog.text
+
+
+def test_failed_samples_leave_the_baseline_and_the_loss():
+  from r1jax.stages import rl
+  r = np.array([1.0, 0.0, 99.0, 1.0, 5.0, 5.0], np.float32)
+  bad = np.array([False, False, True, False, True, True])
+  filled = rl._fill_failed(r, bad, 3)
+  assert filled.tolist() == [1.0, 0.0, 0.5, 1.0, 1.0, 1.0]
