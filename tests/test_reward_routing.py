@@ -139,3 +139,80 @@ def test_failed_samples_leave_the_baseline_and_the_loss():
   bad = np.array([False, False, True, False, True, True])
   filled = rl._fill_failed(r, bad, 3)
   assert filled.tolist() == [1.0, 0.0, 0.5, 1.0, 1.0, 1.0]
+
+
+# ------------------------------------------------------- reward models declared in a config
+
+
+@pytest.fixture(scope="module")
+def rm_world(tmp_path_factory):
+  """A tiny RL world and a saved (random-head) reward model that shares its tokenizer."""
+  import jax
+  import tiny_world
+  from r1jax.core.config import model_config, model_group
+  from r1jax.rewards import reward_model as rm
+  root = tmp_path_factory.mktemp("rm_world")
+  world = tiny_world.make_world(root)
+  cfg = model_config(model_group(**tiny_world.MODEL))
+  params = rm.init_rm(cfg, jax.random.key(0))
+  params["head"] = {"w": jax.random.normal(jax.random.key(1), (cfg.hidden,)),
+                    "b": jax.numpy.zeros(())}
+  rm.save_rm(root / "rm", params, cfg)
+  return world, str(root / "rm")
+
+
+def _declared(world, path, **over):
+  return {"name": "safety_rm", "path": path, "tokenizer": world["tokenizer"],
+          "template": "plain", "view": "full", "max_len": 48, "batch_size": 8, **over}
+
+
+def test_declared_reward_models_load_once_and_score_like_the_model(rm_world):
+  from r1jax.core.tokenizer import load_tokenizer
+  from r1jax.rewards import reward_model as rm
+  world, path = rm_world
+  spec = {"default_task": "math", "models": [_declared(world, path)],
+          "components": [{"name": "safety_rm", "fields": {"prompt": "question"}}]}
+  compose.parse_spec(spec)  # validation alone needs no weights
+  with pytest.raises(ValueError, match="load them first"):
+    compose.RewardScorer(spec)
+  models = rm.load_models(spec["models"])
+  samples = [{"question": "Compute 1 + 2", "completion": c} for c in ("3", "<think>x</think> 4")]
+  with compose.RewardScorer(spec, models=models) as scorer:
+    got = scorer.score(samples).components["safety_rm"]
+  cfg, params = rm.load_rm(path)
+  direct = rm.RewardModel(params, cfg, load_tokenizer(world["tokenizer"]), template="plain",
+                          max_len=48, batch_size=8)
+  np.testing.assert_allclose(got, direct([s["completion"] for s in samples],
+                                         [s["question"] for s in samples]), atol=1e-5)
+
+
+def test_declared_reward_model_bad_input(rm_world):
+  from r1jax.rewards import reward_model as rm
+  world, path = rm_world
+  with pytest.raises(ValueError, match="disagrees with the declared template"):
+    rm.load_models([_declared(world, path, template="chatml")])
+  with pytest.raises(ValueError, match="unknown keys"):
+    rm.load_models([_declared(world, path, temperature=1.0)])
+  with pytest.raises(ValueError, match="none, affine or running"):
+    rm.load_models([_declared(world, path, norm="zscore")])
+  with pytest.raises(ValueError, match="norm must be"):
+    rm.load_models([_declared(world, path, norm={"mean": 0.0})])
+  with pytest.raises(FileNotFoundError, match="not a reward-model checkpoint"):
+    rm.load_models([_declared(world, world["rl_train"])])
+
+
+def test_rl_with_a_declared_reward_model_logs_it(rm_world, tmp_path):
+  import tiny_world
+  from r1jax import stages
+  from r1jax.core.metrics import read_metrics
+  world, path = rm_world
+  c = tiny_world.rl_test_config(world, steps=2)
+  c.rewards.models = [_declared(world, path, norm="running")]
+  c.rewards.components = [{"name": "accuracy", "weight": 1.0, "tasks": ["math"]},
+                          {"name": "safety_rm", "weight": 0.5,
+                           "fields": {"prompt": "question"}}]
+  c.ckpt.every = 0
+  stages.run(c, str(tmp_path))
+  m = read_metrics(tmp_path / "metrics.jsonl")[-1]
+  assert np.isfinite(m["reward/safety_rm"]) and m["reward/safety_rm_failures"] == 0
+  assert m["reward/device_s"] > 0 and m["reward/masked_samples"] == 0

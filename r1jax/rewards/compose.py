@@ -37,12 +37,13 @@ import numpy as np
 
 from r1jax.rewards import pool as pool_lib
 from r1jax.rewards import registry
+from r1jax.rewards import model_specs
 
 _log = logging.getLogger(__name__)
 _COMPONENT_KEYS = {"name", "key", "weight", "tasks", "fields", "kwargs", "timeout_s", "fallback",
                    "view"}
 _SPEC_KEYS = {"components", "task_field", "default_task", "timeout_s", "fallback", "num_workers",
-              "worker_memory_mb", "by_task"}
+              "worker_memory_mb", "by_task", "models"}
 
 
 def _plain(x: Any) -> Any:
@@ -88,8 +89,13 @@ def _call_reward(fn, text: str, kwargs: dict[str, Any], key: str) -> float:
   return _check_finite(fn(text, **kwargs), key)
 
 
-def parse_spec(spec: Any) -> tuple[dict[str, Any], list[Component]]:
-  """Validates a reward spec; returns (pool/routing settings, components)."""
+def parse_spec(spec: Any, models: dict[str, registry.RewardDef] | None = None
+               ) -> tuple[dict[str, Any], list[Component]]:
+  """Validates a reward spec; returns (pool/routing settings, components).
+
+  Reward models declared in spec["models"] are `models` (loaded by RewardScorer), or, when
+  only validating, placeholders that check the names and views without loading weights.
+  """
   spec = _plain(spec)
   if not isinstance(spec, dict):
     raise ValueError(f"reward spec must be a mapping, got {type(spec).__name__}")
@@ -98,7 +104,13 @@ def parse_spec(spec: Any) -> tuple[dict[str, Any], list[Component]]:
     raise ValueError(f"unknown reward spec keys {sorted(unknown)}; allowed: {sorted(_SPEC_KEYS)}")
   settings = {"task_field": "task", "default_task": "math", "timeout_s": 10.0, "fallback": 0.0,
               "num_workers": None, "worker_memory_mb": 4096,
-              **{k: v for k, v in spec.items() if k != "components"}}
+              **{k: v for k, v in spec.items() if k not in ("components", "models")}}
+  declared = {m["name"]: m for m in model_specs.check_model_specs(spec.get("models"))}
+  if models is None:
+    models = {name: model_specs.placeholder(m) for name, m in declared.items()}
+  elif set(models) != set(declared):
+    raise ValueError(f"loaded reward models {sorted(models)} are not the declared ones "
+                     f"{sorted(declared)}")
   entries = spec.get("components")
   if not entries or not isinstance(entries, list):
     raise ValueError("reward spec needs a non-empty list `components`")
@@ -110,7 +122,7 @@ def parse_spec(spec: Any) -> tuple[dict[str, Any], list[Component]]:
     if unknown:
       raise ValueError(f"reward component {entry['name']!r}: unknown keys {sorted(unknown)}; "
                        f"allowed: {sorted(_COMPONENT_KEYS)}")
-    reward = registry.get(entry["name"])
+    reward = models[entry["name"]] if entry["name"] in models else registry.get(entry["name"])
     key = entry.get("key", entry["name"])
     fields = dict(entry.get("fields") or {})
     kwargs = dict(entry.get("kwargs") or {})
@@ -334,8 +346,15 @@ class PendingRewards:
 class RewardScorer:
   """Scores batches of samples with the rewards of a spec, pool rewards in worker processes."""
 
-  def __init__(self, spec: Any, pool: pool_lib.RewardPool | None = None):
-    self.settings, self.components = parse_spec(spec)
+  def __init__(self, spec: Any, pool: pool_lib.RewardPool | None = None,
+               models: dict[str, registry.RewardDef] | None = None):
+    """models: the spec's declared reward models, loaded (rewards/reward_model.py:
+    load_models); a spec that declares some cannot score without them."""
+    plain = _plain(spec)
+    if isinstance(plain, dict) and plain.get("models") and models is None:
+      raise ValueError("the reward spec declares reward models: load them first, "
+                       "RewardScorer(spec, models=reward_model.load_models(spec['models'], mesh))")
+    self.settings, self.components = parse_spec(spec, models)
     self.tasks = None if any(c.tasks is None for c in self.components) else frozenset().union(
         *(c.tasks for c in self.components))
     needs_pool = any(c.reward.kind == "pool" for c in self.components)

@@ -12,7 +12,6 @@ collects it after the host rule rewards ran, so the two overlap.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,9 +26,10 @@ from r1jax.core import checkpoint
 from r1jax.core import model as model_lib
 from r1jax.core import sharding as sharding_lib
 from r1jax.core.config import ModelConfig, model_config
-from r1jax.core.tokenizer import check_template
+from r1jax.core.tokenizer import check_template, load_tokenizer
 from r1jax.data.preferences import encode_pairs
 from r1jax.rewards import registry
+from r1jax.rewards.model_specs import RewardNorm, check_model_specs, norm_from
 
 
 def head_axes() -> dict[str, P]:
@@ -94,42 +94,6 @@ def load_rm(path: str | Path, mesh: Mesh | None = None):
 
 
 # ------------------------------------------------------------------------- scoring
-
-
-@dataclasses.dataclass
-class RewardNorm:
-  """Puts a reward model's scores on the rule rewards' scale: r' = (r − mean) / std.
-
-  mode "none": raw scores. "affine": a fixed mean / std, e.g. the RM's scores on its
-  validation responses (`RewardModel.affine_from`). "running": the mean / std of every score
-  seen so far in this process (Welford; the current batch included), for an RM whose scale
-  on the policy's responses is unknown in advance; it restarts with the process.
-  """
-
-  mode: str = "none"
-  mean: float = 0.0
-  std: float = 1.0
-  count: int = 0
-  _m2: float = 0.0
-
-  def __post_init__(self):
-    if self.mode not in ("none", "affine", "running"):
-      raise ValueError(f"normalisation mode must be none, affine or running, got {self.mode!r}")
-    if self.mode == "affine" and not self.std > 0:
-      raise ValueError(f"affine normalisation needs std > 0, got {self.std}")
-
-  def __call__(self, scores: np.ndarray) -> np.ndarray:
-    x = np.asarray(scores, np.float64)
-    if self.mode == "none":
-      return x
-    if self.mode == "running":
-      for v in x[np.isfinite(x)]:
-        self.count += 1
-        delta = v - self.mean
-        self.mean += delta / self.count
-        self._m2 += delta * (v - self.mean)
-      self.std = float(np.sqrt(self._m2 / (self.count - 1))) if self.count > 1 else 1.0
-    return (x - self.mean) / max(self.std, 1e-6)
 
 
 class _Launched:
@@ -203,3 +167,23 @@ class RewardModel:
     """Adds this model to the reward registry (e.g. 'helpfulness' on 'summary')."""
     return registry.register(name, self, inputs=("prompt",), kind="device", view=view,
                              overwrite=overwrite)
+
+
+# ------------------------------------------------------------------ from a reward spec
+
+
+def load_models(specs: Any, mesh: Mesh | None = None) -> dict[str, registry.RewardDef]:
+  """Loads each reward model a spec declares (rewards/model_specs.py) once, sharded on
+  `mesh`: name -> device RewardDef, for `RewardScorer(spec, models=...)`.
+
+  A tokenizer that disagrees with the declared template, or a folder that is not a reward
+  model, fails here, before any rollout.
+  """
+  out = {}
+  for m in check_model_specs(specs):
+    model_ = RewardModel.load(
+        m["path"], load_tokenizer(m["tokenizer"]), mesh, template=m.get("template", "chatml"),
+        max_len=int(m.get("max_len", 1024)), batch_size=int(m.get("batch_size", 32)),
+        scale=float(m.get("scale", 1.0)), norm=norm_from(m.get("norm", "none")))
+    out[m["name"]] = registry.RewardDef(model_, ("prompt",), "device", m.get("view", "full"))
+  return out

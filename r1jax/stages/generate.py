@@ -50,6 +50,7 @@ from r1jax.generation.output import ShardWriter, claim_folder, read_progress
 from r1jax.generation.sampler import STOP_REASONS, stop_token_ids
 from r1jax.rewards import filters as filters_lib
 from r1jax.rewards.compose import RewardScorer, parse_spec, reward_inputs
+from r1jax.rewards.reward_model import load_models
 
 # stages.run must not overwrite WORKDIR/config.json before the folder is claimed for this run.
 RECORDS_OWN_CONFIG = True
@@ -322,11 +323,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
   tok = load_tokenizer(tokenizer_path(config))
   s = config.sampler
   stop_token_ids(tok, s.stop)
-  with RewardScorer(config.rewards) as scorer:
+  mesh = sharding.make_mesh(config.mesh.shape)
+  declared = config.rewards.get("models")
+  with RewardScorer(config.rewards,
+                    models=load_models(declared, mesh) if declared else None) as scorer:
     items, skipped = _load_prompts(config, tok, scorer, f)
     for index, item in enumerate(items):
       item["index"] = index
-    mesh = sharding.make_mesh(config.mesh.shape)
     cfg, _ = load_model(config.model, mesh, seed=config.seed, abstract=True)
     check_vocab(tok, cfg)  # before the weights are read or any output written
     resumed = claim_folder(workdir, _manifest(config, _file_sha1(config.data.prompts)),

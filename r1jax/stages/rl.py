@@ -41,6 +41,7 @@ from r1jax.evaluation import suite as suite_lib
 from r1jax.generation.engine import Engine, Samples
 from r1jax.generation.sampler import STOP_REASONS, SamplingParams
 from r1jax.rewards.compose import RewardBatch, RewardScorer, parse_spec, reward_inputs
+from r1jax.rewards.reward_model import load_models
 from r1jax.train import advantages as adv_lib
 from r1jax.train import batches as batches_lib
 from r1jax.train.loop import TrainLoop, refuse_untrained
@@ -199,7 +200,10 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> RLRun:
       config.data.train, tok, config.data.batch, template=config.data.template,
       max_prompt_tokens=config.data.max_prompt_tokens, seed=config.seed,
       adapter=config.data.adapter)
-  scorer = RewardScorer(config.rewards)  # a bad reward spec fails here
+  # Reward models the spec declares: loaded once, sharded on the policy's mesh.
+  declared = config.rewards.get("models")
+  scorer = RewardScorer(config.rewards,  # a bad reward spec fails here
+                        models=load_models(declared, mesh) if declared else None)
   tasks = [it["task"] for it in pipeline.items]
   scorer.check_tasks(tasks, config.data.train)  # a task no reward judges: before any work
   weights = config.data.get("task_weights")

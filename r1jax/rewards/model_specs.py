@@ -1,0 +1,112 @@
+"""Reward models as a reward spec declares them, and the normalisation of their scores.
+
+Plain data and numpy (no JAX): reward workers import the spec code, and they must stay light.
+`rewards/reward_model.py:load_models` turns the declarations into loaded models.
+
+  models: [{"name": "helpful",                        # the name components use
+            "path": "/runs/rm_helpful/reward_model",   # the reward_model stage's output
+            "tokenizer": "/models/Qwen2.5-1.5B",       # its tokenizer (file or HF folder)
+            "template": "chatml",                     # the chat template it was trained with
+            "view": "summary",                        # full | summary | reasoning
+            "max_len": 1024, "batch_size": 32,
+            "norm": "running",                        # none | running | {"mean": m, "std": s}
+            "scale": 1.0}]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from r1jax.rewards import registry
+
+MODEL_KEYS = {"name", "path", "tokenizer", "template", "view", "max_len", "batch_size", "norm",
+              "scale"}
+
+
+@dataclasses.dataclass
+class RewardNorm:
+  """Puts a reward model's scores on the rule rewards' scale: r' = (r − mean) / std.
+
+  mode "none": raw scores. "affine": a fixed mean / std, e.g. the RM's scores on its
+  validation responses (`RewardModel.affine_from`). "running": the mean / std of every score
+  seen so far in this process (Welford; the current batch included), for an RM whose scale
+  on the policy's responses is unknown in advance; it restarts with the process.
+  """
+
+  mode: str = "none"
+  mean: float = 0.0
+  std: float = 1.0
+  count: int = 0
+  _m2: float = 0.0
+
+  def __post_init__(self):
+    if self.mode not in ("none", "affine", "running"):
+      raise ValueError(f"normalisation mode must be none, affine or running, got {self.mode!r}")
+    if self.mode == "affine" and not self.std > 0:
+      raise ValueError(f"affine normalisation needs std > 0, got {self.std}")
+
+  def __call__(self, scores: np.ndarray) -> np.ndarray:
+    x = np.asarray(scores, np.float64)
+    if self.mode == "none":
+      return x
+    if self.mode == "running":
+      for v in x[np.isfinite(x)]:
+        self.count += 1
+        delta = v - self.mean
+        self.mean += delta / self.count
+        self._m2 += delta * (v - self.mean)
+      self.std = float(np.sqrt(self._m2 / (self.count - 1))) if self.count > 1 else 1.0
+    return (x - self.mean) / max(self.std, 1e-6)
+
+
+def norm_from(value: Any) -> RewardNorm:
+  """A RewardNorm from its spec value: 'none', 'running' or {"mean", "std"}."""
+  if isinstance(value, str):
+    return RewardNorm(value)
+  if isinstance(value, dict) and set(value) == {"mean", "std"}:
+    return RewardNorm("affine", float(value["mean"]), float(value["std"]))
+  raise ValueError(f"reward model norm must be 'none', 'running' or {{mean, std}}, got {value!r}")
+
+
+def check_model_specs(specs: Any) -> list[dict]:
+  """The `models` list of a reward spec, validated without loading anything."""
+  out = []
+  for i, m in enumerate(specs or []):
+    m = dict(m)
+    if "name" not in m or "path" not in m or "tokenizer" not in m:
+      raise ValueError(f"rewards.models[{i}] needs name, path and tokenizer, got {sorted(m)}")
+    unknown = set(m) - MODEL_KEYS
+    if unknown:
+      raise ValueError(f"rewards.models[{i}] ({m['name']}): unknown keys {sorted(unknown)}; "
+                       f"allowed: {sorted(MODEL_KEYS)}")
+    if m.get("view", "full") not in registry.VIEWS:
+      raise ValueError(f"rewards.models[{i}] ({m['name']}): view must be one of "
+                       f"{registry.VIEWS}")
+    norm_from(m.get("norm", "none"))
+    out.append(m)
+  names = [m["name"] for m in out]
+  if len(set(names)) != len(names):
+    raise ValueError(f"rewards.models names must be unique, got {names}")
+  return out
+
+
+class _Unloaded:
+  """Stands for a declared model while a spec is only validated."""
+
+  def __init__(self, name: str):
+    self.name = name
+
+  def launch(self, *_, **__):
+    raise RuntimeError(f"reward model {self.name!r} was declared but not loaded: build the "
+                       "scorer with models=reward_model.load_models(spec['models'], mesh)")
+
+  __call__ = launch
+
+
+def placeholder(spec: dict) -> registry.RewardDef:
+  """A declared, not loaded, model's registry entry (name, inputs, view)."""
+  return registry.RewardDef(_Unloaded(spec["name"]), ("prompt",), "device",
+                            spec.get("view", "full"))
