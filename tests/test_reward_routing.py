@@ -216,3 +216,15 @@ def test_rl_with_a_declared_reward_model_logs_it(rm_world, tmp_path):
   m = read_metrics(tmp_path / "metrics.jsonl")[-1]
   assert np.isfinite(m["reward/safety_rm"]) and m["reward/safety_rm_failures"] == 0
   assert m["reward/device_s"] > 0 and m["reward/masked_samples"] == 0
+
+
+def test_per_component_norm_with_task_weights_is_refused():
+  import tiny_world
+  from r1jax.stages import rl
+  c = tiny_world.rl_test_config({"tokenizer": "t", "rl_train": "r"})
+  c.rewards.components = [{"name": "accuracy"}, {"name": "format"}]
+  c.rewards.by_task = {"math": {"accuracy": 1.0, "format": 0.5}}
+  rl.validate(c)
+  c.grpo.reward_norm = "per_component"
+  with pytest.raises(ValueError, match="use 'sum'"):
+    rl.validate(c)

@@ -175,6 +175,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   opt_config(config.opt)
   model_config(config.model)
   parse_spec(config.rewards)  # reward names, weights, tasks, fields
+  if grpo.reward_norm == "per_component" and config.rewards.get("by_task"):
+    raise ValueError("rl: grpo.reward_norm='per_component' weighs each component once for "
+                     "the whole batch; with rewards.by_task (weights per task) use 'sum'")
   s = config.sampler
   SamplingParams(temperature=grpo.temperature, top_p=s.top_p, top_k=s.top_k,
                  max_new_tokens=s.max_new_tokens)
