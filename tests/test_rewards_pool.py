@@ -182,13 +182,19 @@ def test_unguarded_script_gets_an_exception_not_a_wrong_reward(tmp_path):
       "import sys\n"
       f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
       "from r1jax.rewards.math import accuracy_reward\n"
-      "print('VALUE', accuracy_reward('so \\\\boxed{4}', '4'), flush=True)\n")
+      "try:\n"
+      "  print('VALUE', accuracy_reward('so \\\\boxed{4}', '4'), flush=True)\n"
+      "except Exception as e:\n"
+      "  print('RAISED', type(e).__name__, str(e).replace(chr(10), ' '), flush=True)\n"
+      "  raise\n")
   out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                        timeout=180, check=False, cwd=tmp_path)
   assert "VALUE" not in out.stdout, out.stdout
   assert out.returncode != 0
-  assert "RewardPoolBroken: RewardPool is broken" in out.stderr, out.stderr[-3000:]
-  assert "if __name__ == '__main__':" in out.stderr
+  # One flushed line each (the dying workers write to the same pipes, line by line).
+  raised = [l for l in out.stdout.splitlines() if l.startswith("RAISED RewardPoolBroken")]
+  assert raised and "RewardPool is broken" in raised[0], out.stdout[-3000:]
+  assert "if __name__ == '__main__':" in raised[0]
 
 
 def test_task_whose_module_cannot_load_fails_alone(pool, monkeypatch):
