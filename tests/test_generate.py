@@ -341,6 +341,7 @@ def test_pass_rate_picks_the_rl_prompts_and_readable_output(tmp_path):
                                   filters_lib.Filters.from_config(c.filters), {})
   assert [s["pass_rate"] for s in out["stats"]] == [1.0, 0.5, 0.0]
   assert [r["id"] for r in out["rl_prompts"]] == ["p1"] and counts["signal_prompts"] == 1
+  assert out["samples"][0]["rewards"] == {"accuracy": 1.0, "format": 0.0}
   assert [r["completion"] for r in out["samples"]] == [
       "<think>\nworking it out\n</think>\n\nThe final answer is $\\boxed{10}$.",
       "<think>\nworking it out\n</think>\n\nThe final answer is $\\boxed{11}$."]
@@ -351,3 +352,21 @@ def test_pass_rate_picks_the_rl_prompts_and_readable_output(tmp_path):
   path.write_text("".join(json.dumps(r) + "\n" for r in out["rl_prompts"]))
   loaded, bad = rows_lib.load_rows(path)
   assert not bad and [(r["id"], r["question"], r["gold"]) for r in loaded] == [("p1", "q1", "11")]
+
+
+def test_a_task_the_verifier_does_not_judge_has_no_pass_rate():
+  rows = [{"id": "g0", "question": "Say hi", "gold": "", "task": "general", "meta": {},
+           "index": 0, "prompt": "Say hi", "prompt_ids": [1]}]
+  texts = ["<think>greet</think> hi", "hello"]
+  samples = Samples(np.ones((1, 1), np.int32), np.ones((1, 1), bool), np.ones((2, 2), np.int32),
+                    np.ones((2, 2), bool), np.zeros((2, 2), np.float32),
+                    np.full(2, STOP_EOS, np.int32), tuple(texts), 2)
+  c = gen.generate_config()
+  c.filters.truncated = False
+  with RewardScorer(c.rewards) as scorer:
+    graded = scorer.score(reward_inputs(rows, texts, samples.lengths, 2))
+  out, counts = gen._finish_batch(c, rows, samples, texts, [True, True], graded,
+                                  filters_lib.Filters.from_config(c.filters), {})
+  assert out["stats"][0]["pass_rate"] is None and not out["rl_prompts"]
+  assert counts["wrong"] == 0 and counts["accepted"] == 2
+  assert out["samples"][0]["rewards"]["accuracy"] is None  # not applicable: JSON null

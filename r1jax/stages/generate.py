@@ -215,8 +215,9 @@ def _finish_batch(config, items: list[dict], samples: Samples, texts: list[str],
       if not converted[i] and "unreadable" not in why:
         why.append("unreadable")
       reasons.append(why)
-      if f.verifier:
-        verified.append(float(rewards.components[f.verifier][i]) >= f.min_verifier)
+      value = float(rewards.components[f.verifier][i]) if f.verifier else float("nan")
+      if not np.isnan(value):  # the verifier judges this task
+        verified.append(value >= f.min_verifier)
     accepted = [j for j in range(k) if not reasons[j]]
     rng = np.random.default_rng([config.seed, item["index"]])
     chosen = filters_lib.select(accepted, lengths[p * k:(p + 1) * k], config.select.per_prompt,
@@ -228,7 +229,8 @@ def _finish_batch(config, items: list[dict], samples: Samples, texts: list[str],
              "question": item["question"], "gold": item["gold"], "task": item["task"],
              "sample": j, "num_tokens": int(lengths[i]),
              "stop": STOP_REASONS[int(samples.stop_reason[i])],
-             "rewards": {key: float(v[i]) for key, v in rewards.components.items()}}
+             "rewards": {key: None if np.isnan(v[i]) else float(v[i])  # None: n/a
+                         for key, v in rewards.components.items()}}
       out["samples"].append(row | (_teacher(samples, i, fp) if fp else {}))
     if config.output.rejected:
       out["rejected"] += [{"id": item["id"], "sample": j, "completion": texts[p * k + j],
