@@ -219,6 +219,11 @@ def test_shard_writer_recovers_torn_commits(tmp_path):
   w2.commit(1, {"a": [{"x": 2}]}, {"counts": {}})
   assert read_rows(tmp_path, "a") == [{"x": 1}, {"x": 2}]
   assert ShardWriter(tmp_path, 0, ["a"]).done == {0, 1}
+  # A data file shorter than its last commit was edited by hand: refused, not rewritten.
+  data = tmp_path / "a-h00000.jsonl"
+  data.write_bytes(data.read_bytes()[:-3])
+  with pytest.raises(ValueError, match="shorter .* than its last commit"):
+    ShardWriter(tmp_path, 0, ["a"])
 
 
 # ------------------------------------------------------ grading: generate vs eval, real data

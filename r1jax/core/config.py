@@ -364,3 +364,23 @@ def stage_group(stage: str, steps: int) -> ml_collections.ConfigDict:
   c.log_every = 10  # steps between console progress lines (every step goes to the JSONL)
   c.tensorboard = True  # also write TensorBoard event files
   return c
+
+
+# --- comparing recorded configs -------------------------------------------------
+
+_ABSENT = object()
+
+
+def config_changes(old: Any, new: Any, prefix: str = "", added_ok: bool = False) -> list[str]:
+  """'field: old -> new' for every leaf that differs between two JSON config dicts.
+
+  added_ok: a field the old config does not have at all (a setting added by a later r1jax
+  version; the old run ran with its then-only behaviour) is not a change.
+  """
+  if isinstance(old, dict) and isinstance(new, dict):
+    return [change for key in sorted(set(old) | set(new))
+            if not (added_ok and key not in old)
+            for change in config_changes(old.get(key, _ABSENT), new.get(key, _ABSENT),
+                                         f"{prefix}{key}.", added_ok)]
+  shown = lambda x: None if x is _ABSENT else x
+  return [] if old == new else [f"{prefix[:-1]}: {shown(old)!r} -> {shown(new)!r}"]

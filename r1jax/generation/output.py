@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
+
+from r1jax.core.config import config_changes
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress"
@@ -33,13 +35,6 @@ def _fsync_append(path: Path, lines: Iterable[str]) -> int:
     return f.tell()
 
 
-def _manifest_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
-  if isinstance(old, dict) and isinstance(new, dict):
-    return [c for k in sorted(set(old) | set(new))
-            for c in _manifest_changes(old.get(k), new.get(k), f"{prefix}{k}.")]
-  return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
-
-
 def claim_folder(out_dir: Path, manifest: dict, names: Iterable[str]) -> bool:
   """Makes out_dir this run's folder; returns whether it already was (a resume).
 
@@ -50,7 +45,7 @@ def claim_folder(out_dir: Path, manifest: dict, names: Iterable[str]) -> bool:
   path = out_dir / MANIFEST
   ours = [p.name for n in (*names, PROGRESS) for p in out_dir.glob(f"{n}-h*.jsonl")]
   if path.exists():
-    changes = _manifest_changes(json.loads(path.read_text()), manifest)
+    changes = config_changes(json.loads(path.read_text()), manifest)
     if changes:
       raise ValueError(f"{out_dir} holds the output of another run ({'; '.join(changes[:8])}"
                        f"{'; …' if len(changes) > 8 else ''}). Use a new folder: rows of two "

@@ -134,8 +134,8 @@ class RewardModel:
                        f"{cfg.vocab_size}")
     return cls(params, cfg, tokenizer, **kwargs)
 
-  def launch(self, texts: Sequence[str], prompt: Sequence[str] | None = None,
-             **_) -> _Launched:
+  def _dispatch(self, texts: Sequence[str], prompt: Sequence[str] | None) -> list:
+    """Encodes on the host and dispatches the scoring, batch by batch: device arrays."""
     prompts = list(prompt) if prompt is not None else [""] * len(texts)
     if len(prompts) != len(texts):
       raise ValueError(f"{len(texts)} responses but {len(prompts)} prompts")
@@ -146,7 +146,12 @@ class RewardModel:
       rows += [rows[0]] * (self.batch_size - len(rows))  # one compiled shape
       tokens, mask = encode_pairs(self.tok, rows, self.template, self.max_len)["chosen"]
       parts.append(self._score(self.params, tokens, mask))
-    return _Launched(parts, len(texts), lambda raw: self.scale * self.norm(raw))
+    return parts
+
+  def launch(self, texts: Sequence[str], prompt: Sequence[str] | None = None,
+             **_) -> _Launched:
+    return _Launched(self._dispatch(texts, prompt), len(texts),
+                     lambda raw: self.scale * self.norm(raw))
 
   def __call__(self, texts: Sequence[str], prompt: Sequence[str] | None = None,
                **_) -> list[float]:
@@ -154,9 +159,8 @@ class RewardModel:
 
   def raw_scores(self, texts: Sequence[str], prompts: Sequence[str]) -> np.ndarray:
     """Unnormalised, unscaled scores (for a fixed affine normalisation)."""
-    launched = self.launch(texts, prompts)
-    launched._finish = lambda raw: raw  # pylint: disable=protected-access
-    return np.asarray(launched.result())
+    return np.asarray(_Launched(self._dispatch(texts, prompts), len(texts),
+                                lambda raw: raw).result())
 
   def affine_from(self, texts: Sequence[str], prompts: Sequence[str]) -> RewardNorm:
     """A fixed normalisation from this RM's scores on validation responses."""

@@ -24,6 +24,7 @@ With output.readable, responses are first converted to R1's readable format
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import sys
@@ -169,10 +170,7 @@ def _load_prompts(config, tok, scorer, f: filters_lib.Filters) -> tuple[list[dic
   if not items:
     raise ValueError(f"no usable prompts in {d.prompts} ({len(bad)} bad rows, {len(too_long)} "
                      f"over data.max_prompt_tokens={d.max_prompt_tokens})")
-  skipped = {}
-  for b in bad + too_long:
-    skipped[b.reason] = skipped.get(b.reason, 0) + 1
-  return items, skipped
+  return items, dict(collections.Counter(b.reason for b in bad + too_long))
 
 
 # -------------------------------------------------------------------------- one batch

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from r1jax import stages
+from r1jax.core.config import config_changes
 from r1jax.core.metrics import read_metrics
 from r1jax.core.plots import plot
 from r1jax.core.tokenizer import train_sentencepiece
@@ -107,6 +108,19 @@ def _final_done(stage_dir: Path) -> bool:
   return (stage_dir / "final" / "model.json").exists()
 
 
+def _report_row(path: Path) -> dict[str, Any]:
+  """An eval report's summary plus the format rate and last-number accuracy, which read the
+  completions saved beside it (`<benchmark>.completions.jsonl`)."""
+  rep = eval_report.Report.from_json(path)
+  completions = path.with_suffix(".completions.jsonl")
+  if completions.exists():
+    rep.completions = [json.loads(l)["completions"] for l in completions.open()]
+  per_q = [np.mean(q.correct) for q in rep.questions]
+  se = float(np.std(per_q, ddof=1) / np.sqrt(len(per_q))) if len(per_q) > 1 else float("nan")
+  return {**rep.summary(), "format": format_rate(rep),
+          "last_number_acc": last_number_accuracy(rep), "pass@1_se": se}
+
+
 def compare(rl_dir: Path) -> dict[str, Any]:
   """Base (step 0) vs final held-out numbers from the rl stage's eval reports."""
   steps = sorted((rl_dir / "eval").glob("step_*"))
@@ -115,15 +129,7 @@ def compare(rl_dir: Path) -> dict[str, Any]:
   out: dict[str, Any] = {"base_step": steps[0].name, "final_step": steps[-1].name}
   for report_path in sorted(steps[-1].glob("*.json")):
     name = report_path.stem
-    base = eval_report.Report.from_json(steps[0] / report_path.name)
-    final = eval_report.Report.from_json(report_path)
-    row = {}
-    for label, rep, folder in (("base", base, steps[0]), ("rl", final, steps[-1])):
-      completions = folder / f"{name}.completions.jsonl"
-      if completions.exists():
-        rep.completions = [json.loads(l)["completions"] for l in completions.open()]
-      row[label] = {**rep.summary(), "format": format_rate(rep),
-                    "last_number_acc": last_number_accuracy(rep)}
+    row = {"base": _report_row(steps[0] / report_path.name), "rl": _report_row(report_path)}
     row["pass@1_gain_points"] = 100 * (row["rl"]["pass@1"] - row["base"]["pass@1"])
     out[name] = row
   return out
@@ -144,24 +150,6 @@ def _report_md(cmp: dict[str, Any], rl_summary: dict) -> str:
   if rl_s is not None:
     lines += ["", f"RL wall time (rollout + reward + update, evals excluded): {rl_s:.0f} s"]
   return "\n".join(lines) + "\n"
-
-
-_ABSENT = object()
-
-
-def config_changes(old: Any, new: Any, prefix: str = "", added_ok: bool = False) -> list[str]:
-  """'field: old -> new' for every leaf that differs between two JSON config dicts.
-
-  added_ok: a field the old config does not have at all (a setting added by a later r1jax
-  version; the old run ran with its then-only behaviour) is not a change.
-  """
-  if isinstance(old, dict) and isinstance(new, dict):
-    return [change for key in sorted(set(old) | set(new))
-            if not (added_ok and key not in old)
-            for change in config_changes(old.get(key, _ABSENT), new.get(key, _ABSENT),
-                                         f"{prefix}{key}.", added_ok)]
-  shown = lambda x: None if x is _ABSENT else x
-  return [] if old == new else [f"{prefix[:-1]}: {shown(old)!r} -> {shown(new)!r}"]
 
 
 def _changed_since_last_run(name: str, config, stage_dir: Path, allowed: set[str]) -> bool:
@@ -249,15 +237,7 @@ def compare_evals(config, workdir: Path) -> dict[str, Any]:
     if config[name].stage != "eval":
       continue
     for path in sorted((workdir / name / "eval").glob("*.json")):
-      rep = eval_report.Report.from_json(path)
-      completions = path.with_suffix(".completions.jsonl")
-      if completions.exists():  # the format rate reads the texts
-        rep.completions = [json.loads(l)["completions"] for l in completions.open()]
-      per_q = [np.mean(q.correct) for q in rep.questions] or [float("nan")]
-      rows.setdefault(path.stem, {})[name] = {
-          **rep.summary(), "format": format_rate(rep), "last_number_acc": last_number_accuracy(rep),
-          "pass@1_se": float(np.std(per_q, ddof=1) / np.sqrt(len(per_q))) if len(per_q) > 1
-          else float("nan")}
+      rows.setdefault(path.stem, {})[name] = _report_row(path)
   lines = []
   for bench, by_stage in rows.items():
     lines += [f"### {bench}", "", "| model | pass@1 (%) | ± s.e. | cons@k (%) | format (%) | "
