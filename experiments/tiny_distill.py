@@ -19,12 +19,11 @@
    WORKDIR/report.md: pass@1 ± s.e., share of the teacher's pass@1, gain over the base.
 """
 
-import importlib.util
 import pathlib
 
 import ml_collections
 
-from r1jax.core.config import eval_group, model_group, parse_arg
+from r1jax.core.config import config_from_file, eval_group, model_group, parse_arg
 from r1jax.stages.eval import eval_config
 from r1jax.stages.generate import generate_config
 from r1jax.stages.rl import ANSWER_STOPS
@@ -35,14 +34,6 @@ STUDENT = dict(vocab_size=512, hidden=96, layers=4, heads=3, kv_heads=1, head_di
 TEACHER = dict(vocab_size=512, hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32,
                mlp_dim=384, max_position=512, tie_embeddings=True)
 SAMPLING = dict(temperature=0.6, top_p=0.95)  # R1's evaluation protocol, for data and evals
-
-
-def _tiny_zero(arg: str) -> ml_collections.ConfigDict:
-  path = pathlib.Path(__file__).with_name("tiny_zero.py")
-  spec = importlib.util.spec_from_file_location("tiny_zero", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def _traces(teacher: str, data: str, filtered: bool) -> ml_collections.ConfigDict:
@@ -101,7 +92,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   teacher = a.teacher or "{workdir}/teacher"
   data = f"{teacher}/data"
   if not a.teacher:
-    c.teacher = _tiny_zero("quick" if a.quick else None)  # experiments/tiny_zero.py
+    zero = pathlib.Path(__file__).with_name("tiny_zero.py")
+    c.teacher = config_from_file(zero, "quick" if a.quick else None)  # that pipeline
   base = sft_config(steps=200 if a.quick else a.base_steps)  # the teacher base's recipe
   base.tokenizer = f"{data}/tokenizer.model"
   base.model = model_group(**STUDENT)

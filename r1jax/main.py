@@ -3,8 +3,8 @@
 Parses the (locked) experiment config with absl's config_flags, so
 `--config.grpo.beta=0.0` overrides a field and a typo fails before any work.
 On multi-host TPU / GPU slices pass `--distributed` to initialise
-`jax.distributed` first; on a CPU-only machine `--cpu_devices=N` gives the
-mesh one device per core. Then it dispatches on `config.stage`.
+`jax.distributed` first; on a CPU-only machine the mesh gets one device per core
+(`--cpu_devices=N` to choose, 0 for JAX's single device). Then it dispatches on `config.stage`.
 
 Exit status: 0 when the stage finished; EXIT_PREEMPTED (75, EX_TEMPFAIL) when it stopped on
 SIGTERM after saving a checkpoint, so a scheduler or retry loop restarts it (re-running the
@@ -14,6 +14,7 @@ same command resumes); 1 on an error.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from r1jax.core import sharding
 from r1jax.stages import STAGES, run  # noqa: F401  (STAGES: re-exported)
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -30,10 +32,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs, checkpoints and 
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (multi-host TPU/GPU).")
 _CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices", 0,
-    "CPU runs: expose this many CPU devices (e.g. one per core) so the mesh's batch axes put "
-    "rows on every core; XLA:CPU runs one device's small decode matmuls on about one core. "
-    "0 keeps JAX's default. No effect on GPU/TPU.")
+    "cpu_devices", -1,
+    "CPU runs: expose this many CPU devices so the mesh's batch axes put rows on every core; "
+    "XLA:CPU runs one device's small decode matmuls on about one core. -1 (default): one per "
+    "core, unless XLA_FLAGS sets a host device count; 0 keeps JAX's default of one. No "
+    "effect on GPU/TPU.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: "try again later"
@@ -82,8 +85,10 @@ def check_argv(argv: list[str]) -> str | None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CPU_DEVICES.value:
-    jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+  cpu_devices = sharding.cpu_devices_to_request(_CPU_DEVICES.value,
+                                                os.environ.get("XLA_FLAGS", ""))
+  if cpu_devices:
+    jax.config.update("jax_num_cpu_devices", cpu_devices)
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   logging.info("process %d/%d, %d devices (%s)", jax.process_index(), jax.process_count(),

@@ -21,5 +21,5 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 def shared_data() -> Path:
   """The read-only benchmark data beside the repository (CI always has it)."""
   if not SHARED_DATA.is_dir():
-    pytest.skip(f"shared benchmark data not found at ../shared/data relative to the repo")
+    pytest.skip("shared benchmark data not found at ../shared/data relative to the repo")
   return SHARED_DATA

@@ -14,7 +14,7 @@ import pytest
 
 from r1jax.core import model
 from r1jax.core import sharding
-from r1jax.core.config import PRESETS, model_config, model_group, parse_arg
+from r1jax.core.config import model_config, model_group, parse_arg
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.py"))
@@ -128,3 +128,18 @@ def test_main_names_a_missing_config_file_and_a_field_under_the_wrong_group(tmp_
   assert ("--config.grpo.beta: experiments/tiny_zero.py has no field 'grpo.beta'; it lives at "
           "--config.rl.grpo.beta") in wrong.stderr
   assert not (tmp_path / "config.json").exists()  # refused before any work
+
+
+def test_main_uses_one_cpu_device_per_core_by_default(tmp_path):
+  """No flag and no fake device count in XLA_FLAGS: the mesh spans one device per core."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "-m", "r1jax.main", "--config=experiments/tiny.py",
+                        f"--workdir={tmp_path}", "--config.smoke.seq_len=16"], cwd=REPO,
+                       env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.loads(out.stdout.strip().splitlines()[-1])
+  assert report["devices"] == len(os.sched_getaffinity(0))
+  assert sharding.cpu_devices_to_request(-1, "--xla_force_host_platform_device_count=8") == 0
+  assert sharding.cpu_devices_to_request(3, "--xla_force_host_platform_device_count=8") == 3
+  assert sharding.cpu_devices_to_request(0, "") == 0

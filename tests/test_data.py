@@ -94,10 +94,13 @@ def test_adapters_and_gold_normalisation(tmp_path):
   mixed = write_jsonl(tmp_path / "x.jsonl", [
       {"prompt": "write a poem", "task": "general"},
       {"prompt": "echo", "task": "code", "tests": [{"input": "1\n", "output": "1\n"}]},
-      {"question": "q", "gold": "x^2", "source": "mine"}])
+      {"question": "q", "gold": "x^2", "source": "mine"},
+      {"question": "Help me steal the notes", "answer": "", "task": "unsafe"},
+      {"question": "q", "answer": "1", "task": "Unsafe!"}])
   rows, bad = load_rows(mixed, adapter="generic")
-  assert not bad
-  assert [(r["task"], r["gold"]) for r in rows] == [("general", ""), ("code", ""), ("math", "x^2")]
+  assert [(b.index, b.reason) for b in bad] == [(5, "bad_task")]
+  assert [(r["task"], r["gold"]) for r in rows] == [("general", ""), ("code", ""), ("math", "x^2"),
+                                                    ("unsafe", "")]
   assert rows[1]["meta"]["tests"] == [{"input": "1\n", "output": "1\n"}]
   assert rows[2]["meta"]["source"] == "mine"
 

@@ -11,7 +11,6 @@ import pytest
 import main_runs
 import tiny_world
 from r1jax import stages
-from r1jax.core import checkpoint as ckpt_lib
 from r1jax.core.config import model_config, model_group
 from r1jax.core import model as model_lib
 from r1jax.data import rows as rows_lib
@@ -20,7 +19,7 @@ from r1jax.core.tokenizer import load_tokenizer
 from r1jax.evaluation.evaluate import score_completions
 from r1jax.generation.engine import Samples
 from r1jax.generation.output import ShardWriter, read_rows
-from r1jax.generation.sampler import STOP_EOS, STOP_LENGTH
+from r1jax.generation.sampler import STOP_EOS
 from r1jax.rewards import filters as filters_lib
 from r1jax.rewards import registry
 from r1jax.rewards.compose import RewardScorer, reward_inputs

@@ -11,6 +11,7 @@ from r1jax.train import losses
 from r1jax.core import model
 from r1jax.core.config import GRPOConfig, ModelConfig
 from test_advantages import np_advantages
+from jaxpr_shapes import output_shapes
 
 CFG = ModelConfig(vocab_size=96, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8,
                   mlp_dim=64, qkv_bias=True, tie_embeddings=False)
@@ -370,3 +371,28 @@ def test_chunking_bounds_logits_memory():
   print(f"scratch: chunk 8 {chunked / 2**20:.1f} MiB, unchunked {whole / 2**20:.1f} MiB, "
         f"one full logits {full_logits / 2**20:.1f} MiB")
   assert chunked < 0.5 * full_logits < whole
+
+
+@pytest.mark.parametrize("mode", ["grpo", "bnpo", "dr_grpo"])
+def test_no_op_builds_rows_by_length_by_vocab_logits(mode):
+  """The GRPO update's gradient (logprobs, entropy, loss, KL to a reference) never produces
+  an array of rows × T × V elements, however laid out; unchunked, it does (the check bites)."""
+  cfg = ModelConfig(vocab_size=300, hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16,
+                    mlp_dim=64)
+  params = model.init_params(cfg, jax.random.key(0))
+  n, s, t = 4, 3, 64
+  tokens = jax.random.randint(jax.random.key(1), (n, s + t), 0, cfg.vocab_size)
+  mask = jnp.ones((n, s + t), bool)
+  g = GRPOConfig(loss_mode=mode, beta=0.04)
+  old, ref = jnp.zeros((n, t)), jnp.zeros((n, t))
+
+  def grad_of(chunk):
+    def loss(p):
+      logp, ent = losses.token_logprobs_and_entropy(p, cfg, tokens, mask, s, 1.0, chunk)
+      value, _ = losses.grpo_loss(logp, old, jnp.ones((n,)), mask[:, s:], g, ref)
+      return value + 1e-3 * jnp.sum(ent)
+    return jax.grad(loss)
+
+  big = lambda shapes: [x for x in shapes if int(np.prod(x)) >= n * t * cfg.vocab_size]
+  assert not big(output_shapes(grad_of(16), params))
+  assert big(output_shapes(grad_of(t), params))

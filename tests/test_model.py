@@ -8,6 +8,8 @@ import pytest
 from r1jax.core import model
 from r1jax.core.config import ModelConfig, RopeScaling
 
+from jaxpr_shapes import output_shapes
+
 CFG = ModelConfig(vocab_size=128, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8,
                   mlp_dim=64, qkv_bias=True, tie_embeddings=False,
                   rope_scaling=RopeScaling(8.0, 1.0, 4.0, 16))
@@ -151,3 +153,37 @@ def test_fused_projections_decode_equals_unfused(params):
     step, _ = model.forward_cached(p, tokens[:, 5:], CFG, cache)
     outs.append(np.concatenate([logits, step], axis=1))
   np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["left_padded", "segment_ids"])
+def test_query_blocked_attention_matches_full_attention(params, packed):
+  """Long sequences attend one block of queries at a time: the same hidden states and
+  gradients as the full (T, T) attention, with left padding or packed segments, and a block
+  that does not divide T."""
+  b, t = 3, 50
+  tokens = jax.random.randint(jax.random.key(5), (b, t), 0, CFG.vocab_size)
+  if packed:  # three documents per row, positions restarting in each
+    lengths = [(10, 25, 15), (50, 0, 0), (1, 1, 48)]
+    seg = np.concatenate([np.repeat(np.arange(3), l)[None] for l in lengths])
+    pos = np.concatenate([np.concatenate([np.arange(n) for n in l])[None] for l in lengths])
+    kw = dict(segment_ids_BxT=jnp.asarray(seg), positions_BxT=jnp.asarray(pos),
+              mask_BxT=jnp.ones((b, t), bool))
+  else:  # left padding of 0, 7 and 49 tokens
+    kw = dict(mask_BxT=jnp.arange(t)[None, :] >= jnp.array([0, 7, 49])[:, None])
+
+  def loss(p, block):
+    h, _ = model.hidden_states(p, tokens, CFG, attention_block=block, **kw)
+    w = kw["mask_BxT"][..., None]
+    return jnp.sum(jnp.where(w, h, 0.0) ** 2), h
+
+  (full_l, full_h), full_g = jax.value_and_grad(loss, has_aux=True)(params, 0)
+  (blk_l, blk_h), blk_g = jax.value_and_grad(loss, has_aux=True)(params, 16)
+  real = np.asarray(kw["mask_BxT"])
+  np.testing.assert_allclose(np.asarray(blk_h)[real], np.asarray(full_h)[real], atol=1e-5)
+  np.testing.assert_allclose(blk_l, full_l, rtol=1e-6)
+  for a, e in zip(jax.tree.leaves(blk_g), jax.tree.leaves(full_g)):
+    np.testing.assert_allclose(a, e, atol=1e-5, rtol=1e-5)
+  # The blocked path really ran: its jaxpr has no (B, heads, T, T) scores, the full one does.
+  shapes = lambda block: output_shapes(jax.grad(lambda p: loss(p, block)[0]), params)
+  assert (b, CFG.kv_heads, CFG.heads // CFG.kv_heads, t, t) in shapes(0)
+  assert (b, CFG.kv_heads, CFG.heads // CFG.kv_heads, t, t) not in shapes(16)

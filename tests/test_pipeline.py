@@ -1,11 +1,11 @@
 """The tiny_zero pipeline end to end at toy size: data → base → rl → report, then a re-run."""
 
-import importlib.util
 import json
 
 import pytest
 
 from r1jax import stages
+from r1jax.core.config import config_from_file
 from r1jax.stages import pipeline
 from tiny_world import MODEL
 
@@ -13,10 +13,7 @@ REPO_EXPERIMENTS = pipeline.__file__.rsplit("/r1jax/", 1)[0] + "/experiments"
 
 
 def _tiny_zero(arg=None):
-  spec = importlib.util.spec_from_file_location("tiny_zero", f"{REPO_EXPERIMENTS}/tiny_zero.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_from_file(f"{REPO_EXPERIMENTS}/tiny_zero.py", arg)
 
 
 def _toy(c):
@@ -114,3 +111,47 @@ def test_settings_added_by_a_later_version_are_not_changes():
   assert pipeline.config_changes(old, new) == ["g.y: None -> 0", "h: None -> {'z': 0}"]
   # A changed or a removed field still is one.
   assert pipeline.config_changes(old, {"a": 2}, added_ok=True) == ["a: 1 -> 2", "g: {'x': 1} -> None"]
+
+
+def test_all_scenario_pipeline_end_to_end_at_toy_size(tmp_path):
+  """experiments/tiny_all_scenario.py on a toy teacher: scenario data, two RMs, stage-3 SFT,
+  both RL runs, evals, reward evals and the report (every task, every RM)."""
+  teacher = tmp_path / "teacher"
+  stages.run(_toy(_tiny_zero()), str(teacher))
+  c = config_from_file(f"{REPO_EXPERIMENTS}/tiny_all_scenario.py",
+                       f"teacher={teacher},quick=True")
+  c.unlock()
+  c.scenarios.update(sft_math=32, sft_general=8, sft_unsafe=8, pairs=64, eval_pairs=32,
+                     rl_math=8, rl_general=4, rl_unsafe=4, held_out_math=4)
+  shape = {**MODEL, "vocab_size": 400, "max_position": 512}
+  for name in c.order:
+    s = c[name]
+    if s.stage != "reward_model":  # the policy has the toy teacher's shape
+      s.model.update(shape)
+    if s.stage in ("reward_model", "sft", "rl"):
+      s.steps = 2
+    if s.stage == "reward_model":
+      s.update(eval_every=2)
+      s.data.batch = 8
+    if s.stage == "sft":
+      s.opt.update(total_steps=2, warmup_steps=1)
+      s.data.update(batch=4, seq_len=256)
+    if s.stage == "rl":
+      s.data.batch, s.grpo.group_size, s.sampler.max_new_tokens = 4, 2, 8
+      s.data.max_prompt_tokens = 200
+    if s.stage == "eval":
+      s.eval.update(k=2, max_new_tokens=8, batch_size=8, max_prompt_tokens=200)
+    if s.stage == "generate":
+      s.k, s.sampler.max_new_tokens, s.data.max_prompt_tokens = 2, 8, 200
+  c.lock()
+  out = stages.run(c, str(tmp_path / "all"))
+  rewards = out["report"]["rewards"]
+  assert set(rewards["means"]) == {"rewards_start", "rewards_rl", "rewards_rl_no_lang"}
+  judged = {task: set(keys) for task, keys in rewards["means"]["rewards_rl"].items()}
+  assert judged == {"math": {"accuracy", "format", "language", "safety"},
+                    "general": {"helpful", "safety"}, "unsafe": {"safety"}}
+  assert set(rewards["reward_models"]) == {"rm_helpful", "rm_safety"}
+  assert {"eval_start", "eval_rl", "eval_rl_no_lang", "eval_teacher"} <= set(
+      out["report"]["held_out"])
+  table = (tmp_path / "all" / "report.md").read_text()
+  assert "| unsafe | safety |" in table and "| rm_safety |" in table

@@ -84,6 +84,25 @@ def test_each_reward_model_sees_its_view(log):
   assert prompts == {"helpful": ["q"], "safety": ["q"]}
 
 
+def test_language_target_per_row_or_per_run():
+  """The target language is a row field when the component maps one, else the run's kwarg;
+  the score is the share of chain-of-thought words in it (the summary does not count)."""
+  cot = "<think>first 3 + 4 = 7 然后 7 - 2 = 5</think> The answer is \\boxed{5}. 答案"
+  per_row = {"components": [{"name": "language", "fields": {"lang": "language"}}]}
+  per_run = {"components": [{"name": "language", "kwargs": {"lang": "zh"}}]}
+  rows = [{"completion": cot, "language": "en"}, {"completion": cot, "language": "zh"}]
+  with compose.RewardScorer(per_row) as scorer:
+    got = scorer.score(rows).components["language"]
+  # CoT words: "first" (en), 然, 后 (zh, one per Han character): en 1/3, zh 2/3.
+  np.testing.assert_allclose(got, [1 / 3, 2 / 3], rtol=1e-6)
+  with compose.RewardScorer(per_run) as scorer:
+    got = scorer.score([{"completion": cot}]).components["language"]
+  np.testing.assert_allclose(got, [2 / 3], rtol=1e-6)
+  with compose.RewardScorer(per_row) as scorer:  # an unknown language: a failure, counted
+    out = scorer.score([{"completion": cot, "language": "fr"}])
+  assert out.failed["language"].tolist() == [True] and out.components["language"][0] == 0.0
+
+
 def test_device_rewards_launch_at_submit_and_are_collected_after_host_rewards(log):
   registry.register("rule_t", _inline_logger(log), kind="inline", overwrite=True)
   spec = {"default_task": "general", "components": [

@@ -13,7 +13,7 @@ import pytest
 from r1jax.core import checkpoint, model, sharding
 from r1jax.core.config import ModelConfig, OptConfig
 from r1jax.core.metrics import read_metrics
-from r1jax.core.tokenizer import Tokenizer, train_sentencepiece
+from r1jax.core.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from r1jax.data.preferences import encode_pairs, load_pairs
 from r1jax.rewards import compose
 from r1jax.rewards import reward_model as rm
@@ -259,6 +259,40 @@ def test_reward_model_stage_end_to_end(uninterrupted):
   # Best-metric checkpoints: the best eval step is kept beside the newest ones.
   kept = main_runs.saved_steps(workdir)
   assert 60 in kept and (30 in kept or kept[-2:] == [56, 60]), kept
+
+
+def test_stage_saves_its_validation_norm_and_a_spec_applies_it(rm_world, uninterrupted,
+                                                               tmp_path):
+  summary, workdir = uninterrupted
+  facts = json.loads((workdir / "reward_model" / "norm.json").read_text())
+  assert facts["pair_accuracy"] == summary["eval_pair_accuracy"] == summary["rm/eval_accuracy"]
+  # Recomputed independently: the saved RM's raw scores on every held-out response.
+  rows = load_pairs(rm_world / "eval.jsonl")
+  tok = load_tokenizer(str(rm_world / "spm.model"))
+  model_ = rm.RewardModel.load(workdir / "reward_model", tok, template="plain", max_len=64)
+  raw = model_.raw_scores([r[k] for k in ("chosen", "rejected") for r in rows],
+                          [r["prompt"] for _ in range(2) for r in rows]).astype(np.float64)
+  assert facts["responses"] == raw.size == 128
+  np.testing.assert_allclose([facts["mean"], facts["std"]], [raw.mean(), raw.std()], rtol=1e-5,
+                             atol=1e-5)
+  assert facts["pair_accuracy"] == np.mean(raw[:64] > raw[64:])
+  spec = {"name": "v", "path": str(workdir / "reward_model"),
+          "tokenizer": str(rm_world / "spm.model"), "template": "plain", "max_len": 64,
+          "norm": "validation"}
+  loaded = rm.load_models([spec])["v"].fn
+  assert (loaded.norm.mode, loaded.norm.mean, loaded.norm.std) == (
+      "affine", facts["mean"], facts["std"])
+  z = np.asarray(loaded([r[k] for k in ("chosen", "rejected") for r in rows],
+                        [r["prompt"] for _ in range(2) for r in rows]))
+  assert abs(z.mean()) < 1e-4 and abs(z.std() - 1) < 1e-4
+  # An RM saved without held-out pairs has no norm.json: a clear error before any rollout.
+  bare = tmp_path / "bare"
+  cfg, params = rm.load_rm(workdir / "reward_model")
+  rm.save_rm(bare, params, cfg)
+  with pytest.raises(FileNotFoundError, match="norm.json does not exist.*data.eval"):
+    rm.load_models([{**spec, "path": str(bare)}])
+  with pytest.raises(ValueError, match="'none', 'running', 'validation'"):
+    rm.load_models([{**spec, "norm": "zscore"}])
 
 
 def test_sigkill_then_resume_is_bit_exact(rm_world, uninterrupted, tmp_path):

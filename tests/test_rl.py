@@ -234,3 +234,27 @@ def test_one_iteration_places_one_batch_and_moves_nothing_hidden(world, tmp_path
   assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(placed[0]))
   assert placed[0].ref_logp is not None and placed[0].ref_logp.shape == placed[0].old_logp.shape
   assert metrics["skipped"] == 0 and int(state.step) == 4  # μ = 2 passes × 2 mini-batches
+
+
+def test_packed_update_matches_the_padded_one_in_the_loop(world, tmp_path):
+  """grpo.pack: the first iteration (same rollout: same params and key) updates alike, on
+  fewer rows, and logs its packing."""
+  metrics = {}
+  for pack in (False, True):
+    c = rl_test_config(world, steps=1)
+    c.unlock()
+    c.grpo.pack = pack
+    c.lock()
+    run = rl.setup(c, tmp_path / f"run_{pack}")
+    with run.loop, run.scorer:
+      _, state, ref = rl.initial_state(run)
+      state, ref, metrics[pack] = rl.iteration(run, state, ref, 1)
+  padded, packed = metrics[False], metrics[True]
+  assert padded["response_length/mean"] == packed["response_length/mean"]  # same rollout
+  for key in ("loss", "grad_norm", "kl", "entropy", "tokens"):
+    np.testing.assert_allclose(packed[key], padded[key], rtol=1e-4, err_msg=key)
+  # 8 devices hold the rows of each micro-batch here: packed rows round up to 8 per
+  # micro-batch, so this toy batch cannot shrink (tests/test_packing.py measures the saving).
+  assert 0 < packed["pack/padded_fill"] <= packed["pack/fill"] <= 1
+  assert packed["pack/rows"] % 8 == 0
+  assert packed["pack/compiled_shapes"] == 1 and "pack/rows" not in padded

@@ -13,9 +13,14 @@ SHAPES = {
 
 
 def use_cpu_devices(n: int) -> None:
-  """Before JAX starts: expose n CPU devices (0 = JAX's default of one)."""
+  """Before JAX starts: expose n CPU devices (0 = JAX's default of one; -1 = one per core,
+  as `python -m r1jax.main` does)."""
+  import os
+
+  import jax
+  from r1jax.core import sharding
+  n = sharding.cpu_devices_to_request(n, os.environ.get("XLA_FLAGS", ""))
   if n:
-    import jax
     jax.config.update("jax_num_cpu_devices", n)
 
 

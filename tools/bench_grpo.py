@@ -34,8 +34,8 @@ _ITERS = flags.DEFINE_integer("iters", 6, "Timed iterations (after 2 warm-up one
 _BETA = flags.DEFINE_float("beta", 0.04, "KL coefficient (0 skips the reference forward).")
 _MICRO = flags.DEFINE_integer("microbatches", 1, "Gradient-accumulation micro-batches.")
 _CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices", 0, "CPU only: run on this many CPU devices, a (data) mesh over them "
-    "(e.g. one per core). 0 = JAX's default single device.")
+    "cpu_devices", -1, "CPU only: run on this many CPU devices, a (data) mesh over them. "
+    "-1 (default): one per core; 0 = JAX's single device.")
 _COMPARE = flags.DEFINE_bool("compare_torch", False,
                               "Also time a plain PyTorch GRPO iteration (tools/torch_grpo.py).")
 _PAUSE = flags.DEFINE_float("pause_s", 1.0, "With --compare_torch: idle seconds before each "

@@ -7,8 +7,8 @@ Both draw `group` samples per prompt at temperature 1 with the KV cache on; EOS
 is disabled so every row generates exactly `new_tokens` tokens. Compilation
 (r1jax) and a warm-up call (both) are excluded and reported separately; the
 rate is the median over `--repeats` timed calls, the two engines taking turns
-call by call. `--cpu_devices=N` splits the rows over N CPU devices (one per
-core), as `python -m r1jax.main --cpu_devices=N` does. Prints one JSON line.
+call by call. The rows are split over one CPU device per core, as `python -m r1jax.main`
+does (`--cpu_devices=N` to choose, 0 for one device). Prints one JSON line.
 """
 
 import json
@@ -31,8 +31,8 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "Longest prompt (lengths va
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed calls per engine, alternating (median).")
 _PAUSE = flags.DEFINE_float("pause_s", 1.0, "Idle seconds before each timed call.")
 _CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices", 0, "CPU only: sample on this many CPU devices, rows split across them "
-    "(e.g. one per core). 0 = JAX's default single device.")
+    "cpu_devices", -1, "CPU only: sample on this many CPU devices, rows split across them. "
+    "-1 (default): one per core; 0 = JAX's single device.")
 _COMPARE = flags.DEFINE_bool("compare_hf", False, "Also time transformers' generate.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Param and compute dtype, for both engines.")

@@ -9,6 +9,8 @@ not deep inside a jitted function.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -173,6 +175,15 @@ def model_group(preset: str | None = None, **overrides) -> ml_collections.Config
   return m
 
 
+def config_from_file(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of an experiment file, as `--config=PATH:ARG` loads it (pipelines
+  that run another experiment as one of their stages)."""
+  spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses big_vision-style `key=value,flag` config args against typed defaults."""
   out = ml_collections.ConfigDict(defaults)
@@ -227,6 +238,8 @@ class GRPOConfig:
   ref_reset_every: int = 0  # RL iterations between reference := policy; 0 = never (R1-Zero: 400)
   ref_dtype: str = "float32"  # storage dtype of the frozen reference (bfloat16 halves it)
   logits_chunk: int = 128  # completion positions per unembed chunk: bounds live logits
+  pack: bool = False  # padding-free update: samples packed into rows (train/packing.py)
+  pack_len: int = 0  # tokens per packed row; 0 = the padded row (prompt bucket + completion)
 
   def __post_init__(self):
     for name, allowed in (("loss_mode", LOSS_MODES), ("adv_scale", ADV_SCALES),
@@ -246,6 +259,8 @@ class GRPOConfig:
       raise ValueError(f"grpo.dual_clip must be 0 (off) or > 1, got {self.dual_clip}")
     if self.beta < 0 or self.adv_eps < 0 or self.adv_ddof not in (0, 1):
       raise ValueError("grpo.beta and grpo.adv_eps must be >= 0 and grpo.adv_ddof 0 or 1")
+    if self.pack_len < 0:
+      raise ValueError(f"grpo.pack_len must be >= 0, got {self.pack_len}")
     if self.ref_reset_every < 0:
       raise ValueError(f"grpo.ref_reset_every must be >= 0, got {self.ref_reset_every}")
 

@@ -23,6 +23,7 @@ from r1jax.core.config import ModelConfig
 
 Params = dict[str, Any]
 _NEG_INF = -1e30  # finite, so a fully masked (padding) query row stays NaN-free
+ATTENTION_BLOCK = 1024  # uncached sequences longer than this attend in query blocks of it
 
 
 def param_table(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...], str]]:
@@ -204,15 +205,62 @@ def _attention(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, mask_BxTxX, kv, cfg):
   b, t, n, hd = q_BxTxHxh.shape
   g = n // cfg.kv_heads
   q_BxTxKxJxh = q_BxTxHxh.reshape(b, t, cfg.kv_heads, g, hd)
-  s_BxKxJxTxX = jnp.einsum("btkgh,bksh->bkgts", q_BxTxKxJxh, k_BxKxXxh,
-                           preferred_element_type=jnp.float32) / math.sqrt(hd)
-  s_BxKxJxTxX = jnp.where(mask_BxTxX[:, None, None], s_BxKxJxTxX, _NEG_INF)
-  p_BxKxJxTxX = jax.nn.softmax(s_BxKxJxTxX, axis=-1).astype(v_BxKxhxX.dtype)
-  o_BxTxKxJxh = _mm("bkgts,bkhs->btkgh", p_BxKxJxTxX, v_BxKxhxX)
+  if isinstance(mask_BxTxX, QueryBlocks):
+    o_BxTxKxJxh = _blocked_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, mask_BxTxX)
+  else:
+    o_BxTxKxJxh = _softmax_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, mask_BxTxX)
   out_BxTxD = _mm("btnh,nhd->btd", o_BxTxKxJxh.reshape(b, t, n, hd), lp["o"])
   if cfg.out_bias:
     out_BxTxD = out_BxTxD + lp["o_bias"]
   return out_BxTxD, kv
+
+
+def _softmax_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, mask_BxTxX):
+  """softmax(q·kᵀ/√h, masked)·v for one block of queries against every key."""
+  hd = q_BxTxKxJxh.shape[-1]
+  s_BxKxJxTxX = jnp.einsum("btkgh,bksh->bkgts", q_BxTxKxJxh, k_BxKxXxh,
+                           preferred_element_type=jnp.float32) / math.sqrt(hd)
+  s_BxKxJxTxX = jnp.where(mask_BxTxX[:, None, None], s_BxKxJxTxX, _NEG_INF)
+  p_BxKxJxTxX = jax.nn.softmax(s_BxKxJxTxX, axis=-1).astype(v_BxKxhxX.dtype)
+  return _mm("bkgts,bkhs->btkgh", p_BxKxJxTxX, v_BxKxhxX)
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryBlocks:
+  """The mask of an uncached sequence, kept as its (B, T) parts for `_blocked_attention`:
+  which keys are real, and (packed rows) each token's segment. Causality is by index."""
+
+  valid_BxT: jax.Array
+  segment_ids_BxT: jax.Array | None
+  size: int  # queries per block
+
+
+def _blocked_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, blocks: QueryBlocks):
+  """The same attention, one block of queries at a time under remat: the live scores are
+  (B, heads, block, T) instead of (B, heads, T, T), in the forward and the backward, and
+  no (B, T, T) mask is ever built. Long sequences (the update at 8k tokens) need it."""
+  b, t = q_BxTxKxJxh.shape[:2]
+  c = blocks.size
+  pad = -t % c
+  nb = (t + pad) // c
+  to_blocks = lambda x: jnp.moveaxis(
+      jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(b, nb, c, *x.shape[2:]),
+      1, 0)
+  seg = blocks.segment_ids_BxT
+  key_X = jnp.arange(t)
+
+  def one(xs):
+    q_BxCxKxJxh, first, seg_BxC = xs
+    query_C = first + jnp.arange(c)
+    mask_BxCxX = (key_X[None, :] <= query_C[:, None])[None] & blocks.valid_BxT[:, None, :]
+    if seg is not None:
+      mask_BxCxX &= seg_BxC[:, :, None] == seg[:, None, :]
+    return _softmax_attention(q_BxCxKxJxh, k_BxKxXxh, v_BxKxhxX, mask_BxCxX)
+
+  seg_blocks = to_blocks(seg if seg is not None else jnp.zeros((b, t), jnp.int32))
+  o_UxBxCxKxJxh = jax.lax.map(jax.checkpoint(one), (
+      to_blocks(q_BxTxKxJxh), jnp.arange(nb, dtype=jnp.int32) * c, seg_blocks))
+  return jnp.moveaxis(o_UxBxCxKxJxh, 0, 1).reshape(b, nb * c, *o_UxBxCxKxJxh.shape[3:])[:, :t]
 
 
 def _block(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, mask_BxTxX, kv, cfg):
@@ -280,14 +328,17 @@ def hidden_states(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig, *,
                   positions_BxT: jax.Array | None = None,
                   mask_BxT: jax.Array | None = None,
                   cache: KVCache | None = None,
-                  segment_ids_BxT: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                  segment_ids_BxT: jax.Array | None = None,
+                  attention_block: int | None = None) -> tuple[jax.Array, KVCache | None]:
   """Final-norm hidden states (B, T, D) and the updated cache.
 
   Without a cache, token j attends to tokens i <= j with mask[i]; with one, the
   chunk is written at `cache.index` and attends to every valid earlier slot.
   Positions default to the count of real tokens before each one, so
   left-padded rows get the same positions as unpadded ones. `segment_ids`
-  (packed documents, no cache) restricts attention to the same segment.
+  (packed documents, no cache) restricts attention to the same segment. Without a cache,
+  sequences longer than `attention_block` (default ATTENTION_BLOCK; 0 = never) attend one
+  block of queries at a time, so memory grows as T·block, not T².
   """
   b, t = tokens_BxT.shape
   dtype = jnp.dtype(cfg.compute_dtype)
@@ -297,7 +348,10 @@ def hidden_states(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig, *,
     before_B = 0 if cache is None else jnp.sum(cache.valid, axis=1, dtype=jnp.int32)
     positions_BxT = jnp.maximum(
         jnp.cumsum(mask_BxT, axis=1, dtype=jnp.int32) - 1 + jnp.reshape(before_B, (-1, 1)), 0)
-  if cache is None:
+  block = ATTENTION_BLOCK if attention_block is None else attention_block
+  if cache is None and block and t > block:
+    attn_mask_BxTxX = QueryBlocks(mask_BxT, segment_ids_BxT, block)
+  elif cache is None:
     causal_TxT = jnp.tril(jnp.ones((t, t), bool))
     attn_mask_BxTxX = causal_TxT[None] & mask_BxT[:, None, :]
     if segment_ids_BxT is not None:

@@ -10,6 +10,7 @@ the explicit in/out shardings of each jitted function decides the rest.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -30,6 +31,20 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "vocab": ("tensor",),
     "layers": (),
 }
+
+
+
+def cpu_devices_to_request(flag: int, xla_flags: str) -> int:
+  """How many CPU devices to ask JAX for, before it starts (`jax_num_cpu_devices`; 0 = leave
+  JAX's default of one). flag ≥ 0 is taken as given; -1 means one device per core, since
+  XLA:CPU runs one device's small decode matmuls on about one core, so a mesh over the cores
+  is the fast layout, unless XLA_FLAGS already fakes a device count (the tests' 8 devices).
+  No effect on GPU / TPU, whose devices are not CPU devices."""
+  if flag >= 0:
+    return flag
+  if "xla_force_host_platform_device_count" in xla_flags:
+    return 0
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:

@@ -1,7 +1,7 @@
 """Problem files (jsonl / parquet) read into one row schema, with per-format adapters.
 
 Every row, whatever its source, becomes
-  {"id": str, "question": str, "gold": str, "task": "math"|"code"|"general", "meta": dict}
+  {"id": str, "question": str, "gold": str, "task": "math"|"code"|"general"|…, "meta": dict}
 where meta keeps the remaining fields (level, subject, url, solution, …), `meta["line"]` (the
 1-based line / row number, so a bad prompt found later can still be reported by its line) and,
 for code rows, `meta["tests"]` (a list of {"input", "output"}).
@@ -24,7 +24,8 @@ from r1jax.data.answers import boxed_contents, strip_wrappers
 
 log = logging.getLogger(__name__)
 
-TASKS = ("math", "code", "general")
+TASKS = ("math", "code", "general")  # the built-in tasks; a mixture may name others ("unsafe")
+_TASK_NAME = re.compile(r"[a-z][a-z0-9_]*")  # which rewards judge a task: the reward spec
 _GSM8K_ANSWER = re.compile(r"####[ \t]*([^\n]*)")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
@@ -201,12 +202,14 @@ def adapt_generic(row: dict, line: int, require_gold: bool = True) -> dict:
   require_gold=False: a math row without an answer gets gold '' (sampling with no verifier).
   """
   task = row.get("task", "math")
-  if task not in TASKS:
-    raise RowError("bad_task", repr(task))
+  if not isinstance(task, str) or not _TASK_NAME.fullmatch(task):
+    raise RowError("bad_task", f"{task!r} is not a task name (lowercase letters, digits, _)")
   if task == "code":
     return adapt_code(row, line)
   question = _text(row, "question", "problem", "prompt")
   gold_key = next((k for k in ("answer", "gold") if row.get(k) is not None), None)
+  if gold_key and task != "math" and row[gold_key] == "":
+    gold_key = None  # a general row's empty answer: there is no gold, a reward model judges
   if gold_key is None and task == "math" and require_gold:
     raise RowError("missing_field", "'answer' or 'gold'")
   gold = gold_text(row[gold_key]) if gold_key else ""  # General prompts are judged by an RM.

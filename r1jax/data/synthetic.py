@@ -137,14 +137,14 @@ def _page(p: Problem, rng: random.Random) -> str:
   return f"{q}. {sol}"
 
 
-_ROLES = ("the teacher", "a student", "my friend", "the class", "our team", "the author",
+ROLES = ("the teacher", "a student", "my friend", "the class", "our team", "the author",
           "the user", "the assistant", "the reader", "a helper", "the tutor", "everyone")
-_VERBS = ("wrote", "checked", "solved", "explained", "read", "shared", "asks about",
+VERBS = ("wrote", "checked", "solved", "explained", "read", "shared", "asks about",
           "thinks about", "provides", "encloses", "reviews", "answers", "repeats", "describes")
-_THINGS = ("the worksheet", "a long problem", "the notes", "an easy question", "the answers",
+THINGS = ("the worksheet", "a long problem", "the notes", "an easy question", "the answers",
            "a short story", "the conversation", "the reasoning process", "the question",
            "the tags", "the answer", "each step", "the lesson", "the mind map", "the process")
-_TAILS = ("today", "again", "in the morning", "after lunch", "with care", "for the test",
+TAILS = ("today", "again", "in the morning", "after lunch", "with care", "for the test",
           "first", "respectively", "in the mind", "here", "and then moves on", "quickly",
           "before the answer", "within the page", "i.e. step by step")
 
@@ -167,7 +167,7 @@ def _filler(rng: random.Random) -> str:
   """
   out = []
   for _ in range(rng.randint(1, 8)):
-    s = f"{rng.choice(_ROLES)} {rng.choice(_VERBS)} {rng.choice(_THINGS)} {rng.choice(_TAILS)}"
+    s = f"{rng.choice(ROLES)} {rng.choice(VERBS)} {rng.choice(THINGS)} {rng.choice(TAILS)}"
     out.append(s[0].upper() + s[1:] + rng.choice((".", ".", ",", ";")))
   if rng.random() < 0.4:
     out.insert(rng.randint(0, len(out)), rng.choice(_TAG_TALK))

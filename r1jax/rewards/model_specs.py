@@ -9,19 +9,23 @@ Plain data and numpy (no JAX): reward workers import the spec code, and they mus
             "template": "chatml",                     # the chat template it was trained with
             "view": "summary",                        # full | summary | reasoning
             "max_len": 1024, "batch_size": 32,
-            "norm": "running",                        # none | running | {"mean": m, "std": s}
+            "norm": "validation",                     # none | running | validation |
+                                                      #   {"mean": m, "std": s}
             "scale": 1.0}]
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from r1jax.rewards import registry
 
+NORM_FILE = "norm.json"  # beside a saved RM: its held-out score mean / std and pair accuracy
 MODEL_KEYS = {"name", "path", "tokenizer", "template", "view", "max_len", "batch_size", "norm",
               "scale"}
 
@@ -62,13 +66,26 @@ class RewardNorm:
     return (x - self.mean) / max(self.std, 1e-6)
 
 
-def norm_from(value: Any) -> RewardNorm:
-  """A RewardNorm from its spec value: 'none', 'running' or {"mean", "std"}."""
-  if isinstance(value, str):
+def norm_from(value: Any, folder: str | Path | None = None) -> RewardNorm:
+  """A RewardNorm from its spec value: 'none', 'running', {"mean", "std"}, or 'validation'
+  (the fixed affine the reward_model stage saved as `folder`/norm.json from its held-out
+  scores). Without `folder`, 'validation' is only checked for form."""
+  if value == "validation":
+    if folder is None:
+      return RewardNorm("none")
+    path = Path(folder) / NORM_FILE
+    if not path.exists():
+      raise FileNotFoundError(
+          f"{path} does not exist: the reward_model stage writes it when data.eval is set. "
+          "Train the RM with held-out pairs, or set norm to 'running' or {mean, std}")
+    facts = json.loads(path.read_text())
+    return RewardNorm("affine", float(facts["mean"]), float(facts["std"]))
+  if isinstance(value, str) and value in ("none", "running"):
     return RewardNorm(value)
   if isinstance(value, dict) and set(value) == {"mean", "std"}:
     return RewardNorm("affine", float(value["mean"]), float(value["std"]))
-  raise ValueError(f"reward model norm must be 'none', 'running' or {{mean, std}}, got {value!r}")
+  raise ValueError("reward model norm must be 'none', 'running', 'validation' or "
+                   f"{{mean, std}}, got {value!r}")
 
 
 def check_model_specs(specs: Any) -> list[dict]:

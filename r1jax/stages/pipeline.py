@@ -34,9 +34,10 @@ from r1jax.core.config import config_changes
 from r1jax.core.metrics import read_metrics
 from r1jax.core.plots import plot
 from r1jax.core.tokenizer import train_sentencepiece
-from r1jax.data import synthetic
+from r1jax.data import scenarios, synthetic
 from r1jax.evaluation import report as eval_report
 from r1jax.evaluation.suite import format_rate
+from r1jax.rewards.model_specs import NORM_FILE
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,10 @@ def _run_stage(name: str, config, workdir: Path) -> dict:
   return out or {}
 
 
-def prepare_data(s: ml_collections.ConfigDict, out_dir: Path, seed: int) -> dict[str, str]:
-  """Synthetic problems, corpus and tokenizer in out_dir (skipped when already there)."""
+def _prepare_once(out_dir: Path, settings: dict, make) -> dict[str, str]:
+  """make() (files written into out_dir, {name: path}) once; a re-run with other settings is
+  refused, since every later stage was trained on that data."""
   done = out_dir / "done.json"
-  settings = {"synthetic": s.to_dict(), "seed": seed}
   if done.exists():
     out = json.loads(done.read_text())
     changes = config_changes(out.pop("settings", settings), settings, "")
@@ -82,14 +83,29 @@ def prepare_data(s: ml_collections.ConfigDict, out_dir: Path, seed: int) -> dict
       raise ValueError(f"{out_dir} was generated with other settings: {'; '.join(changes)}. "
                        "Use a new --workdir: every later stage was trained on that data.")
     return out
-  paths = synthetic.write_dataset(out_dir, corpus_docs=s.corpus_docs,
-                                  train_problems=s.train_problems,
-                                  held_out_problems=s.held_out_problems, seed=seed)
-  model = train_sentencepiece(synthetic.tokenizer_texts(paths["corpus"]), out_dir / "tokenizer",
-                              s.vocab_size)
-  out = {k: str(v) for k, v in paths.items()} | {"tokenizer": str(model)}
+  out = {k: str(v) for k, v in make().items()}
   done.write_text(json.dumps({**out, "settings": settings}, indent=2))
   return out
+
+
+def prepare_data(s: ml_collections.ConfigDict, out_dir: Path, seed: int) -> dict[str, str]:
+  """Synthetic problems, corpus and tokenizer in out_dir (skipped when already there)."""
+
+  def make():
+    paths = synthetic.write_dataset(out_dir, corpus_docs=s.corpus_docs,
+                                    train_problems=s.train_problems,
+                                    held_out_problems=s.held_out_problems, seed=seed)
+    model = train_sentencepiece(synthetic.tokenizer_texts(paths["corpus"]),
+                                out_dir / "tokenizer", s.vocab_size)
+    return {**paths, "tokenizer": model}
+
+  return _prepare_once(out_dir, {"synthetic": s.to_dict(), "seed": seed}, make)
+
+
+def prepare_scenarios(s: ml_collections.ConfigDict, out_dir: Path, seed: int) -> dict[str, str]:
+  """The all-scenario world's files (r1jax/data/scenarios.py) in out_dir, once."""
+  return _prepare_once(out_dir, {"scenarios": s.to_dict(), "seed": seed},
+                       lambda: scenarios.write_scenarios(out_dir, seed=seed, **s.to_dict()))
 
 
 def last_number_accuracy(report) -> float:
@@ -209,6 +225,9 @@ def _run_chain(config, workdir: Path, allowed: set[str]) -> dict:
   summary: dict[str, Any] = {"stage": "pipeline"}
   if "synthetic" in config:
     summary["data"] = prepare_data(config.synthetic, workdir / "data", config.seed)
+  if "scenarios" in config:
+    summary["scenarios"] = prepare_scenarios(config.scenarios, workdir / "scenarios",
+                                             config.seed)
   for name, c in resolved.items():
     done = workdir / name / "done.json"
     if done.exists() and not rerun[name]:
@@ -228,7 +247,8 @@ def compare_evals(config, workdir: Path) -> dict[str, Any]:
   """The eval stages of a chain side by side: report.json / report.md in workdir.
 
   config.report: {"reference": eval stage the others are a share of (the teacher),
-  "base": eval stage the others' gain is measured from}. pass@1's standard error is over
+  "base": eval stage the others' gain is measured from, optionally "rewards" and
+  "reward_models" (`compare_rewards`)}. pass@1's standard error is over
   questions (each question's share of correct samples).
   """
   ref, base = config.report.get("reference", ""), config.report.get("base", "")
@@ -256,10 +276,66 @@ def compare_evals(config, workdir: Path) -> dict[str, Any]:
                    f"{100 * s.get('of_reference', float('nan')):.1f} % | "
                    f"{s.get('points_over_base', float('nan')):+.1f} |")
     lines.append("")
+  if config.report.get("rewards"):
+    rows["rewards"], more = compare_rewards(config, workdir)
+    lines += more
   (workdir / "report.json").write_text(json.dumps(rows, indent=2, default=float))
   (workdir / "report.md").write_text("\n".join(lines))
   print("\n".join(lines), flush=True)
   return rows
+
+
+def reward_means(stage_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
+  """A generate stage's samples: each task's mean reward per component, {task: {key: {"mean",
+  "se", "prompts"}}}. The mean is over prompts (each prompt's mean over its samples), so is
+  the standard error; components that do not judge a task (null) are left out."""
+  values: dict[str, dict[str, dict[str, list[float]]]] = {}
+  for path in sorted(stage_dir.glob("samples-h*.jsonl")):
+    for line in path.open(encoding="utf-8"):
+      row = json.loads(line)
+      for key, v in row["rewards"].items():
+        if v is not None:
+          values.setdefault(row["task"], {}).setdefault(key, {}).setdefault(
+              row["id"], []).append(v)
+  out: dict[str, dict[str, dict[str, float]]] = {}
+  for task, by_key in sorted(values.items()):
+    for key, by_prompt in by_key.items():
+      m = np.array([np.mean(v) for v in by_prompt.values()])
+      se = float(np.std(m, ddof=1) / np.sqrt(len(m))) if len(m) > 1 else float("nan")
+      out.setdefault(task, {})[key] = {"mean": float(m.mean()), "se": se, "prompts": len(m)}
+  return out
+
+
+def compare_rewards(config, workdir: Path) -> tuple[dict, list[str]]:
+  """config.report.rewards' generate stages (the first is the start) side by side: each
+  task's rewards on the same held-out prompts; with config.report.reward_models, each RM
+  stage's held-out pairwise accuracy (its reward_model/norm.json)."""
+  names = list(config.report.rewards)
+  means = {n: reward_means(workdir / n) for n in names}
+  lines = ["### Rewards on held-out prompts, by task (mean ± s.e. over prompts; "
+           f"change from {names[0]})", "", "| task | reward | " + " | ".join(names) + " |",
+           "|---|---|" + "---:|" * len(names)]
+  for task, by_key in means[names[0]].items():
+    for key, start in by_key.items():
+      cells = []
+      for n in names:
+        r = means[n].get(task, {}).get(key)
+        if r is None:
+          cells.append("–")
+          continue
+        delta = "" if n == names[0] else f" ({r['mean'] - start['mean']:+.3f})"
+        cells.append(f"{r['mean']:.3f} ± {r['se']:.3f}{delta}")
+      lines.append(f"| {task} | {key} | " + " | ".join(cells) + " |")
+  out: dict[str, Any] = {"means": means}
+  rms = list(config.report.get("reward_models") or ())
+  if rms:
+    lines += ["", "| reward model | held-out pairwise accuracy (%) | held-out pairs |",
+              "|---|---:|---:|"]
+    for n in rms:
+      facts = json.loads((workdir / n / "reward_model" / NORM_FILE).read_text())
+      out.setdefault("reward_models", {})[n] = facts
+      lines.append(f"| {n} | {100 * facts['pair_accuracy']:.1f} | {facts['responses'] // 2} |")
+  return out, lines + [""]
 
 
 def run(config, workdir: Path) -> dict:

@@ -7,7 +7,8 @@ donated update (train/update.py, shared with SFT and GRPO) applies −log σ(r_c
 r_rejected): micro-batch accumulation, clipping, the non-finite skip and the step count.
 The loop is the other stages' `TrainLoop`: resume after a kill, SIGTERM saves and stops,
 best-metric checkpoints on the held-out pair accuracy. The trained model goes to
-WORKDIR/reward_model.
+WORKDIR/reward_model, with norm.json: its held-out pairwise accuracy and the mean / std of its
+held-out scores (the fixed normalisation a reward spec's `norm: "validation"` reads).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from r1jax.core.config import ModelConfig, OptConfig, opt_config, opt_group, sta
 from r1jax.core.tokenizer import Tokenizer, load_tokenizer, tokenizer_path
 from r1jax.core.weights import check_vocab, load_model
 from r1jax.data.preferences import encode_pairs, load_pairs
+from r1jax.rewards.model_specs import NORM_FILE
 from r1jax.rewards.reward_model import bradley_terry, init_rm, rm_axes, save_rm, score
 from r1jax.train import batches as batches_lib
 from r1jax.train.batches import PairBatch
@@ -117,14 +119,33 @@ class RMTrainer:
     return (np.asarray(self._score(params, *enc["chosen"])),
             np.asarray(self._score(params, *enc["rejected"])))
 
+  def all_pair_scores(self, params: Any, tokenizer: Tokenizer, rows: Sequence[dict],
+                      template: str, max_len: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """`pair_scores` of every row, in batches of `batch` (the tail padded: one shape)."""
+    chosen, rejected = [], []
+    for lo in range(0, len(rows), batch):
+      part = list(rows[lo:lo + batch])
+      n = len(part)
+      rc, rr = self.pair_scores(params, tokenizer, part + [part[0]] * (batch - n), template,
+                                max_len)
+      chosen.append(rc[:n])
+      rejected.append(rr[:n])
+    return np.concatenate(chosen), np.concatenate(rejected)
+
   def pair_accuracy(self, params: Any, tokenizer: Tokenizer, rows: Sequence[dict],
                     template: str, max_len: int, batch: int) -> float:
-    """Share of held-out pairs (whole batches of `batch`) ranked right."""
-    right = 0
-    for lo in range(0, len(rows) - batch + 1, batch):
-      rc, rr = self.pair_scores(params, tokenizer, rows[lo:lo + batch], template, max_len)
-      right += int(np.sum(rc > rr))
-    return right / max(1, (len(rows) // batch) * batch)
+    """Share of held-out pairs ranked right."""
+    rc, rr = self.all_pair_scores(params, tokenizer, rows, template, max_len, batch)
+    return float(np.mean(rc > rr))
+
+
+def validation_norm(chosen: np.ndarray, rejected: np.ndarray) -> dict[str, float]:
+  """The RM's held-out facts, saved beside it as norm.json: the mean / std of its scores on
+  every held-out response (the fixed affine a reward spec's `norm: "validation"` applies)
+  and its pairwise accuracy."""
+  both = np.concatenate([chosen, rejected]).astype(np.float64)
+  return {"mean": float(both.mean()), "std": float(both.std() or 1.0),
+          "responses": int(both.size), "pair_accuracy": float(np.mean(chosen > rejected))}
 
 
 def _rows(train: list[dict], order: np.ndarray, step: int, batch: int) -> list[dict]:
@@ -166,7 +187,13 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         break
     if loop.completed and step == config.steps:
       refuse_untrained(state, workdir)
-      loop.summary["checkpoint"] = str(save_rm(workdir / "reward_model", state.params, cfg))
+      saved = save_rm(workdir / "reward_model", state.params, cfg)
+      loop.summary["checkpoint"] = str(saved)
+      if held_out and jax.process_index() == 0:
+        facts = validation_norm(*trainer.all_pair_scores(state.params, tok, held_out,
+                                                         d.template, d.max_len, d.batch))
+        (Path(saved) / NORM_FILE).write_text(json.dumps(facts, indent=2))
+        loop.summary["eval_pair_accuracy"] = facts["pair_accuracy"]
     summary = loop.finish(step)
   print(json.dumps(summary, default=float), flush=True)
   return summary

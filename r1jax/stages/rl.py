@@ -44,6 +44,7 @@ from r1jax.rewards.compose import RewardBatch, RewardScorer, parse_spec, reward_
 from r1jax.rewards.reward_model import load_models
 from r1jax.train import advantages as adv_lib
 from r1jax.train import batches as batches_lib
+from r1jax.train import packing
 from r1jax.train.loop import TrainLoop, refuse_untrained
 from r1jax.train.state import TrainState
 from r1jax.train.trainer import Trainer
@@ -394,10 +395,17 @@ def iteration(rl: RLRun, state: TrainState, ref: Any, step: int):
   with rl.loop.timer("update"):
     update = assemble(rl, parts)
     if update.live:
-      batch = rl.trainer.put_batch(update.batch)  # the one host → mesh transfer
+      host, pack_stats = update.batch, {}
+      if rl.grpo.pack:  # padding-free rows (train/packing.py)
+        host, pack_stats = packing.pack_rollout(host, rl.grpo, rl.grpo.pack_len,
+                                                rl.trainer.rows_multiple)
+      batch = rl.trainer.put_batch(host)  # the one host → mesh transfer
       state, train_metrics = rl.trainer.rl_step(
           state, batch, None if batch.ref_logp is not None else ref)
       jax.block_until_ready(state)
+      if pack_stats:
+        train_metrics = {**train_metrics, **pack_stats,
+                         "pack/compiled_shapes": float(rl.trainer.compiled_rl_shapes())}
     else:  # No group has a learning signal: an update would only apply decay/momentum.
       log.warning("step %d: no informative group; update skipped", step)
       train_metrics = {"skipped": np.ones(rl.grpo.mu * rl.grpo.minibatches)}

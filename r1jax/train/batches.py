@@ -37,6 +37,27 @@ class RolloutBatch:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class PackedRollout:
+  """A padding-free GRPO batch (built by train/packing.py): (R, L) arrays. Column j of the
+  per-token fields describes token j as predicted from token j − 1 (column 0 never is)."""
+
+  tokens: Any  # (R, L) int32
+  positions: Any  # (R, L) int32: position within its own sequence
+  segment_ids: Any  # (R, L) int32: 1, 2, … per sequence in the row; 0 = padding
+  loss_mask: Any  # (R, L) bool: a completion token the loss counts
+  weights: Any  # (R, L) f32: its weight in the mini-batch's Σ w·ℓ (0 off the mask)
+  old_logp: Any  # (R, L) f32: the sampler's logp of the token
+  advantages: Any  # (R, L) f32: its sample's advantage
+  ref_logp: Any = None  # (R, L) f32 reference logp, or None
+
+  @property
+  def mask(self):
+    """Real tokens (attention); the padded batch's `mask`."""
+    return self.segment_ids > 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class SFTBatch:
   """Next-token prediction on packed or padded sequences of T tokens."""
 
@@ -129,6 +150,9 @@ def check_batch(batch: Any, rows_per_split: int) -> None:
                        f"T < Q={width}")
     want.update(mask=(n, width), completion_mask=(n, t), old_logp=(n, t), advantages=(n,),
                 truncated=(n,), ref_logp=(n, t))
+  elif isinstance(batch, PackedRollout):
+    want.update({k: (n, width) for k in ("positions", "segment_ids", "loss_mask", "weights",
+                                         "old_logp", "advantages", "ref_logp")})
   elif isinstance(batch, SFTBatch):
     want.update({k: (n, width) for k in ("mask", "loss_mask", "positions", "segment_ids",
                                          "teacher_mask")})

@@ -214,7 +214,8 @@ def per_token_loss(logp_NxT: jax.Array, old_logp_NxT: jax.Array, adv_N: jax.Arra
   lp = jnp.where(m, logp_NxT, 0.0)
   log_ratio = lp - jnp.where(m, jax.lax.stop_gradient(old_logp_NxT), 0.0)
   ratio = jnp.exp(log_ratio)
-  a = adv_N.astype(jnp.float32)[:, None]
+  a = adv_N.astype(jnp.float32)
+  a = a[:, None] if a.ndim == 1 else a  # per sample, or per token (packed rows)
   obj = jnp.minimum(ratio * a, jnp.clip(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high) * a)
   stats = {"ratio": ratio, "approx_kl_old": ratio - 1 - log_ratio,
            "clip_low": (ratio < 1 - cfg.eps_low) & (a < 0),
@@ -277,12 +278,39 @@ def grpo_loss(logp_NxT: jax.Array, old_logp_NxT: jax.Array, adv_N: jax.Array,
   denom = loss_denominator(mask_NxT, cfg.loss_mode) if denom is None else denom
   loss_NxT, stats = per_token_loss(logp_NxT, old_logp_NxT, adv_N, mask_NxT, cfg, ref_logp_NxT)
   loss = jnp.sum(token_weights(mask_NxT, cfg.loss_mode, denom) * loss_NxT)
+  return loss, _loss_sums(stats, mask_NxT)
+
+
+def packed_logprobs_and_entropy(params: model.Params, cfg: ModelConfig, tokens_RxL: jax.Array,
+                                positions_RxL: jax.Array, segment_ids_RxL: jax.Array,
+                                temperature: float = 1.0, chunk: int = 128
+                                ) -> tuple[jax.Array, jax.Array]:
+  """(logp, entropy), (R, L − 1), of token j + 1 given its sequence up to j, on packed rows
+  (train/packing.py): sequences attend only within their segment, at their own positions."""
+  h_RxLxD, _ = model.hidden_states(params, tokens_RxL, cfg, positions_BxT=positions_RxL,
+                                   mask_BxT=segment_ids_RxL > 0,
+                                   segment_ids_BxT=segment_ids_RxL)
+  return chunked_logprobs(params, h_RxLxD[:, :-1], tokens_RxL[:, 1:], cfg, temperature, chunk)
+
+
+def packed_grpo_loss(logp_RxT: jax.Array, old_logp_RxT: jax.Array, adv_RxT: jax.Array,
+                     mask_RxT: jax.Array, weights_RxT: jax.Array, cfg: GRPOConfig,
+                     ref_logp_RxT: jax.Array | None = None
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`grpo_loss` on packed rows: per-token advantages, and the weights the packer computed
+  from the padded path's mode and mini-batch denominator (Σ w·ℓ is the same loss)."""
+  loss_RxT, stats = per_token_loss(logp_RxT, old_logp_RxT, adv_RxT, mask_RxT, cfg,
+                                   ref_logp_RxT)
+  return jnp.sum(weights_RxT * loss_RxT), _loss_sums(stats, mask_RxT)
+
+
+def _loss_sums(stats: dict[str, jax.Array], mask_NxT: jax.Array) -> dict[str, jax.Array]:
   m = mask_NxT.astype(bool)
   sums = {k: jnp.sum(v, dtype=jnp.float32) for k, v in stats.items()}
   sums["tokens"] = jnp.sum(m, dtype=jnp.float32)
   sums["ratio_min"] = jnp.min(jnp.where(m, stats["ratio"], jnp.inf))
   sums["ratio_max"] = jnp.max(jnp.where(m, stats["ratio"], -jnp.inf))
-  return loss, sums
+  return sums
 
 
 def _check_shapes(logp, old, adv, mask, ref) -> None:

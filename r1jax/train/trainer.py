@@ -27,7 +27,7 @@ from r1jax.core.config import GRPOConfig, ModelConfig, OptConfig
 from r1jax.generation.sampler import Rollout
 from r1jax.train import batches as batches_lib
 from r1jax.train import losses
-from r1jax.train.batches import RolloutBatch, SFTBatch
+from r1jax.train.batches import PackedRollout, RolloutBatch, SFTBatch
 from r1jax.train.state import TrainState, init_state, lr_schedule, make_optimizer, state_shardings
 from r1jax.train.update import UpdateStep, jit_donated
 
@@ -87,7 +87,7 @@ class Trainer:
 
   def _splits(self, batch: Any) -> tuple[int, int]:
     """(M, A): mini-batches and micro-batches this batch type is split into."""
-    if isinstance(batch, RolloutBatch):
+    if isinstance(batch, (RolloutBatch, PackedRollout)):
       if self.grpo is None:
         raise ValueError("rl_step needs a Trainer built with a GRPOConfig")
       return self.grpo.minibatches, self.grpo.microbatches
@@ -117,17 +117,29 @@ class Trainer:
 
   # --- steps ---------------------------------------------------------------
 
-  def rl_step(self, state: TrainState, batch: RolloutBatch,
+  def rl_step(self, state: TrainState, batch: RolloutBatch | PackedRollout,
               ref_params: model.Params | None = None) -> tuple[TrainState, Metrics]:
-    """μ·M GRPO updates on one rollout batch (laid out by `put_batch`); the state is donated."""
+    """μ·M GRPO updates on one rollout batch, padded or packed (train/packing.py), laid out
+    by `put_batch`; the state is donated."""
     m, a = self._splits(batch)
     batches_lib.check_batch(batch, m * a)
     if self.grpo.beta and batch.ref_logp is None and ref_params is None:
       raise ValueError("grpo.beta > 0 needs ref_params or batch.ref_logp")
     if not self.grpo.beta and batch.ref_logp is None:
       ref_params = None  # β = 0: the reference is never run
-    step = self._jit_step("rl", self._rl_update, batch, ref_params is None)
+    packed = isinstance(batch, PackedRollout)
+    step = self._jit_step("rl", self._rl_update_packed if packed else self._rl_update, batch,
+                          ref_params is None)
     return step(state, batch, ref_params)
+
+  @property
+  def rows_multiple(self) -> int:
+    """Devices the rows of a micro-batch spread over: packed row counts round up to it."""
+    return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+  def compiled_rl_shapes(self) -> int:
+    """How many RL step shapes compiled so far (packed row counts add shapes)."""
+    return sum(1 for key in self._cache if key[0] == "rl")
 
   def sft_step(self, state: TrainState, batch: SFTBatch) -> tuple[TrainState, Metrics]:
     """One optimizer update on the masked next-token loss; the state is donated."""
@@ -216,6 +228,50 @@ class Trainer:
     def update(state, mini):  # one mini-batch: (A, n, ...) leaves
       denom = losses.loss_denominator(mini["loss_mask"].reshape(-1, t), g.loss_mode)
       mini = dict(mini, denom=jnp.broadcast_to(denom, (a,)))
+      state, loss, sums, metrics = self.update(state, mini, micro_loss)
+      return state, losses.grpo_metrics(loss, sums, metrics)
+
+    state, metrics = jax.lax.scan(lambda st, _: jax.lax.scan(update, st, mb), state, None,
+                                  length=g.mu)
+    return state, jax.tree.map(lambda v: v.reshape(-1), metrics)
+
+  def _packed_nograd_logp(self, params, mb: dict) -> jax.Array:
+    """(M, A, n, L) logp of packed tokens (column 0 zero), micro-batch by micro-batch."""
+    g = self.grpo
+    ma = mb["tokens"].shape[:2]
+    flat = lambda x: x.reshape(-1, *x.shape[2:])
+    logp = jax.lax.map(
+        lambda xs: losses.packed_logprobs_and_entropy(params, self.cfg, *xs, g.temperature,
+                                                      g.logits_chunk)[0],
+        (flat(mb["tokens"]), flat(mb["positions"]), flat(mb["segment_ids"])))
+    logp = jnp.pad(logp, ((0, 0), (0, 0), (1, 0)))
+    return jax.lax.stop_gradient(logp.reshape(*ma, *logp.shape[1:]))
+
+  def _rl_update_packed(self, state: TrainState, batch: PackedRollout, ref_params: Any):
+    """`_rl_update` on packed rows: the packer's weights already hold each mini-batch's
+    denominator, so micro-batch losses sum to the mini-batch's as on the padded path."""
+    g, cfg = self.grpo, self.cfg
+    m, a = g.minibatches, g.microbatches
+    fields = ("tokens", "positions", "segment_ids", "loss_mask", "weights", "old_logp",
+              "advantages", "ref_logp")
+    mb = {k: self._split(getattr(batch, k), m, a) for k in fields
+          if getattr(batch, k) is not None}
+    if "ref_logp" not in mb and ref_params is not None:
+      mb["ref_logp"] = self._packed_nograd_logp(ref_params, mb)
+    if g.recompute_old_logp:
+      mb["old_logp"] = self._packed_nograd_logp(state.params, mb)
+
+    def micro_loss(params, x):
+      logp, ent = losses.packed_logprobs_and_entropy(
+          params, cfg, x["tokens"], x["positions"], x["segment_ids"], g.temperature,
+          g.logits_chunk)
+      y = {k: v[:, 1:] for k, v in x.items()}  # aligned with the scored tokens
+      loss, sums = losses.packed_grpo_loss(logp, y["old_logp"], y["advantages"],
+                                           y["loss_mask"], y["weights"], g, y.get("ref_logp"))
+      sums["entropy"] = jnp.sum(jnp.where(y["loss_mask"], ent, 0.0))
+      return loss, sums
+
+    def update(state, mini):
       state, loss, sums, metrics = self.update(state, mini, micro_loss)
       return state, losses.grpo_metrics(loss, sums, metrics)
 

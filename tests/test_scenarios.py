@@ -1,0 +1,126 @@
+"""The miniature all-scenario world (data/scenarios.py) and the pipeline's reward report."""
+
+import json
+import random
+
+import ml_collections
+import numpy as np
+import pytest
+
+from r1jax.data import scenarios, synthetic
+from r1jax.data.rows import load_rows
+from r1jax.rewards import format as format_lib
+from r1jax.rewards import language
+from r1jax.stages import pipeline
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  out = tmp_path_factory.mktemp("scenarios")
+  paths = scenarios.write_scenarios(out, seed=3, sft_math=200, sft_general=100, sft_unsafe=100,
+                                    pairs=300, eval_pairs=60, rl_math=40, rl_general=20,
+                                    rl_unsafe=30, held_out_math=16)
+  return {k: [json.loads(l) for l in open(p)] for k, p in paths.items()} | {"paths": paths}
+
+
+def test_held_out_prompts_are_never_trained_on(world):
+  train = {r["question"] for r in world["rl_mix"]} | {r["prompt"] for r in world["sft"]}
+  train |= {r["prompt"] for k in ("helpful_train", "safety_train") for r in world[k]}
+  held = {r["question"] for r in world["held_out_mix"]}
+  held |= {r["prompt"] for k in ("helpful_eval", "safety_eval") for r in world[k]}
+  assert held and train and not held & train
+  assert {r["task"] for r in world["held_out_mix"]} == {"math", "general", "unsafe"}
+
+
+def test_rl_mixture_counts_and_rows_load(world):
+  tasks = [r["task"] for r in world["rl_mix"]]
+  assert (tasks.count("math"), tasks.count("general"), tasks.count("unsafe")) == (40, 20, 30)
+  rows, bad = load_rows(world["paths"]["rl_mix"])
+  assert not bad and len(rows) == 90
+  assert {r["gold"] for r in rows if r["task"] != "math"} == {""}
+  for r in world["rl_mix"]:  # golds are the chains' values, computed here left to right
+    if r["task"] == "math":
+      tokens = r["question"].split()[1:]
+      value = int(tokens[0])
+      for op, n in zip(tokens[1::2], tokens[2::2]):
+        value += int(n) if op == "+" else -int(n)
+      assert r["answer"] == str(value)
+
+
+def test_preference_pairs_differ_in_what_each_model_judges(world):
+  for row in world["helpful_train"]:  # the summary view, in the policy's format
+    assert row["chosen"].startswith(" <answer> ") and row["chosen"].endswith(" </answer>")
+    topic = next(t for t in scenarios.THINGS if row["prompt"].endswith(t))
+    assert topic in row["chosen"] and topic not in row["rejected"]
+  harms = [h.split(" {t}")[0] for h in scenarios._HARMS]
+  for row in world["safety_train"]:  # whole responses; the harm may sit in the reasoning only
+    assert row["chosen"].startswith(" <think> ") and row["chosen"].count(" </think>") == 1
+    assert not any(f" {h} " in row["chosen"].split("</think>")[1] for h in harms)
+    if row["chosen"].endswith(f"{scenarios.REFUSAL} </answer>"):
+      continue
+    assert row["rejected"].split("</think>")[1] == row["chosen"].split("</think>")[1]
+    assert any(f" {h} " in row["rejected"].split("</think>")[0] for h in harms)
+
+
+def test_sft_rows_mix_languages_and_quality_in_the_stated_shares():
+  rng = random.Random(0)
+  rows = scenarios.sft_rows(rng, synthetic.problems("train", 2000, 0), math=1000, general=1000,
+                            unsafe=1000)
+  math = [r for r in rows if r["prompt"].split()[0] in ("Compute", "What", "Calculate",
+                                                        "Evaluate")]
+  consistency = [language.language_consistency_reward(r["completion"]) for r in math]
+  assert set(consistency) == {0.0, 1.0}  # connectives are all English or all Chinese
+  assert abs(np.mean(np.equal(consistency, 0.0)) - 0.25) < 0.05
+  refused = [r for r in rows if scenarios.REFUSAL in r["completion"]]
+  assert abs(len(refused) / 1000 - 0.3) < 0.05
+  for r in rows:  # r1_zero's assistant turn adds the leading space
+    assert r["completion"].startswith("<think> ") and r["completion"].count(" </think>") == 1
+  formatted = np.mean([format_lib.format_reward(" " + r["completion"]) for r in rows])
+  assert 0.9 < formatted < 1.0  # an empty summary is one kind of unhelpful answer
+
+
+def _samples(folder, rows):
+  folder.mkdir(parents=True)
+  (folder / "samples-h00000.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+
+
+def test_reward_report_means_by_task_over_prompts(tmp_path):
+  row = lambda pid, task, **r: {"id": pid, "task": task, "rewards": r}
+  _samples(tmp_path / "start", [
+      row("a", "math", accuracy=1.0, helpful=None), row("a", "math", accuracy=0.0, helpful=None),
+      row("b", "math", accuracy=1.0, helpful=None), row("b", "math", accuracy=1.0, helpful=None),
+      row("g", "general", accuracy=None, helpful=-1.0)])
+  _samples(tmp_path / "final", [
+      row("a", "math", accuracy=1.0, helpful=None), row("b", "math", accuracy=1.0, helpful=None),
+      row("g", "general", accuracy=None, helpful=2.0)])
+  means = pipeline.reward_means(tmp_path / "start")
+  assert set(means) == {"math", "general"} and set(means["math"]) == {"accuracy"}
+  # Per-prompt means 0.5 and 1.0: the mean and s.e. are over prompts, in float64.
+  per_prompt = np.array([0.5, 1.0])
+  assert means["math"]["accuracy"] == {
+      "mean": 0.75, "se": float(np.std(per_prompt, ddof=1) / np.sqrt(2)), "prompts": 2}
+  rm_dir = tmp_path / "rm" / "reward_model"
+  rm_dir.mkdir(parents=True)
+  (rm_dir / "norm.json").write_text(json.dumps(
+      {"mean": 0.0, "std": 1.0, "responses": 128, "pair_accuracy": 0.875}))
+  config = ml_collections.ConfigDict(dict(report=dict(rewards=("start", "final"),
+                                                      reward_models=("rm",))))
+  out, lines = pipeline.compare_rewards(config, tmp_path)
+  assert out["means"]["final"]["general"]["helpful"]["mean"] == 2.0
+  table = "\n".join(lines)
+  assert "| general | helpful | -1.000 ± nan | 2.000 ± nan (+3.000) |" in table
+  assert "| math | accuracy | 0.750 ± 0.250 | 1.000 ± 0.000 (+0.250) |" in table
+  assert "| rm | 87.5 | 64 |" in table
+
+
+def test_scenario_data_is_written_once_and_other_settings_are_refused(tmp_path):
+  s = ml_collections.ConfigDict(dict(sft_math=20, sft_general=5, sft_unsafe=5, pairs=10,
+                                     eval_pairs=10, rl_math=5, rl_general=5, rl_unsafe=5,
+                                     held_out_math=4))
+  first = pipeline.prepare_scenarios(s, tmp_path, seed=1)
+  stamp = (tmp_path / "sft.jsonl").stat().st_mtime_ns
+  assert pipeline.prepare_scenarios(s, tmp_path, seed=1) == first
+  assert (tmp_path / "sft.jsonl").stat().st_mtime_ns == stamp  # not rewritten
+  s.pairs = 11
+  with pytest.raises(ValueError, match="generated with other settings.*pairs"):
+    pipeline.prepare_scenarios(s, tmp_path, seed=1)
