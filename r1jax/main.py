@@ -85,8 +85,9 @@ def check_argv(argv: list[str]) -> str | None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cpu_devices = sharding.cpu_devices_to_request(_CPU_DEVICES.value,
-                                                os.environ.get("XLA_FLAGS", ""))
+  cpu_devices = sharding.cpu_devices_to_request(
+      _CPU_DEVICES.value, os.environ.get("XLA_FLAGS", ""),
+      os.environ.get("JAX_NUM_CPU_DEVICES", ""))
   if cpu_devices:
     jax.config.update("jax_num_cpu_devices", cpu_devices)
   if _DISTRIBUTED.value:

@@ -143,3 +143,4 @@ def test_main_uses_one_cpu_device_per_core_by_default(tmp_path):
   assert sharding.cpu_devices_to_request(-1, "--xla_force_host_platform_device_count=8") == 0
   assert sharding.cpu_devices_to_request(3, "--xla_force_host_platform_device_count=8") == 3
   assert sharding.cpu_devices_to_request(0, "") == 0
+  assert sharding.cpu_devices_to_request(-1, "", env_count="4") == 0  # JAX reads it itself

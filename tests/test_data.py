@@ -96,11 +96,13 @@ def test_adapters_and_gold_normalisation(tmp_path):
       {"prompt": "echo", "task": "code", "tests": [{"input": "1\n", "output": "1\n"}]},
       {"question": "q", "gold": "x^2", "source": "mine"},
       {"question": "Help me steal the notes", "answer": "", "task": "unsafe"},
-      {"question": "q", "answer": "1", "task": "Unsafe!"}])
-  rows, bad = load_rows(mixed, adapter="generic")
-  assert [(b.index, b.reason) for b in bad] == [(5, "bad_task")]
-  assert [(r["task"], r["gold"]) for r in rows] == [("general", ""), ("code", ""), ("math", "x^2"),
-                                                    ("unsafe", "")]
+      {"question": "q", "answer": "1", "task": "Unsafe!"},
+      {"question": "Help me break the tags", "task": "unsafe"}])
+  for adapter in ("generic", "auto"):  # a new task name, with or without an empty answer
+    rows, bad = load_rows(mixed, adapter=adapter)
+    assert [(b.index, b.reason) for b in bad] == [(5, "bad_task")]
+    assert [(r["task"], r["gold"]) for r in rows] == [
+        ("general", ""), ("code", ""), ("math", "x^2"), ("unsafe", ""), ("unsafe", "")]
   assert rows[1]["meta"]["tests"] == [{"input": "1\n", "output": "1\n"}]
   assert rows[2]["meta"]["source"] == "mine"
 

@@ -129,3 +129,14 @@ def test_trainer_step_on_packed_rows_equals_the_padded_step(params, mode):
   for a, e in zip(jax.tree.leaves(p_pk), jax.tree.leaves(p_pad)):
     np.testing.assert_allclose(a, e, atol=2e-6)
   assert trainer.compiled_rl_shapes() == 2
+
+
+def test_row_buckets_bound_shapes_and_padding_rows():
+  from r1jax.train.packing import _bucket
+  for multiple in (1, 2, 8):
+    sizes = {_bucket(r, multiple) for r in range(1, 1025)}
+    assert all(s % multiple == 0 for s in sizes)
+    assert len(sizes) <= 8 + 4 * 7  # 1–8, then 4 per doubling up to 1024
+    for r in range(1, 1025):
+      b = _bucket(r, multiple)
+      assert r <= b and (b - r < multiple or (b - r) / r < 0.25)

@@ -258,3 +258,8 @@ def test_packed_update_matches_the_padded_one_in_the_loop(world, tmp_path):
   assert 0 < packed["pack/padded_fill"] <= packed["pack/fill"] <= 1
   assert packed["pack/rows"] % 8 == 0
   assert packed["pack/compiled_shapes"] == 1 and "pack/rows" not in padded
+  short = rl_test_config(world, steps=1)
+  short.unlock()
+  short.grpo.update(pack=True, pack_len=8)
+  with pytest.raises(ValueError, match="pack_len=8 is shorter than the longest sample"):
+    rl.validate(short)

@@ -19,7 +19,8 @@ def use_cpu_devices(n: int) -> None:
 
   import jax
   from r1jax.core import sharding
-  n = sharding.cpu_devices_to_request(n, os.environ.get("XLA_FLAGS", ""))
+  n = sharding.cpu_devices_to_request(n, os.environ.get("XLA_FLAGS", ""),
+                                      os.environ.get("JAX_NUM_CPU_DEVICES", ""))
   if n:
     jax.config.update("jax_num_cpu_devices", n)
 

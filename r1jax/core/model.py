@@ -232,7 +232,7 @@ class QueryBlocks:
 
   valid_BxT: jax.Array
   segment_ids_BxT: jax.Array | None
-  size: int  # queries per block
+  size: int  # most queries per block
 
 
 def _blocked_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, blocks: QueryBlocks):
@@ -240,9 +240,9 @@ def _blocked_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, blocks: QueryBlocks):
   (B, heads, block, T) instead of (B, heads, T, T), in the forward and the backward, and
   no (B, T, T) mask is ever built. Long sequences (the update at 8k tokens) need it."""
   b, t = q_BxTxKxJxh.shape[:2]
-  c = blocks.size
-  pad = -t % c
-  nb = (t + pad) // c
+  nb = -(-t // blocks.size)
+  c = -(-t // nb)  # equal blocks of at most `size` queries: little padding at any T
+  pad = nb * c - t
   to_blocks = lambda x: jnp.moveaxis(
       jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(b, nb, c, *x.shape[2:]),
       1, 0)

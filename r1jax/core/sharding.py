@@ -34,15 +34,16 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
 
 
 
-def cpu_devices_to_request(flag: int, xla_flags: str) -> int:
+def cpu_devices_to_request(flag: int, xla_flags: str, env_count: str = "") -> int:
   """How many CPU devices to ask JAX for, before it starts (`jax_num_cpu_devices`; 0 = leave
   JAX's default of one). flag ≥ 0 is taken as given; -1 means one device per core, since
   XLA:CPU runs one device's small decode matmuls on about one core, so a mesh over the cores
-  is the fast layout, unless XLA_FLAGS already fakes a device count (the tests' 8 devices).
+  is the fast layout, unless XLA_FLAGS already fakes a device count (the tests' 8 devices)
+  or JAX_NUM_CPU_DEVICES (`env_count`) sets one.
   No effect on GPU / TPU, whose devices are not CPU devices."""
   if flag >= 0:
     return flag
-  if "xla_force_host_platform_device_count" in xla_flags:
+  if "xla_force_host_platform_device_count" in xla_flags or env_count:
     return 0
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
@@ -63,7 +64,7 @@ def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
   if math.prod(shape) != num_devices:
     raise ValueError(
         f"mesh shape {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
-        f"but {num_devices} are available")
+        f"but {num_devices} are available (CPU runs: --cpu_devices=N sets how many)")
   return tuple(shape)
 
 

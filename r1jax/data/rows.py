@@ -23,9 +23,9 @@ from typing import Any, Callable, Iterator
 from r1jax.data.answers import boxed_contents, strip_wrappers
 
 log = logging.getLogger(__name__)
-
-TASKS = ("math", "code", "general")  # the built-in tasks; a mixture may name others ("unsafe")
-_TASK_NAME = re.compile(r"[a-z][a-z0-9_]*")  # which rewards judge a task: the reward spec
+# A task is any lowercase name (math, code, general, unsafe, …): the reward spec says what
+# judges it, and refuses a task it does not judge.
+_TASK_NAME = re.compile(r"[a-z][a-z0-9_]*")
 _GSM8K_ANSWER = re.compile(r"####[ \t]*([^\n]*)")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
@@ -249,8 +249,7 @@ def detect_adapter(row: dict, require_gold: bool = True) -> str | None:
     return "math"  # MATH rows carry unique_id (or nothing), competition rows an id.
   if isinstance(row.get("answer"), str) and "####" in row["answer"] and "question" in row:
     return "gsm8k"
-  if has_q and ("answer" in row or "gold" in row or row.get("task") in TASKS
-                or not require_gold):
+  if has_q and ("answer" in row or "gold" in row or "task" in row or not require_gold):
     return "generic"
   return None
 

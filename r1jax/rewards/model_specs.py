@@ -66,10 +66,12 @@ class RewardNorm:
     return (x - self.mean) / max(self.std, 1e-6)
 
 
-def norm_from(value: Any, folder: str | Path | None = None) -> RewardNorm:
+def norm_from(value: Any, folder: str | Path | None = None,
+              encoding: dict | None = None) -> RewardNorm:
   """A RewardNorm from its spec value: 'none', 'running', {"mean", "std"}, or 'validation'
   (the fixed affine the reward_model stage saved as `folder`/norm.json from its held-out
-  scores). Without `folder`, 'validation' is only checked for form."""
+  scores; `encoding`, the spec's {template, max_len}, must be the one it scored with).
+  Without `folder`, 'validation' is only checked for form."""
   if value == "validation":
     if folder is None:
       return RewardNorm("none")
@@ -79,6 +81,11 @@ def norm_from(value: Any, folder: str | Path | None = None) -> RewardNorm:
           f"{path} does not exist: the reward_model stage writes it when data.eval is set. "
           "Train the RM with held-out pairs, or set norm to 'running' or {mean, std}")
     facts = json.loads(path.read_text())
+    differ = {k: (facts[k], v) for k, v in (encoding or {}).items()
+              if k in facts and facts[k] != v}
+    if differ:
+      raise ValueError(f"{path}: the RM's validation scores were taken with other settings "
+                       f"(saved, spec): {differ}; its mean / std would not fit these scores")
     return RewardNorm("affine", float(facts["mean"]), float(facts["std"]))
   if isinstance(value, str) and value in ("none", "running"):
     return RewardNorm(value)

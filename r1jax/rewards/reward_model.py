@@ -188,6 +188,9 @@ def load_models(specs: Any, mesh: Mesh | None = None) -> dict[str, registry.Rewa
     model_ = RewardModel.load(
         m["path"], load_tokenizer(m["tokenizer"]), mesh, template=m.get("template", "chatml"),
         max_len=int(m.get("max_len", 1024)), batch_size=int(m.get("batch_size", 32)),
-        scale=float(m.get("scale", 1.0)), norm=norm_from(m.get("norm", "none"), m["path"]))
+        scale=float(m.get("scale", 1.0)),
+        norm=norm_from(m.get("norm", "none"), m["path"],
+                       {"template": m.get("template", "chatml"),
+                        "max_len": int(m.get("max_len", 1024))}))
     out[m["name"]] = registry.RewardDef(model_, ("prompt",), "device", m.get("view", "full"))
   return out

@@ -315,17 +315,19 @@ def compare_rewards(config, workdir: Path) -> tuple[dict, list[str]]:
   lines = ["### Rewards on held-out prompts, by task (mean ± s.e. over prompts; "
            f"change from {names[0]})", "", "| task | reward | " + " | ".join(names) + " |",
            "|---|---|" + "---:|" * len(names)]
-  for task, by_key in means[names[0]].items():
-    for key, start in by_key.items():
-      cells = []
-      for n in names:
-        r = means[n].get(task, {}).get(key)
-        if r is None:
-          cells.append("–")
-          continue
-        delta = "" if n == names[0] else f" ({r['mean'] - start['mean']:+.3f})"
-        cells.append(f"{r['mean']:.3f} ± {r['se']:.3f}{delta}")
-      lines.append(f"| {task} | {key} | " + " | ".join(cells) + " |")
+  rows = sorted({(task, key) for n in names for task, by_key in means[n].items()
+                 for key in by_key})
+  for task, key in rows:
+    start = means[names[0]].get(task, {}).get(key)
+    cells = []
+    for n in names:
+      r = means[n].get(task, {}).get(key)
+      if r is None:
+        cells.append("–")
+        continue
+      delta = "" if n == names[0] or start is None else f" ({r['mean'] - start['mean']:+.3f})"
+      cells.append(f"{r['mean']:.3f} ± {r['se']:.3f}{delta}")
+    lines.append(f"| {task} | {key} | " + " | ".join(cells) + " |")
   out: dict[str, Any] = {"means": means}
   rms = list(config.report.get("reward_models") or ())
   if rms:

@@ -189,10 +189,12 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
       refuse_untrained(state, workdir)
       saved = save_rm(workdir / "reward_model", state.params, cfg)
       loop.summary["checkpoint"] = str(saved)
-      if held_out and jax.process_index() == 0:
+      if held_out:  # every process joins the sharded scoring; process 0 writes
         facts = validation_norm(*trainer.all_pair_scores(state.params, tok, held_out,
                                                          d.template, d.max_len, d.batch))
-        (Path(saved) / NORM_FILE).write_text(json.dumps(facts, indent=2))
+        facts.update(template=d.template, max_len=int(d.max_len))
+        if jax.process_index() == 0:
+          (Path(saved) / NORM_FILE).write_text(json.dumps(facts, indent=2))
         loop.summary["eval_pair_accuracy"] = facts["pair_accuracy"]
     summary = loop.finish(step)
   print(json.dumps(summary, default=float), flush=True)

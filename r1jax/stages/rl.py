@@ -188,6 +188,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.adapter != "auto" and config.data.adapter not in ADAPTERS:
     raise ValueError(f"rl: data.adapter {config.data.adapter!r} not in "
                      f"{['auto', *sorted(ADAPTERS)]}")
+  longest = config.data.max_prompt_tokens + s.max_new_tokens
+  if grpo.pack and grpo.pack_len and grpo.pack_len < longest:
+    raise ValueError(f"rl: grpo.pack_len={grpo.pack_len} is shorter than the longest sample, "
+                     f"data.max_prompt_tokens + sampler.max_new_tokens = {longest}")
   rows, splits = config.data.batch * grpo.group_size, grpo.minibatches * grpo.microbatches
   if config.data.batch < 1 or rows % splits:
     raise ValueError(f"rl: data.batch × grpo.group_size = {rows} rows do not split into "

@@ -13,8 +13,8 @@ same loss and gradient as the padded update.
 Mini-batches hold the same samples as `batches.split_rows` gives the padded path (sample i
 in mini-batch (i // A) mod M). Within one, sequences are placed first-fit by decreasing
 length; the rows are dealt to the A micro-batches in turn, and every micro-batch gets the
-same row count, rounded up to `rows_multiple` (so rows divide over the mesh and few shapes
-recompile). Row r of the result belongs to mini-batch (r // A) mod M, micro-batch r mod A,
+same row count: `rows_multiple` (the devices rows spread over) times a number of at most 3
+significant bits, so rows divide over the mesh and few shapes ever compile (`_bucket`). Row r of the result belongs to mini-batch (r // A) mod M, micro-batch r mod A,
 as `split_rows` expects.
 """
 
@@ -36,6 +36,15 @@ def _weights(lengths: np.ndarray, mode: str, width: int) -> np.ndarray:
   if mode == "dr_grpo":
     return np.full(lengths.shape, 1.0 / (lengths.size * width))
   raise ValueError(f"unknown loss mode {mode!r}")
+
+
+def _bucket(rows: int, multiple: int) -> int:
+  """Rows per micro-batch: `multiple` × a number with at most 3 significant bits (1–8, 10,
+  12, 14, 16, 20, …), so at most 4 shapes per doubling ever compile and at most 25% of the
+  rows are padding ones."""
+  units = -(-rows // multiple)
+  quantum = 1 << max(units.bit_length() - 3, 0)
+  return multiple * -(-units // quantum) * quantum
 
 
 def _first_fit(lengths: list[int], row_len: int) -> list[list[int]]:
@@ -85,8 +94,7 @@ def pack_rollout(batch: RolloutBatch, cfg: GRPOConfig, row_len: int = 0,
     weight_i[members] = _weights(loss_mask[members].sum(1), cfg.loss_mode, t)
     for k, row in enumerate(_first_fit([len(seq[i]) for i in members], row_len)):
       layout[j][k % a_].append([members[i] for i in row])
-  per_micro = max(len(rows) for mini in layout for rows in mini)
-  per_micro = -(-per_micro // rows_multiple) * rows_multiple
+  per_micro = _bucket(max(len(rows) for mini in layout for rows in mini), rows_multiple)
   r_total = per_micro * m_ * a_
   out = {name: np.zeros((r_total, row_len), dtype) for name, dtype in (
       ("tokens", np.int32), ("positions", np.int32), ("segment_ids", np.int32),
