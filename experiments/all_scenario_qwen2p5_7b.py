@@ -20,7 +20,9 @@ Each row's task picks its rewards (rewards.by_task below); a task with none is a
 before work, and a file whose task shares are far from data.task_weights is reported.
 Reward models see their view: helpfulness the summary after </think>, safety the whole
 response, reasoning included, each in the chat template it was trained with; their scores
-are normalised by a running mean / std so they sit on the rule rewards' scale.
+are normalised by the mean / std of each RM's held-out scores (its norm.json, written by the
+reward_model stage when data.eval is set), so they sit on the rule rewards' scale and mean
+the same in every run.
 """
 
 import ml_collections
@@ -47,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.opt.update(lr=3e-6, warmup_steps=10, weight_decay=0.0, grad_clip=1.0)
   rm = lambda name, path, view: {"name": name, "path": path, "tokenizer": a.rm_tokenizer,
                                  "template": "chatml", "view": view, "max_len": 4096,
-                                 "batch_size": 16, "norm": "running"}
+                                 "batch_size": 16, "norm": "validation"}
   c.rewards = ml_collections.ConfigDict(dict(  # rewards/compose.py; models: rewards/model_specs.py
       task_field="task", default_task="math", num_workers=16, timeout_s=10.0, fallback=0.0,
       worker_memory_mb=4096,

@@ -293,8 +293,8 @@ def test_stage_saves_its_validation_norm_and_a_spec_applies_it(rm_world, uninter
     rm.load_models([{**spec, "path": str(bare)}])
   with pytest.raises(ValueError, match="'none', 'running', 'validation'"):
     rm.load_models([{**spec, "norm": "zscore"}])
-  with pytest.raises(ValueError, match=r"other settings.*'max_len': \(64, 32\)"):
-    rm.load_models([{**spec, "max_len": 32}])
+  with pytest.raises(ValueError, match=r"other settings.*'template': \('plain', 'chatml'\)"):
+    rm.load_models([{**spec, "template": "chatml"}])
 
 
 def test_sigkill_then_resume_is_bit_exact(rm_world, uninterrupted, tmp_path):

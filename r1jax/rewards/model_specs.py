@@ -70,7 +70,7 @@ def norm_from(value: Any, folder: str | Path | None = None,
               encoding: dict | None = None) -> RewardNorm:
   """A RewardNorm from its spec value: 'none', 'running', {"mean", "std"}, or 'validation'
   (the fixed affine the reward_model stage saved as `folder`/norm.json from its held-out
-  scores; `encoding`, the spec's {template, max_len}, must be the one it scored with).
+  scores; `encoding`, e.g. the spec's {template}, must be what it scored with).
   Without `folder`, 'validation' is only checked for form."""
   if value == "validation":
     if folder is None:

@@ -190,7 +190,6 @@ def load_models(specs: Any, mesh: Mesh | None = None) -> dict[str, registry.Rewa
         max_len=int(m.get("max_len", 1024)), batch_size=int(m.get("batch_size", 32)),
         scale=float(m.get("scale", 1.0)),
         norm=norm_from(m.get("norm", "none"), m["path"],
-                       {"template": m.get("template", "chatml"),
-                        "max_len": int(m.get("max_len", 1024))}))
+                       {"template": m.get("template", "chatml")}))
     out[m["name"]] = registry.RewardDef(model_, ("prompt",), "device", m.get("view", "full"))
   return out
