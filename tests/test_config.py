@@ -144,3 +144,15 @@ def test_main_uses_one_cpu_device_per_core_by_default(tmp_path):
   assert sharding.cpu_devices_to_request(3, "--xla_force_host_platform_device_count=8") == 3
   assert sharding.cpu_devices_to_request(0, "") == 0
   assert sharding.cpu_devices_to_request(-1, "", env_count="4") == 0  # JAX reads it itself
+
+
+def test_an_accelerator_host_gets_no_cpu_mesh_by_default(monkeypatch):
+  import importlib.util as iu
+  real = iu.find_spec
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  monkeypatch.setattr(iu, "find_spec", lambda name, *a: object() if name == "libtpu"
+                      else real(name, *a))
+  assert sharding.cpu_devices_to_request(-1, "") == 0
+  assert sharding.cpu_devices_to_request(2, "") == 2  # an explicit count is still honoured
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # forced CPU: one device per core again
+  assert sharding.cpu_devices_to_request(-1, "") == len(os.sched_getaffinity(0))

@@ -148,8 +148,8 @@ def test_all_scenario_pipeline_end_to_end_at_toy_size(tmp_path):
   rewards = out["report"]["rewards"]
   assert set(rewards["means"]) == {"rewards_start", "rewards_rl", "rewards_rl_no_lang"}
   judged = {task: set(keys) for task, keys in rewards["means"]["rewards_rl"].items()}
-  assert judged == {"math": {"accuracy", "format", "language", "safety"},
-                    "general": {"helpful", "safety"}, "unsafe": {"safety"}}
+  assert judged == {"math": {"accuracy", "format", "language", "safety"},  # guards: format
+                    "general": {"helpful", "safety", "format"}, "unsafe": {"safety", "format"}}
   assert set(rewards["reward_models"]) == {"rm_helpful", "rm_safety"}
   assert {"eval_start", "eval_rl", "eval_rl_no_lang", "eval_teacher"} <= set(
       out["report"]["held_out"])

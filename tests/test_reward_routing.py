@@ -212,7 +212,7 @@ def test_declared_reward_model_bad_input(rm_world):
     rm.load_models([_declared(world, path, template="chatml")])
   with pytest.raises(ValueError, match="unknown keys"):
     rm.load_models([_declared(world, path, temperature=1.0)])
-  with pytest.raises(ValueError, match="none, affine or running"):
+  with pytest.raises(ValueError, match="'none', 'running', 'validation' or {mean, std}"):
     rm.load_models([_declared(world, path, norm="zscore")])
   with pytest.raises(ValueError, match="norm must be"):
     rm.load_models([_declared(world, path, norm={"mean": 0.0})])

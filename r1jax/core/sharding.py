@@ -9,6 +9,7 @@ the explicit in/out shardings of each jitted function decides the rest.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from typing import Any, Callable, Sequence
@@ -34,16 +35,24 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
 
 
 
+def _accelerator_plugin() -> bool:
+  """Whether a GPU / TPU backend for JAX is installed (checked without starting JAX)."""
+  if os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
+    return False
+  return any(importlib.util.find_spec(m) is not None for m in (
+      "libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin"))
+
+
 def cpu_devices_to_request(flag: int, xla_flags: str, env_count: str = "") -> int:
   """How many CPU devices to ask JAX for, before it starts (`jax_num_cpu_devices`; 0 = leave
   JAX's default of one). flag ≥ 0 is taken as given; -1 means one device per core, since
   XLA:CPU runs one device's small decode matmuls on about one core, so a mesh over the cores
   is the fast layout, unless XLA_FLAGS already fakes a device count (the tests' 8 devices)
-  or JAX_NUM_CPU_DEVICES (`env_count`) sets one.
-  No effect on GPU / TPU, whose devices are not CPU devices."""
+  or JAX_NUM_CPU_DEVICES (`env_count`) sets one, or an accelerator plugin is installed (a
+  GPU / TPU host computes on its accelerators and needs no CPU mesh)."""
   if flag >= 0:
     return flag
-  if "xla_force_host_platform_device_count" in xla_flags or env_count:
+  if "xla_force_host_platform_device_count" in xla_flags or env_count or _accelerator_plugin():
     return 0
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 

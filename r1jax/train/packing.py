@@ -14,8 +14,9 @@ Mini-batches hold the same samples as `batches.split_rows` gives the padded path
 in mini-batch (i // A) mod M). Within one, sequences are placed first-fit by decreasing
 length; the rows are dealt to the A micro-batches in turn, and every micro-batch gets the
 same row count: `rows_multiple` (the devices rows spread over) times a number of at most 3
-significant bits, so rows divide over the mesh and few shapes ever compile (`_bucket`). Row r of the result belongs to mini-batch (r // A) mod M, micro-batch r mod A,
-as `split_rows` expects.
+significant bits, so rows divide over the mesh and few shapes ever compile (`_bucket`).
+Row r of the result belongs to mini-batch (r // A) mod M, micro-batch r mod A, as
+`split_rows` expects.
 """
 
 from __future__ import annotations
