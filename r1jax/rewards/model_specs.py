@@ -35,7 +35,7 @@ class RewardNorm:
   """Puts a reward model's scores on the rule rewards' scale: r' = (r − mean) / std.
 
   mode "none": raw scores. "affine": a fixed mean / std, e.g. the RM's scores on its
-  validation responses (`RewardModel.affine_from`). "running": the mean / std of every score
+  held-out responses (the reward_model stage's norm.json). "running": the mean / std of every score
   seen so far in this process (Welford; the current batch included), for an RM whose scale
   on the policy's responses is unknown in advance; it restarts with the process.
   """

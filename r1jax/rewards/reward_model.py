@@ -158,14 +158,9 @@ class RewardModel:
     return self.launch(texts, prompt).result() if len(texts) else []
 
   def raw_scores(self, texts: Sequence[str], prompts: Sequence[str]) -> np.ndarray:
-    """Unnormalised, unscaled scores (for a fixed affine normalisation)."""
+    """Unnormalised, unscaled scores (e.g. to fit one's own {mean, std} normalisation)."""
     return np.asarray(_Launched(self._dispatch(texts, prompts), len(texts),
                                 lambda raw: raw).result())
-
-  def affine_from(self, texts: Sequence[str], prompts: Sequence[str]) -> RewardNorm:
-    """A fixed normalisation from this RM's scores on validation responses."""
-    raw = self.raw_scores(texts, prompts)
-    return RewardNorm("affine", float(np.mean(raw)), float(np.std(raw) or 1.0))
 
   def register(self, name: str, view: str, overwrite: bool = False):
     """Adds this model to the reward registry (e.g. 'helpfulness' on 'summary')."""

@@ -324,9 +324,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
   s = config.sampler
   stop_token_ids(tok, s.stop)
   mesh = sharding.make_mesh(config.mesh.shape)
-  declared = config.rewards.get("models")
   with RewardScorer(config.rewards,
-                    models=load_models(declared, mesh) if declared else None) as scorer:
+                    models=load_models(config.rewards.get("models"), mesh)) as scorer:
     items, skipped = _load_prompts(config, tok, scorer, f)
     for index, item in enumerate(items):
       item["index"] = index

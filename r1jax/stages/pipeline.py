@@ -131,10 +131,8 @@ def _report_row(path: Path) -> dict[str, Any]:
   completions = path.with_suffix(".completions.jsonl")
   if completions.exists():
     rep.completions = [json.loads(l)["completions"] for l in completions.open()]
-  per_q = [np.mean(q.correct) for q in rep.questions]
-  se = float(np.std(per_q, ddof=1) / np.sqrt(len(per_q))) if len(per_q) > 1 else float("nan")
   return {**rep.summary(), "format": format_rate(rep),
-          "last_number_acc": last_number_accuracy(rep), "pass@1_se": se}
+          "last_number_acc": last_number_accuracy(rep)}
 
 
 def compare(rl_dir: Path) -> dict[str, Any]:
@@ -248,7 +246,7 @@ def compare_evals(config, workdir: Path) -> dict[str, Any]:
 
   config.report: {"reference": eval stage the others are a share of (the teacher),
   "base": eval stage the others' gain is measured from, optionally "rewards" and
-  "reward_models" (`compare_rewards`)}. pass@1's standard error is over
+  "reward_models" (`compare_rewards`)}. pass@1's standard error (the report's) is over
   questions (each question's share of correct samples).
   """
   ref, base = config.report.get("reference", ""), config.report.get("base", "")
@@ -269,7 +267,7 @@ def compare_evals(config, workdir: Path) -> dict[str, Any]:
         s["of_reference"] = s["pass@1"] / r if r > 0 else float("nan")
       if base in by_stage:
         s["points_over_base"] = 100 * (s["pass@1"] - by_stage[base]["pass@1"])
-      lines.append(f"| {name} | {100 * s['pass@1']:.1f} | {100 * s['pass@1_se']:.1f} | "
+      lines.append(f"| {name} | {100 * s['pass@1']:.1f} | {100 * s['pass@1_stderr']:.1f} | "
                    f"{100 * s['cons@k']:.1f} | {100 * s['format']:.1f} | "
                    f"{100 * s['last_number_acc']:.1f} | "
                    f"{s.get('mean_tokens', float('nan')):.1f} | "

@@ -132,12 +132,6 @@ class RMTrainer:
       rejected.append(rr[:n])
     return np.concatenate(chosen), np.concatenate(rejected)
 
-  def pair_accuracy(self, params: Any, tokenizer: Tokenizer, rows: Sequence[dict],
-                    template: str, max_len: int, batch: int) -> float:
-    """Share of held-out pairs ranked right."""
-    rc, rr = self.all_pair_scores(params, tokenizer, rows, template, max_len, batch)
-    return float(np.mean(rc > rr))
-
 
 def validation_norm(chosen: np.ndarray, rejected: np.ndarray) -> dict[str, float]:
   """The RM's held-out facts, saved beside it as norm.json: the mean / std of its scores on
@@ -175,14 +169,16 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
       start, state, _ = restored
     else:
       state = trainer.init(jax.random.key(config.seed), backbone)
-    step = start
+    step, scores = start, None  # scores: the held-out (chosen, rejected) at the last eval
     for step in range(start + 1, config.steps + 1):
       enc = encode_pairs(tok, _rows(train, order, step, d.batch), d.template, d.max_len)
       state, m = trainer.step(state, trainer.put_batch(pair_batch(enc)))
       metrics = {k: float(np.asarray(v)) for k, v in m.items()}
+      scores = None
       if held_out and (step % config.eval_every == 0 or step == config.steps):
-        metrics["rm/eval_accuracy"] = trainer.pair_accuracy(state.params, tok, held_out,
-                                                            d.template, d.max_len, d.batch)
+        scores = trainer.all_pair_scores(state.params, tok, held_out, d.template, d.max_len,
+                                         d.batch)
+        metrics["rm/eval_accuracy"] = float(np.mean(scores[0] > scores[1]))
       if loop.end_step(step, metrics, state, {"pairs_seen": step * d.batch}):
         break
     if loop.completed and step == config.steps:
@@ -190,8 +186,10 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
       saved = save_rm(workdir / "reward_model", state.params, cfg)
       loop.summary["checkpoint"] = str(saved)
       if held_out:  # every process joins the sharded scoring; process 0 writes
-        facts = validation_norm(*trainer.all_pair_scores(state.params, tok, held_out,
-                                                         d.template, d.max_len, d.batch))
+        if scores is None:  # resumed at the last step: no eval ran in this process
+          scores = trainer.all_pair_scores(state.params, tok, held_out, d.template, d.max_len,
+                                           d.batch)
+        facts = validation_norm(*scores)
         facts.update(template=d.template, max_len=int(d.max_len))
         if jax.process_index() == 0:
           (Path(saved) / NORM_FILE).write_text(json.dumps(facts, indent=2))

@@ -209,9 +209,8 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> RLRun:
       max_prompt_tokens=config.data.max_prompt_tokens, seed=config.seed,
       adapter=config.data.adapter)
   # Reward models the spec declares: loaded once, sharded on the policy's mesh.
-  declared = config.rewards.get("models")
   scorer = RewardScorer(config.rewards,  # a bad reward spec fails here
-                        models=load_models(declared, mesh) if declared else None)
+                        models=load_models(config.rewards.get("models"), mesh))
   tasks = [it["task"] for it in pipeline.items]
   scorer.check_tasks(tasks, config.data.train)  # a task no reward judges: before any work
   weights = config.data.get("task_weights")
