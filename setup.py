@@ -30,5 +30,7 @@ setup(
         # The test suite: parity tests run transformers on a CPU-only torch.
         "test": ["pytest>=9,<10", "torch==2.13.0", "transformers>=5.23,<6",
                  "safetensors>=0.8,<0.9", "tokenizers>=0.23,<0.24"],
+        # Benchmarks only: TRL's GRPOTrainer side by side (tools/trl_grpo.py).
+        "bench": ["trl==1.16.0", "torch==2.13.0", "transformers>=5.23,<6"],
     },
 )

@@ -182,7 +182,9 @@ def test_query_blocked_attention_matches_full_attention(params, packed):
   np.testing.assert_allclose(np.asarray(blk_h)[real], np.asarray(full_h)[real], atol=1e-5)
   np.testing.assert_allclose(blk_l, full_l, rtol=1e-6)
   for a, e in zip(jax.tree.leaves(blk_g), jax.tree.leaves(full_g)):
-    np.testing.assert_allclose(a, e, atol=1e-5, rtol=1e-5)
+    # Blocks of different key lengths sum in another order: f32 round-off of the leaf's
+    # largest gradients (up to ~500 here; ulp 3e-5) reaches its small entries too.
+    np.testing.assert_allclose(a, e, atol=1e-6 * np.abs(e).max() + 1e-7, rtol=1e-5)
   # The blocked path really ran: its jaxpr has no (B, heads, T, T) scores, the full one does.
   shapes = lambda block: output_shapes(jax.grad(lambda p: loss(p, block)[0]), params)
   assert (b, CFG.kv_heads, CFG.heads // CFG.kv_heads, t, t) in shapes(0)

@@ -25,14 +25,67 @@ def use_cpu_devices(n: int) -> None:
     jax.config.update("jax_num_cpu_devices", n)
 
 
-def make_random(path: str, shape: str) -> None:
-  """Writes a randomly initialised Qwen2 of a benchmark shape as an HF folder."""
+EOS_ID = 2  # an R1-shaped checkpoint's EOS token (0 is padding)
+# EOS logit an R1-shaped checkpoint is aimed at: with 1,024 near-uniform other logits, p(EOS)
+# per step is about 1/350 when a step's hidden state sits at the mean. How far each step's
+# hidden state strays from it spreads the lengths (benchmarks/r1_shaped.md has what it gives).
+EOS_LOGIT = 2.0
+
+
+def make_random(path: str, shape: str, r1_shaped: bool = False,
+                eos_logit: float = EOS_LOGIT) -> None:
+  """Writes a randomly initialised Qwen2 of a benchmark shape as an HF folder.
+
+  `r1_shaped`: the model ends its completions by itself, with heavy-tailed lengths like a
+  reasoning model's. The EOS row of the (tied) unembedding is set along the mean final hidden
+  state, scaled so that the EOS logit is `eos_logit` at that mean: p(EOS) per step is then
+  roughly constant, and lengths roughly geometric, spread by how far each context's hidden
+  state strays from the mean. The folder also gets a word-level tokenizer ("t17" is id 17,
+  "<eos>" id 2), so that text-based trainers (TRL) see the same ids.
+  """
   import torch
   import transformers
   torch.manual_seed(0)
+  extra = dict(eos_token_id=EOS_ID, pad_token_id=0) if r1_shaped else {}
   config = transformers.Qwen2Config(tie_word_embeddings=True, max_position_embeddings=4096,
-                                    **SHAPES[shape])
-  transformers.Qwen2ForCausalLM(config).save_pretrained(path)
+                                    **SHAPES[shape], **extra)
+  model = transformers.Qwen2ForCausalLM(config)
+  if r1_shaped:
+    _aim_eos(model, eos_logit)
+    _word_tokenizer(config.vocab_size).save_pretrained(path)
+    model.generation_config.eos_token_id = EOS_ID
+    model.generation_config.pad_token_id = 0
+  model.save_pretrained(path)
+
+
+def _aim_eos(model, eos_logit: float) -> None:
+  """Points the EOS row of the tied embedding along the mean final hidden state."""
+  import torch
+  gen = torch.Generator().manual_seed(1)
+  ids = torch.randint(10, model.config.vocab_size, (16, 256), generator=gen)
+  with torch.no_grad():
+    h = model.model(input_ids=ids).last_hidden_state.reshape(-1, model.config.hidden_size)
+    mean = h.mean(0)
+    model.model.embed_tokens.weight[EOS_ID] = eos_logit * mean / mean.dot(mean)
+
+
+def _word_tokenizer(vocab: int):
+  """A word-level HF tokenizer over ids: "<pad>" 0, "<bos>" 1, "<eos>" 2, then "t3".."t{V-1}"."""
+  import tokenizers
+  import transformers
+  words = {"<pad>": 0, "<bos>": 1, "<eos>": EOS_ID, **{f"t{i}": i for i in range(3, vocab)}}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="<pad>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>",
+                                              pad_token="<pad>", bos_token="<bos>")
+
+
+def checkpoint_eos(hf_dir: str) -> int | None:
+  """The EOS id in an HF folder's config.json (None when it has none: fixed-length runs)."""
+  import json
+  import os
+  eos = json.load(open(os.path.join(hf_dir, "config.json"))).get("eos_token_id")
+  return eos[0] if isinstance(eos, list) else eos
 
 
 def random_prompts(vocab: int, batch: int, longest: int, seed: int = 0) -> list[list[int]]:
@@ -40,3 +93,40 @@ def random_prompts(vocab: int, batch: int, longest: int, seed: int = 0) -> list[
   rng = np.random.default_rng(seed)
   return [list(map(int, rng.integers(10, vocab, rng.integers(longest // 2, longest + 1))))
           for _ in range(batch)]
+
+
+def update_flops(cfg, lengths, passes: int = 4) -> float:
+  """FLOPs of `passes` forward-equivalents over sequences of these real lengths (a GRPO
+  update: the policy's forward + backward = 3, the reference's forward = 1).
+
+  Per token and pass: 2 × the matmul weights (q, k, v, o, the SwiGLU MLP, the unembedding;
+  the embedding is a lookup) and causal attention, 4 × heads × head_dim per earlier token
+  of its own sequence. Padding and tokens of other sequences do not count: this is the
+  work any trainer must do.
+  """
+  d, hd = cfg.hidden, cfg.head_dim
+  layer = d * hd * (2 * cfg.heads + 2 * cfg.kv_heads) + 3 * d * cfg.mlp_dim
+  per_token = 2 * (cfg.layers * layer + cfg.vocab_size * d)
+  lengths = np.asarray(lengths, np.float64)
+  attention = 4 * cfg.layers * cfg.heads * hd * (lengths * (lengths + 1) / 2).sum()
+  return passes * (per_token * lengths.sum() + attention)
+
+
+def matmul_peak(mesh, dtype: str = "float32", rows: int = 8192) -> float:
+  """FLOP/s of one large matmul ((rows, 256) × (256, 768), the benchmark model's MLP shape),
+  rows split over the mesh's devices: the best this machine does on a matmul, measured."""
+  import time
+
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  x = jax.device_put(jnp.ones((rows, 256), dtype), NamedSharding(mesh, P(mesh.axis_names)))
+  w = jax.device_put(jnp.ones((256, 768), dtype), NamedSharding(mesh, P()))
+  f = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
+  f(x, w).block_until_ready()
+  times = []
+  for _ in range(20):
+    t0 = time.perf_counter()
+    f(x, w).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * rows * 256 * 768 / float(np.median(times))

@@ -238,7 +238,7 @@ class GRPOConfig:
   ref_reset_every: int = 0  # RL iterations between reference := policy; 0 = never (R1-Zero: 400)
   ref_dtype: str = "float32"  # storage dtype of the frozen reference (bfloat16 halves it)
   logits_chunk: int = 128  # completion positions per unembed chunk: bounds live logits
-  pack: bool = False  # padding-free update: samples packed into rows (train/packing.py)
+  pack: bool = True  # padding-free update: samples packed into rows (train/packing.py)
   pack_len: int = 0  # tokens per packed row; 0 = the padded row (prompt bucket + completion)
 
   def __post_init__(self):

@@ -23,7 +23,7 @@ from r1jax.core.config import ModelConfig
 
 Params = dict[str, Any]
 _NEG_INF = -1e30  # finite, so a fully masked (padding) query row stays NaN-free
-ATTENTION_BLOCK = 1024  # uncached sequences longer than this attend in query blocks of it
+ATTENTION_BLOCK = 256  # uncached sequences longer than this attend in query blocks of it
 
 
 def param_table(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...], str]]:
@@ -237,30 +237,31 @@ class QueryBlocks:
 
 def _blocked_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, blocks: QueryBlocks):
   """The same attention, one block of queries at a time under remat: the live scores are
-  (B, heads, block, T) instead of (B, heads, T, T), in the forward and the backward, and
-  no (B, T, T) mask is ever built. Long sequences (the update at 8k tokens) need it."""
+  (B, heads, block, keys) instead of (B, heads, T, T), in the forward and the backward,
+  and no (B, T, T) mask is ever built. A block attends only to the keys up to its last
+  query (causality), so the work is about half of T² for many blocks. Long sequences
+  (the update at 8k tokens, packed rows of R1-length completions) need it."""
   b, t = q_BxTxKxJxh.shape[:2]
   nb = -(-t // blocks.size)
-  c = -(-t // nb)  # equal blocks of at most `size` queries: little padding at any T
-  pad = nb * c - t
-  to_blocks = lambda x: jnp.moveaxis(
-      jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(b, nb, c, *x.shape[2:]),
-      1, 0)
+  c = -(-t // nb)  # equal blocks of at most `size` queries
   seg = blocks.segment_ids_BxT
-  key_X = jnp.arange(t)
 
-  def one(xs):
-    q_BxCxKxJxh, first, seg_BxC = xs
-    query_C = first + jnp.arange(c)
-    mask_BxCxX = (key_X[None, :] <= query_C[:, None])[None] & blocks.valid_BxT[:, None, :]
-    if seg is not None:
-      mask_BxCxX &= seg_BxC[:, :, None] == seg[:, None, :]
-    return _softmax_attention(q_BxCxKxJxh, k_BxKxXxh, v_BxKxhxX, mask_BxCxX)
+  def one(q_BxCxKxJxh, k_BxKxYxh, v_BxKxhxY, valid_BxY, seg_BxC, seg_BxY, first):
+    query_C = first + jnp.arange(q_BxCxKxJxh.shape[1])
+    key_Y = jnp.arange(valid_BxY.shape[1])
+    mask_BxCxY = (key_Y[None, :] <= query_C[:, None])[None] & valid_BxY[:, None, :]
+    if seg_BxC is not None:
+      mask_BxCxY &= seg_BxC[:, :, None] == seg_BxY[:, None, :]
+    return _softmax_attention(q_BxCxKxJxh, k_BxKxYxh, v_BxKxhxY, mask_BxCxY)
 
-  seg_blocks = to_blocks(seg if seg is not None else jnp.zeros((b, t), jnp.int32))
-  o_UxBxCxKxJxh = jax.lax.map(jax.checkpoint(one), (
-      to_blocks(q_BxTxKxJxh), jnp.arange(nb, dtype=jnp.int32) * c, seg_blocks))
-  return jnp.moveaxis(o_UxBxCxKxJxh, 0, 1).reshape(b, nb * c, *o_UxBxCxKxJxh.shape[3:])[:, :t]
+  outs = []
+  for lo in range(0, t, c):
+    hi = min(t, lo + c)  # keys [0, hi): this block's queries and every earlier token
+    outs.append(jax.checkpoint(one, static_argnums=(6,))(
+        q_BxTxKxJxh[:, lo:hi], k_BxKxXxh[:, :, :hi], v_BxKxhxX[..., :hi],
+        blocks.valid_BxT[:, :hi], None if seg is None else seg[:, lo:hi],
+        None if seg is None else seg[:, :hi], lo))
+  return jnp.concatenate(outs, axis=1)
 
 
 def _block(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, mask_BxTxX, kv, cfg):

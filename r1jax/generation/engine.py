@@ -91,10 +91,11 @@ class Engine:
 
   def launch(self, params, prompts: Sequence[Sequence[int]], key: jax.Array,
              k: int) -> Rollout:
-    """Starts sampling k completions of each prompt; returns the sampler's device arrays.
+    """Samples k completions of each prompt; returns the sampler's device arrays.
 
-    Dispatch is asynchronous: the caller may queue more device work on the result (RL's
-    reference forward) before `collect` waits for it.
+    Returns when decoding has ended (the segment loop reads each segment's live-row count);
+    the transfer to the host is left to `collect`, so the caller may first queue more device
+    work on the result (RL's reference forward).
     """
     return self.sampler.generate(params, prompts, self.params, key, group=k)
 

@@ -367,7 +367,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
 
 def _decode_all(config, engine: Engine, params, items, todo: list[int], writer: ShardWriter,
                 scorer: RewardScorer, f, fp: dict, progress: _Progress, stop) -> bool:
-  """The pipelined loop: decode batch b+1 while batch b is graded, filtered and committed.
+  """The pipelined loop: decode batch b+1 while the pool grades batch b; then filter and
+  commit batch b.
 
   Returns whether it stopped early for a SIGTERM (every committed batch is kept).
   """
@@ -379,7 +380,7 @@ def _decode_all(config, engine: Engine, params, items, todo: list[int], writer: 
       b = todo[pos]
       chunk = items[b * per:(b + 1) * per]
       launched = (b, chunk, _launch(engine, params, chunk, per, jax.random.fold_in(key, b), k))
-    if pending is not None:  # grade + write the previous batch while the device decodes
+    if pending is not None:  # the previous batch, graded in the pool during this decode
       b0, chunk0, samples, texts, converted, rewards_pending, wait_s = pending
       rows, counts = _finish_batch(config, chunk0, samples, texts, converted,
                                    rewards_pending.result(), f, fp)

@@ -1,0 +1,245 @@
+"""The sampler's device side: prefill, decode segments that follow the live rows, compaction.
+
+A rollout's cost should track the tokens that exist. R1's completions are long and
+heavy-tailed: a few rows run to the budget while most end early, so a lockstep loop over
+all N rows and the whole cache spends most of its work on finished rows and empty slots.
+Decode therefore runs in segments, each a `lax.while_loop` of static shape:
+
+- M slots (rows still decoding come first) over a cache of C slots. A segment ends when
+  the live rows fit in the next smaller row bucket, when the step count reaches the
+  cache's end, or when every row is done.
+- Between segments, `resize` gathers the live rows into fewer slots (compaction) and/or
+  moves the cache into a longer window, so attention reads only the filled part (plus
+  the rest of its window).
+
+Draws do not depend on the layout: step t draws the same N uniforms as an uncompacted
+loop, and each slot takes its own row's. Log-probs are those of the sampled token under
+log_softmax(logits / temperature), the policy the trainer differentiates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from r1jax.core import model as model_lib
+from r1jax.core.config import ModelConfig
+
+STOP_LENGTH, STOP_EOS, STOP_STOP = 0, 1, 2
+STOP_REASONS = ("length", "eos", "stop")
+ANY_TOKEN = -2  # stop-table padding: matches any token
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+  """Sampler output for N = B·G rows (row i is a sample of prompt i // G)."""
+
+  tokens: jax.Array  # (N, T) int32 completion tokens, pad_id after the end
+  mask: jax.Array  # (N, T) bool: real completion tokens (the EOS/stop token included)
+  logprobs: jax.Array  # (N, T) f32 log p(token) under log_softmax(logits / temperature)
+  stop_reason: jax.Array  # (N,) int32: STOP_LENGTH / STOP_EOS / STOP_STOP
+  prompt_tokens: jax.Array  # (B, S) int32 left-padded prompts as sampled
+  prompt_mask: jax.Array  # (B, S) bool
+  steps: jax.Array  # () int32 decode iterations run (< T when every row stopped early)
+  top_ids: jax.Array | None = None  # (N, T, K) int32 with SamplingParams.record_top_k = K
+  top_logprobs: jax.Array | None = None  # (N, T, K) f32 log_softmax(logits) of top_ids
+
+  @property
+  def lengths(self):
+    return self.mask.sum(-1)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+  """Decode between segments: M slots over a C-slot cache, writing into N-row outputs."""
+
+  t: jax.Array  # () int32 steps run
+  cache: model_lib.KVCache  # M rows x C slots
+  logits_MxV: jax.Array  # f32 next-token logits of each slot
+  row_M: jax.Array  # int32 output row of each slot
+  done_M: jax.Array  # bool: the slot's row has ended (or never started: budget 0)
+  budget_M: jax.Array  # int32 the slot's token budget
+  recent_MxL: jax.Array  # int32 the slot's last L tokens (-1 before the first), for stops
+  out: Rollout  # N-row outputs; prompts as sampled
+
+
+def filter_logits(logits_NxV: jax.Array, sp) -> jax.Array:
+  """Temperature-scaled logits with tokens outside top-k / the nucleus set to -inf."""
+  x_NxV = logits_NxV / sp.temperature
+  if sp.top_k:
+    kth_Nx1 = jax.lax.top_k(x_NxV, sp.top_k)[0][:, -1:]
+    x_NxV = jnp.where(x_NxV < kth_Nx1, -jnp.inf, x_NxV)
+  if sp.top_p < 1.0:
+    # Keep the smallest prefix (by probability) whose mass reaches top_p: a
+    # token is kept iff the mass strictly before it is < top_p.
+    order_NxV = jnp.argsort(-x_NxV, axis=-1)
+    sorted_NxV = jnp.take_along_axis(x_NxV, order_NxV, axis=-1)
+    p_NxV = jax.nn.softmax(sorted_NxV, axis=-1)
+    keep_sorted_NxV = (jnp.cumsum(p_NxV, axis=-1) - p_NxV) < sp.top_p
+    keep_NxV = jnp.zeros_like(keep_sorted_NxV).at[
+        jnp.arange(x_NxV.shape[0])[:, None], order_NxV].set(keep_sorted_NxV)
+    x_NxV = jnp.where(keep_NxV, x_NxV, -jnp.inf)
+  return x_NxV
+
+
+def inverse_cdf_sample(x_NxV: jax.Array, key: jax.Array) -> jax.Array:
+  """One draw per row from softmax(x) by inverting its CDF (see `inverse_cdf`)."""
+  return inverse_cdf(x_NxV, jax.random.uniform(key, (x_NxV.shape[0], 1)))
+
+
+def inverse_cdf(x_NxV: jax.Array, uniform_Nx1: jax.Array) -> jax.Array:
+  """The token whose CDF interval holds each row's uniform in [0, 1).
+
+  One uniform per row instead of Gumbel-max's one per vocabulary entry (4x
+  cheaper per decode step on CPU). u lies in (0, total], and a token is chosen
+  iff cdf[i-1] < u <= cdf[i], so tokens of zero probability (-inf logits,
+  e.g. outside the nucleus) are never drawn.
+  """
+  e_NxV = jnp.exp(x_NxV - jnp.max(x_NxV, axis=-1, keepdims=True))
+  cdf_NxV = jnp.cumsum(e_NxV, axis=-1)
+  u_Nx1 = (1.0 - uniform_Nx1) * cdf_NxV[:, -1:]
+  tok_N = jnp.sum(cdf_NxV < u_Nx1, axis=-1, dtype=jnp.int32)
+  return jnp.minimum(tok_N, x_NxV.shape[-1] - 1)
+
+
+def draw(logits_MxV, uniform_Mx1, sp):
+  """(token_M, logprob_M) for one decode step."""
+  if sp.temperature == 0:
+    tok_M = jnp.argmax(logits_MxV, axis=-1).astype(jnp.int32)
+    logp_MxV = jax.nn.log_softmax(logits_MxV, axis=-1)
+  else:
+    tok_M = inverse_cdf(filter_logits(logits_MxV, sp), uniform_Mx1)
+    logp_MxV = jax.nn.log_softmax(logits_MxV / sp.temperature, axis=-1)
+  return tok_M, jnp.take_along_axis(logp_MxV, tok_M[:, None], axis=-1)[:, 0]
+
+
+def prefill(params, prompt_BxS, pmask_BxS, budget_N, *, cfg: ModelConfig, sp, group: int,
+            window: int) -> DecodeState:
+  """The B prompts through the model once; their cache repeated G times into N rows of
+  S + `window` slots; every row live unless its budget is 0."""
+  b, s = prompt_BxS.shape
+  n, t_max = b * group, sp.max_new_tokens
+  pre = model_lib.init_cache(cfg, b, s)
+  logits_BxSxV, pre = model_lib.forward_cached(params, prompt_BxS, cfg, pre, mask_BxT=pmask_BxS)
+  rep = lambda x: jnp.repeat(x, group, axis=0)
+  grow = lambda x, axis: jnp.pad(rep(x), [(0, window if a == axis else 0)
+                                          for a in range(x.ndim)])
+  cache = model_lib.KVCache(k=tuple(grow(k, 2) for k in pre.k),
+                            v=tuple(grow(v, 3) for v in pre.v),
+                            valid=grow(pmask_BxS, 1), index=jnp.asarray(s, jnp.int32))
+  k_rec = sp.record_top_k
+  top = ((jnp.full((n, t_max, k_rec), sp.pad_id, jnp.int32),
+          jnp.zeros((n, t_max, k_rec), jnp.float32)) if k_rec else (None, None))
+  out = Rollout(jnp.full((n, t_max), sp.pad_id, jnp.int32), jnp.zeros((n, t_max), bool),
+                jnp.zeros((n, t_max), jnp.float32), jnp.full((n,), STOP_LENGTH, jnp.int32),
+                prompt_BxS, pmask_BxS, jnp.int32(0), *top)
+  stops = sp.stop_table().shape[1]
+  return DecodeState(jnp.int32(0), cache, rep(logits_BxSxV[:, -1]), jnp.arange(n, dtype=jnp.int32),
+                     budget_N <= 0, budget_N, jnp.full((n, stops), -1, jnp.int32), out)
+
+
+def segment(params, st: DecodeState, key, t_end, floor, *, cfg: ModelConfig,
+            sp) -> tuple[DecodeState, jax.Array]:
+  """Decode steps until t = t_end, every row is done, or at most `floor` rows are live.
+
+  Returns the state and its live-row count.
+  """
+  stops_QxL = jnp.asarray(sp.stop_table())
+  n = st.out.tokens.shape[0]
+  eos = -1 if sp.eos_id is None else sp.eos_id
+
+  def cond(st):
+    live = jnp.sum(~st.done_M)
+    return (st.t < t_end) & (live > 0) & (live > floor)
+
+  def body(st):
+    t, out = st.t, st.out
+    uniform_Mx1 = jax.random.uniform(jax.random.fold_in(key, t), (n, 1))[st.row_M]
+    tok_M, lp_M = draw(st.logits_MxV, uniform_Mx1, sp)
+    live_M = ~st.done_M
+    top_ids, top_lp = out.top_ids, out.top_logprobs
+    if sp.record_top_k:
+      vals_MxK, ids_MxK = jax.lax.top_k(jax.nn.log_softmax(st.logits_MxV, axis=-1),
+                                        sp.record_top_k)
+      top_ids = top_ids.at[st.row_M, t].set(jnp.where(live_M[:, None], ids_MxK, sp.pad_id))
+      top_lp = top_lp.at[st.row_M, t].set(jnp.where(live_M[:, None], vals_MxK, 0.0))
+    tok_M = jnp.where(live_M, tok_M, sp.pad_id)
+    is_eos_M = live_M & (tok_M == eos)
+    # The last L completion tokens, against each stop sequence.
+    recent_MxL = jnp.concatenate([st.recent_MxL[:, 1:], tok_M[:, None]], axis=1)
+    hit_MxQxL = (recent_MxL[:, None] == stops_QxL[None]) | (stops_QxL[None] == ANY_TOKEN)
+    is_stop_M = live_M & ~is_eos_M & jnp.any(jnp.all(hit_MxQxL, axis=-1), axis=-1)
+    out_of_budget_M = live_M & (t + 1 >= st.budget_M)
+    reason_M = jnp.where(is_eos_M, STOP_EOS, jnp.where(is_stop_M, STOP_STOP, STOP_LENGTH))
+    # Finished slots write pad / 0 / False past their row's end, and only live slots
+    # set a stop reason: a slot never overwrites what its row already holds.
+    out = dataclasses.replace(
+        out, tokens=out.tokens.at[st.row_M, t].set(tok_M),
+        logprobs=out.logprobs.at[st.row_M, t].set(jnp.where(live_M, lp_M, 0.0)),
+        mask=out.mask.at[st.row_M, t].set(live_M),
+        stop_reason=out.stop_reason.at[st.row_M].set(
+            jnp.where(live_M, reason_M, out.stop_reason[st.row_M])),
+        top_ids=top_ids, top_logprobs=top_lp)
+    # Feed the token back; a finished row's slot is marked invalid.
+    logits_Mx1xV, cache = model_lib.forward_cached(params, tok_M[:, None], cfg, st.cache,
+                                                   mask_BxT=live_M[:, None])
+    return DecodeState(t + 1, cache, logits_Mx1xV[:, 0], st.row_M,
+                       st.done_M | is_eos_M | is_stop_M | out_of_budget_M, st.budget_M,
+                       recent_MxL, out)
+
+  st = jax.lax.while_loop(cond, body, st)
+  st = dataclasses.replace(st, out=dataclasses.replace(st.out, steps=st.t))
+  return st, jnp.sum(~st.done_M)
+
+
+def resize(st: DecodeState, *, rows: int, slots: int) -> DecodeState:
+  """The live rows gathered into the first of `rows` slots, the cache moved into `slots`
+  (>= its current length). Live rows keep their order; finished ones fill the rest."""
+  order = jnp.argsort(st.done_M, stable=True)[:rows]
+  take = lambda x: x[order]
+  grow = lambda x, axis: jnp.pad(take(x), [(0, slots - x.shape[axis] if a == axis else 0)
+                                           for a in range(x.ndim)])
+  c = st.cache
+  cache = model_lib.KVCache(k=tuple(grow(k, 2) for k in c.k), v=tuple(grow(v, 3) for v in c.v),
+                            valid=grow(c.valid, 1), index=c.index)
+  return DecodeState(st.t, cache, take(st.logits_MxV), take(st.row_M), take(st.done_M),
+                     take(st.budget_M), take(st.recent_MxL), st.out)
+
+
+def row_buckets(n: int, shards: int, smallest: int) -> tuple[int, ...]:
+  """Slot counts decode may shrink through: n, n/2, n/4, ... while each stays a multiple
+  of `shards` (the data-parallel devices) and at least `smallest`."""
+  out = [n]
+  while out[-1] % 2 == 0 and (out[-1] // 2) % shards == 0 and out[-1] // 2 >= smallest:
+    out.append(out[-1] // 2)
+  return tuple(out)
+
+
+def plan(live: int, t: int, rows: int, slots: int, prompt: int, buckets: tuple[int, ...],
+         window: int, t_max: int) -> tuple[int, int]:
+  """(rows, slots) for the next segment: the smallest row bucket holding the live rows,
+  and the cache doubled (up to prompt + t_max) once the steps have filled it."""
+  rows = min(b for b in buckets if b >= live)
+  if t >= slots - prompt:
+    slots = prompt + min(t_max, max(window, 2 * (slots - prompt)))
+  return rows, slots
+
+
+def next_floor(rows: int, buckets: tuple[int, ...]) -> int:
+  """A segment on `rows` slots stops once the live rows fit the next smaller bucket."""
+  smaller = [b for b in buckets if b < rows]
+  return max(smaller, default=0)
+
+
+def stop_table(stop_ids: tuple[tuple[int, ...], ...]) -> np.ndarray:
+  """(num_stops, L) int32, each sequence right-aligned, -2 = any token before it."""
+  seqs = stop_ids or ((-1,),)  # -1 never matches: no stops
+  table = np.full((len(seqs), max(map(len, seqs))), ANY_TOKEN, np.int32)
+  for i, q in enumerate(seqs):
+    table[i, table.shape[1] - len(q):] = q
+  return table
