@@ -287,7 +287,9 @@ def test_evaluate_is_deterministic_per_key(generated):
   first, again, other, smp = generated
   assert again.to_dict() == first.to_dict() and again.completions == first.completions
   assert other.completions != first.completions
-  assert smp.compilations() == 1  # three calls, one batch shape
+  # Three calls, one batch shape: one prefill, and every program compiled once.
+  assert [k[0] for k in smp._fns].count("prefill") == 1
+  assert smp.compilations() == len(smp._fns)
 
 
 def test_evaluate_input_errors(tiny, gen_rows):
