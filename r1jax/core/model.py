@@ -246,21 +246,23 @@ def _blocked_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, blocks: QueryBlocks):
   c = -(-t // nb)  # equal blocks of at most `size` queries
   seg = blocks.segment_ids_BxT
 
-  def one(q_BxCxKxJxh, k_BxKxYxh, v_BxKxhxY, valid_BxY, seg_BxC, seg_BxY, first):
-    query_C = first + jnp.arange(q_BxCxKxJxh.shape[1])
-    key_Y = jnp.arange(valid_BxY.shape[1])
-    mask_BxCxY = (key_Y[None, :] <= query_C[:, None])[None] & valid_BxY[:, None, :]
+  def one(q_BxCxKxJxh, k_BxKxXxh, v_BxKxhxX, valid_BxX, seg_BxC, seg_BxX, lo, hi):
+    # Keys [0, hi): this block's queries and every earlier token. Sliced in here, so the
+    # backward keeps the full k / v once, not a copy of each block's prefix.
+    query_C = lo + jnp.arange(hi - lo)
+    key_Y = jnp.arange(hi)
+    mask_BxCxY = (key_Y[None, :] <= query_C[:, None])[None] & valid_BxX[:, None, :hi]
     if seg_BxC is not None:
-      mask_BxCxY &= seg_BxC[:, :, None] == seg_BxY[:, None, :]
-    return _softmax_attention(q_BxCxKxJxh, k_BxKxYxh, v_BxKxhxY, mask_BxCxY)
+      mask_BxCxY &= seg_BxC[:, :, None] == seg_BxX[:, None, :hi]
+    return _softmax_attention(q_BxCxKxJxh, k_BxKxXxh[:, :, :hi], v_BxKxhxX[..., :hi],
+                              mask_BxCxY)
 
   outs = []
   for lo in range(0, t, c):
-    hi = min(t, lo + c)  # keys [0, hi): this block's queries and every earlier token
-    outs.append(jax.checkpoint(one, static_argnums=(6,))(
-        q_BxTxKxJxh[:, lo:hi], k_BxKxXxh[:, :, :hi], v_BxKxhxX[..., :hi],
-        blocks.valid_BxT[:, :hi], None if seg is None else seg[:, lo:hi],
-        None if seg is None else seg[:, :hi], lo))
+    hi = min(t, lo + c)
+    outs.append(jax.checkpoint(one, static_argnums=(6, 7))(
+        q_BxTxKxJxh[:, lo:hi], k_BxKxXxh, v_BxKxhxX, blocks.valid_BxT,
+        None if seg is None else seg[:, lo:hi], seg, lo, hi))
   return jnp.concatenate(outs, axis=1)
 
 
