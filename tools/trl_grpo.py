@@ -24,6 +24,7 @@ def run(hf_dir: str, prompts: list[list[int]], group: int, completion: int, beta
         dtype: str, reward_fn, iters: int, between=None, pause_s: float = 1.0) -> list[dict]:
   """`iters` TRL GRPO steps; returns their {"rollout_s", "reward_s", "update_s", "step_s",
   "useful_tokens", "padded_tokens"}. `between(i)` runs after TRL's step i, untimed."""
+  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before tokenizers starts
   import datasets
   import torch
   import transformers
@@ -94,6 +95,5 @@ def run(hf_dir: str, prompts: list[list[int]], group: int, completion: int, beta
         between(len(rows) - 1)
 
   trainer.add_callback(Turns())
-  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
   trainer.train()
   return rows

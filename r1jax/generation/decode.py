@@ -159,7 +159,8 @@ def segment(params, st: DecodeState, key, t_end, floor, *, cfg: ModelConfig,
 
   def body(st):
     t, out = st.t, st.out
-    uniform_Mx1 = jax.random.uniform(jax.random.fold_in(key, t), (n, 1))[st.row_M]
+    uniform_Mx1 = (None if sp.temperature == 0 else  # greedy draws nothing
+                   jax.random.uniform(jax.random.fold_in(key, t), (n, 1))[st.row_M])
     tok_M, lp_M = draw(st.logits_MxV, uniform_Mx1, sp)
     live_M = ~st.done_M
     top_ids, top_lp = out.top_ids, out.top_logprobs

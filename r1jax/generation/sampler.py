@@ -195,8 +195,10 @@ class Sampler:
       budget = np.minimum(np.asarray(max_new_tokens, np.int32), sp.max_new_tokens)
     n, t_max, cfg = b * group, sp.max_new_tokens, self.cfg
     fuse = self.mesh is None or self.mesh.shape["tensor"] == 1
-    params = self._jit(("fuse", fuse), model_lib.fuse_projections if fuse
-                       else model_lib.split_layers, lay_out=False)(params)
+    # A fresh function per sampler: jit caches are per function, and `compilations()`
+    # counts this sampler's programs only.
+    layout = model_lib.fuse_projections if fuse else model_lib.split_layers
+    params = self._jit(("fuse", fuse), lambda p: layout(p), lay_out=False)(params)
     slots = s + min(t_max, self.window)
     st = self._jit(("prefill", b, s, sp, group), functools.partial(
         decode.prefill, cfg=cfg, sp=sp, group=group, window=slots - s))(
