@@ -19,6 +19,7 @@ Dimension letters in tensor names (`logits_NxTxV`), each with one meaning everyw
   J query heads per kv head (H = K·J)     h head dim (lower case: a per-head width)
   X key / KV-cache positions (attention)  E fused projection width (q|k|v or gate|up)
   W positions per logits chunk            U logits chunks (T = U·W)
-  R rotary frequencies (h / 2)
+  R rotary frequencies (h / 2)             Y keys in one query block's window
+  Z packed rows attended side by side      I lane steps (rows / Z)
 `P` is only ever jax.sharding.PartitionSpec.
 """

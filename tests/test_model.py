@@ -155,11 +155,15 @@ def test_fused_projections_decode_equals_unfused(params):
   np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["left_padded", "segment_ids"])
-def test_query_blocked_attention_matches_full_attention(params, packed):
+@pytest.mark.parametrize("packed,lanes", [(False, None), (True, None), (True, 1), (True, 3),
+                                          ("shared", 1)],
+                         ids=["left_padded", "segment_ids", "segment_ids_1_lane",
+                              "segment_ids_3_lanes", "shared_prompt_1_lane"])
+def test_query_blocked_attention_matches_full_attention(params, packed, lanes):
   """Long sequences attend one block of queries at a time: the same hidden states and
   gradients as the full (T, T) attention, with left padding or packed segments, and a block
-  that does not divide T."""
+  that does not divide T. Packed rows attend over key windows chosen per lane step (one row
+  at a time, all three together): every window size is met by some block here."""
   b, t = 3, 50
   tokens = jax.random.randint(jax.random.key(5), (b, t), 0, CFG.vocab_size)
   if packed:  # three documents per row, positions restarting in each
@@ -168,11 +172,16 @@ def test_query_blocked_attention_matches_full_attention(params, packed):
     pos = np.concatenate([np.concatenate([np.arange(n) for n in l])[None] for l in lengths])
     kw = dict(segment_ids_BxT=jnp.asarray(seg), positions_BxT=jnp.asarray(pos),
               mask_BxT=jnp.ones((b, t), bool))
+    if packed == "shared":  # row 0's 2nd segment: a shared 5-token prefix, then two
+      sample = np.zeros((b, t), np.int32)  # samples of 12 and 8 tokens, each from position 5
+      sample[0, 15:27], sample[0, 27:35] = 1, 2
+      pos[0, 27:35] = np.arange(5, 13)
+      kw.update(sample_ids_BxT=jnp.asarray(sample), positions_BxT=jnp.asarray(pos))
   else:  # left padding of 0, 7 and 49 tokens
     kw = dict(mask_BxT=jnp.arange(t)[None, :] >= jnp.array([0, 7, 49])[:, None])
 
   def loss(p, block):
-    h, _ = model.hidden_states(p, tokens, CFG, attention_block=block, **kw)
+    h, _ = model.hidden_states(p, tokens, CFG, attention_block=block, row_lanes=lanes, **kw)
     w = kw["mask_BxT"][..., None]
     return jnp.sum(jnp.where(w, h, 0.0) ** 2), h
 

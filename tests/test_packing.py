@@ -18,13 +18,15 @@ CFG = ModelConfig(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, head_
 S, T = 6, 12
 
 
-def rollout(n=8, seed=0, ref=True) -> RolloutBatch:
-  """Uneven samples: left-padded prompts of 1–6 tokens, completions of 0–12 tokens."""
+def rollout(n=8, seed=0, ref=True, group=1, longest=T) -> RolloutBatch:
+  """Uneven samples: left-padded prompts of 1–6 tokens, completions of 0–`longest` tokens
+  (two of them: T and 1); each run of `group` samples has one prompt (a GRPO group)."""
   rng = np.random.default_rng(seed)
-  prompt_len = rng.integers(1, S + 1, n)
-  comp_len = rng.integers(0, T + 1, n)
+  prompt_len = np.repeat(rng.integers(1, S + 1, n // group), group)
+  comp_len = rng.integers(0, longest + 1, n)
   comp_len[0], comp_len[1] = T, 1
   tokens = rng.integers(0, CFG.vocab_size, (n, S + T)).astype(np.int32)
+  tokens[:, :S] = np.repeat(tokens[::group, :S], group, axis=0)
   pmask = np.arange(S)[None, :] >= (S - prompt_len)[:, None]
   cmask = np.arange(T)[None, :] < comp_len[:, None]
   return RolloutBatch(
@@ -48,7 +50,8 @@ def padded_loss(p, b: RolloutBatch, g: GRPOConfig):
 
 def packed_loss(p, pk, g: GRPOConfig):
   logp, ent = losses.packed_logprobs_and_entropy(p, CFG, pk.tokens, pk.positions,
-                                                 pk.segment_ids, g.temperature, 5)
+                                                 pk.segment_ids, g.temperature, 5,
+                                                 sample_ids_RxL=pk.sample_ids)
   cut = lambda x: None if x is None else x[:, 1:]
   return losses.packed_grpo_loss(logp, cut(pk.old_logp), cut(pk.advantages),
                                  cut(pk.loss_mask), cut(pk.weights), g, cut(pk.ref_logp))[0]
@@ -56,11 +59,17 @@ def packed_loss(p, pk, g: GRPOConfig):
 
 @pytest.mark.parametrize("mode", ["grpo", "bnpo", "dr_grpo"])
 @pytest.mark.parametrize("mask_truncated", [False, True])
-def test_packed_loss_and_gradient_equal_the_padded_ones(params, mode, mask_truncated):
-  g = GRPOConfig(loss_mode=mode, beta=0.04, mask_truncated=mask_truncated, temperature=0.9)
-  b = rollout()
+@pytest.mark.parametrize("share", [False, True], ids=["own_prompts", "shared_prompts"])
+def test_packed_loss_and_gradient_equal_the_padded_ones(params, mode, mask_truncated, share):
+  """Every loss mode, with or without a group's short samples sharing one prompt copy."""
+  g = GRPOConfig(loss_mode=mode, beta=0.04, mask_truncated=mask_truncated, temperature=0.9,
+                 share_prompts=share)
+  b = rollout(n=16, seed=1, group=4, longest=6)
   pk, stats = pack_rollout(b, g, row_len=S + T)
-  assert stats["pack/rows"] < 8 and stats["pack/fill"] > stats["pack/padded_fill"]
+  assert stats["pack/rows"] < 16 and stats["pack/fill"] > stats["pack/padded_fill"]
+  # Sharing happened, and samples after a run's first one carry loss tokens.
+  assert (stats["pack/shared_prompt_tokens"] > 0) == share
+  assert (pk.loss_mask & (pk.sample_ids >= 2)).any() == share
   want, want_g = jax.value_and_grad(padded_loss)(params, jax.tree.map(jnp.asarray, b), g)
   got, got_g = jax.value_and_grad(packed_loss)(params, jax.tree.map(jnp.asarray, pk), g)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
@@ -69,25 +78,32 @@ def test_packed_loss_and_gradient_equal_the_padded_ones(params, mode, mask_trunc
 
 
 def test_packed_rows_hold_each_sample_once_in_its_own_segment():
-  g = GRPOConfig(minibatches=2, microbatches=2)
-  b = rollout(n=8, seed=3)
+  """Each segment is one contiguous run: a prompt's prefix (sample id 0) and then each
+  sample's last prompt token and completion (ids 1, 2, …). Reading a sample back (its
+  segment's prefix, then its own columns) gives its tokens at positions 0, 1, …"""
+  g = GRPOConfig(minibatches=2, microbatches=2, share_prompts=True)
+  b = rollout(n=16, seed=1, group=4)
   pk, stats = pack_rollout(b, g, row_len=24, rows_multiple=2)
   r = pk.tokens.shape[0]
   assert r % (2 * 2 * 2) == 0 and stats["pack/rows"] == r
+  assert stats["pack/shared_prompt_tokens"] > 0
   found = []
   for row in range(r):
     for seg in range(1, pk.segment_ids[row].max() + 1):
       cols = np.flatnonzero(pk.segment_ids[row] == seg)
       assert np.array_equal(cols, np.arange(cols[0], cols[0] + len(cols)))  # contiguous
-      assert np.array_equal(pk.positions[row, cols], np.arange(len(cols)))
-      found.append((row, pk.tokens[row, cols].tolist()))
+      ids = pk.sample_ids[row, cols]
+      assert np.array_equal(ids, np.sort(ids)) and ids[-1] >= 1  # prefix, then samples 1, 2, …
+      for k in range(1, ids[-1] + 1):
+        own = np.concatenate([cols[ids == 0], cols[ids == k]])
+        assert np.array_equal(pk.positions[row, own], np.arange(len(own)))
+        found.append((row, pk.tokens[row, own].tolist()))
   samples = [np.concatenate([b.tokens[i, :S][b.mask[i, :S]],
-                             b.tokens[i, S:][b.completion_mask[i]]]).tolist() for i in range(8)]
+                             b.tokens[i, S:][b.completion_mask[i]]]).tolist() for i in range(16)]
   assert sorted(t for _, t in found) == sorted(samples)
   # Sample i lands in mini-batch (i // A) % M, and packed row k in mini-batch (k // A) % M.
   for i, tokens in enumerate(samples):
-    row = next(row for row, t in found if t == tokens)
-    assert (row // 2) % 2 == (i // 2) % 2
+    assert any((row // 2) % 2 == (i // 2) % 2 for row, t in found if t == tokens)
   assert not pk.weights[~pk.loss_mask].any()
 
 
@@ -113,11 +129,12 @@ def test_trainer_step_on_packed_rows_equals_the_padded_step(params, mode):
 
   mesh = sharding.make_mesh((2, 4, 1))
   g = GRPOConfig(loss_mode=mode, beta=0.04, minibatches=2, microbatches=2, group_size=4,
-                 logits_chunk=5)
+                 logits_chunk=5, share_prompts=True)
   trainer = Trainer(CFG, OptConfig(lr=1e-3), mesh, g)
   ref = trainer.make_ref(params)
-  b = dataclasses.replace(rollout(n=16, seed=5, ref=False), truncated=None)
-  pk, _ = pack_rollout(b, g, rows_multiple=2)
+  b = dataclasses.replace(rollout(n=16, seed=5, ref=False, group=4), truncated=None)
+  pk, stats = pack_rollout(b, g, rows_multiple=2)
+  assert stats["pack/shared_prompt_tokens"] > 0
   out = {}
   for name, batch in (("padded", b), ("packed", pk)):
     state = trainer.init_state(jax.tree.map(jnp.copy, params))
@@ -140,3 +157,16 @@ def test_row_buckets_bound_shapes_and_padding_rows():
     for r in range(1, 1025):
       b = _bucket(r, multiple)
       assert r <= b and (b - r < multiple or (b - r) / r < 0.25)
+
+
+def test_lane_slots_pair_rows_of_similar_length():
+  """A micro-batch's rows spread over `lanes` devices in contiguous blocks and attend one row
+  per device at a time: the rank-th longest rows share a step, and every slot is used once."""
+  from r1jax.train.packing import _lane_slot
+  for rows, lanes in ((8, 2), (12, 4), (6, 1), (6, 4)):
+    slots = [_lane_slot(r, rows, lanes) for r in range(rows)]
+    assert sorted(slots) == list(range(rows))
+    if rows % lanes == 0:
+      steps = rows // lanes
+      for rank, slot in enumerate(slots):  # step = offset in its block = rank // lanes
+        assert slot % steps == rank // lanes and slot // steps == rank % lanes

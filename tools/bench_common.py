@@ -95,21 +95,22 @@ def random_prompts(vocab: int, batch: int, longest: int, seed: int = 0) -> list[
           for _ in range(batch)]
 
 
-def update_flops(cfg, lengths, passes: int = 4) -> float:
+def update_flops(cfg, lengths, passes: int = 4, shared_tokens: int = 0) -> float:
   """FLOPs of `passes` forward-equivalents over sequences of these real lengths (a GRPO
   update: the policy's forward + backward = 3, the reference's forward = 1).
 
   Per token and pass: 2 × the matmul weights (q, k, v, o, the SwiGLU MLP, the unembedding;
   the embedding is a lookup) and causal attention, 4 × heads × head_dim per earlier token
   of its own sequence. Padding and tokens of other sequences do not count: this is the
-  work any trainer must do.
+  work any trainer must do. `shared_tokens`: prompt tokens the packer did not repeat
+  (samples sharing a prompt copy); they are work not done, so they do not count either.
   """
   d, hd = cfg.hidden, cfg.head_dim
   layer = d * hd * (2 * cfg.heads + 2 * cfg.kv_heads) + 3 * d * cfg.mlp_dim
   per_token = 2 * (cfg.layers * layer + cfg.vocab_size * d)
   lengths = np.asarray(lengths, np.float64)
   attention = 4 * cfg.layers * cfg.heads * hd * (lengths * (lengths + 1) / 2).sum()
-  return passes * (per_token * lengths.sum() + attention)
+  return passes * (per_token * (lengths.sum() - shared_tokens) + attention)
 
 
 def matmul_peak(mesh, dtype: str = "float32", rows: int = 8192) -> float:

@@ -104,8 +104,10 @@ def main(argv):
     adv = advantages.group_advantages(even_share(host.tokens, host.mask), g)
     t2 = time.perf_counter()
     batch = batches.rollout_batch(samples, adv)
+    shared = 0
     if grpo.pack:
-      batch, _ = packing.pack_rollout(batch, grpo, 0, trainer.rows_multiple)
+      batch, stats = packing.pack_rollout(batch, grpo, 0, trainer.rows_multiple)
+      shared = int(stats["pack/shared_prompt_tokens"])
     padded = int(np.asarray(batch.tokens).size)
     state, metrics = trainer.rl_step(state, trainer.put_batch(batch), ref)
     jax.block_until_ready((state, metrics))
@@ -117,7 +119,8 @@ def main(argv):
       lengths.append(comp)
     return {"rollout_s": t1 - t0, "reward_s": t2 - t1, "update_s": t3 - t2, "step_s": t3 - t0,
             "useful_tokens": int(comp.sum()), "padded_tokens": padded,
-            "update_flops": update_flops(cfg, seqs, 4 if _BETA.value else 3)}
+            "shared_prompt_tokens": shared,
+            "update_flops": update_flops(cfg, seqs, 4 if _BETA.value else 3, shared)}
 
   skipped: list[int] = []
   times = {"r1jax": [], "trl": [], "torch": []}
@@ -150,6 +153,7 @@ def main(argv):
   median = lambda rows, k: round(statistics.median(r[k] for r in rows), 4)
   keys = ("step_s", "rollout_s", "reward_s", "update_s", "useful_tokens", "padded_tokens")
   result = {k: median(times["r1jax"], k) for k in keys}
+  result["shared_prompt_tokens"] = median(times["r1jax"], "shared_prompt_tokens")
   peak = matmul_peak(mesh, _DTYPE.value)
   rates = [r["update_flops"] / r["update_s"] for r in times["r1jax"]]
   result.update(update_gflop_per_s=round(statistics.median(rates) / 1e9, 1),

@@ -7,9 +7,10 @@ the length do) takes one GRPO update (β > 0, so the reference log-probs are com
 on `rows` completions of `completion` tokens. Full logits would be rows × T × V f32: 80 GB
 at 16 × 8,192 × 151,936. The update never builds them: log-probs and entropy are computed
 `logits_chunk` positions at a time under remat (train/losses.py), attention one block of
-queries at a time (core/model.py), and rows go through in `microbatches`. Prints one JSON
-line: peak RSS (the process's high-water mark, runtime included), the step time and what
-full logits would have needed.
+queries at a time (core/attention.py), and rows go through in `microbatches`, packed as
+the RL stage packs them (`--pack`, the default; at one sample per micro-batch, one per row).
+Prints one JSON line: peak RSS (the process's high-water mark, runtime included), the step
+time and what full logits would have needed.
 """
 
 import json
@@ -31,6 +32,8 @@ _LAYERS = flags.DEFINE_integer("layers", 2, "Decoder layers.")
 _MICRO = flags.DEFINE_integer("microbatches", 16, "Gradient-accumulation micro-batches.")
 _CHUNK = flags.DEFINE_integer("logits_chunk", 128, "Completion positions per unembed chunk.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "CPU devices (0 = JAX's default).")
+_PACK = flags.DEFINE_bool("pack", True, "Padding-free update (grpo.pack, the default): the "
+                          "real tokens in packed rows; else padded rows.")
 
 
 def _peak_rss_gb() -> float:
@@ -44,6 +47,7 @@ def main(argv):
   import numpy as np
   from r1jax.core import model, sharding
   from r1jax.core.config import GRPOConfig, ModelConfig, OptConfig
+  from r1jax.train import packing
   from r1jax.train.batches import RolloutBatch
   from r1jax.train.trainer import Trainer
 
@@ -66,6 +70,10 @@ def main(argv):
   batch = RolloutBatch(tokens=tokens, mask=mask, completion_mask=comp_mask,
                        old_logp=np.full((n, t), -np.log(cfg.vocab_size), np.float32),
                        advantages=rng.standard_normal(n).astype(np.float32))
+  positions = n * (s + t)
+  if _PACK.value:
+    batch, _ = packing.pack_rollout(batch, g, 0, trainer.rows_multiple)
+    positions = int(np.asarray(batch.tokens).size)
   before = _peak_rss_gb()
   t0 = time.perf_counter()
   state, metrics = trainer.rl_step(state, trainer.put_batch(batch), ref)
@@ -78,7 +86,8 @@ def main(argv):
       "rows": n, "completion": t, "prompt": s, "vocab": cfg.vocab_size,
       "useful_tokens": int(lengths.sum()), "params": cfg.num_params,
       "full_logits_gb": round(n * t * cfg.vocab_size * 4 / 2**30, 1),
-      "microbatches": _MICRO.value, "logits_chunk": _CHUNK.value,
+      "microbatches": _MICRO.value, "logits_chunk": _CHUNK.value, "pack": _PACK.value,
+      "positions": positions,
       "attention_block": model.ATTENTION_BLOCK, "cpu_devices": jax.device_count(),
       "device": jax.devices()[0].device_kind,
       "machine": f"{platform.machine()} {os.cpu_count()} cores"}))

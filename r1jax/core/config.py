@@ -240,6 +240,7 @@ class GRPOConfig:
   logits_chunk: int = 128  # completion positions per unembed chunk: bounds live logits
   pack: bool = True  # padding-free update: samples packed into rows (train/packing.py)
   pack_len: int = 0  # tokens per packed row; 0 = the padded row (prompt bucket + completion)
+  share_prompts: bool = False  # packed rows: a group's short samples share one prompt copy
 
   def __post_init__(self):
     for name, allowed in (("loss_mode", LOSS_MODES), ("adv_scale", ADV_SCALES),

@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from r1jax.core.attention import (QueryBlocks, blocked_attention, same_sequence,
+                                  softmax_attention)
 from r1jax.core.config import ModelConfig
 
 Params = dict[str, Any]
-_NEG_INF = -1e30  # finite, so a fully masked (padding) query row stays NaN-free
 ATTENTION_BLOCK = 256  # uncached sequences longer than this attend in query blocks of it
 
 
@@ -206,64 +207,13 @@ def _attention(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, mask_BxTxX, kv, cfg):
   g = n // cfg.kv_heads
   q_BxTxKxJxh = q_BxTxHxh.reshape(b, t, cfg.kv_heads, g, hd)
   if isinstance(mask_BxTxX, QueryBlocks):
-    o_BxTxKxJxh = _blocked_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, mask_BxTxX)
+    o_BxTxKxJxh = blocked_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, mask_BxTxX)
   else:
-    o_BxTxKxJxh = _softmax_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, mask_BxTxX)
+    o_BxTxKxJxh = softmax_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, mask_BxTxX)
   out_BxTxD = _mm("btnh,nhd->btd", o_BxTxKxJxh.reshape(b, t, n, hd), lp["o"])
   if cfg.out_bias:
     out_BxTxD = out_BxTxD + lp["o_bias"]
   return out_BxTxD, kv
-
-
-def _softmax_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, mask_BxTxX):
-  """softmax(q·kᵀ/√h, masked)·v for one block of queries against every key."""
-  hd = q_BxTxKxJxh.shape[-1]
-  s_BxKxJxTxX = jnp.einsum("btkgh,bksh->bkgts", q_BxTxKxJxh, k_BxKxXxh,
-                           preferred_element_type=jnp.float32) / math.sqrt(hd)
-  s_BxKxJxTxX = jnp.where(mask_BxTxX[:, None, None], s_BxKxJxTxX, _NEG_INF)
-  p_BxKxJxTxX = jax.nn.softmax(s_BxKxJxTxX, axis=-1).astype(v_BxKxhxX.dtype)
-  return _mm("bkgts,bkhs->btkgh", p_BxKxJxTxX, v_BxKxhxX)
-
-
-@dataclasses.dataclass(frozen=True)
-class QueryBlocks:
-  """The mask of an uncached sequence, kept as its (B, T) parts for `_blocked_attention`:
-  which keys are real, and (packed rows) each token's segment. Causality is by index."""
-
-  valid_BxT: jax.Array
-  segment_ids_BxT: jax.Array | None
-  size: int  # most queries per block
-
-
-def _blocked_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, blocks: QueryBlocks):
-  """The same attention, one block of queries at a time under remat: the live scores are
-  (B, heads, block, keys) instead of (B, heads, T, T), in the forward and the backward,
-  and no (B, T, T) mask is ever built. A block attends only to the keys up to its last
-  query (causality), so the work is about half of T² for many blocks. Long sequences
-  (the update at 8k tokens, packed rows of R1-length completions) need it."""
-  b, t = q_BxTxKxJxh.shape[:2]
-  nb = -(-t // blocks.size)
-  c = -(-t // nb)  # equal blocks of at most `size` queries
-  seg = blocks.segment_ids_BxT
-
-  def one(q_BxCxKxJxh, k_BxKxXxh, v_BxKxhxX, valid_BxX, seg_BxC, seg_BxX, lo, hi):
-    # Keys [0, hi): this block's queries and every earlier token. Sliced in here, so the
-    # backward keeps the full k / v once, not a copy of each block's prefix.
-    query_C = lo + jnp.arange(hi - lo)
-    key_Y = jnp.arange(hi)
-    mask_BxCxY = (key_Y[None, :] <= query_C[:, None])[None] & valid_BxX[:, None, :hi]
-    if seg_BxC is not None:
-      mask_BxCxY &= seg_BxC[:, :, None] == seg_BxX[:, None, :hi]
-    return _softmax_attention(q_BxCxKxJxh, k_BxKxXxh[:, :, :hi], v_BxKxhxX[..., :hi],
-                              mask_BxCxY)
-
-  outs = []
-  for lo in range(0, t, c):
-    hi = min(t, lo + c)
-    outs.append(jax.checkpoint(one, static_argnums=(6, 7))(
-        q_BxTxKxJxh[:, lo:hi], k_BxKxXxh, v_BxKxhxX, blocks.valid_BxT,
-        None if seg is None else seg[:, lo:hi], seg, lo, hi))
-  return jnp.concatenate(outs, axis=1)
 
 
 def _block(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, mask_BxTxX, kv, cfg):
@@ -332,18 +282,25 @@ def hidden_states(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig, *,
                   mask_BxT: jax.Array | None = None,
                   cache: KVCache | None = None,
                   segment_ids_BxT: jax.Array | None = None,
-                  attention_block: int | None = None) -> tuple[jax.Array, KVCache | None]:
+                  sample_ids_BxT: jax.Array | None = None,
+                  attention_block: int | None = None,
+                  row_lanes: int | None = None) -> tuple[jax.Array, KVCache | None]:
   """Final-norm hidden states (B, T, D) and the updated cache.
 
   Without a cache, token j attends to tokens i <= j with mask[i]; with one, the
   chunk is written at `cache.index` and attends to every valid earlier slot.
   Positions default to the count of real tokens before each one, so
   left-padded rows get the same positions as unpadded ones. `segment_ids`
-  (packed documents, no cache) restricts attention to the same segment. Without a cache,
+  (packed documents, no cache) restricts attention to the same segment, and `sample_ids`
+  within it to a shared prefix (id 0) and the query's own sample. Without a cache,
   sequences longer than `attention_block` (default ATTENTION_BLOCK; 0 = never) attend one
-  block of queries at a time, so memory grows as T·block, not T².
+  block of queries at a time, so memory grows as T·block, not T². Packed rows then attend
+  `row_lanes` rows at a time (pass the devices the rows spread over; None: all rows at once),
+  each block over only the keys its sequences can see.
   """
   b, t = tokens_BxT.shape
+  if sample_ids_BxT is not None and segment_ids_BxT is None:
+    raise ValueError("sample_ids subdivide packed segments: pass segment_ids too")
   dtype = jnp.dtype(cfg.compute_dtype)
   p = jax.tree.map(lambda a: a.astype(dtype), params)
   mask_BxT = jnp.ones((b, t), bool) if mask_BxT is None else mask_BxT.astype(bool)
@@ -353,12 +310,13 @@ def hidden_states(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig, *,
         jnp.cumsum(mask_BxT, axis=1, dtype=jnp.int32) - 1 + jnp.reshape(before_B, (-1, 1)), 0)
   block = ATTENTION_BLOCK if attention_block is None else attention_block
   if cache is None and block and t > block:
-    attn_mask_BxTxX = QueryBlocks(mask_BxT, segment_ids_BxT, block)
+    attn_mask_BxTxX = QueryBlocks(mask_BxT, segment_ids_BxT, block, row_lanes, sample_ids_BxT)
   elif cache is None:
     causal_TxT = jnp.tril(jnp.ones((t, t), bool))
     attn_mask_BxTxX = causal_TxT[None] & mask_BxT[:, None, :]
     if segment_ids_BxT is not None:
-      attn_mask_BxTxX &= segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+      attn_mask_BxTxX &= same_sequence(segment_ids_BxT, segment_ids_BxT, sample_ids_BxT,
+                                       sample_ids_BxT)
   else:
     if segment_ids_BxT is not None:
       raise ValueError("segment_ids are for packed training batches, not cached decoding")

@@ -49,6 +49,9 @@ class PackedRollout:
   old_logp: Any  # (R, L) f32: the sampler's logp of the token
   advantages: Any  # (R, L) f32: its sample's advantage
   ref_logp: Any = None  # (R, L) f32 reference logp, or None
+  # (R, L) int32: 0 on a segment's shared prompt prefix, k on sample k's own tokens (the
+  # last prompt token, copied, then its completion); None: one sample per segment.
+  sample_ids: Any = None
 
   @property
   def mask(self):
@@ -152,7 +155,7 @@ def check_batch(batch: Any, rows_per_split: int) -> None:
                 truncated=(n,), ref_logp=(n, t))
   elif isinstance(batch, PackedRollout):
     want.update({k: (n, width) for k in ("positions", "segment_ids", "loss_mask", "weights",
-                                         "old_logp", "advantages", "ref_logp")})
+                                         "old_logp", "advantages", "ref_logp", "sample_ids")})
   elif isinstance(batch, SFTBatch):
     want.update({k: (n, width) for k in ("mask", "loss_mask", "positions", "segment_ids",
                                          "teacher_mask")})
@@ -175,6 +178,15 @@ def check_batch(batch: Any, rows_per_split: int) -> None:
 def row_axes(rows_per_micro: int, mesh: Mesh) -> tuple:
   """Mesh axes for the row dim: the batch axes that divide a micro-batch."""
   return tuple(sharding.batch_spec(1, rows_per_micro, mesh))
+
+
+def row_lanes(rows_per_micro: int, mesh: Mesh) -> int:
+  """Devices a micro-batch's rows spread over: packed rows attend that many at a time."""
+  out = 1
+  for entry in row_axes(rows_per_micro, mesh):
+    for axis in (entry,) if isinstance(entry, str) else entry or ():
+      out *= mesh.shape[axis]
+  return out
 
 
 def batch_shardings(batch: Any, splits: int, mesh: Mesh) -> Any:

@@ -79,12 +79,13 @@ def token_logprobs_and_entropy(params: model.Params, cfg: ModelConfig, tokens_Nx
                                temperature: float = 1.0,
                                chunk: int = 128, positions_NxQ: jax.Array | None = None,
                                segment_ids_NxQ: jax.Array | None = None,
-                               ) -> tuple[jax.Array, jax.Array]:
+                               row_lanes: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Teacher-forced (logp_NxT, entropy_NxT) of tokens[:, completion_start:].
 
   Token j is scored by the hidden state at j − 1 (left-padded prompt, so
   position completion_start − 1 is the last prompt token). Values at padding
-  positions are finite but meaningless: mask them with the completion mask.
+  positions are finite but meaningless: mask them with the completion mask. `row_lanes`:
+  packed rows attend that many at a time (model.hidden_states).
   """
   s = int(completion_start)
   if tokens_NxQ.ndim != 2 or mask_NxQ.shape != tokens_NxQ.shape:
@@ -92,7 +93,8 @@ def token_logprobs_and_entropy(params: model.Params, cfg: ModelConfig, tokens_Nx
   if not 1 <= s < tokens_NxQ.shape[1]:
     raise ValueError(f"completion_start={s} must be in [1, {tokens_NxQ.shape[1]})")
   h_NxQxD, _ = model.hidden_states(params, tokens_NxQ, cfg, mask_BxT=mask_NxQ,
-                                   positions_BxT=positions_NxQ, segment_ids_BxT=segment_ids_NxQ)
+                                   positions_BxT=positions_NxQ, segment_ids_BxT=segment_ids_NxQ,
+                                   row_lanes=row_lanes)
   return chunked_logprobs(params, h_NxQxD[:, s - 1:-1], tokens_NxQ[:, s:], cfg, temperature,
                           chunk)
 
@@ -111,7 +113,8 @@ def token_logprobs(params: model.Params, cfg: ModelConfig, tokens_NxQ: jax.Array
 def sft_loss(params: model.Params, cfg: ModelConfig, tokens_NxQ: jax.Array, mask_NxQ: jax.Array,
              loss_mask_NxQ: jax.Array, denom: jax.Array | float | None = None,
              chunk: int = 128, positions_NxQ: jax.Array | None = None,
-             segment_ids_NxQ: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+             segment_ids_NxQ: jax.Array | None = None,
+             row_lanes: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Masked next-token cross-entropy: Σ −logp over loss_mask / denom (default: its count).
 
   loss_mask[:, j] marks token j as a target (predicted from tokens < j);
@@ -121,7 +124,7 @@ def sft_loss(params: model.Params, cfg: ModelConfig, tokens_NxQ: jax.Array, mask
   if loss_mask_NxQ.shape != tokens_NxQ.shape:
     raise ValueError(f"loss_mask {loss_mask_NxQ.shape} must match tokens {tokens_NxQ.shape}")
   logp_NxT, ent_NxT = token_logprobs_and_entropy(params, cfg, tokens_NxQ, mask_NxQ, 1, 1.0, chunk,
-                                                 positions_NxQ, segment_ids_NxQ)
+                                                 positions_NxQ, segment_ids_NxQ, row_lanes)
   m_NxT = loss_mask_NxQ[:, 1:].astype(bool)
   ntok = jnp.sum(m_NxT, dtype=jnp.float32)
   denom = jnp.maximum(ntok, 1.0) if denom is None else denom
@@ -166,7 +169,7 @@ def distill_loss(params: model.Params, cfg: ModelConfig, tokens_NxQ: jax.Array,
                  top_logp_NxQxK: jax.Array, teacher_mask_NxQ: jax.Array, kd_weight: float,
                  denom: jax.Array | float | None = None, chunk: int = 128,
                  positions_NxQ: jax.Array | None = None,
-                 segment_ids_NxQ: jax.Array | None = None
+                 segment_ids_NxQ: jax.Array | None = None, row_lanes: int | None = None
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Σ over targets of w·KL_topk(teacher ‖ student) + (1 − w)·CE, / denom.
 
@@ -178,7 +181,8 @@ def distill_loss(params: model.Params, cfg: ModelConfig, tokens_NxQ: jax.Array,
     raise ValueError(f"teacher top-k {top_ids_NxQxK.shape} / {top_logp_NxQxK.shape} must be "
                      f"(N, Q, K) with (N, Q) = {tokens_NxQ.shape}")
   h_NxQxD, _ = model.hidden_states(params, tokens_NxQ, cfg, mask_BxT=mask_NxQ,
-                                   positions_BxT=positions_NxQ, segment_ids_BxT=segment_ids_NxQ)
+                                   positions_BxT=positions_NxQ, segment_ids_BxT=segment_ids_NxQ,
+                                   row_lanes=row_lanes)
   h_NxTxD, tgt_NxT = h_NxQxD[:, :-1], tokens_NxQ[:, 1:]
   ids_NxTxK, tlp_NxTxK = top_ids_NxQxK[:, 1:], top_logp_NxQxK[:, 1:]
   n, t, d = h_NxTxD.shape
@@ -283,13 +287,18 @@ def grpo_loss(logp_NxT: jax.Array, old_logp_NxT: jax.Array, adv_N: jax.Array,
 
 def packed_logprobs_and_entropy(params: model.Params, cfg: ModelConfig, tokens_RxL: jax.Array,
                                 positions_RxL: jax.Array, segment_ids_RxL: jax.Array,
-                                temperature: float = 1.0, chunk: int = 128
+                                temperature: float = 1.0, chunk: int = 128,
+                                row_lanes: int | None = None,
+                                sample_ids_RxL: jax.Array | None = None
                                 ) -> tuple[jax.Array, jax.Array]:
   """(logp, entropy), (R, L − 1), of token j + 1 given its sequence up to j, on packed rows
-  (train/packing.py): sequences attend only within their segment, at their own positions."""
+  (train/packing.py): sequences attend only within their segment (and sample, where a
+  prompt is shared), at their own positions, `row_lanes` rows at a time (the devices the
+  rows spread over; model.hidden_states)."""
   h_RxLxD, _ = model.hidden_states(params, tokens_RxL, cfg, positions_BxT=positions_RxL,
                                    mask_BxT=segment_ids_RxL > 0,
-                                   segment_ids_BxT=segment_ids_RxL)
+                                   segment_ids_BxT=segment_ids_RxL,
+                                   sample_ids_BxT=sample_ids_RxL, row_lanes=row_lanes)
   return chunked_logprobs(params, h_RxLxD[:, :-1], tokens_RxL[:, 1:], cfg, temperature, chunk)
 
 

@@ -4,7 +4,8 @@ A padded RolloutBatch spends a row of S + T columns on every sample, however sho
 completion; with R1's heavy-tailed lengths most of those columns are padding. Packing puts
 each sample's real prompt and completion tokens one after another into rows of `row_len`
 tokens, with per-sequence positions and segment ids (attention never crosses a sequence),
-and carries everything the loss needs per token, aligned with the token it scores:
+short samples of one group after one copy of their prompt (`grpo.share_prompts`; sample ids
+keep them apart: `_first_fit`, `_place`), and carries everything the loss needs per token, aligned with the token it scores:
 the sampler's logp, the reference logp, the sample's advantage, the loss mask and the
 token's weight in Σ w·ℓ. The weights are the padded path's (`losses.token_weights` over each
 mini-batch's `loss_denominator`), computed here in float64, so every loss mode gives the
@@ -16,7 +17,8 @@ length; the rows are dealt to the A micro-batches in turn, and every micro-batch
 same row count: `rows_multiple` (the devices rows spread over) times a number of at most 3
 significant bits, so rows divide over the mesh and few shapes ever compile (`_bucket`).
 Row r of the result belongs to mini-batch (r // A) mod M, micro-batch r mod A, as
-`split_rows` expects.
+`split_rows` expects; within a micro-batch, rows of similar length share a lane step
+(`_lane_slot`).
 """
 
 from __future__ import annotations
@@ -48,19 +50,44 @@ def _bucket(rows: int, multiple: int) -> int:
   return multiple * -(-units // quantum) * quantum
 
 
-def _first_fit(lengths: list[int], row_len: int) -> list[list[int]]:
-  """Sequence indices per row, first fit by decreasing length (ties by index)."""
-  rows: list[list[int]] = []
+def _first_fit(prompt_len: list[int], comp_len: list[int], key: list, row_len: int,
+               share: bool) -> list[list[list[int]]]:
+  """Rows of runs of sample indices, first fit by decreasing length (ties by index).
+
+  A run is one segment: a prompt, then its samples. A sample joins a run of its prompt
+  (`key`) in the row only while the run's samples so far hold at most P − 1 tokens (P the
+  prompt's length): each query then sees at most P − 1 more (masked) keys than it would
+  alone, and the P − 1 prompt tokens are not computed again.
+  """
+  rows: list[list[list[int]]] = []
   free: list[int] = []
-  for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
-    at = next((r for r, f in enumerate(free) if f >= lengths[i]), None)
-    if at is None:
-      rows.append([])
-      free.append(row_len)
-      at = len(rows) - 1
-    rows[at].append(i)
-    free[at] -= lengths[i]
+  own = lambda i: 1 + comp_len[i]  # the copied last prompt token, then the completion
+  for i in sorted(range(len(comp_len)), key=lambda k: (-(prompt_len[k] + comp_len[k]), k)):
+    for r, runs in enumerate(rows):
+      run = next((u for u in runs if share and key[u[0]] == key[i]
+                  and sum(map(own, u)) <= prompt_len[i] - 1), None)
+      if run is not None and free[r] >= own(i):
+        run.append(i)
+        free[r] -= own(i)
+        break
+      if free[r] >= prompt_len[i] + comp_len[i]:
+        runs.append([i])
+        free[r] -= prompt_len[i] + comp_len[i]
+        break
+    else:
+      rows.append([[i]])
+      free.append(row_len - prompt_len[i] - comp_len[i])
   return rows
+
+
+def _lane_slot(rank: int, rows: int, lanes: int) -> int:
+  """Where the micro-batch's rank-th row (longest sequence first) goes. Its rows spread over
+  `lanes` devices in contiguous blocks and attend one row per device at a time
+  (`attention.windowed_attention`), so rows of similar length sit at the same offset of each
+  block: ranks 0, 1, … go to offsets 0 of blocks 0, 1, …, then offsets 1, …"""
+  if rows % lanes:
+    return rank
+  return (rank % lanes) * (rows // lanes) + rank // lanes
 
 
 def pack_rollout(batch: RolloutBatch, cfg: GRPOConfig, row_len: int = 0,
@@ -83,53 +110,73 @@ def pack_rollout(batch: RolloutBatch, cfg: GRPOConfig, row_len: int = 0,
   if not mask[:, :s].any(axis=1).all():
     raise ValueError("every sample needs a prompt token: a packed completion's first token "
                      "is scored from the token before it in its own sequence")
-  seq = [np.concatenate([tokens[i, :s][mask[i, :s]], tokens[i, s:][comp[i]]]) for i in range(n)]
-  too_long = [i for i in range(n) if len(seq[i]) > row_len]
+  prompt = [tokens[i, :s][mask[i, :s]] for i in range(n)]
+  completion = [tokens[i, s:][comp[i]] for i in range(n)]
+  seq_len = [len(prompt[i]) + len(completion[i]) for i in range(n)]
+  too_long = [i for i in range(n) if seq_len[i] > row_len]
   if too_long:
-    raise ValueError(f"samples {too_long[:5]} have {len(seq[too_long[0]])} tokens, more "
+    raise ValueError(f"samples {too_long[:5]} have {seq_len[too_long[0]]} tokens, more "
                      f"than the packed row length {row_len}")
+  key = [p.tobytes() for p in prompt]  # samples share a prompt copy only if it is the same
   weight_i = np.zeros(n)
-  layout: list[list[list[int]]] = [[[] for _ in range(a_)] for _ in range(m_)]
+  layout: list[list[list]] = [[[] for _ in range(a_)] for _ in range(m_)]
   for j in range(m_):
     members = [i for i in range(n) if (i // a_) % m_ == j]
     weight_i[members] = _weights(loss_mask[members].sum(1), cfg.loss_mode, t)
-    for k, row in enumerate(_first_fit([len(seq[i]) for i in members], row_len)):
-      layout[j][k % a_].append([members[i] for i in row])
+    rows = _first_fit([len(prompt[i]) for i in members], [len(completion[i]) for i in members],
+                      [key[i] for i in members], row_len, cfg.share_prompts)
+    for k, row in enumerate(rows):
+      layout[j][k % a_].append([[members[i] for i in run] for run in row])
   per_micro = _bucket(max(len(rows) for mini in layout for rows in mini), rows_multiple)
   r_total = per_micro * m_ * a_
   out = {name: np.zeros((r_total, row_len), dtype) for name, dtype in (
       ("tokens", np.int32), ("positions", np.int32), ("segment_ids", np.int32),
+      ("sample_ids", np.int32),
       ("loss_mask", bool), ("weights", np.float32), ("old_logp", np.float32),
       ("advantages", np.float32), ("ref_logp", np.float32))}
   for j in range(m_):
     for l in range(a_):
-      for k, members in enumerate(layout[j][l]):
+      for rank, runs in enumerate(layout[j][l]):
+        k = _lane_slot(rank, per_micro, rows_multiple)
         r = k * m_ * a_ + j * a_ + l  # split_rows: row r -> mini-batch j, micro-batch l
-        _place(out, r, members, seq, s, comp, loss_mask, weight_i, batch)
+        _place(out, r, runs, prompt, completion, comp, loss_mask, weight_i, batch)
   if batch.ref_logp is None:
     del out["ref_logp"]
-  useful = sum(len(x) for x in seq)
-  stats = {"pack/rows": float(r_total), "pack/fill": useful / (r_total * row_len),
-           "pack/padded_fill": useful / (n * (s + t))}
+  useful = sum(seq_len)
+  placed = int((out["segment_ids"] > 0).sum())
+  stats = {"pack/rows": float(r_total), "pack/fill": placed / (r_total * row_len),
+           "pack/padded_fill": useful / (n * (s + t)),
+           "pack/shared_prompt_tokens": float(useful - placed)}
   return PackedRollout(**out), stats
 
 
-def _place(out: dict, r: int, members: list[int], seq: list, s: int, comp: np.ndarray,
-           loss_mask: np.ndarray, weight_i: np.ndarray, batch: RolloutBatch) -> None:
-  """Writes sequences `members` one after another into packed row r."""
+def _place(out: dict, r: int, runs: list[list[int]], prompt: list, completion: list,
+           comp: np.ndarray, loss_mask: np.ndarray, weight_i: np.ndarray,
+           batch: RolloutBatch) -> None:
+  """Writes runs one after another into packed row r: each run is segment 1, 2, …, its
+  prompt minus the last token (sample id 0, seen by all of the run), then for its k-th
+  sample the last prompt token again and the completion (sample id k), at the positions
+  the sample has alone. Each completion token is thus scored from the column before it."""
   at = 0
-  for seg, i in enumerate(members, 1):
-    n_tok, n_comp = len(seq[i]), int(comp[i].sum())
-    span = slice(at, at + n_tok)
-    out["tokens"][r, span] = seq[i]
-    out["positions"][r, span] = np.arange(n_tok)
+  for seg, run in enumerate(runs, 1):
+    p = prompt[run[0]]
+    span = slice(at, at + len(p) - 1)
+    out["tokens"][r, span], out["positions"][r, span] = p[:-1], np.arange(len(p) - 1)
     out["segment_ids"][r, span] = seg
-    c = slice(at + n_tok - n_comp, at + n_tok)  # the completion's columns
-    real = comp[i]
-    out["loss_mask"][r, c] = loss_mask[i][real]
-    out["weights"][r, c] = np.where(loss_mask[i][real], weight_i[i], 0.0)
-    out["old_logp"][r, c] = np.asarray(batch.old_logp)[i][real]
-    out["advantages"][r, c] = np.asarray(batch.advantages)[i]
-    if batch.ref_logp is not None:
-      out["ref_logp"][r, c] = np.asarray(batch.ref_logp)[i][real]
-    at += n_tok
+    at += len(p) - 1
+    for k, i in enumerate(run, 1):
+      n_comp = len(completion[i])
+      span = slice(at, at + 1 + n_comp)
+      out["tokens"][r, span] = np.concatenate([p[-1:], completion[i]])
+      out["positions"][r, span] = np.arange(len(p) - 1, len(p) + n_comp)
+      out["segment_ids"][r, span] = seg
+      out["sample_ids"][r, span] = k
+      c = slice(at + 1, at + 1 + n_comp)  # the completion's columns
+      real = comp[i]
+      out["loss_mask"][r, c] = loss_mask[i][real]
+      out["weights"][r, c] = np.where(loss_mask[i][real], weight_i[i], 0.0)
+      out["old_logp"][r, c] = np.asarray(batch.old_logp)[i][real]
+      out["advantages"][r, c] = np.asarray(batch.advantages)[i]
+      if batch.ref_logp is not None:
+        out["ref_logp"][r, c] = np.asarray(batch.ref_logp)[i][real]
+      at += 1 + n_comp

@@ -240,10 +240,12 @@ class Trainer:
     g = self.grpo
     ma = mb["tokens"].shape[:2]
     flat = lambda x: x.reshape(-1, *x.shape[2:])
+    lanes = batches_lib.row_lanes(mb["tokens"].shape[2], self.mesh)
     logp = jax.lax.map(
-        lambda xs: losses.packed_logprobs_and_entropy(params, self.cfg, *xs, g.temperature,
-                                                      g.logits_chunk)[0],
-        (flat(mb["tokens"]), flat(mb["positions"]), flat(mb["segment_ids"])))
+        lambda xs: losses.packed_logprobs_and_entropy(params, self.cfg, *xs[:3], g.temperature,
+                                                      g.logits_chunk, lanes, xs[3])[0],
+        (flat(mb["tokens"]), flat(mb["positions"]), flat(mb["segment_ids"]),
+         None if "sample_ids" not in mb else flat(mb["sample_ids"])))
     logp = jnp.pad(logp, ((0, 0), (0, 0), (1, 0)))
     return jax.lax.stop_gradient(logp.reshape(*ma, *logp.shape[1:]))
 
@@ -252,8 +254,8 @@ class Trainer:
     denominator, so micro-batch losses sum to the mini-batch's as on the padded path."""
     g, cfg = self.grpo, self.cfg
     m, a = g.minibatches, g.microbatches
-    fields = ("tokens", "positions", "segment_ids", "loss_mask", "weights", "old_logp",
-              "advantages", "ref_logp")
+    fields = ("tokens", "positions", "segment_ids", "sample_ids", "loss_mask", "weights",
+              "old_logp", "advantages", "ref_logp")
     mb = {k: self._split(getattr(batch, k), m, a) for k in fields
           if getattr(batch, k) is not None}
     if "ref_logp" not in mb and ref_params is not None:
@@ -261,10 +263,12 @@ class Trainer:
     if g.recompute_old_logp:
       mb["old_logp"] = self._packed_nograd_logp(state.params, mb)
 
+    lanes = batches_lib.row_lanes(mb["tokens"].shape[2], self.mesh)
+
     def micro_loss(params, x):
       logp, ent = losses.packed_logprobs_and_entropy(
           params, cfg, x["tokens"], x["positions"], x["segment_ids"], g.temperature,
-          g.logits_chunk)
+          g.logits_chunk, lanes, x.get("sample_ids"))
       y = {k: v[:, 1:] for k, v in x.items()}  # aligned with the scored tokens
       loss, sums = losses.packed_grpo_loss(logp, y["old_logp"], y["advantages"],
                                            y["loss_mask"], y["weights"], g, y.get("ref_logp"))
@@ -287,16 +291,17 @@ class Trainer:
              if getattr(batch, name) is not None}
     ntok = jnp.sum(batch.loss_mask[:, 1:], dtype=jnp.float32)
     micro["denom"] = jnp.broadcast_to(jnp.maximum(ntok, 1.0), (a,))
+    lanes = batches_lib.row_lanes(micro["tokens"].shape[1], self.mesh)
 
     def micro_loss(params, x):
       if "top_ids" in x:
         return losses.distill_loss(
             params, self.cfg, x["tokens"], x["mask"], x["loss_mask"], x["top_ids"],
             x["top_logprobs"], x["teacher_mask"], self.kd_weight, x["denom"], self.sft_chunk,
-            x.get("positions"), x.get("segment_ids"))
+            x.get("positions"), x.get("segment_ids"), lanes)
       return losses.sft_loss(params, self.cfg, x["tokens"], x["mask"], x["loss_mask"],
                              x["denom"], self.sft_chunk, x.get("positions"),
-                             x.get("segment_ids"))
+                             x.get("segment_ids"), lanes)
 
     state, loss, sums, metrics = self.update(state, micro, micro_loss)
     ntok = jnp.maximum(sums["tokens"], 1.0)
