@@ -112,9 +112,9 @@ def windowed_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, blocks: QueryBlocks, c
 
   A query sees keys from its own sequence's first token on. A block of queries [lo, hi)
   therefore needs the keys [s, hi), s = the first token of the block's earliest sequence;
-  the keys before s belong to other sequences, which the mask would discard. The rows are walked
-  `lanes` at a time (one per device the rows are spread over, so each device takes one row
-  per step). Each step, a `lax.switch` picks the narrowest static window [hi − w, hi)
+  the keys before s belong to other sequences, which the mask would discard. The rows are
+  walked `lanes` at a time (one per device the rows are spread over, so each device takes
+  one row per step). Each step, a `lax.switch` picks the narrowest static window [hi − w, hi)
   (w = c, 2c, 4c or hi) that covers the step's rows, so a block of short sequences costs a
   few c × c tiles instead of c × hi. Same math as the full block: the masked keys carry zero
   weight in either form. Segments must be contiguous runs of a row (as packing writes them);

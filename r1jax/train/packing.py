@@ -3,13 +3,13 @@
 A padded RolloutBatch spends a row of S + T columns on every sample, however short its
 completion; with R1's heavy-tailed lengths most of those columns are padding. Packing puts
 each sample's real prompt and completion tokens one after another into rows of `row_len`
-tokens, with per-sequence positions and segment ids (attention never crosses a sequence),
-short samples of one group after one copy of their prompt (`grpo.share_prompts`; sample ids
-keep them apart: `_first_fit`, `_place`), and carries everything the loss needs per token, aligned with the token it scores:
-the sampler's logp, the reference logp, the sample's advantage, the loss mask and the
-token's weight in Σ w·ℓ. The weights are the padded path's (`losses.token_weights` over each
-mini-batch's `loss_denominator`), computed here in float64, so every loss mode gives the
-same loss and gradient as the padded update.
+tokens, with per-sequence positions and segment ids (attention never crosses a sequence).
+With `grpo.share_prompts`, short samples of one group follow one copy of their prompt, and
+sample ids keep them apart (`_first_fit`, `_place`). Packing carries everything the loss
+needs per token, aligned with the token it scores: the sampler's logp, the reference logp,
+the sample's advantage, the loss mask and the token's weight in Σ w·ℓ. The weights are the
+padded path's (`losses.token_weights` over each mini-batch's `loss_denominator`), computed
+here in float64, so every loss mode gives the same loss and gradient as the padded update.
 
 Mini-batches hold the same samples as `batches.split_rows` gives the padded path (sample i
 in mini-batch (i // A) mod M). Within one, sequences are placed first-fit by decreasing
