@@ -107,6 +107,13 @@ def test_bad_config_is_rejected():
     CFG.replace(compute_dtype="float8")
 
 
+def test_sample_ids_need_segment_ids(params):
+  """Sample ids subdivide packed segments; alone they would silently mask nothing."""
+  tokens = jnp.zeros((1, 6), jnp.int32)
+  with pytest.raises(ValueError, match="pass segment_ids too"):
+    model.hidden_states(params, tokens, CFG, sample_ids_BxT=jnp.ones((1, 6), jnp.int32))
+
+
 def _plain_swiglu(y, gate, up, down):
   """The MLP as plain jnp, differentiated by autodiff: the reference backward."""
   return jnp.einsum("btf,fd->btd", jax.nn.silu(y @ gate) * (y @ up), down)
