@@ -27,8 +27,11 @@ def rel_err(got, want) -> float:
 # --- float64 restatement -------------------------------------------------------
 
 
-def np_grpo(logp, old, adv, mask, ref, cfg):
-  """(loss, dloss/dlogp, Σ|terms|) token by token, written case by case (no min / clip)."""
+def np_grpo(logp, old, adv, mask, ref, cfg, prox=None):
+  """(loss, dloss/dlogp, Σ|terms|) token by token, written case by case (no min / clip).
+
+  With `prox` (decoupled): the ratio is against prox, and the objective is scaled by the
+  sampler's importance weight exp(prox − old), truncated at cfg.tis_cap (if set)."""
   logp, old, adv = (np.asarray(x, np.float64) for x in (logp, old, adv))
   ref = None if ref is None else np.asarray(ref, np.float64)
   n, t = logp.shape
@@ -37,13 +40,18 @@ def np_grpo(logp, old, adv, mask, ref, cfg):
   for i, j in itertools.product(range(n), range(t)):
     if not mask[i, j]:
       continue
-    a, rho = adv[i], np.exp(logp[i, j] - old[i, j])
+    base = old[i, j] if prox is None else float(prox[i, j])
+    a, rho = adv[i], np.exp(logp[i, j] - base)
     if lo <= rho <= hi or (rho > hi and a < 0) or (rho < lo and a > 0):
       obj, dobj = rho * a, rho * a  # the unclipped term is the minimum
     else:
       obj, dobj = (hi if rho > hi else lo) * a, 0.0
     if cfg.dual_clip and a < 0 and obj < cfg.dual_clip * a:
       obj, dobj = cfg.dual_clip * a, 0.0
+    if prox is not None and cfg.tis_cap:
+      w = np.exp(float(prox[i, j]) - old[i, j])
+      w = cfg.tis_cap if w > cfg.tis_cap else w
+      obj, dobj = w * obj, w * dobj
     ell[i, j], dell[i, j] = -obj, -dobj
     if ref is not None and cfg.beta:
       d = ref[i, j] - logp[i, j]
@@ -103,6 +111,26 @@ def test_grpo_loss_and_grad_match_float64(seed):
   assert worst_loss <= TOL and worst_grad <= TOL
 
 
+@pytest.mark.parametrize("cap", [2.0, 0.0])
+def test_decoupled_loss_and_grad_match_float64(cap):
+  """Ratio against the starting policy, weighted by the sampler's truncated IS weight."""
+  logp, old, adv, mask, ref = random_inputs(3)
+  prox = (logp - np.random.default_rng(4).normal(0.0, 0.3, logp.shape)).astype(np.float32)
+  w = np.exp(prox.astype(np.float64) - old)[mask]
+  assert cap == 0 or (np.sum(w > cap) and np.sum(w < 1))  # both sides of the cap exercised
+  for case in CASES[::3]:
+    cfg = GRPOConfig(eps_low=0.2, tis_cap=cap, overlap="rewards", **case)
+    fn = lambda lp, cfg=cfg: losses.grpo_loss(lp, old, adv, mask, cfg, ref, None, prox)[0]
+    loss, grad = jax.value_and_grad(fn)(logp)
+    want_loss, want_grad, scale = np_grpo(logp, old, adv, mask, ref, cfg, prox)
+    assert abs(float(loss) - want_loss) / scale <= TOL
+    assert rel_err(grad, want_grad) <= TOL
+  _, sums = losses.grpo_loss(logp, old, adv, mask, cfg, ref, None, prox)
+  assert sums["is_capped"] == (np.sum(w > cap) if cap else 0)
+  want = np.minimum(w, cap).sum() if cap else mask.sum()  # cap 0: no weight
+  np.testing.assert_allclose(sums["is_weight"], want, rtol=1e-5)
+
+
 def test_clip_and_dual_clip_regions_are_exercised():
   """The random inputs above hit every branch, so the comparison covers them."""
   logp, old, adv, mask, _ = random_inputs(0)
@@ -137,14 +165,17 @@ def test_microbatch_losses_sum_to_the_batch_loss(mode):
   assert rel_err(total_grad, grad) <= 1e-6
 
 
-def test_garbage_at_masked_positions_never_leaks():
+@pytest.mark.parametrize("overlap", ["", "rewards"])
+def test_garbage_at_masked_positions_never_leaks(overlap):
   logp, old, adv, mask, ref = random_inputs(3)
-  cfg = GRPOConfig(beta=0.04, dual_clip=3.0, loss_mode="bnpo")
-  f = jax.value_and_grad(lambda lp, o, r: losses.grpo_loss(lp, o, adv, mask, cfg, r)[0])
-  clean = f(logp, old, ref)
-  bad = lambda x, v: np.where(mask, x, v).astype(np.float32)
+  cfg = GRPOConfig(beta=0.04, dual_clip=3.0, loss_mode="bnpo", overlap=overlap)
+  prox = logp + 0.1 if overlap else None
+  f = jax.value_and_grad(lambda lp, o, r, px: losses.grpo_loss(
+      lp, o, adv, mask, cfg, r, None, px if overlap else None)[0])
+  clean = f(logp, old, ref, prox)
+  bad = lambda x, v: None if x is None else np.where(mask, x, v).astype(np.float32)
   for v in (np.nan, np.inf, -np.inf, 1e30):
-    got = f(bad(logp, v), bad(old, -v), bad(ref, v))
+    got = f(bad(logp, v), bad(old, -v), bad(ref, v), bad(prox, v))
     assert float(got[0]) == float(clean[0])
     np.testing.assert_array_equal(got[1], clean[1])
 
@@ -162,6 +193,10 @@ def test_loss_errors():
     GRPOConfig(loss_mode="token_sum")
   with pytest.raises(ValueError, match="dual_clip"):
     GRPOConfig(dual_clip=0.5)
+  with pytest.raises(ValueError, match="grpo.overlap='yes' not in"):
+    GRPOConfig(overlap="yes")
+  with pytest.raises(ValueError, match="tis_cap must be 0"):
+    GRPOConfig(tis_cap=0.5)
 
 
 # --- model-level: teacher-forced logprobs, SFT, REINFORCE --------------------

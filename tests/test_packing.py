@@ -119,17 +119,20 @@ def test_packing_errors():
     pack_rollout(no_prompt, GRPOConfig())
 
 
-@pytest.mark.parametrize("mode", ["grpo", "dr_grpo"])
-def test_trainer_step_on_packed_rows_equals_the_padded_step(params, mode):
-  """Through Trainer.rl_step: 2 mini-batches × 2 micro-batches, β > 0 with the reference run
-  by the step itself, on a mesh; the same metrics and the same updated params."""
+@pytest.mark.parametrize("mode,minibatches,overlap", [
+    ("grpo", 2, ""), ("dr_grpo", 2, ""), ("bnpo", 2, "rollout"), ("grpo", 1, "rewards")])
+def test_trainer_step_on_packed_rows_equals_the_padded_step(params, mode, minibatches, overlap):
+  """Through Trainer.rl_step: mini-batches × 2 micro-batches, β > 0 with the reference run
+  by the step itself, on a mesh; the same metrics and the same updated params. With
+  `overlap` the loss is decoupled (starting-policy logprobs: a forward pass with 2
+  mini-batches, the loss's own with 1)."""
   from r1jax.core import sharding
   from r1jax.core.config import OptConfig
   from r1jax.train.trainer import Trainer
 
   mesh = sharding.make_mesh((2, 4, 1))
-  g = GRPOConfig(loss_mode=mode, beta=0.04, minibatches=2, microbatches=2, group_size=4,
-                 logits_chunk=5, share_prompts=True)
+  g = GRPOConfig(loss_mode=mode, beta=0.04, minibatches=minibatches, microbatches=2,
+                 group_size=4, logits_chunk=5, share_prompts=True, overlap=overlap)
   trainer = Trainer(CFG, OptConfig(lr=1e-3), mesh, g)
   ref = trainer.make_ref(params)
   b = dataclasses.replace(rollout(n=16, seed=5, ref=False, group=4), truncated=None)
@@ -141,7 +144,9 @@ def test_trainer_step_on_packed_rows_equals_the_padded_step(params, mode):
     state, metrics = trainer.rl_step(state, trainer.put_batch(batch), ref)
     out[name] = (jax.device_get(state.params), jax.device_get(metrics))
   (p_pad, m_pad), (p_pk, m_pk) = out["padded"], out["packed"]
-  for key in ("loss", "grad_norm", "kl", "entropy", "tokens", "clip_frac_low"):
+  keys = ("loss", "grad_norm", "kl", "entropy", "tokens", "clip_frac_low",
+          *(("is_weight_mean", "is_capped_frac") if overlap else ()))
+  for key in keys:
     np.testing.assert_allclose(m_pk[key], m_pad[key], rtol=2e-5, atol=1e-7, err_msg=key)
   for a, e in zip(jax.tree.leaves(p_pk), jax.tree.leaves(p_pad)):
     np.testing.assert_allclose(a, e, atol=2e-6)

@@ -226,10 +226,10 @@ def test_one_iteration_places_one_batch_and_moves_nothing_hidden(world, tmp_path
       return step(*args)
 
   with run.loop, run.scorer:
-    _, state, ref = rl.initial_state(run)
+    _, state, ref, _ = rl.initial_state(run)
     run.trainer.put_batch = counting_put
     run.trainer.rl_step = guarded_step
-    state, ref, metrics = rl.iteration(run, state, ref, 1)
+    state, ref, metrics, _ = rl.iteration(run, state, ref, 1)
   assert len(placed) == 1
   assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(placed[0]))
   assert placed[0].ref_logp is not None and placed[0].ref_logp.shape == placed[0].old_logp.shape
@@ -247,8 +247,8 @@ def test_packed_update_matches_the_padded_one_in_the_loop(world, tmp_path):
     c.lock()
     run = rl.setup(c, tmp_path / f"run_{pack}")
     with run.loop, run.scorer:
-      _, state, ref = rl.initial_state(run)
-      state, ref, metrics[pack] = rl.iteration(run, state, ref, 1)
+      _, state, ref, _ = rl.initial_state(run)
+      state, ref, metrics[pack], _ = rl.iteration(run, state, ref, 1)
   padded, packed = metrics[False], metrics[True]
   assert padded["response_length/mean"] == packed["response_length/mean"]  # same rollout
   for key in ("loss", "grad_norm", "kl", "entropy", "tokens"):

@@ -152,6 +152,18 @@ def test_microbatching_is_exact(reference):
   np.testing.assert_allclose(metrics["grad_norm"], reference["metrics"]["grad_norm"], rtol=1e-5)
 
 
+def reinforce_grad_norm(params, b, rows, w_NxT) -> float:
+  """‖∇ −Σ w·A·logp‖ over `rows` of batch `b`: REINFORCE with per-token weights."""
+  def loss(p):
+    lsm = jax.nn.log_softmax(model.forward(p, b.tokens[rows], CFG, mask_BxT=b.mask[rows])
+                             [:, S - 1:-1], -1)
+    logp = jnp.take_along_axis(lsm, b.tokens[rows, S:, None], -1)[..., 0]
+    return -jnp.sum(w_NxT * b.advantages[rows, None] * logp)
+
+  return float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(
+      jax.jit(jax.grad(loss))(params)))))
+
+
 def test_first_update_gradient_is_reinforce(reference):
   """μ = 1 semantics: old = the policy's logp, ref = policy ⇒ ∇ = REINFORCE with baseline."""
   tr, params = reference["trainer"], reference["params"]
@@ -162,17 +174,7 @@ def test_first_update_gradient_is_reinforce(reference):
   _, metrics = guarded_rl_step(tr, state, tr.put_batch(b), ref)
   rows = np.array([r for r in range(N) if (r // 2) % 2 == 0])  # mini-batch 0 (M = 2, K = 2)
   eff = (b.completion_mask & ~b.truncated[:, None])[rows]
-  w = eff / eff.sum()  # bnpo
-  s = S
-
-  def reinforce(p):
-    lsm = jax.nn.log_softmax(model.forward(p, b.tokens[rows], CFG, mask_BxT=b.mask[rows])
-                             [:, s - 1:-1], -1)
-    logp = jnp.take_along_axis(lsm, b.tokens[rows, s:, None], -1)[..., 0]
-    return -jnp.sum(w * b.advantages[rows, None] * logp)
-
-  want = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(
-      jax.jit(jax.grad(reinforce))(params)))))
+  want = reinforce_grad_norm(params, b, rows, eff / eff.sum())  # bnpo
   got = float(metrics["grad_norm"][0])
   print(f"first-update grad norm {got:.6e} vs REINFORCE {want:.6e}: "
         f"rel {abs(got - want) / want:.2e}")
@@ -191,6 +193,32 @@ def test_recomputed_old_logprobs_ignore_the_samplers(reference):
   _, metrics = guarded_rl_step(tr, state, tr.put_batch(b))
   assert abs(metrics["ratio_mean"][0] - 1) < 1e-5 and metrics["ratio_max"][0] < 1 + 1e-5
   assert abs(metrics["ratio_mean"][1] - 1) > 1e-4  # pass 2 sees the first update
+
+
+@pytest.mark.parametrize("mu_m", [(1, 1), (2, 2)])
+def test_decoupled_first_update_is_is_weighted_reinforce(reference, mu_m):
+  """overlap / recompute: ratio 1 against the starting policy (its own detached logp when
+  μ·M = 1, a forward pass otherwise), and the gradient is REINFORCE with each token weighted
+  by min(π / π_sampler, tis_cap), the sampler being a step behind (here: heavy noise)."""
+  mu, m = mu_m
+  grpo = dataclasses.replace(GRPO, overlap="rewards", tis_cap=2.0, mu=mu, minibatches=m)
+  tr, params = single_device_trainer(grpo), reference["params"]
+  b = reference["batch"]
+  policy = np.asarray(reference["trainer"].logprobs(params, reference["trainer"].put_batch(b)))
+  noise = np.random.default_rng(5).normal(0.0, 0.8, policy.shape).astype(np.float32)
+  b = dataclasses.replace(b, old_logp=np.where(b.completion_mask, policy + noise, 0.0))
+  state = tr.init_state(jax.tree.map(jnp.asarray, params))
+  _, metrics = guarded_rl_step(tr, state, tr.put_batch(b),
+                               tr.make_ref(jax.tree.map(jnp.asarray, params)))
+  rows = np.array([r for r in range(N) if m == 1 or (r // 2) % 2 == 0])  # first mini-batch
+  eff = (b.completion_mask & ~b.truncated[:, None])[rows]
+  w = np.minimum(np.exp(policy - b.old_logp), 2.0)[rows] * eff / eff.sum()  # bnpo
+  assert (np.exp(policy - b.old_logp)[rows][eff] > 2).any()  # the cap is exercised
+  want = reinforce_grad_norm(params, b, rows, w)
+  assert abs(float(metrics["grad_norm"][0]) - want) <= 1e-5 * want
+  assert abs(metrics["ratio_mean"][0] - 1) < 1e-5 and metrics["is_capped_frac"][0] > 0
+  if mu * m > 1:
+    assert abs(metrics["ratio_mean"][-1] - 1) > 1e-4  # later updates: against the start
 
 
 def test_non_finite_update_is_skipped_and_counted(reference):

@@ -207,6 +207,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 LOSS_MODES = ("grpo", "bnpo", "dr_grpo")
 ADV_SCALES = ("group", "batch", "none")
+OVERLAPS = ("", "rewards", "rollout")  # grpo.overlap: off | scoring only | sampling too
 REWARD_NORMS = ("sum", "per_component")
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -234,7 +235,9 @@ class GRPOConfig:
   minibatches: int = 1  # M: optimizer updates per pass (R1-Zero: 16)
   microbatches: int = 1  # A: gradient-accumulation steps per update (memory only)
   mask_truncated: bool = False  # drop completions that hit the length limit from the loss
-  recompute_old_logp: bool = False  # old logprobs from the pre-update policy, not the sampler
+  recompute_old_logp: bool = False  # PPO ratio against the pre-update policy, not the sampler
+  tis_cap: float = 2.0  # ratio not against the sampler: loss × min(π_old / π_sampler, cap); 0 off
+  overlap: str = ""  # rl, one step off-policy: "" off | rewards | rollout (stages/rl_ahead.py)
   ref_reset_every: int = 0  # RL iterations between reference := policy; 0 = never (R1-Zero: 400)
   ref_dtype: str = "float32"  # storage dtype of the frozen reference (bfloat16 halves it)
   logits_chunk: int = 128  # completion positions per unembed chunk: bounds live logits
@@ -264,6 +267,16 @@ class GRPOConfig:
       raise ValueError(f"grpo.pack_len must be >= 0, got {self.pack_len}")
     if self.ref_reset_every < 0:
       raise ValueError(f"grpo.ref_reset_every must be >= 0, got {self.ref_reset_every}")
+    if self.overlap not in OVERLAPS:
+      raise ValueError(f"grpo.overlap={self.overlap!r} not in {OVERLAPS}")
+    if self.tis_cap and self.tis_cap < 1:
+      raise ValueError(f"grpo.tis_cap must be 0 (off) or >= 1, got {self.tis_cap}")
+
+  @property
+  def decoupled(self) -> bool:
+    """The PPO ratio is taken against the policy the update starts from, and the sampler's
+    logprobs only weigh tokens (truncated importance sampling, `tis_cap`)."""
+    return self.recompute_old_logp or bool(self.overlap)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -423,3 +423,17 @@ class SFTIterator:
       if k in pending:
         self._window.append(record)
     self.counts = collections.Counter(state["counts"])
+
+
+def check_mixture(tasks: list[str], weights: dict, source: str, tolerance: float = 0.1) -> None:
+  """Warns (with the actual proportions) when a prompt file's task mixture is far from the
+  configured data.task_weights: a mixture that is not what the run was planned on."""
+  if not weights:
+    return
+  total = sum(weights.values())
+  actual = {t: tasks.count(t) / len(tasks) for t in sorted(set(tasks) | set(weights))}
+  far = {t: (round(actual[t], 3), round(weights.get(t, 0) / total, 3)) for t in actual
+         if abs(actual[t] - weights.get(t, 0) / total) > tolerance}
+  if far:
+    log.warning("%s: task proportions %s are far from data.task_weights (task: (actual, "
+                "configured) %s)", source, {t: round(v, 3) for t, v in actual.items()}, far)

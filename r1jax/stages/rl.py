@@ -14,12 +14,15 @@ One iteration (`iteration`), in the order the data flows:
    by one jitted, donated `Trainer.rl_step` (train/trainer.py → train/update.py).
 6. Bookkeeping: metrics to JSONL / TensorBoard / console, held-out evals
    (evaluation/suite.py), orbax checkpoints and SIGTERM handling (train/loop.py).
+With grpo.overlap, steps 2–3 of the next iteration run in a background thread during step 5
+(one step off-policy: stages/rl_ahead.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,13 +38,14 @@ from r1jax.core.config import (GRPOConfig, ModelConfig, eval_group, grpo_config,
                                model_config, model_group, opt_config, opt_group, stage_group)
 from r1jax.core.tokenizer import TEMPLATES, Tokenizer, load_tokenizer, tokenizer_path
 from r1jax.core.weights import check_vocab, load_model
-from r1jax.data.pipeline import PromptIterator, PromptPipeline
+from r1jax.data.pipeline import PromptIterator, PromptPipeline, check_mixture
 from r1jax.data.rows import ADAPTERS
 from r1jax.evaluation import suite as suite_lib
 from r1jax.generation.engine import Engine, Samples
 from r1jax.generation.sampler import STOP_REASONS, SamplingParams
 from r1jax.rewards.compose import RewardBatch, RewardScorer, parse_spec, reward_inputs
 from r1jax.rewards.reward_model import load_models
+from r1jax.stages import rl_ahead
 from r1jax.train import advantages as adv_lib
 from r1jax.train import batches as batches_lib
 from r1jax.train import packing
@@ -236,63 +240,57 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> RLRun:
                loop=TrainLoop(config, workdir, "rl"), resuming=resuming)
 
 
-def _tree(state: TrainState, ref: Any) -> dict:
-  """What a checkpoint holds: the train state, and the reference when there is one."""
-  return {"train": state, **({"ref": ref} if ref is not None else {})}
+def _tree(state: TrainState, ref: Any, behaviour: Any = None) -> dict:
+  """What a checkpoint holds: the train state, the reference when there is one, and with
+  grpo.overlap the params the pending rollout samples with (stages/rl_ahead.py)."""
+  return {"train": state, **({"ref": ref} if ref is not None else {}),
+          **({"behaviour": behaviour} if behaviour is not None else {})}
 
 
-def initial_state(rl: RLRun) -> tuple[int, TrainState, Any]:
-  """(start step, state, reference): restored straight into their shardings, or fresh."""
+def initial_state(rl: RLRun) -> tuple[int, TrainState, Any, Any]:
+  """(start step, state, reference, behaviour): restored straight into their shardings, or
+  fresh. `behaviour` (grpo.overlap, resuming): the params of the rollout to replay."""
   c, t = rl.config, rl.trainer
   if rl.resuming:  # Restore targets only: nothing is allocated twice.
     params = checkpoint.abstract_params(rl.cfg, t.mesh)
     state = checkpoint.abstract_like(jax.eval_shape(t.init_state, params), t.state_shardings)
     ref = (checkpoint.abstract_like(params, t.param_shardings, jnp.dtype(rl.grpo.ref_dtype))
            if rl.grpo.beta else None)
-    restored = rl.loop.resume(_tree(state, ref))
+    behaviour = checkpoint.abstract_like(params, t.param_shardings) if rl.grpo.overlap else None
+    restored = rl.loop.resume(_tree(state, ref, behaviour))
     if not restored:
       raise RuntimeError(f"{rl.workdir}/checkpoints has step folders but none could be restored")
     start, tree, extra = restored
     rl.data.set_state(extra["data"])
     rl.loop.summary["rl_wall_s"] = extra.get("rl_wall_s", 0.0)
-    return start, tree["train"], tree.get("ref")
+    return start, tree["train"], tree.get("ref"), tree.get("behaviour")
   _, params = load_model(c.model, t.mesh, seed=c.seed)
   state = t.init_state(params)
-  return 0, state, t.make_ref(state.params) if rl.grpo.beta else None
+  return 0, state, t.make_ref(state.params) if rl.grpo.beta else None, None
 
 
 # ------------------------------------------------------------------------------ iteration
 
 
-def roll_out(rl: RLRun, params: Any, ref: Any, problems: list[dict],
-             key: jax.Array) -> ScoredRollout:
-  """Sample, dispatch the reference forward, score on the host: one batch of B groups."""
-  g, timer = rl.grpo.group_size, rl.loop.timer
+def roll_out(rl: RLRun, params: Any, ref: Any, problems: list[dict], key: jax.Array,
+             timer: metrics_lib.StepTimer | None = None,
+             sampled: threading.Event | None = None) -> ScoredRollout:
+  """Sample, dispatch the reference forward, score on the host: one batch of B groups.
+  `sampled` is set once the samples are on the host (grpo.overlap="rewards" waits on it)."""
+  g, timer = rl.grpo.group_size, timer or rl.loop.timer
   with timer("rollout"):
     rollout = rl.engine.launch(params, [p["prompt_ids"] for p in problems], key, g)
     # Dispatched asynchronously: the device works on it while the host scores.
     ref_logp = rl.trainer.rollout_logprobs(ref, rollout, g) if ref is not None else None
     samples = rl.engine.collect(rollout, g)
+  if sampled is not None:
+    sampled.set()
   with timer("reward"):
     rewards = rl.scorer.score(reward_inputs(problems, samples.texts, samples.lengths, g))
   with timer("rollout"):
     ref_logp = None if ref_logp is None else np.asarray(ref_logp)
   return ScoredRollout(problems, samples, rewards, ref_logp, _advantages(rl, rewards),
                        _keep(rl, rewards, len(problems)))
-
-
-def check_mixture(tasks: list[str], weights: dict, source: str, tolerance: float = 0.1) -> None:
-  """Warns (with the actual proportions) when a prompt file's task mixture is far from the
-  configured data.task_weights: a mixture that is not what the run was planned on."""
-  if not weights:
-    return
-  total = sum(weights.values())
-  actual = {t: tasks.count(t) / len(tasks) for t in sorted(set(tasks) | set(weights))}
-  far = {t: (round(actual[t], 3), round(weights.get(t, 0) / total, 3)) for t in actual
-         if abs(actual[t] - weights.get(t, 0) / total) > tolerance}
-  if far:
-    log.warning("%s: task proportions %s are far from data.task_weights (task: (actual, "
-                "configured) %s)", source, {t: round(v, 3) for t, v in actual.items()}, far)
 
 
 def _fill_failed(r: np.ndarray, bad: np.ndarray, g: int) -> np.ndarray:
@@ -333,12 +331,14 @@ def _keep(rl: RLRun, rewards: RewardBatch, b: int) -> np.ndarray:
                  for v in rewards.components.values()], axis=0)
 
 
-def collect(rl: RLRun, params: Any, ref: Any, step_key: jax.Array) -> list[ScoredRollout]:
+def collect(rl: RLRun, params: Any, ref: Any, step_key: jax.Array,
+            timer: metrics_lib.StepTimer | None = None,
+            sampled: threading.Event | None = None) -> list[ScoredRollout]:
   """Rollouts for one update: one, or (DAPO) more until B informative groups or the bound."""
   b, parts, informative = rl.config.data.batch, [], 0
   while True:
     parts.append(roll_out(rl, params, ref, next(rl.data),
-                          jax.random.fold_in(step_key, len(parts))))
+                          jax.random.fold_in(step_key, len(parts)), timer, sampled))
     informative += int(parts[-1].keep.sum())
     if informative >= b or len(parts) > rl.config.max_refill:
       return parts
@@ -385,16 +385,53 @@ def step_metrics(rl: RLRun, parts: list[ScoredRollout], update: UpdateBatch,
   out["reward/masked_samples"] = float(sum((~p.row_ok).sum() for p in parts))
   out["dynamic/informative_groups"] = float(update.live)
   out["dynamic/rollouts"] = float(len(parts))
-  out.update({f"data/skipped_{k}": float(v) for k, v in rl.data.skipped.items()})
+  out.update({f"data/skipped_{k}": float(v) for k, v in dict(rl.data.skipped).items()})
   out.update(rl.loop.timer.metrics())
   step_s = sum(v for k, v in out.items() if k.startswith("time/"))
   out["tokens_per_s"] = float(lengths.sum() * len(parts) / max(step_s, 1e-9))
   return out
 
 
-def iteration(rl: RLRun, state: TrainState, ref: Any, step: int):
-  """One GRPO iteration: (state, reference, metrics) after the update of `step`."""
-  parts = collect(rl, state.params, ref, jax.random.fold_in(jax.random.key(rl.config.seed), step))
+def _step_key(rl: RLRun, step: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(rl.config.seed), step)
+
+
+def _start_ahead(rl: RLRun, params: Any, step: int, copy: bool = True) -> rl_ahead.Ahead:
+  """Step `step`'s rollout in the background, on `params` (its reference logprobs are left
+  to the update: the reference may be reset before then)."""
+  return rl_ahead.start(
+      lambda p, timer, sampled: collect(rl, p, None, _step_key(rl, step), timer, sampled),
+      params, rl.data, copy)
+
+
+def iteration(rl: RLRun, state: TrainState, ref: Any, step: int,
+              ahead: rl_ahead.Ahead | None = None):
+  """One GRPO iteration: (state, reference, metrics, next) after the update of `step`.
+
+  `ahead`: this step's rollout, started one step earlier (grpo.overlap); None samples it
+  now. `next`: with grpo.overlap, step + 1's rollout, started on this update's starting
+  params before the update is dispatched."""
+  if ahead is None:
+    parts = collect(rl, state.params, None if rl.grpo.overlap else ref, _step_key(rl, step))
+  else:
+    with rl.loop.timer("rollout"):  # what of the rollout the last update did not hide
+      parts = ahead.result()
+  nxt = (_start_ahead(rl, state.params, step + 1)
+         if rl.grpo.overlap and step < rl.config.steps else None)
+  if nxt is not None and rl.grpo.overlap == "rewards":
+    with rl.loop.timer("rollout"):  # the next samples first: the devices never run both
+      nxt.wait_sampled()
+  try:
+    state, ref, train_metrics, update = _update(rl, state, ref, step, parts)
+  except BaseException:
+    rl_ahead.finish(nxt)  # not left running into a closed reward pool
+    raise
+  metrics = step_metrics(rl, parts, update, train_metrics)
+  return state, ref, {**metrics, **(ahead.metrics() if ahead else {})}, nxt
+
+
+def _update(rl: RLRun, state: TrainState, ref: Any, step: int, parts: list[ScoredRollout]):
+  """(state, reference, train metrics, update batch): the update of `step` on `parts`."""
   with rl.loop.timer("update"):
     update = assemble(rl, parts)
     if update.live:
@@ -413,7 +450,7 @@ def iteration(rl: RLRun, state: TrainState, ref: Any, step: int):
       log.warning("step %d: no informative group; update skipped", step)
       train_metrics = {"skipped": np.ones(rl.grpo.mu * rl.grpo.minibatches)}
     ref = rl.trainer.maybe_reset_ref(ref, state, step)
-  return state, ref, step_metrics(rl, parts, update, train_metrics)
+  return state, ref, train_metrics, update
 
 
 def evaluate(rl: RLRun, params: Any, step: int) -> dict[str, float]:
@@ -428,24 +465,34 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   """The `rl` stage: GRPO iterations with checkpoints, metrics and periodic eval."""
   rl = setup(config, workdir)
   with rl.loop as loop, rl.scorer:
-    start, state, ref = initial_state(rl)
+    start, state, ref, behaviour = initial_state(rl)
     if rl.evals.sets and start == 0:  # The starting model, with the same key and settings.
       t0 = time.perf_counter()
       loop.writer.write(0, evaluate(rl, state.params, 0))
       log.info("step-0 eval took %.1f s", time.perf_counter() - t0)
+    # Resuming one step off-policy: replay the rollout that was pending at the checkpoint.
+    ahead = None if behaviour is None else _start_ahead(rl, behaviour, start + 1, copy=False)
     wall = float(loop.summary.get("rl_wall_s", 0.0))  # rollout + reward + update seconds
     step, e = start, config.eval
-    for step in range(start + 1, config.steps + 1):
-      state, ref, metrics = iteration(rl, state, ref, step)
-      wall += sum(metrics[f"time/{k}"] for k in ("rollout", "reward", "update"))
-      metrics["rl_wall_s"] = wall
-      if rl.evals.sets and ((e.every and step % e.every == 0) or step == config.steps):
-        with loop.timer("eval"):
-          metrics.update(evaluate(rl, state.params, step))
-        metrics.update(loop.timer.metrics())
-      extra = {"data": rl.data.get_state(), "rl_wall_s": wall}
-      if loop.end_step(step, metrics, _tree(state, ref), extra):
-        break
+    try:
+      for step in range(start + 1, config.steps + 1):
+        state, ref, metrics, ahead = iteration(rl, state, ref, step, ahead)
+        wall += sum(metrics.get(f"time/{k}", 0.0) for k in ("rollout", "reward", "update"))
+        if rl.evals.sets and ((e.every and step % e.every == 0) or step == config.steps):
+          if ahead is not None:  # the reward pool serves one caller: the rollout ends first
+            wall += ahead.wait()
+          with loop.timer("eval"):
+            metrics.update(evaluate(rl, state.params, step))
+          metrics.update(loop.timer.metrics())
+        metrics["rl_wall_s"] = wall
+        extra = {"data": rl.data.get_state() if ahead is None else ahead.data_state,
+                 "rl_wall_s": wall}
+        if rl.grpo.overlap:  # at the last step nothing is pending: the policy itself
+          behaviour = state.params if ahead is None else ahead.behaviour
+        if loop.end_step(step, metrics, _tree(state, ref, behaviour), extra):
+          break
+    finally:
+      rl_ahead.finish(ahead)
     if loop.completed and step == config.steps:
       refuse_untrained(state, workdir)
       loop.summary["final"] = str(checkpoint.save_params(workdir / "final", state.params,

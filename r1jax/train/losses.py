@@ -10,6 +10,10 @@ Definitions (TRL's GRPOTrainer is the per-token reference):
   min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A), and with dual-clip (Ye et al. 2020)
   max(that, c·A) where A < 0; loss = −objective + β·k3, with
   k3 = exp(ref − logp) − (ref − logp) − 1.
+- Decoupled (`GRPOConfig.decoupled`: recomputed old logprobs, or one-step off-policy
+  rollouts): ρ is taken against `prox_logp`, the policy the update starts from, and the
+  objective is weighted by the truncated importance weight min(exp(prox − old), tis_cap)
+  of the sampler's logprobs `old` (no gradient; the k3 term is not weighted).
 - Token aggregation (`loss_mode`), every one exact under micro-batching because
   the denominator is taken over the whole mini-batch (`loss_denominator`):
   "grpo" Σ_i (Σ_t ℓ_it / |o_i|) / #sequences; "bnpo" Σ ℓ / #tokens (DAPO);
@@ -210,13 +214,28 @@ def distill_loss(params: model.Params, cfg: ModelConfig, tokens_NxQ: jax.Array,
 # --- GRPO surrogate ------------------------------------------------------------
 
 
+def _is_weight(prox_NxT: jax.Array, old_NxT: jax.Array, m: jax.Array, cap: float):
+  """(w, capped): the truncated importance weight min(π_prox / π_sampler, cap), or 1 (cap 0)."""
+  if not cap:
+    return jnp.ones(m.shape, jnp.float32), jnp.zeros(m.shape, bool)
+  log_w = jnp.where(m, jax.lax.stop_gradient(prox_NxT - old_NxT), 0.0)
+  capped = log_w > np.log(cap)
+  return jnp.exp(jnp.minimum(log_w, np.log(cap))), capped
+
+
 def per_token_loss(logp_NxT: jax.Array, old_logp_NxT: jax.Array, adv_N: jax.Array,
                    mask_NxT: jax.Array, cfg: GRPOConfig,
-                   ref_logp_NxT: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """ℓ_NxT = −objective + β·k3 (zero off the mask) and per-token stats for metrics."""
+                   ref_logp_NxT: jax.Array | None = None,
+                   prox_logp_NxT: jax.Array | None = None
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """ℓ_NxT = −objective + β·k3 (zero off the mask) and per-token stats for metrics.
+
+  With `prox_logp` (decoupled), the ratio is against it and the objective is weighted by
+  the truncated importance weight of the sampler's `old_logp` (module docstring)."""
   m = mask_NxT.astype(bool)
   lp = jnp.where(m, logp_NxT, 0.0)
-  log_ratio = lp - jnp.where(m, jax.lax.stop_gradient(old_logp_NxT), 0.0)
+  base = old_logp_NxT if prox_logp_NxT is None else prox_logp_NxT
+  log_ratio = lp - jnp.where(m, jax.lax.stop_gradient(base), 0.0)
   ratio = jnp.exp(log_ratio)
   a = adv_N.astype(jnp.float32)
   a = a[:, None] if a.ndim == 1 else a  # per sample, or per token (packed rows)
@@ -228,6 +247,10 @@ def per_token_loss(logp_NxT: jax.Array, old_logp_NxT: jax.Array, adv_N: jax.Arra
     floor = cfg.dual_clip * a
     stats["clip_dual"] = (a < 0) & (obj < floor)
     obj = jnp.where(a < 0, jnp.maximum(obj, floor), obj)
+  if prox_logp_NxT is not None:
+    w, stats["is_capped"] = _is_weight(prox_logp_NxT, old_logp_NxT, m, cfg.tis_cap)
+    stats["is_weight"] = w
+    obj = w * obj
   stats["surrogate"] = obj
   loss = -obj
   if ref_logp_NxT is not None:
@@ -272,15 +295,17 @@ def effective_mask(completion_mask_NxT: jax.Array, truncated_N: jax.Array | None
 
 def grpo_loss(logp_NxT: jax.Array, old_logp_NxT: jax.Array, adv_N: jax.Array,
               mask_NxT: jax.Array, cfg: GRPOConfig, ref_logp_NxT: jax.Array | None = None,
-              denom: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+              denom: jax.Array | None = None, prox_logp_NxT: jax.Array | None = None
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Scalar GRPO loss and metric sums; `denom` defaults to this batch's own.
 
   Pass the mini-batch's `loss_denominator` when this is one micro-batch of it:
   the micro-batch losses (and gradients) then sum to the mini-batch's.
   """
-  _check_shapes(logp_NxT, old_logp_NxT, adv_N, mask_NxT, ref_logp_NxT)
+  _check_shapes(logp_NxT, old_logp_NxT, adv_N, mask_NxT, ref_logp_NxT, prox_logp_NxT)
   denom = loss_denominator(mask_NxT, cfg.loss_mode) if denom is None else denom
-  loss_NxT, stats = per_token_loss(logp_NxT, old_logp_NxT, adv_N, mask_NxT, cfg, ref_logp_NxT)
+  loss_NxT, stats = per_token_loss(logp_NxT, old_logp_NxT, adv_N, mask_NxT, cfg, ref_logp_NxT,
+                                   prox_logp_NxT)
   loss = jnp.sum(token_weights(mask_NxT, cfg.loss_mode, denom) * loss_NxT)
   return loss, _loss_sums(stats, mask_NxT)
 
@@ -304,12 +329,13 @@ def packed_logprobs_and_entropy(params: model.Params, cfg: ModelConfig, tokens_R
 
 def packed_grpo_loss(logp_RxT: jax.Array, old_logp_RxT: jax.Array, adv_RxT: jax.Array,
                      mask_RxT: jax.Array, weights_RxT: jax.Array, cfg: GRPOConfig,
-                     ref_logp_RxT: jax.Array | None = None
+                     ref_logp_RxT: jax.Array | None = None,
+                     prox_logp_RxT: jax.Array | None = None
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """`grpo_loss` on packed rows: per-token advantages, and the weights the packer computed
   from the padded path's mode and mini-batch denominator (Σ w·ℓ is the same loss)."""
   loss_RxT, stats = per_token_loss(logp_RxT, old_logp_RxT, adv_RxT, mask_RxT, cfg,
-                                   ref_logp_RxT)
+                                   ref_logp_RxT, prox_logp_RxT)
   return jnp.sum(weights_RxT * loss_RxT), _loss_sums(stats, mask_RxT)
 
 
@@ -322,11 +348,11 @@ def _loss_sums(stats: dict[str, jax.Array], mask_NxT: jax.Array) -> dict[str, ja
   return sums
 
 
-def _check_shapes(logp, old, adv, mask, ref) -> None:
+def _check_shapes(logp, old, adv, mask, ref, prox=None) -> None:
   n_t = logp.shape
   if len(n_t) != 2:
     raise ValueError(f"logp must be (N, T), got {n_t}")
-  for name, x in (("old_logp", old), ("mask", mask), ("ref_logp", ref)):
+  for name, x in (("old_logp", old), ("mask", mask), ("ref_logp", ref), ("prox_logp", prox)):
     if x is not None and x.shape != n_t:
       raise ValueError(f"{name} has shape {x.shape}, expected {n_t} like logp")
   if adv.shape != n_t[:1]:
@@ -345,4 +371,6 @@ def grpo_metrics(loss: jax.Array, sums: dict[str, jax.Array],
              clip_frac_low=out.pop("clip_low"), clip_frac_high=out.pop("clip_high"))
   if "clip_dual" in out:
     out["clip_frac_dual"] = out.pop("clip_dual")
+  if "is_capped" in out:  # decoupled: the sampler's weight, and how often it hit the cap
+    out["is_weight_mean"], out["is_capped_frac"] = out.pop("is_weight"), out.pop("is_capped")
   return out

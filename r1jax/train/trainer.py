@@ -201,6 +201,19 @@ class Trainer:
         (flat(tokens_MxAxn), flat(mask_MxAxn)))
     return jax.lax.stop_gradient(logp.reshape(*ma, *logp.shape[1:]))
 
+  @property
+  def _prox_forward(self) -> bool:
+    """Decoupled loss over several updates: the starting policy's logprobs need their own
+    forward pass (with one update they are the loss's own, detached: `_prox`)."""
+    g = self.grpo
+    return g.decoupled and g.mu * g.minibatches > 1
+
+  def _prox(self, x: dict, logp: jax.Array) -> jax.Array | None:
+    """The decoupled loss's starting-policy logprobs for this micro-batch, or None."""
+    if not self.grpo.decoupled:
+      return None
+    return x["prox_logp"] if "prox_logp" in x else jax.lax.stop_gradient(logp)
+
   def _rl_update(self, state: TrainState, batch: RolloutBatch, ref_params: Any):
     g, cfg = self.grpo, self.cfg
     m, a = g.minibatches, g.microbatches
@@ -213,15 +226,15 @@ class Trainer:
           "ref_logp": split(batch.ref_logp)}
     if mb["ref_logp"] is None and ref_params is not None:
       mb["ref_logp"] = self._nograd_logp(ref_params, mb["tokens"], mb["mask"], t)
-    if g.recompute_old_logp:
-      mb["old_logp"] = self._nograd_logp(state.params, mb["tokens"], mb["mask"], t)
+    if self._prox_forward:
+      mb["prox_logp"] = self._nograd_logp(state.params, mb["tokens"], mb["mask"], t)
     mb = {name: x for name, x in mb.items() if x is not None}
 
     def micro_loss(params, x):
       logp, ent = losses.token_logprobs_and_entropy(params, cfg, x["tokens"], x["mask"], s,
                                                     g.temperature, g.logits_chunk)
       loss, sums = losses.grpo_loss(logp, x["old_logp"], x["adv"], x["loss_mask"], g,
-                                    x.get("ref_logp"), x["denom"])
+                                    x.get("ref_logp"), x["denom"], self._prox(x, logp))
       sums["entropy"] = jnp.sum(jnp.where(x["loss_mask"], ent, 0.0))
       return loss, sums
 
@@ -260,8 +273,8 @@ class Trainer:
           if getattr(batch, k) is not None}
     if "ref_logp" not in mb and ref_params is not None:
       mb["ref_logp"] = self._packed_nograd_logp(ref_params, mb)
-    if g.recompute_old_logp:
-      mb["old_logp"] = self._packed_nograd_logp(state.params, mb)
+    if self._prox_forward:
+      mb["prox_logp"] = self._packed_nograd_logp(state.params, mb)
 
     lanes = batches_lib.row_lanes(mb["tokens"].shape[2], self.mesh)
 
@@ -271,7 +284,8 @@ class Trainer:
           g.logits_chunk, lanes, x.get("sample_ids"))
       y = {k: v[:, 1:] for k, v in x.items()}  # aligned with the scored tokens
       loss, sums = losses.packed_grpo_loss(logp, y["old_logp"], y["advantages"],
-                                           y["loss_mask"], y["weights"], g, y.get("ref_logp"))
+                                           y["loss_mask"], y["weights"], g, y.get("ref_logp"),
+                                           self._prox(y, logp))
       sums["entropy"] = jnp.sum(jnp.where(y["loss_mask"], ent, 0.0))
       return loss, sums
 
