@@ -14,8 +14,7 @@ One iteration (`iteration`), in the order the data flows:
    by one jitted, donated `Trainer.rl_step` (train/trainer.py → train/update.py).
 6. Bookkeeping: metrics to JSONL / TensorBoard / console, held-out evals
    (evaluation/suite.py), orbax checkpoints and SIGTERM handling (train/loop.py).
-With grpo.overlap, steps 2–3 of the next iteration run in a background thread during step 5
-(one step off-policy: stages/rl_ahead.py).
+grpo.overlap runs the next iteration's 2–3 in a thread during 5 (stages/rl_ahead.py).
 """
 
 from __future__ import annotations
@@ -241,8 +240,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> RLRun:
 
 
 def _tree(state: TrainState, ref: Any, behaviour: Any = None) -> dict:
-  """What a checkpoint holds: the train state, the reference when there is one, and with
-  grpo.overlap the params the pending rollout samples with (stages/rl_ahead.py)."""
+  """A checkpoint: the train state, any reference, the pending rollout's params (overlap)."""
   return {"train": state, **({"ref": ref} if ref is not None else {}),
           **({"behaviour": behaviour} if behaviour is not None else {})}
 
@@ -490,6 +488,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         if rl.grpo.overlap:  # at the last step nothing is pending: the policy itself
           behaviour = state.params if ahead is None else ahead.behaviour
         if loop.end_step(step, metrics, _tree(state, ref, behaviour), extra):
+          if ahead is not None:  # preempted: the checkpoint is written before the wait
+            loop.ckpt.wait()
           break
     finally:
       rl_ahead.finish(ahead)
