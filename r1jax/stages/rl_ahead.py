@@ -12,7 +12,8 @@ Two modes:
   (on this machine's 2 CPU cores they contend, and the step is slower: measured).
 - "rewards": the main thread waits until the samples are on the host, then dispatches the
   update, which runs while the background thread detokenises and scores (host work: code
-  sandboxes, math-verify, reward models' host side). The devices never run both.
+  sandboxes, math-verify, reward models' host side). The devices never run both (but for
+  DAPO's refill rollouts, which sample again after the first batch is scored).
 
 What it costs:
 - one more copy of the params on the devices (the update donates its state) and in each
