@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -103,11 +104,7 @@ def finish(ahead: Ahead | None) -> None:
     log.warning("the dropped one-step-ahead rollout had failed: %r", ahead.future.exception())
 
 
-_POOL: list[concurrent.futures.ThreadPoolExecutor] = []
-
-
+@functools.cache
 def _executor() -> concurrent.futures.ThreadPoolExecutor:
   """One worker thread for the process: at most one rollout runs ahead at a time."""
-  if not _POOL:
-    _POOL.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rl-ahead"))
-  return _POOL[0]
+  return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rl-ahead")

@@ -142,6 +142,8 @@ def pack_rollout(batch: RolloutBatch, cfg: GRPOConfig, row_len: int = 0,
         _place(out, r, runs, prompt, completion, comp, loss_mask, weight_i, batch)
   if batch.ref_logp is None:
     del out["ref_logp"]
+  if not cfg.share_prompts:  # one sample per segment: the sample rule adds nothing to mask
+    del out["sample_ids"]
   useful = sum(seq_len)
   placed = int((out["segment_ids"] > 0).sum())
   stats = {"pack/rows": float(r_total), "pack/fill": placed / (r_total * row_len),
