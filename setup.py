@@ -28,8 +28,9 @@ setup(
         # HF checkpoints and tokenizers (tokenizer.json).
         "hf": ["safetensors>=0.8,<0.9", "tokenizers>=0.23,<0.24"],
         # The test suite: parity tests run transformers on a CPU-only torch.
-        "test": ["pytest>=9,<10", "torch==2.13.0", "transformers>=5.23,<6",
-                 "safetensors>=0.8,<0.9", "tokenizers>=0.23,<0.24"],
+        # pytest-xdist: the suite runs in two worker processes (WORKSPACE.md, "Tests").
+        "test": ["pytest>=9,<10", "pytest-xdist>=3.8,<4", "torch==2.13.0",
+                 "transformers>=5.23,<6", "safetensors>=0.8,<0.9", "tokenizers>=0.23,<0.24"],
         # Benchmarks only: TRL's GRPOTrainer side by side (tools/trl_grpo.py).
         "bench": ["trl==1.16.0", "torch==2.13.0", "transformers>=5.23,<6"],
     },

@@ -26,11 +26,23 @@ def config_file(config, path: Path) -> Path:
   return path
 
 
+def xla_flags(devices: int | None = 8) -> str:
+  """This session's XLA_FLAGS (conftest's compile settings) with `devices` fake CPU devices
+  (None: no device count, so a run picks its own)."""
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith("--xla_force_host_platform_device_count")]
+  count = [] if devices is None else [f"--xla_force_host_platform_device_count={devices}"]
+  return " ".join(kept + count)
+
+
+def env(devices: int | None = 8) -> dict[str, str]:
+  """The environment of a subprocess the tests start: this one's, on `devices` CPU devices."""
+  return dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
+
+
 def start(*args: str) -> subprocess.Popen:
   """`python -m r1jax.main ARGS` on 8 fake CPU devices, output captured."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  return subprocess.Popen([sys.executable, "-m", "r1jax.main", *args], cwd=REPO, env=env,
+  return subprocess.Popen([sys.executable, "-m", "r1jax.main", *args], cwd=REPO, env=env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 
+import main_runs
 from hf_models import QWEN, make_hf_model
 from r1jax.core import checkpoint
 from r1jax.core import hf
@@ -30,13 +31,12 @@ def hf_dir(tmp_path_factory):
 
 
 def _tool(*args):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "tools/convert_checkpoint.py", *args], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=300)
+                       env=main_runs.env(), capture_output=True, text=True, timeout=300)
   return out
 
 
+@pytest.mark.slow
 def test_convert_tool_round_trip(hf_dir, tmp_path):
   out = _tool(f"--hf_dir={hf_dir}", f"--out={tmp_path / 'ckpt'}")
   assert out.returncode == 0, out.stderr[-3000:]

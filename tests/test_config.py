@@ -16,6 +16,8 @@ from r1jax.core import model
 from r1jax.core import sharding
 from r1jax.core.config import model_config, model_group, parse_arg
 
+import main_runs
+
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.py"))
 
@@ -78,12 +80,12 @@ def test_parse_arg_and_model_group_errors():
 
 
 def _main(*args, devices=8):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "r1jax.main", *args], cwd=REPO, env=env,
+  return subprocess.run([sys.executable, "-m", "r1jax.main", *args], cwd=REPO,
+                        env=main_runs.env(devices),
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_main_smoke_on_a_mesh(tmp_path):
   out = _main("--config=experiments/tiny.py", f"--workdir={tmp_path}",
               "--config.mesh.shape=(1,4,2)", "--config.smoke.seq_len=16")
@@ -96,6 +98,7 @@ def test_main_smoke_on_a_mesh(tmp_path):
   assert saved["smoke"]["seq_len"] == 16
 
 
+@pytest.mark.slow
 def test_main_cpu_devices_flag_sets_the_mesh(tmp_path):
   """--cpu_devices wins over the environment's fake-device count (one device per core)."""
   out = _main("--config=experiments/tiny.py", f"--workdir={tmp_path}", "--cpu_devices=2",
@@ -112,12 +115,14 @@ def test_main_rejects_override_typo(tmp_path):
   assert not (tmp_path / "config.json").exists()  # failed before doing any work
 
 
+@pytest.mark.slow
 def test_main_rejects_bad_mesh(tmp_path):
   out = _main("--config=experiments/tiny.py", f"--workdir={tmp_path}",
               "--config.mesh.shape=(3,1,1)")
   assert out.returncode != 0 and "needs 3 devices, but 8 are available" in out.stderr
 
 
+@pytest.mark.slow
 def test_main_names_a_missing_config_file_and_a_field_under_the_wrong_group(tmp_path):
   missing = _main("--config=experiments/nope.py", f"--workdir={tmp_path}")
   assert missing.returncode != 0
@@ -130,12 +135,12 @@ def test_main_names_a_missing_config_file_and_a_field_under_the_wrong_group(tmp_
   assert not (tmp_path / "config.json").exists()  # refused before any work
 
 
+@pytest.mark.slow
 def test_main_uses_one_cpu_device_per_core_by_default(tmp_path):
   """No flag and no fake device count in XLA_FLAGS: the mesh spans one device per core."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   out = subprocess.run([sys.executable, "-m", "r1jax.main", "--config=experiments/tiny.py",
                         f"--workdir={tmp_path}", "--config.smoke.seq_len=16"], cwd=REPO,
-                       env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                       env=main_runs.env(devices=None), capture_output=True, text=True,
                        timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   report = json.loads(out.stdout.strip().splitlines()[-1])

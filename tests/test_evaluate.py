@@ -108,6 +108,7 @@ def math500_reports(shared_data, tmp_path_factory):
   return grade_file(path, gold), grade_file(path, shifted)
 
 
+@pytest.mark.slow
 def test_acceptance_math500_gold_solutions_pass_and_neighbours_fail(math500_reports):
   gold, shifted = math500_reports
   for r in (gold, shifted):
@@ -197,6 +198,7 @@ def test_grade_file_missing_files(tmp_path):
     grade_file(tmp_path / "no_bench.jsonl", bench)
 
 
+@pytest.mark.slow
 def test_cli_writes_reports_and_defines_no_flags_on_import(tmp_path):
   from absl import flags
   assert "completions" not in flags.FLAGS and "benchmark" not in flags.FLAGS
@@ -263,6 +265,7 @@ def generated(tiny, gen_rows, pool):
   return run(0), run(0), run(1), engine.sampler
 
 
+@pytest.mark.slow
 def test_evaluate_samples_k_per_question(generated, gen_rows):
   report = generated[0]
   assert [q.id for q in report.questions] == [r["id"] for r in gen_rows if r["id"] != "long"]
@@ -330,6 +333,7 @@ def stage_config(tok_path, benchmarks: str) -> ml_collections.ConfigDict:
   return c
 
 
+@pytest.mark.slow
 def test_eval_stage_end_to_end(tiny, shared_data, tmp_path, capsys):
   math500 = shared_data / "math500" / "test.jsonl"
   held_out = write_jsonl(tmp_path / "held_out.jsonl", [

@@ -59,6 +59,7 @@ def plain_run(world, tmp_path_factory):
   return c, out, stages.run(c, str(out))
 
 
+@pytest.mark.slow
 def test_rows_stats_and_summary_agree(plain_run):
   c, out, summary = plain_run
   samples, stats = read_rows(out, "samples"), read_rows(out, "stats")
@@ -98,6 +99,7 @@ def test_samples_are_sft_ready(plain_run, world):
   assert doc["targets"][p:].all() and not doc["targets"][:p].any()
 
 
+@pytest.mark.slow
 def test_teacher_top_k_is_the_models_distribution(plain_run, world):
   """Stored top-k = the top-k of log_softmax(logits) of a teacher-forced forward pass."""
   c, out, _ = plain_run
@@ -134,6 +136,7 @@ def test_another_runs_folder_is_refused(plain_run, world, tmp_path):
     stages.run(gen_config(world), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_verifier_without_gold_fails_before_work(world, tmp_path):
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text("".join(json.dumps({"id": f"q{i}", "question": f"Compute {i} + 1"}) + "\n"
@@ -153,6 +156,7 @@ def _flaky(completion: str) -> float:
   return 1.0
 
 
+@pytest.mark.slow
 def test_reward_crash_is_counted_as_a_rejection_and_the_run_goes_on(world, tmp_path):
   registry.register("flaky_test_reward", _flaky, kind="inline", overwrite=True)
   c = gen_config(world, **{"filters.verifier": "accuracy"})
@@ -164,6 +168,7 @@ def test_reward_crash_is_counted_as_a_rejection_and_the_run_goes_on(world, tmp_p
   assert summary["prompts"] == 16 and summary["reward_error"] == crashed > 0
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_an_uninterrupted_run(world, tmp_path):
   c = gen_config(world, **{"data.limit": 0, "batch_prompts": 2, "output.rejected": True,
                            "select.per_prompt": 0, "sampler.max_new_tokens": 16})
@@ -292,6 +297,7 @@ def test_logit_distillation_refuses_another_tokenizer_before_work(plain_run, wor
     stages.run(c, str(tmp_path / "student3"))
 
 
+@pytest.mark.slow
 def test_distillation_chain_runs_and_compares_evals(world, tmp_path):
   import ml_collections
   from r1jax.core.config import eval_group

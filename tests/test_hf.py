@@ -41,6 +41,7 @@ def hf_logits(m, tokens, mask):
   return out.logits.float().numpy()
 
 
+@pytest.mark.slow
 def test_logits_parity_left_padded(checkpoint):
   _, m, path = checkpoint
   cfg, params = hf.load_pretrained(path)
@@ -86,6 +87,7 @@ def test_multi_shard_with_index(checkpoint, tmp_path):
   np.testing.assert_array_equal(hf_logits(reloaded, tokens, mask), hf_logits(m, tokens, mask))
 
 
+@pytest.mark.slow
 def test_load_into_mesh_sharding(checkpoint):
   _, m, path = checkpoint
   mesh = sharding.make_mesh((2, 2, 2))
@@ -99,6 +101,7 @@ def test_load_into_mesh_sharding(checkpoint):
   assert np.abs(ours - hf_logits(m, tokens, mask))[mask].max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_bf16_load_and_save_round_trip(checkpoint, tmp_path):
   _, _, path = checkpoint
   cfg, params = hf.load_pretrained(path, param_dtype="bfloat16", compute_dtype="bfloat16")

@@ -7,6 +7,7 @@ ones are listed here with the reason each is deferred.
 """
 
 import ast
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,25 @@ DEFERRED = {
 
 def modules():
   return sorted(p for p in PACKAGE.rglob("*.py"))
+
+
+def source(path: Path) -> str:
+  """The file's text as one consistent version: read again while it changes under us.
+
+  An editor (or a checkout) that rewrites a module while the suite runs truncates it first;
+  a plain read at that moment sees half a file and fails a layout test falsely. The read
+  counts only when the file's inode, size and mtime are the same before and after it.
+  """
+  for _ in range(50):
+    before = path.stat()
+    data = path.read_bytes()
+    after = path.stat()
+    same = (before.st_ino, before.st_size, before.st_mtime_ns) == (
+        after.st_ino, after.st_size, after.st_mtime_ns)
+    if same and len(data) == after.st_size:
+      return data.decode("utf-8")
+    time.sleep(0.1)
+  raise AssertionError(f"{path} kept changing while it was read")
 
 
 def layer_of(module: str) -> int:
@@ -50,7 +70,7 @@ def test_imports_point_down_the_layers(path):
   if rel == "__init__.py":
     return
   own = layer_of(rel)
-  for node, names in imports(ast.parse(path.read_text())):
+  for node, names in imports(ast.parse(source(path))):
     for name in names:
       if name.startswith("r1jax.") and name.split(".")[1] in LAYERS:
         assert layer_of(name) <= own, f"{rel}:{node.lineno} imports {name}, a higher layer"
@@ -59,7 +79,7 @@ def test_imports_point_down_the_layers(path):
 @pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_imports_sit_at_module_top(path):
   rel = str(path.relative_to(PACKAGE))
-  tree = ast.parse(path.read_text())
+  tree = ast.parse(source(path))
   top = {id(n) for n in tree.body}
   for node, names in imports(tree):
     if id(node) not in top:
@@ -68,7 +88,7 @@ def test_imports_sit_at_module_top(path):
 
 def test_files_and_functions_stay_small():
   for path in modules():
-    lines = path.read_text().splitlines()
+    lines = source(path).splitlines()
     assert len(lines) <= 500, f"{path.relative_to(PACKAGE)} has {len(lines)} lines"
     for node in ast.walk(ast.parse("\n".join(lines))):
       if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -80,5 +100,5 @@ def test_every_stage_is_one_file_with_a_run_function():
   for name, target in stages.STAGES.items():
     module, fn = target.split(":")
     assert module == f"r1jax.stages.{name}", (name, target)
-    tree = ast.parse((PACKAGE / "stages" / f"{name}.py").read_text())
+    tree = ast.parse(source(PACKAGE / "stages" / f"{name}.py"))
     assert fn in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, name

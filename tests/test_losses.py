@@ -92,6 +92,7 @@ CASES = [dict(loss_mode=m, dual_clip=d, beta=b, eps_high=h)
          for h in (0.2, 0.28)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_grpo_loss_and_grad_match_float64(seed):
   logp, old, adv, mask, ref = random_inputs(seed)
@@ -253,6 +254,7 @@ def test_token_logprobs_match_float64(tiny, chunk):
   assert np.abs(np.asarray(ent) - want_ent)[cmask].max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_first_and_last_completion_token_scored_from_their_prefix(tiny):
   """Token j's logp equals the last-position logits of a forward of tokens[:j] alone."""
   p, tokens, mask, cmask, s = (tiny[k] for k in ("params", "tokens", "mask", "cmask", "s"))
@@ -264,6 +266,7 @@ def test_first_and_last_completion_token_scored_from_their_prefix(tiny):
     assert np.abs(got[:, j] - want)[cmask[:, j]].max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_chunked_gradient_equals_unchunked(tiny):
   p, tokens, mask, cmask, s = (tiny[k] for k in ("params", "tokens", "mask", "cmask", "s"))
   ct = (np.random.default_rng(1).normal(size=cmask.shape) * cmask).astype(np.float32)
@@ -277,6 +280,7 @@ def test_chunked_gradient_equals_unchunked(tiny):
 MODES = [("dr_grpo", "none"), ("grpo", "group"), ("bnpo", "group")]
 
 
+@pytest.mark.slow
 def test_mu1_beta0_gradient_is_reinforce_with_group_baseline(tiny):
   """At the sampling policy (ratio 1), the GRPO gradient is −Σ w·A·∇logπ for every mode."""
   p, tokens, mask, cmask, s = (tiny[k] for k in ("params", "tokens", "mask", "cmask", "s"))
@@ -359,6 +363,7 @@ def test_distill_loss_matches_float64(tiny, w):
     assert float(loss) == pytest.approx(float(sft), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_distill_gradient_moves_the_student_towards_the_teacher(tiny):
   """A few steps on the KL alone lower it (the gradient has the right sign and scale)."""
   p, tokens, mask = tiny["params"], tiny["tokens"], tiny["mask"]
@@ -386,6 +391,7 @@ def test_logprob_input_errors(tiny):
     losses.sft_loss(p, CFG, tokens, mask, mask[:, 1:])
 
 
+@pytest.mark.slow
 def test_chunking_bounds_logits_memory():
   """Compiled value+grad peak scratch: below one full (N, T, V) f32 logits when chunked."""
   cfg = ModelConfig(vocab_size=8192, hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16,

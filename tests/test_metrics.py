@@ -141,6 +141,7 @@ def _png_ok(path) -> bool:
   return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
 
 
+@pytest.mark.slow
 def test_plot_metrics_tool(tmp_path):
   rng = np.random.default_rng(0)
   with metrics.MetricsWriter(tmp_path, tensorboard=False, process_index=0) as w:

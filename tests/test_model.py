@@ -38,6 +38,7 @@ def test_param_table_matches_init_and_count(params):
   assert all(len(axes[n]) == len(flat[n].shape) for n in flat)
 
 
+@pytest.mark.slow
 def test_cached_decode_equals_full_forward(params):
   """Prefill a left-padded prompt, then decode one token at a time."""
   rng = np.random.default_rng(0)
@@ -60,6 +61,7 @@ def test_cached_decode_equals_full_forward(params):
   np.testing.assert_allclose(got[mask], full[mask], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cached_positions_count_real_tokens(params):
   """A decode step's default position is the row's count of real tokens."""
   rng = np.random.default_rng(1)
@@ -77,6 +79,7 @@ def test_cached_positions_count_real_tokens(params):
   assert np.abs(np.asarray(auto[0]) - np.asarray(wrong[0])).max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["full", "save_dots"])
 def test_remat_same_value_and_grad(params, remat):
   tokens = np.arange(16, dtype=np.int32).reshape(2, 8) % CFG.vocab_size
@@ -91,6 +94,7 @@ def test_remat_same_value_and_grad(params, remat):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bf16_compute_close_to_f32(params):
   tokens = np.arange(24, dtype=np.int32).reshape(2, 12)
   ref = model.forward(params, tokens, CFG)
@@ -119,6 +123,7 @@ def _plain_swiglu(y, gate, up, down):
   return jnp.einsum("btf,fd->btd", jax.nn.silu(y @ gate) * (y @ up), down)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 5e-2)])
 def test_swiglu_hand_backward_matches_autodiff(dtype, tol):
   ks = jax.random.split(jax.random.key(3), 5)
@@ -137,6 +142,7 @@ def test_swiglu_hand_backward_matches_autodiff(dtype, tol):
     assert err < tol
 
 
+@pytest.mark.slow
 def test_model_gradient_unchanged_by_hand_mlp_backward(params, monkeypatch):
   """Whole-model grads with the hand-written MLP backward equal plain autodiff's."""
   tokens = np.arange(20, dtype=np.int32).reshape(2, 10) * 7 % CFG.vocab_size
@@ -162,6 +168,7 @@ def test_fused_projections_decode_equals_unfused(params):
   np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packed,lanes", [(False, None), (True, None), (True, 1), (True, 3),
                                           ("shared", 1)],
                          ids=["left_padded", "segment_ids", "segment_ids_1_lane",

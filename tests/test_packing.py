@@ -57,6 +57,7 @@ def packed_loss(p, pk, g: GRPOConfig):
                                  cut(pk.loss_mask), cut(pk.weights), g, cut(pk.ref_logp))[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["grpo", "bnpo", "dr_grpo"])
 @pytest.mark.parametrize("mask_truncated", [False, True])
 @pytest.mark.parametrize("share", [False, True], ids=["own_prompts", "shared_prompts"])
@@ -122,6 +123,7 @@ def test_packing_errors():
     pack_rollout(no_prompt, GRPOConfig())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,minibatches,overlap", [
     ("grpo", 2, ""), ("dr_grpo", 2, ""), ("bnpo", 2, "rollout"), ("grpo", 1, "rewards")])
 def test_trainer_step_on_packed_rows_equals_the_padded_step(params, mode, minibatches, overlap):

@@ -35,6 +35,15 @@ def _toy(c):
   return c
 
 
+@pytest.fixture(scope="module")
+def toy_zero(tmp_path_factory):
+  """One toy tiny_zero pipeline run: its own test re-runs it; the all-scenario test reads it
+  as its teacher (read only: the R1-Zero policy, data and tokenizer)."""
+  workdir = tmp_path_factory.mktemp("toy_zero")
+  c = _toy(_tiny_zero())
+  return c, workdir, stages.run(c, str(workdir))
+
+
 def test_last_number_accuracy_ignores_the_format():
   from r1jax.evaluation.report import QuestionResult, Report
   q = lambda gold: QuestionResult(gold, gold, [], [], None, 0, False, {})
@@ -52,10 +61,10 @@ def test_experiment_configs_resolve_workdir(tmp_path):
   assert rl.eval.benchmarks == f"{tmp_path}/data/held_out.jsonl"
 
 
-def test_pipeline_runs_every_stage_and_reruns_resume(tmp_path):
-  c = _toy(_tiny_zero())
-  out = stages.run(c, str(tmp_path))
-  report = json.loads((tmp_path / "report.json").read_text())
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_and_reruns_resume(toy_zero):
+  c, workdir, out = toy_zero
+  report = json.loads((workdir / "report.json").read_text())
   for label in ("base", "rl"):
     s = report["held_out"][label]
     assert s["questions"] == 8 and s["k"] == 2
@@ -63,11 +72,11 @@ def test_pipeline_runs_every_stage_and_reruns_resume(tmp_path):
     assert 0.0 <= s["last_number_acc"] <= 1.0
   assert report["base_step"] == "step_000000" and report["final_step"] == "step_000002"
   assert "pass@1_gain_points" in out["held_out"]
-  assert (tmp_path / "report.md").read_text().count("| held_out |") == 2
+  assert (workdir / "report.md").read_text().count("| held_out |") == 2
   assert any(p.endswith("reward.png") for p in out["curves"])
-  base_final = tmp_path / "base" / "final" / "model.json"
+  base_final = workdir / "base" / "final" / "model.json"
   stamp = base_final.stat().st_mtime_ns
-  again = stages.run(c, str(tmp_path))  # every stage done: nothing is retrained
+  again = stages.run(c, str(workdir))  # every stage done: nothing is retrained
   assert base_final.stat().st_mtime_ns == stamp
   assert again["held_out"] == out["held_out"]
   # Changed settings are refused, naming the fields, never reported under the old results.
@@ -76,15 +85,15 @@ def test_pipeline_runs_every_stage_and_reruns_resume(tmp_path):
   more.rl.steps, more.rl.opt.lr = 3, 1e-3
   with pytest.raises(ValueError, match=r"rl\.opt\.lr: 0\.0002 -> 0\.001; rl\.steps: 2 -> 3.*"
                                        r"allow_changes=rl\.opt\.lr,rl\.steps"):
-    stages.run(more, str(tmp_path))
-  assert json.loads((tmp_path / "rl" / "config.json").read_text())["steps"] == 2
-  assert json.loads((tmp_path / "config.json").read_text())["rl"]["steps"] == 2  # not rewritten
+    stages.run(more, str(workdir))
+  assert json.loads((workdir / "rl" / "config.json").read_text())["steps"] == 2
+  assert json.loads((workdir / "config.json").read_text())["rl"]["steps"] == 2  # not rewritten
   # Allowed: the rl stage resumes from its last checkpoint and trains on to the new end.
   more.rl.opt.lr = c.rl.opt.lr
   more.allow_changes = "rl.steps"
-  longer = stages.run(more, str(tmp_path))
+  longer = stages.run(more, str(workdir))
   assert longer["final_step"] == "step_000003" and base_final.stat().st_mtime_ns == stamp
-  assert json.loads((tmp_path / "rl" / "summary.json").read_text())["resumed_from"] == 2
+  assert json.loads((workdir / "rl" / "summary.json").read_text())["resumed_from"] == 2
 
 
 def test_a_bad_later_stage_value_fails_before_the_first_stage(tmp_path):
@@ -113,11 +122,11 @@ def test_settings_added_by_a_later_version_are_not_changes():
   assert pipeline.config_changes(old, {"a": 2}, added_ok=True) == ["a: 1 -> 2", "g: {'x': 1} -> None"]
 
 
-def test_all_scenario_pipeline_end_to_end_at_toy_size(tmp_path):
+@pytest.mark.slow
+def test_all_scenario_pipeline_end_to_end_at_toy_size(toy_zero, tmp_path):
   """experiments/tiny_all_scenario.py on a toy teacher: scenario data, two RMs, stage-3 SFT,
   both RL runs, evals, reward evals and the report (every task, every RM)."""
-  teacher = tmp_path / "teacher"
-  stages.run(_toy(_tiny_zero()), str(teacher))
+  _, teacher, _ = toy_zero
   c = config_from_file(f"{REPO_EXPERIMENTS}/tiny_all_scenario.py",
                        f"teacher={teacher},quick=True")
   c.unlock()

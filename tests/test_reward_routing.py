@@ -220,6 +220,7 @@ def test_declared_reward_model_bad_input(rm_world):
     rm.load_models([_declared(world, world["rl_train"])])
 
 
+@pytest.mark.slow
 def test_rl_with_a_declared_reward_model_logs_it(rm_world, tmp_path):
   import tiny_world
   from r1jax import stages

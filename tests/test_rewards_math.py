@@ -103,6 +103,7 @@ def test_math500_gold_boxed_agrees_with_answer_field(pool, shared_data):
   assert all(o.ok for o in outcomes), [o.error for o in outcomes if not o.ok]
 
 
+@pytest.mark.slow
 def test_math500_neighbour_answers_rejected(pool, shared_data):
   rows = _rows(shared_data, "math500")
   pairs = [(rf"\boxed{{{rows[(i + 1) % len(rows)]['answer']}}}", r["answer"])

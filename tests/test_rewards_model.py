@@ -73,6 +73,7 @@ def test_bradley_terry_matches_float64():
   assert np.isfinite(float(rm.bradley_terry(jnp.array([-200.0]), jnp.array([200.0]))[0]))
 
 
+@pytest.mark.slow
 def test_score_reads_last_real_token():
   params = rm.init_rm(CFG, jax.random.key(0))
   params["head"] = {"w": jax.random.normal(jax.random.key(1), (CFG.hidden,)), "b": jnp.array(0.5)}
@@ -108,6 +109,7 @@ def trained():
   return tok, trainer, state, history
 
 
+@pytest.mark.slow
 def test_training_learns_preferences(trained):
   tok, trainer, state, history = trained
   assert np.mean(history[-10:]) < 0.5 * np.mean(history[:5])
@@ -137,6 +139,7 @@ def _two_steps(shape, microbatches, batch):
   return jax.tree.map(np.asarray, state.params), {k: float(v) for k, v in metrics.items()}
 
 
+@pytest.mark.slow
 def test_sharded_and_accumulated_steps_match_single_device(trained):
   batch = pair_batch(encode_pairs(trained[0], preference_rows(16, 5), "plain", 48))
   single, m1 = _two_steps((1, 1, 1), 1, batch)
@@ -151,6 +154,7 @@ def test_sharded_and_accumulated_steps_match_single_device(trained):
       np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"{shape} x{micro}")
 
 
+@pytest.mark.slow
 def test_non_finite_update_is_skipped_and_not_counted(trained):
   tok, trainer, state, _ = trained
   before = jax.tree.map(np.asarray, state)
@@ -245,6 +249,7 @@ def uninterrupted(rm_world, tmp_path_factory):
   return json.loads(out.strip().splitlines()[-1]), workdir
 
 
+@pytest.mark.slow
 def test_reward_model_stage_end_to_end(uninterrupted):
   summary, workdir = uninterrupted
   assert summary["rm/eval_accuracy"] > 0.9, summary
@@ -262,6 +267,7 @@ def test_reward_model_stage_end_to_end(uninterrupted):
   assert 60 in kept and (30 in kept or kept[-2:] == [56, 60]), kept
 
 
+@pytest.mark.slow
 def test_stage_saves_its_validation_norm_and_a_spec_applies_it(rm_world, uninterrupted,
                                                                tmp_path):
   summary, workdir = uninterrupted
@@ -298,29 +304,43 @@ def test_stage_saves_its_validation_norm_and_a_spec_applies_it(rm_world, uninter
     rm.load_models([{**spec, "template": "chatml"}])
 
 
-def test_sigkill_then_resume_is_bit_exact(rm_world, uninterrupted, tmp_path):
+# The interruption tests: a few steps on each side of the kill, held-out evals on both sides.
+SHORT = ("--config.steps=16", "--config.eval_every=8")
+
+
+@pytest.fixture(scope="module")
+def short_run(rm_world, tmp_path_factory):
+  """The uninterrupted SHORT run that an interrupted and resumed one must equal bit for bit."""
+  workdir = tmp_path_factory.mktemp("rm_short") / "w"
+  main_runs.finish(_start(rm_world, workdir, *SHORT))
+  return workdir
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_exact(rm_world, short_run, tmp_path):
   workdir = tmp_path / "w"
-  proc = _start(rm_world, workdir)
+  proc = _start(rm_world, workdir, *SHORT)
   main_runs.kill_after_checkpoint(proc, workdir, 8)
   assert not (workdir / "reward_model").exists(), "the run finished before it was killed"
-  main_runs.finish(_start(rm_world, workdir))
+  main_runs.finish(_start(rm_world, workdir, *SHORT))
   summary = json.loads((workdir / "summary.json").read_text())
-  assert summary["resumed_from"] >= 8 and summary["step"] == 60
-  main_runs.assert_bit_exact(_rm_params(uninterrupted[1]), _rm_params(workdir))
+  assert summary["resumed_from"] >= 8 and summary["step"] == 16
+  main_runs.assert_bit_exact(_rm_params(short_run), _rm_params(workdir))
 
 
-def test_sigterm_saves_exits_75_and_resumes(rm_world, uninterrupted, tmp_path):
+@pytest.mark.slow
+def test_sigterm_saves_exits_75_and_resumes(rm_world, short_run, tmp_path):
   workdir = tmp_path / "w"
-  proc = _start(rm_world, workdir)
+  proc = _start(rm_world, workdir, *SHORT)
   main_runs.wait_for_checkpoint(proc, workdir, 4)
   proc.send_signal(signal.SIGTERM)
   main_runs.finish(proc, returncode=EXIT_PREEMPTED)  # saved, then "try again later"
   summary = json.loads((workdir / "summary.json").read_text())
-  assert summary["preempted"] is True and summary["step"] < 60
+  assert summary["preempted"] is True and summary["step"] < 16
   assert main_runs.saved_steps(workdir)[-1] == summary["step"]  # its last step was saved
   assert not (workdir / "reward_model").exists()
-  main_runs.finish(_start(rm_world, workdir))
-  main_runs.assert_bit_exact(_rm_params(uninterrupted[1]), _rm_params(workdir))
+  main_runs.finish(_start(rm_world, workdir, *SHORT))
+  main_runs.assert_bit_exact(_rm_params(short_run), _rm_params(workdir))
 
 
 def test_scores_in_the_loop_equal_the_stage_scoring(trained):

@@ -209,3 +209,21 @@ def test_task_whose_module_cannot_load_fails_alone(pool, monkeypatch):
   outcome = pool.submit(module.fn).result(timeout=30)
   assert "ModuleNotFoundError" in outcome.error and outcome.value == -1.0
   assert pool.run(_square, 5) == 25 and pool.stats["restarts"] == restarts
+
+
+def test_a_pool_left_open_at_exit_ends_quietly(tmp_path):
+  """Exit closes every open pool before multiprocessing kills the workers and removes the
+  forkserver's socket: no dispatcher sees its workers die and fails to restart them."""
+  script = tmp_path / "left_open.py"
+  script.write_text(
+      "import sys\n"
+      f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+      "from r1jax.rewards import pool\n"
+      "if __name__ == '__main__':\n"
+      "  pools = [pool.RewardPool(num_workers=2, preload=()) for _ in range(3)]\n"
+      "  print('RESULT', [p.run(abs, -2) for p in pools], flush=True)\n")
+  for _ in range(3):  # the old failure was a race at exit: try it a few times
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0 and "RESULT [2, 2, 2]" in out.stdout, out.stderr[-2000:]
+    assert out.stderr == "", out.stderr[-2000:]

@@ -54,6 +54,7 @@ def _assert_contained(report: dict) -> None:
   assert not attacks.failures(report), {k: v for k, v in report.items() if not v["contained"]}
 
 
+@pytest.mark.slow
 @needs_ns
 def test_attack_suite_namespace_mode():
   report = attacks.run_suite("namespace")
@@ -61,6 +62,7 @@ def test_attack_suite_namespace_mode():
   assert all(r["required"] for r in report.values())  # Namespaces promise everything.
 
 
+@pytest.mark.slow
 def test_attack_suite_rlimit_mode():
   """The non-root fallback. As root we first drop to an unprivileged uid, as on a TPU VM."""
   if os.geteuid() != 0:  # Already unprivileged: this process is the trainer.

@@ -49,6 +49,7 @@ def uninterrupted(world, tmp_path_factory):
   return config_path, _final_params(root / "run"), root / "run"
 
 
+@pytest.mark.slow
 def test_uninterrupted_run_logs_rl_metrics(uninterrupted):
   _, _, run = uninterrupted
   records = read_metrics(run / "metrics.jsonl")
@@ -62,6 +63,7 @@ def test_uninterrupted_run_logs_rl_metrics(uninterrupted):
   assert summary["step"] == STEPS and "final" in summary
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_exact(uninterrupted, tmp_path):
   config_path, want, _ = uninterrupted
   run = tmp_path / "run"
@@ -74,6 +76,7 @@ def test_sigkill_then_resume_is_bit_exact(uninterrupted, tmp_path):
   main_runs.assert_bit_exact(want, _final_params(run))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_75_and_resumes(uninterrupted, tmp_path):
   config_path, want, _ = uninterrupted
   run = tmp_path / "run"
@@ -92,6 +95,7 @@ def test_sigterm_saves_exits_75_and_resumes(uninterrupted, tmp_path):
 # ------------------------------------------------------------------------------ bad input
 
 
+@pytest.mark.slow
 def test_malformed_rows_are_counted_and_the_run_continues(world, tmp_path):
   rows = Path(world["rl_train"]).read_text().splitlines()
   bad = tmp_path / "train.jsonl"
@@ -122,6 +126,7 @@ def test_prompt_plus_completion_over_max_position_stops_before_any_work(world, t
   assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_wrong_shape_checkpoint_stops_before_any_work(world, uninterrupted, tmp_path):
   _, _, run = uninterrupted
   c = rl_test_config(world, hidden=48)  # init_from a checkpoint of hidden 32
@@ -190,6 +195,7 @@ def test_dynamic_sampling_keeps_informative_groups_across_prompt_widths():
   assert update.batch.completion_mask[:2].all()
 
 
+@pytest.mark.slow
 def test_beta_zero_never_creates_a_reference():
   cfg = ModelConfig(vocab_size=32, hidden=16, layers=1, heads=2, kv_heads=1, head_dim=8,
                     mlp_dim=32)
@@ -236,6 +242,7 @@ def test_one_iteration_places_one_batch_and_moves_nothing_hidden(world, tmp_path
   assert metrics["skipped"] == 0 and int(state.step) == 4  # μ = 2 passes × 2 mini-batches
 
 
+@pytest.mark.slow
 def test_packed_update_matches_the_padded_one_in_the_loop(world, tmp_path):
   """grpo.pack: the first iteration (same rollout: same params and key) updates alike, on
   fewer rows, and logs its packing."""

@@ -39,6 +39,7 @@ def uninterrupted(world, tmp_path_factory):
   return config_path, params, root / "run"
 
 
+@pytest.mark.slow
 def test_updates_after_the_first_train_on_samples_one_policy_behind(uninterrupted):
   """Step 1 samples on-policy; every later rollout ran in the background on the policy one
   update behind, so the sampler's importance weight moves off 1 while the PPO ratio of
@@ -56,6 +57,7 @@ def test_updates_after_the_first_train_on_samples_one_policy_behind(uninterrupte
   assert summary["rl_wall_s"] > 0 and "final" in summary
 
 
+@pytest.mark.slow
 def test_sigterm_with_a_rollout_pending_resumes_bit_exact(uninterrupted, tmp_path):
   """The checkpoint holds the pending rollout's params and data position: the resumed run
   replays that rollout and ends with the uninterrupted run's weights, bit for bit."""
@@ -73,6 +75,7 @@ def test_sigterm_with_a_rollout_pending_resumes_bit_exact(uninterrupted, tmp_pat
       np.asarray, checkpoint.load_params(run / "final")[1]))
 
 
+@pytest.mark.slow
 def test_switching_overlap_on_a_resumed_run_is_refused(world, uninterrupted):
   """Checkpoints of an overlapped run hold the pending rollout's params; a run without
   overlap cannot resume them silently (nor the other way round)."""

@@ -36,6 +36,7 @@ def qwen(tmp_path_factory):
   return cfg, params
 
 
+@pytest.mark.slow
 def test_greedy_matches_hf_generate(pair):
   m, cfg, params = pair
   eos = 7
@@ -68,6 +69,7 @@ def teacher_forced_logp(params, cfg, out, group, temperature):
   return np.take_along_axis(logp, np.asarray(out.tokens)[..., None], -1)[..., 0]
 
 
+@pytest.mark.slow
 def test_logprobs_equal_teacher_forced(qwen):
   cfg, params = qwen
   # Several stop ids so rows end at different steps (early-stopped rows).
@@ -87,6 +89,7 @@ def test_logprobs_equal_teacher_forced(qwen):
     assert np.all(row[n:] == 0)
 
 
+@pytest.mark.slow
 def test_compaction_and_cache_windows_change_no_draw(qwen):
   """Decode that follows the live rows (compacted into fewer slots, the cache grown in
   windows) draws the same tokens as one lockstep loop over every row, on one device and
@@ -134,6 +137,7 @@ def _intended(logits, temperature, top_k, top_p):
   return p / p.sum(), nucleus
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.8, 0, 0.7),
                                                      (1.3, 12, 1.0), (0.9, 20, 0.8)])
 def test_sampling_distribution(qwen, temperature, top_k, top_p):
@@ -158,6 +162,7 @@ def test_sampling_distribution(qwen, temperature, top_k, top_p):
   assert pvalue > 1e-3 and tv < 0.1, (pvalue, tv)
 
 
+@pytest.mark.slow
 def test_sharded_same_tokens_as_single_device(qwen):
   cfg, params = qwen
   sp = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=12, eos_id=3)
@@ -172,6 +177,7 @@ def test_sharded_same_tokens_as_single_device(qwen):
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiles_once_per_bucket(qwen):
   cfg, params = qwen
   s = sampler.Sampler(cfg, min_bucket=16)
@@ -189,6 +195,7 @@ def test_compiles_once_per_bucket(qwen):
   assert all(f._cache_size() == 1 for k, f in s._fns.items() if k[0] != "fuse")
 
 
+@pytest.mark.slow
 def test_budgets_stops_and_early_exit(qwen):
   cfg, params = qwen
   smp = sampler.Sampler(cfg)
@@ -205,6 +212,7 @@ def test_budgets_stops_and_early_exit(qwen):
   assert int(out.steps) == 1 and int(out.stop_reason[0]) == sampler.STOP_EOS
 
 
+@pytest.mark.slow
 def test_deterministic_per_key(qwen):
   cfg, params = qwen
   smp = sampler.Sampler(cfg)
@@ -218,6 +226,7 @@ def test_deterministic_per_key(qwen):
   assert not np.array_equal(np.asarray(a.tokens)[0], np.asarray(a.tokens)[1])
 
 
+@pytest.mark.slow
 def test_generate_many_progress(qwen, capsys):
   cfg, params = qwen
   smp = sampler.Sampler(cfg)
@@ -243,6 +252,7 @@ def test_bad_input(qwen):
     SamplingParams(top_p=0.0)
 
 
+@pytest.mark.slow
 def test_multi_token_stop_sequences(qwen):
   """A row ends on the token completing a stop sequence; everything before is unchanged."""
   cfg, params = qwen

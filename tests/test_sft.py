@@ -31,6 +31,7 @@ def world(tmp_path_factory):
   return make_world(tmp_path_factory.mktemp("world"))
 
 
+@pytest.mark.slow
 def test_packed_loss_equals_the_documents_scored_alone():
   """Two documents packed in one row with segment ids == each scored in its own row."""
   params = model.init_params(CFG, jax.random.key(0))
@@ -73,6 +74,7 @@ def _final(run):
   return checkpoint.load_params(run / "final")[1]
 
 
+@pytest.mark.slow
 def test_sft_stage_learns_and_resumes_exactly(world, full_run, tmp_path):
   full, full_path = full_run
   records = read_metrics(full_path / "metrics.jsonl")
@@ -125,6 +127,7 @@ def test_sft_bad_input(world, tmp_path):
   assert summary["data/documents"] == 30
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("epochs", [0, 1])
 def test_sft_with_no_usable_rows_fails_fast_and_writes_nothing(world, tmp_path, epochs):
   """A CSV given as training data: every row is bad. It used to spin forever (epochs 0) or
@@ -143,6 +146,7 @@ def test_sft_with_no_usable_rows_fails_fast_and_writes_nothing(world, tmp_path, 
   assert not (tmp_path / "w" / "final").exists()
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_the_run_loudly_and_the_last_good_step_resumes(world, full_run,
                                                                           tmp_path):
   """A save that fails (no space left) must stop the run at the next step boundary with the
@@ -172,6 +176,7 @@ def test_a_full_disk_stops_the_run_loudly_and_the_last_good_step_resumes(world, 
   main_runs.assert_bit_exact(_final(full_run[1]), _final(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_sigterm_while_skipping_bad_rows_exits_within_seconds(world, tmp_path):
   """SIGTERM is polled inside the data loop too: a long run of bad rows (a pass over these
   takes well over 10 s) used to make the process deaf to it."""

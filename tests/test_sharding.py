@@ -51,6 +51,7 @@ def reference():
   return params, tokens, mask, logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", MESHES)
 def test_sharded_forward_matches_single_device(reference, shape):
   params, tokens, mask, ref_logits = reference
@@ -82,6 +83,7 @@ def test_sharded_forward_matches_single_device(reference, shape):
   assert 1 / shards <= max(fractions) <= 1 / shards * 1.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(2, 2, 2)])
 def test_sharded_cache_decode_matches(reference, shape):
   params, tokens, mask, ref_logits = reference

@@ -81,6 +81,7 @@ def reference():
               metrics=host(metrics))
 
 
+@pytest.mark.slow
 def test_state_is_initialised_sharded_and_owns_its_params():
   mesh = sharding.make_mesh((1, 4, 2))
   tr = ts.Trainer(CFG, OPT, mesh, GRPO)
@@ -98,6 +99,7 @@ def test_state_is_initialised_sharded_and_owns_its_params():
       CFG, jax.random.key(0))["embed"])
 
 
+@pytest.mark.slow
 def test_metrics_are_per_update_and_informative(reference):
   m = reference["metrics"]
   updates = GRPO.mu * GRPO.minibatches
@@ -114,6 +116,7 @@ def test_metrics_are_per_update_and_informative(reference):
   assert int(reference["new"].step) == updates
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", MESHES)
 def test_sharded_step_matches_single_device(reference, shape):
   tr = ts.Trainer(CFG, OPT, sharding.make_mesh(shape), GRPO)
@@ -130,6 +133,7 @@ def test_sharded_step_matches_single_device(reference, shape):
     np.testing.assert_allclose(v, reference["metrics"][k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.slow
 def test_microbatching_is_exact(reference):
   """K = 1 and K = 2 accumulate the same mini-batch gradient."""
   tr = single_device_trainer(dataclasses.replace(GRPO, microbatches=1))
@@ -164,6 +168,7 @@ def reinforce_grad_norm(params, b, rows, w_NxT) -> float:
       jax.jit(jax.grad(loss))(params)))))
 
 
+@pytest.mark.slow
 def test_first_update_gradient_is_reinforce(reference):
   """μ = 1 semantics: old = the policy's logp, ref = policy ⇒ ∇ = REINFORCE with baseline."""
   tr, params = reference["trainer"], reference["params"]
@@ -183,6 +188,7 @@ def test_first_update_gradient_is_reinforce(reference):
   assert metrics["surrogate"][0] != 0 and metrics["kl"][0] < 1e-9
 
 
+@pytest.mark.slow
 def test_recomputed_old_logprobs_ignore_the_samplers(reference):
   """recompute_old_logp: old = the pre-update policy, for every pass (not re-taken per pass)."""
   grpo = dataclasses.replace(GRPO, recompute_old_logp=True, beta=0.0, minibatches=1,
@@ -195,6 +201,7 @@ def test_recomputed_old_logprobs_ignore_the_samplers(reference):
   assert abs(metrics["ratio_mean"][1] - 1) > 1e-4  # pass 2 sees the first update
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mu_m", [(1, 1), (2, 2)])
 def test_decoupled_first_update_is_is_weighted_reinforce(reference, mu_m):
   """overlap / recompute: ratio 1 against the starting policy (its own detached logp when
@@ -241,6 +248,7 @@ def test_non_finite_update_is_skipped_and_counted(reference):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(host(after)))
 
 
+@pytest.mark.slow
 def test_reference_survives_donation_and_resets(reference):
   tr, b = reference["trainer"], reference["batch"]
   state = tr.init_state(jax.tree.map(jnp.asarray, reference["params"]))
@@ -348,6 +356,7 @@ def train_bandit(tr, sample, steps, flip_sign=False, drop_first=False):
   return curve
 
 
+@pytest.mark.slow
 def test_bandit_reward_rises_from_chance(bandit):
   steps = 40
   curve = train_bandit(*bandit, steps)
@@ -365,6 +374,7 @@ def test_bandit_reward_rises_from_chance(bandit):
 # --- SFT ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sft_step_sharded_matches_and_memorises():
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, CFG.vocab_size, (16, 12)).astype(np.int32)

@@ -69,13 +69,18 @@ def load_params(path: str | Path, mesh: Mesh | None = None, **overrides):
     return cfg, ckptr.restore(path / "params", target)
 
 
+def _shape_problems(got: dict, want: dict, wanted_by: str) -> list[str]:
+  """What differs between stored {path: shape} and wanted {path: shape}, path by path."""
+  problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
+  problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
+  return problems + [f"{k}: stored {got[k]}, {wanted_by} {want[k]}"
+                     for k in sorted(set(got) & set(want)) if got[k] != want[k]]
+
+
 def _check_shapes(stored: Any, target: Any) -> None:
   got = {k: tuple(v.shape) for k, v in model_lib.flatten(_as_dict(stored)).items()}
   want = {k: tuple(v.shape) for k, v in model_lib.flatten(target).items()}
-  problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
-  problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
-  problems += [f"{k}: stored {got[k]}, config implies {want[k]}"
-               for k in sorted(set(got) & set(want)) if got[k] != want[k]]
+  problems = _shape_problems(got, want, "config implies")
   if problems:
     raise ValueError("checkpoint does not match model.json: " + "; ".join(problems[:10]))
 
@@ -184,6 +189,28 @@ def _is_config_mismatch(error: Exception) -> bool:
   return isinstance(error, ValueError) and any(m in str(error) for m in _CONFIG_MISMATCH)
 
 
+def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+  return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in leaves if hasattr(v, "shape")}
+
+
+def _stored_mismatch(state_dir: Path, target: Any) -> tuple[str | None, str | None]:
+  """(how the stored state's arrays differ from `target`'s, why its metadata is unreadable).
+
+  Checked before orbax reads any array: orbax finds a mismatch only midway through its
+  asynchronous reads, and the reads it then abandons surface later as unraisable errors
+  ("Event loop is closed", "coroutine … was never awaited").
+  """
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      meta = ckptr.metadata(state_dir)
+  except Exception as e:  # pylint: disable=broad-except  (damaged: the caller sets it aside)
+    return None, f"orbax could not read its metadata: {type(e).__name__}: {str(e)[:300]}"
+  got = _shapes_by_path(getattr(getattr(meta, "item_metadata", meta), "tree", meta))
+  want = _shapes_by_path(ocp.tree.serialize_tree(target, keep_empty_nodes=True))
+  return ("; ".join(_shape_problems(got, want, "run has")[:10]) or None), None
+
+
 class TrainCheckpointer:
   """Orbax CheckpointManager for a loop: a state pytree plus JSON extras (data iterator).
 
@@ -272,6 +299,11 @@ class TrainCheckpointer:
     reasons = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       problem = step_problem(self.directory / str(step))
+      if problem is None:
+        mismatch, problem = _stored_mismatch(self.directory / str(step) / "state", target)
+        if mismatch:
+          raise ValueError(f"checkpoint {self.directory}/{step} does not match this run's "
+                           f"model/optimizer shapes or state structure: {mismatch}")
       if problem is None:
         try:
           out = self.manager.restore(step, args=ocp.args.Composite(

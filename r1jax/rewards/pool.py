@@ -22,6 +22,7 @@ import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.util  # registers its exit handler now, so that ours runs before it
 import os
 import pickle
 import resource
@@ -29,6 +30,7 @@ import signal
 import socket
 import threading
 import time
+import weakref
 from typing import Any, Callable
 
 _log = logging.getLogger(__name__)
@@ -159,6 +161,8 @@ class RewardPool:
     self._wake_r.setblocking(False)
     self._wake_w.setblocking(False)
     self._workers = [self._start_worker() for _ in range(num_workers)]
+    self._pid = os.getpid()
+    _LIVE.add(self)
     self._thread = threading.Thread(target=self._dispatch_loop, name="reward-pool", daemon=True)
     self._thread.start()
 
@@ -351,29 +355,39 @@ class RewardPool:
 
 _shared: RewardPool | None = None
 _shared_pid = 0
-_atexit_registered = False
 _shared_lock = threading.Lock()
+_LIVE: weakref.WeakSet[RewardPool] = weakref.WeakSet()
 
 
 def shared_pool() -> RewardPool:
   """A lazily started process-wide pool, for reward calls made outside any pool."""
-  global _shared, _shared_pid, _atexit_registered
+  global _shared, _shared_pid
   with _shared_lock:
     # A forked child must not use its parent's pool, whose dispatcher thread it lacks.
     stale = _shared is None or _shared._closed  # pylint: disable=protected-access
     if stale or _shared_pid != os.getpid():
       _shared = RewardPool(num_workers=min(2, os.cpu_count() or 1))
       _shared_pid = os.getpid()
-      if not _atexit_registered:
-        atexit.register(close_shared_pool)
-        _atexit_registered = True
     return _shared
 
 
 def close_shared_pool() -> None:
-  """Closes the shared pool; registered to run at interpreter exit."""
+  """Closes the shared pool (interpreter exit closes it too, with every other open pool)."""
   global _shared
   with _shared_lock:
     if _shared is not None and _shared_pid == os.getpid():
       _shared.close()
       _shared = None
+
+
+@atexit.register
+def _close_open_pools() -> None:
+  """At exit, closes this process's pools that are still open.
+
+  Registered after multiprocessing's own exit handler, so it runs first: otherwise that
+  handler kills the daemon workers and removes the forkserver's socket while a pool's
+  dispatcher still runs, which sees its workers die and fails to start new ones.
+  """
+  for pool in list(_LIVE):
+    if pool._pid == os.getpid():  # pylint: disable=protected-access  (a fork's copy is not ours)
+      pool.close()
