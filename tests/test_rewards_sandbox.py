@@ -23,6 +23,17 @@ def _sandbox_dirs() -> set:
   return set(Path(tempfile.gettempdir()).glob("r1jax-sandbox-*"))
 
 
+@pytest.fixture
+def own_tempdir(monkeypatch):
+  """A temporary root for this test alone: the suite's other worker process runs sandboxes
+  at the same time, and their folders in the shared /tmp must not count as this test's."""
+  root = tempfile.mkdtemp(prefix="r1jax-test-tmp-")
+  os.chmod(root, 0o755)  # as /tmp: the sandbox's unprivileged uid reaches its own folder
+  monkeypatch.setattr(tempfile, "tempdir", root)
+  yield Path(root)
+  shutil.rmtree(root, ignore_errors=True)
+
+
 def test_bad_input_is_rejected():
   with pytest.raises(ValueError, match="unknown sandbox mode"):
     sandbox.run_python("print(1)", mode="docker")
@@ -35,9 +46,10 @@ def test_bad_input_is_rejected():
 
 
 @pytest.mark.parametrize("mode", ["namespace", "rlimit"])
-def test_runs_program_with_stdin_and_cleans_up(mode):
+def test_runs_program_with_stdin_and_cleans_up(mode, own_tempdir):
   if mode == "namespace" and not NS:
     pytest.skip("namespace mode needs root and util-linux unshare")
+  assert Path(tempfile.gettempdir()) == own_tempdir
   before = _sandbox_dirs()
   result = sandbox.run_python(
       "import os\nprint(input()[::-1], os.getcwd() == os.environ['HOME'])", stdin="abc\n",
