@@ -80,7 +80,7 @@ HEAVY_FIRST = ("test_rewards_model", "test_rl", "test_train_step", "test_pipelin
 def pytest_collection_modifyitems(config, items):
   del config
   rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-  items.sort(key=lambda item: rank.get(Path(str(item.fspath)).stem, len(rank)))  # stable
+  items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable
 
 
 def pytest_configure(config):

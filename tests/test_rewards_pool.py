@@ -222,7 +222,7 @@ def test_a_pool_left_open_at_exit_ends_quietly(tmp_path):
       "if __name__ == '__main__':\n"
       "  pools = [pool.RewardPool(num_workers=2, preload=()) for _ in range(3)]\n"
       "  print('RESULT', [p.run(abs, -2) for p in pools], flush=True)\n")
-  for _ in range(3):  # the old failure was a race at exit: try it a few times
+  for _ in range(3):  # the failure it guards against is a race at exit: try a few times
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=120, check=False)
     assert out.returncode == 0 and "RESULT [2, 2, 2]" in out.stdout, out.stderr[-2000:]

@@ -371,15 +371,6 @@ def shared_pool() -> RewardPool:
     return _shared
 
 
-def close_shared_pool() -> None:
-  """Closes the shared pool (interpreter exit closes it too, with every other open pool)."""
-  global _shared
-  with _shared_lock:
-    if _shared is not None and _shared_pid == os.getpid():
-      _shared.close()
-      _shared = None
-
-
 @atexit.register
 def _close_open_pools() -> None:
   """At exit, closes this process's pools that are still open.
