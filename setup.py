@@ -21,7 +21,6 @@ setup(
         "absl-py>=2.1",
         "ml_collections>=1.1,<2",
         "math-verify>=0.9,<0.10",
-        "tensorboardX>=2.6,<3",
         "matplotlib>=3.9,<4",
     ],
     extras_require={
@@ -29,7 +28,8 @@ setup(
         "hf": ["safetensors>=0.8,<0.9", "tokenizers>=0.23,<0.24"],
         # The test suite: parity tests run transformers on a CPU-only torch.
         # pytest-xdist: the suite runs in two worker processes (WORKSPACE.md, "Tests").
-        "test": ["pytest>=9,<10", "pytest-xdist>=3.8,<4", "torch==2.13.0",
+        # tensorboardX: an independent reader of the event files r1jax writes itself.
+        "test": ["pytest>=9,<10", "pytest-xdist>=3.8,<4", "torch==2.13.0", "tensorboardX>=2.6,<3",
                  "transformers>=5.23,<6", "safetensors>=0.8,<0.9", "tokenizers>=0.23,<0.24"],
         # Benchmarks only: TRL's GRPOTrainer side by side (tools/trl_grpo.py).
         "bench": ["trl==1.16.0", "torch==2.13.0", "transformers>=5.23,<6"],

@@ -22,12 +22,15 @@ def _masked_crc(data: bytes) -> int:
 
 
 def _tb_scalars(folder) -> dict[str, list[tuple[int, float]]]:
-  """Parses every event file's TFRecord framing (checking both CRCs) into tag -> [(step, v)]."""
+  """Parses every event file's TFRecord framing (checking both CRCs) into tag -> [(step, v)];
+  each file opens with TensorBoard's version event, and every event has a wall time."""
   out: dict[str, list] = {}
   files = sorted(folder.glob("events.out.tfevents.*"))
   assert files, f"no event files in {folder}"
   for path in files:
     data, i = path.read_bytes(), 0
+    assert Event.FromString(data[12:12 + struct.unpack("<Q", data[:8])[0]]).file_version == (
+        "brain.Event:2")
     while i < len(data):
       header = data[i:i + 8]
       (length,) = struct.unpack("<Q", header)
@@ -36,6 +39,7 @@ def _tb_scalars(folder) -> dict[str, list[tuple[int, float]]]:
       assert struct.unpack("<I", data[i + 12 + length:i + 16 + length])[0] == _masked_crc(body)
       i += 16 + length
       event = Event.FromString(body)
+      assert event.wall_time > 1e9
       for v in event.summary.value:
         out.setdefault(v.tag, []).append((event.step, v.simple_value))
   return out
@@ -142,6 +146,15 @@ def _png_ok(path) -> bool:
 
 
 @pytest.mark.slow
+def test_a_run_does_not_import_torch():
+  """Writing TensorBoard files must not pull in torch (seconds and ~0.5 GB at every start)."""
+  code = ("import sys; import r1jax.main, r1jax.stages.rl, r1jax.stages.sft, "
+          "r1jax.stages.generate, r1jax.stages.reward_model; "
+          "print(sorted(m for m in ('torch', 'tensorboardX', 'transformers') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_plot_metrics_tool(tmp_path):
   rng = np.random.default_rng(0)
   with metrics.MetricsWriter(tmp_path, tensorboard=False, process_index=0) as w:

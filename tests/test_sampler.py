@@ -106,8 +106,8 @@ def test_compaction_and_cache_windows_change_no_draw(qwen):
   assert lengths.min() < 10 and lengths.max() == 40, lengths  # uneven rows: compaction runs
   mesh = sharding.make_mesh((2, 2, 2))
   on_mesh = jax.device_put(params, sharding.tree_shardings(model.param_axes(cfg), params, mesh))
-  for smp, p in [(sampler.Sampler(cfg, window=8, min_rows=3), params),
-                 (sampler.Sampler(cfg, mesh, window=8, min_rows=3), on_mesh)]:
+  for smp, p in [(sampler.Sampler(cfg, window=16, min_rows=3), params),
+                 (sampler.Sampler(cfg, mesh, window=16, min_rows=3), on_mesh)]:
     out = jax.device_get(smp.generate(p, PROMPTS, sp, jax.random.key(4), group=group,
                                       max_new_tokens=budgets))
     resizes = [k[1:] for k in smp._fns if k[0] == "resize"]

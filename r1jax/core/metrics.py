@@ -25,8 +25,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
-from tensorboardX import FileWriter
-from tensorboardX.proto.summary_pb2 import Summary
+
+from r1jax.core import tb_events
 
 _log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class MetricsWriter:
     if needs_newline:
       self._file.write("\n")
     if tensorboard:
-      self._tb = FileWriter(str(Path(workdir) / TB_DIR), flush_secs=30)
+      self._tb = tb_events.EventWriter(Path(workdir) / TB_DIR)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     """Logs one step's scalars; call it again with the same step to add more keys."""
@@ -84,9 +84,7 @@ class MetricsWriter:
     self._file.write(json.dumps(record, allow_nan=False) + "\n")
     self._file.flush()  # a crash must not lose the steps before it
     if self._tb is not None:
-      self._tb.add_summary(
-          Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in values.items()]),
-          int(step))
+      self._tb.add_scalars(int(step), values)
 
   def flush(self) -> None:
     if self._file is not None:
