@@ -10,16 +10,18 @@ its one device (install jax[cuda] first); lower --config.data.batch or raise
 --config.grpo.microbatches if rollouts or the update do not fit. `:steps=N` shortens the run.
 """
 
+import pathlib
+
 import ml_collections
 
-from r1jax.core.config import parse_arg
-from r1jax.stages.rl import r1_zero_hf
+from r1jax.core.config import config_from_file, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = parse_arg(arg, steps=400)
-  c = r1_zero_hf("qwen2.5-1.5b", steps=a.steps, max_new_tokens=1024,
-                 train="gsm8k/train.jsonl", benchmarks="gsm8k/test.jsonl")
+  c = config_from_file(pathlib.Path(__file__).with_name("r1_zero_hf.py"),
+                       f"preset=qwen2.5-1.5b,steps={a.steps},max_new_tokens=1024,"
+                       "train=gsm8k/train.jsonl,benchmarks=gsm8k/test.jsonl")
   c.data.adapter = "gsm8k"  # question + answer ending in '#### N'
   c.lock()
   return c

@@ -9,16 +9,18 @@ sampler's dense KV cache on one host; 4096 new tokens does on a v5p-8 / 8×H100 
       --workdir=/data/runs/r1z_7b --distributed
 """
 
+import pathlib
+
 import ml_collections
 
-from r1jax.core.config import parse_arg
-from r1jax.stages.rl import r1_zero_hf
+from r1jax.core.config import config_from_file, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = parse_arg(arg, steps=1000, max_new_tokens=4096)
-  c = r1_zero_hf("qwen2.5-7b", steps=a.steps, max_new_tokens=a.max_new_tokens,
-                 train="math/train.jsonl", benchmarks="math500/test.jsonl")
+  c = config_from_file(pathlib.Path(__file__).with_name("r1_zero_hf.py"),
+                       f"preset=qwen2.5-7b,steps={a.steps},max_new_tokens={a.max_new_tokens},"
+                       "train=math/train.jsonl,benchmarks=math500/test.jsonl")
   c.data.adapter = "math"  # problem + solution (gold: answer field or last \boxed{})
   c.data.max_prompt_tokens = 1024  # MATH problems run longer than GSM8K's
   c.eval.max_prompt_tokens = 1024  # the same limit for MATH-500 / AIME prompts

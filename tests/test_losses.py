@@ -1,13 +1,14 @@
 """Losses against a float64 numpy restatement: logprobs, advantages, every GRPO mode, SFT."""
 
 import itertools
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax.train import losses
+from r1jax.train import losses, packing
 from r1jax.core import model
 from r1jax.core.config import GRPOConfig, ModelConfig
 from test_advantages import np_advantages
@@ -73,6 +74,18 @@ def np_weights(mask, mode):
   return mask / (n * t)
 
 
+def grpo_loss(logp, old, adv_N, mask, cfg, ref=None, prox=None):
+  """The one GRPO loss on one sequence a row: per-token advantages, and the token weights of
+  train/packing.py (where `loss_mode` is read) over the whole batch as one mini-batch."""
+  adv = jnp.broadcast_to(jnp.asarray(adv_N, jnp.float32)[:, None], mask.shape)
+  weights = packing.token_weights(np.asarray(mask), cfg).astype(np.float32)
+  return losses.grpo_loss(logp, old, adv, mask, weights, cfg, ref, prox)
+
+
+def token_logprobs(params, cfg, tokens, mask, start, chunk=128):
+  return losses.token_logprobs_and_entropy(params, cfg, tokens, mask, start, 1.0, chunk)[0]
+
+
 def random_inputs(seed, n=16, t=11):
   rng = np.random.default_rng(seed)
   logp = np.minimum(rng.normal(-2.0, 1.0, (n, t)), -1e-3).astype(np.float32)
@@ -99,7 +112,7 @@ def test_grpo_loss_and_grad_match_float64(seed):
   worst_loss = worst_grad = 0.0
   for case in CASES:
     cfg = GRPOConfig(eps_low=0.2, **case)
-    fn = lambda lp, cfg=cfg: losses.grpo_loss(lp, old, adv, mask, cfg, ref)[0]
+    fn = lambda lp, cfg=cfg: grpo_loss(lp, old, adv, mask, cfg, ref)[0]
     loss, grad = jax.value_and_grad(fn)(logp)
     want_loss, want_grad, scale = np_grpo(logp, old, adv, mask, ref, cfg)
     # Relative to the summed terms' magnitude: advantages of both signs can
@@ -121,12 +134,12 @@ def test_decoupled_loss_and_grad_match_float64(cap):
   assert cap == 0 or (np.sum(w > cap) and np.sum(w < 1))  # both sides of the cap exercised
   for case in CASES[::3]:
     cfg = GRPOConfig(eps_low=0.2, tis_cap=cap, overlap="rewards", **case)
-    fn = lambda lp, cfg=cfg: losses.grpo_loss(lp, old, adv, mask, cfg, ref, None, prox)[0]
+    fn = lambda lp, cfg=cfg: grpo_loss(lp, old, adv, mask, cfg, ref, prox)[0]
     loss, grad = jax.value_and_grad(fn)(logp)
     want_loss, want_grad, scale = np_grpo(logp, old, adv, mask, ref, cfg, prox)
     assert abs(float(loss) - want_loss) / scale <= TOL
     assert rel_err(grad, want_grad) <= TOL
-  _, sums = losses.grpo_loss(logp, old, adv, mask, cfg, ref, None, prox)
+  _, sums = grpo_loss(logp, old, adv, mask, cfg, ref, prox)
   assert sums["is_capped"] == (np.sum(w > cap) if cap else 0)
   want = np.minimum(w, cap).sum() if cap else mask.sum()  # cap 0: no weight
   np.testing.assert_allclose(sums["is_weight"], want, rtol=1e-5)
@@ -140,25 +153,26 @@ def test_clip_and_dual_clip_regions_are_exercised():
   assert np.sum((rho > 1.28) & (a > 0)) and np.sum((rho < 0.8) & (a < 0))
   assert np.sum((rho > 3.0) & (a < 0)) and np.sum((rho > 0.8) & (rho < 1.2))
   cfg = GRPOConfig(dual_clip=3.0, beta=0.0)
-  _, sums = losses.grpo_loss(logp, old, adv, mask, cfg)
+  _, sums = grpo_loss(logp, old, adv, mask, cfg)
   assert sums["clip_low"] > 0 and sums["clip_high"] > 0 and sums["clip_dual"] > 0
   assert sums["tokens"] == mask.sum()
 
 
 @pytest.mark.parametrize("mode", ["grpo", "bnpo", "dr_grpo"])
 def test_microbatch_losses_sum_to_the_batch_loss(mode):
-  """With the mini-batch denominator, any row partition sums to the full loss and grad."""
+  """With the mini-batch's token weights, any row partition sums to the full loss and grad."""
   logp, old, adv, mask, ref = random_inputs(2)
   cfg = GRPOConfig(loss_mode=mode, beta=0.04)
-  full = jax.value_and_grad(lambda lp: losses.grpo_loss(lp, old, adv, mask, cfg, ref)[0])
+  full = jax.value_and_grad(lambda lp: grpo_loss(lp, old, adv, mask, cfg, ref)[0])
   loss, grad = full(logp)
   scale = np_grpo(logp, old, adv, mask, ref, cfg)[2]
-  denom = losses.loss_denominator(mask, mode)
+  weights = packing.token_weights(mask, cfg).astype(np.float32)
+  adv_NxT = np.broadcast_to(adv[:, None], mask.shape)
   parts = np.split(np.random.default_rng(0).permutation(len(logp)), 4)
   total, total_grad = 0.0, np.zeros_like(logp)
   for rows in parts:
-    part = lambda lp: losses.grpo_loss(lp, old[rows], adv[rows], mask[rows], cfg, ref[rows],
-                                       denom)[0]
+    part = lambda lp: losses.grpo_loss(lp, old[rows], adv_NxT[rows], mask[rows],
+                                       weights[rows], cfg, ref[rows])[0]
     l, g = jax.value_and_grad(part)(logp[rows])
     total += float(l)
     total_grad[rows] = g
@@ -171,8 +185,8 @@ def test_garbage_at_masked_positions_never_leaks(overlap):
   logp, old, adv, mask, ref = random_inputs(3)
   cfg = GRPOConfig(beta=0.04, dual_clip=3.0, loss_mode="bnpo", overlap=overlap)
   prox = logp + 0.1 if overlap else None
-  f = jax.value_and_grad(lambda lp, o, r, px: losses.grpo_loss(
-      lp, o, adv, mask, cfg, r, None, px if overlap else None)[0])
+  f = jax.value_and_grad(lambda lp, o, r, px: grpo_loss(
+      lp, o, adv, mask, cfg, r, px if overlap else None)[0])
   clean = f(logp, old, ref, prox)
   bad = lambda x, v: None if x is None else np.where(mask, x, v).astype(np.float32)
   for v in (np.nan, np.inf, -np.inf, 1e30):
@@ -184,12 +198,17 @@ def test_garbage_at_masked_positions_never_leaks(overlap):
 def test_loss_errors():
   logp, old, adv, mask, ref = random_inputs(5)
   cfg = GRPOConfig()
+  adv_NxT = np.broadcast_to(adv[:, None], mask.shape)
+  weights = packing.token_weights(mask, cfg).astype(np.float32)
   with pytest.raises(ValueError, match="mask has shape"):
-    losses.grpo_loss(logp, old, adv, mask[:, :-1], cfg)
-  with pytest.raises(ValueError, match="advantages have shape"):
-    losses.grpo_loss(logp, old, adv[:-1], mask, cfg)
+    losses.grpo_loss(logp, old, adv_NxT, mask[:, :-1], weights, cfg)
+  with pytest.raises(ValueError, match="adv has shape"):
+    losses.grpo_loss(logp, old, adv_NxT[:-1], mask, weights, cfg)
+  with pytest.raises(ValueError, match="weights has shape"):
+    losses.grpo_loss(logp, old, adv_NxT, mask, weights[:, 1:], cfg)
   with pytest.raises(ValueError, match="unknown loss mode"):
-    losses.loss_denominator(mask, "token_sum")
+    packing.token_weights(mask, types.SimpleNamespace(loss_mode="token_sum", minibatches=1,
+                                                      microbatches=1))
   with pytest.raises(ValueError, match="loss_mode"):
     GRPOConfig(loss_mode="token_sum")
   with pytest.raises(ValueError, match="dual_clip"):
@@ -258,7 +277,7 @@ def test_token_logprobs_match_float64(tiny, chunk):
 def test_first_and_last_completion_token_scored_from_their_prefix(tiny):
   """Token j's logp equals the last-position logits of a forward of tokens[:j] alone."""
   p, tokens, mask, cmask, s = (tiny[k] for k in ("params", "tokens", "mask", "cmask", "s"))
-  got = np.asarray(losses.token_logprobs(p, CFG, tokens, mask, s))
+  got = np.asarray(token_logprobs(p, CFG, tokens, mask, s))
   rows = np.arange(len(tokens))
   for j in (0, cmask.shape[1] - 1):
     last = tiny["forward"](p, tokens[:, :s + j], mask[:, :s + j])[:, -1]
@@ -270,7 +289,7 @@ def test_first_and_last_completion_token_scored_from_their_prefix(tiny):
 def test_chunked_gradient_equals_unchunked(tiny):
   p, tokens, mask, cmask, s = (tiny[k] for k in ("params", "tokens", "mask", "cmask", "s"))
   ct = (np.random.default_rng(1).normal(size=cmask.shape) * cmask).astype(np.float32)
-  chunked = lambda q: losses.token_logprobs(q, CFG, tokens, mask, s, chunk=4)
+  chunked = lambda q: token_logprobs(q, CFG, tokens, mask, s, chunk=4)
   got = jax.jit(lambda q, c: jax.vjp(chunked, q)[1](c)[0])(p, ct)
   want = tiny["naive_vjp"](p, ct)
   err = max(rel_err(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
@@ -287,15 +306,14 @@ def test_mu1_beta0_gradient_is_reinforce_with_group_baseline(tiny):
   g = 4
   rewards = np.array([1.0, 0.0, 0.0, 1.0, 0.3, 0.9, 0.1, 0.5])
   advs = [np_advantages(rewards, g, scale, 1e-4, 1) for _, scale in MODES]
-  old = losses.token_logprobs(p, CFG, tokens, mask, s)  # what the sampler returned
+  old = token_logprobs(p, CFG, tokens, mask, s)  # what the sampler returned
 
   def grpo_grads(q):
     out = []
     for (mode, _), adv in zip(MODES, advs):
       cfg = GRPOConfig(loss_mode=mode, beta=0.0, group_size=g)
-      loss = lambda q: losses.grpo_loss(
-          losses.token_logprobs(q, CFG, tokens, mask, s, chunk=4), old,
-          jnp.asarray(adv, jnp.float32), cmask, cfg)[0]
+      loss = lambda q: grpo_loss(token_logprobs(q, CFG, tokens, mask, s, chunk=4), old,
+                                 adv, cmask, cfg)[0]
       out.append(jax.grad(loss)(q))
     return out
 
@@ -384,9 +402,9 @@ def test_distill_gradient_moves_the_student_towards_the_teacher(tiny):
 def test_logprob_input_errors(tiny):
   p, tokens, mask, s = tiny["params"], tiny["tokens"], tiny["mask"], tiny["s"]
   with pytest.raises(ValueError, match="completion_start"):
-    losses.token_logprobs(p, CFG, tokens, mask, tokens.shape[1])
+    token_logprobs(p, CFG, tokens, mask, tokens.shape[1])
   with pytest.raises(ValueError, match="must be equal"):
-    losses.token_logprobs(p, CFG, tokens, mask[:, 1:], s)
+    token_logprobs(p, CFG, tokens, mask[:, 1:], s)
   with pytest.raises(ValueError, match="loss_mask"):
     losses.sft_loss(p, CFG, tokens, mask, mask[:, 1:])
 
@@ -423,14 +441,14 @@ def test_no_op_builds_rows_by_length_by_vocab_logits(mode):
   params = model.init_params(cfg, jax.random.key(0))
   n, s, t = 4, 3, 64
   tokens = jax.random.randint(jax.random.key(1), (n, s + t), 0, cfg.vocab_size)
-  mask = jnp.ones((n, s + t), bool)
+  mask = np.ones((n, s + t), bool)
   g = GRPOConfig(loss_mode=mode, beta=0.04)
   old, ref = jnp.zeros((n, t)), jnp.zeros((n, t))
 
   def grad_of(chunk):
     def loss(p):
       logp, ent = losses.token_logprobs_and_entropy(p, cfg, tokens, mask, s, 1.0, chunk)
-      value, _ = losses.grpo_loss(logp, old, jnp.ones((n,)), mask[:, s:], g, ref)
+      value, _ = grpo_loss(logp, old, jnp.ones((n,)), mask[:, s:], g, ref)
       return value + 1e-3 * jnp.sum(ent)
     return jax.grad(loss)
 

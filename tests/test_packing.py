@@ -1,4 +1,5 @@
-"""Padding-free GRPO (train/packing.py): the same loss and gradient as the padded update."""
+"""The update's row layouts (train/packing.py): tight packing and one sequence a row give the
+loss and gradient of the padded batch's forward."""
 
 import dataclasses
 
@@ -11,7 +12,8 @@ from r1jax.core import model
 from r1jax.core.config import GRPOConfig, ModelConfig
 from r1jax.train import losses
 from r1jax.train.batches import RolloutBatch
-from r1jax.train.packing import pack_rollout
+from r1jax.train.packing import one_per_row, pack_rollout
+from test_losses import np_weights
 
 CFG = ModelConfig(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8,
                   mlp_dim=64, max_position=128)
@@ -43,26 +45,35 @@ def params():
 
 
 def padded_loss(p, b: RolloutBatch, g: GRPOConfig):
+  """The reference: the padded rows' forward (positions from the mask, no segments), with the
+  test's float64 restatement of the mode's token weights (one mini-batch)."""
   logp, ent = losses.token_logprobs_and_entropy(p, CFG, b.tokens, b.mask, S, g.temperature, 5)
-  mask = losses.effective_mask(b.completion_mask, b.truncated, g)
-  return losses.grpo_loss(logp, b.old_logp, b.advantages, mask, g, b.ref_logp)[0]
+  mask = np.asarray(b.completion_mask)
+  if g.mask_truncated:
+    mask = mask & ~np.asarray(b.truncated)[:, None]
+  adv = jnp.broadcast_to(b.advantages[:, None], mask.shape)
+  weights = np_weights(mask, g.loss_mode).astype(np.float32)
+  return losses.grpo_loss(logp, b.old_logp, adv, mask, weights, g, b.ref_logp)[0]
 
 
-def packed_loss(p, pk, g: GRPOConfig):
-  logp, ent = losses.packed_logprobs_and_entropy(p, CFG, pk.tokens, pk.positions,
-                                                 pk.segment_ids, g.temperature, 5,
-                                                 sample_ids_RxL=pk.sample_ids)
+def rows_loss(p, pk, g: GRPOConfig):
+  """The update's loss on either layout of packed rows."""
+  logp, ent = losses.token_logprobs_and_entropy(
+      p, CFG, pk.tokens, pk.segment_ids > 0, 1, g.temperature, 5, pk.positions,
+      pk.segment_ids, None, pk.sample_ids)
   cut = lambda x: None if x is None else x[:, 1:]
-  return losses.packed_grpo_loss(logp, cut(pk.old_logp), cut(pk.advantages),
-                                 cut(pk.loss_mask), cut(pk.weights), g, cut(pk.ref_logp))[0]
+  return losses.grpo_loss(logp, cut(pk.old_logp), cut(pk.advantages), cut(pk.loss_mask),
+                          cut(pk.weights), g, cut(pk.ref_logp))[0]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["grpo", "bnpo", "dr_grpo"])
 @pytest.mark.parametrize("mask_truncated", [False, True])
 @pytest.mark.parametrize("share", [False, True], ids=["own_prompts", "shared_prompts"])
-def test_packed_loss_and_gradient_equal_the_padded_ones(params, mode, mask_truncated, share):
-  """Every loss mode, with or without a group's short samples sharing one prompt copy."""
+def test_tight_packing_equals_one_sequence_a_row_and_the_padded_loss(params, mode,
+                                                                    mask_truncated, share):
+  """Every loss mode, with or without a group's short samples sharing one prompt copy: tight
+  rows, one sequence a row and the padded forward give one loss and gradient."""
   g = GRPOConfig(loss_mode=mode, beta=0.04, mask_truncated=mask_truncated, temperature=0.9,
                  share_prompts=share)
   b = rollout(n=16, seed=1, group=4, longest=6)
@@ -75,10 +86,11 @@ def test_packed_loss_and_gradient_equal_the_padded_ones(params, mode, mask_trunc
   else:  # no sample ids: attention needs no sample rule, and skips its mask work
     assert pk.sample_ids is None
   want, want_g = jax.value_and_grad(padded_loss)(params, jax.tree.map(jnp.asarray, b), g)
-  got, got_g = jax.value_and_grad(packed_loss)(params, jax.tree.map(jnp.asarray, pk), g)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
-  for a, e in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
-    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
+  for rows in (pk, one_per_row(b, g)):
+    got, got_g = jax.value_and_grad(rows_loss)(params, jax.tree.map(jnp.asarray, rows), g)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    for a, e in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+      np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
 
 
 def test_packed_rows_hold_each_sample_once_in_its_own_segment():
@@ -111,12 +123,38 @@ def test_packed_rows_hold_each_sample_once_in_its_own_segment():
   assert not pk.weights[~pk.loss_mask].any()
 
 
+def test_one_sequence_a_row_keeps_the_padded_columns():
+  """Row i is sample i's padded row: column S + t scores completion token t, positions count
+  real tokens, and each mini-batch's weights are the mode's over its own samples."""
+  b = rollout(n=16, seed=2, group=4)
+  g = GRPOConfig(minibatches=2, microbatches=2, loss_mode="bnpo", mask_truncated=True)
+  rows = one_per_row(b, g)
+  np.testing.assert_array_equal(rows.tokens, b.tokens)
+  np.testing.assert_array_equal(rows.segment_ids, b.mask.astype(np.int32))
+  np.testing.assert_array_equal(rows.positions[b.mask],
+                                np.concatenate([np.arange(k) for k in b.mask.sum(1)]))
+  loss_mask = b.completion_mask & ~b.truncated[:, None]
+  np.testing.assert_array_equal(rows.loss_mask[:, S:], loss_mask)
+  assert not rows.loss_mask[:, :S].any() and rows.sample_ids is None
+  np.testing.assert_array_equal(rows.old_logp[:, S:], b.old_logp)
+  np.testing.assert_array_equal(rows.ref_logp[:, S:], b.ref_logp)
+  np.testing.assert_array_equal(rows.advantages[:, S:],
+                                np.broadcast_to(b.advantages[:, None], (16, T)))
+  for j in range(2):  # sample i is in mini-batch (i // A) % M
+    members = (np.arange(16) // 2) % 2 == j
+    np.testing.assert_allclose(rows.weights[members],
+                               np.pad(np_weights(loss_mask[members], "bnpo"), ((0, 0), (S, 0))),
+                               rtol=1e-6)
+
+
 def test_packing_errors():
   b = rollout()
   with pytest.raises(ValueError, match="more than the packed row length 10"):
     pack_rollout(b, GRPOConfig(), row_len=10)
   with pytest.raises(ValueError, match="do not split into 3 mini-batches"):
     pack_rollout(b, GRPOConfig(minibatches=3))
+  with pytest.raises(ValueError, match="do not split into 3 mini-batches"):
+    one_per_row(b, GRPOConfig(minibatches=3))
   no_prompt = dataclasses.replace(b, mask=b.mask.copy())
   no_prompt.mask[2, :S] = False
   with pytest.raises(ValueError, match="every sample needs a prompt token"):
@@ -126,25 +164,27 @@ def test_packing_errors():
 @pytest.mark.slow
 @pytest.mark.parametrize("mode,minibatches,overlap", [
     ("grpo", 2, ""), ("dr_grpo", 2, ""), ("bnpo", 2, "rollout"), ("grpo", 1, "rewards")])
-def test_trainer_step_on_packed_rows_equals_the_padded_step(params, mode, minibatches, overlap):
+def test_trainer_step_on_tight_rows_equals_one_sequence_a_row(params, mode, minibatches,
+                                                              overlap):
   """Through Trainer.rl_step: mini-batches × 2 micro-batches, β > 0 with the reference run
   by the step itself, on a mesh; the same metrics and the same updated params. With
   `overlap` the loss is decoupled (starting-policy logprobs: a forward pass with 2
   mini-batches, the loss's own with 1)."""
   from r1jax.core import sharding
   from r1jax.core.config import OptConfig
+  from r1jax.train.logprobs import LogProbs
   from r1jax.train.trainer import Trainer
 
   mesh = sharding.make_mesh((2, 4, 1))
   g = GRPOConfig(loss_mode=mode, beta=0.04, minibatches=minibatches, microbatches=2,
                  group_size=4, logits_chunk=5, share_prompts=True, overlap=overlap)
   trainer = Trainer(CFG, OptConfig(lr=1e-3), mesh, g)
-  ref = trainer.make_ref(params)
+  ref = LogProbs(CFG, g, mesh).make_ref(params)
   b = dataclasses.replace(rollout(n=16, seed=5, ref=False, group=4), truncated=None)
   pk, stats = pack_rollout(b, g, rows_multiple=2)
   assert stats["pack/shared_prompt_tokens"] > 0
   out = {}
-  for name, batch in (("padded", b), ("packed", pk)):
+  for name, batch in (("padded", b), ("packed", pk)):  # put_batch: one sequence a row
     state = trainer.init_state(jax.tree.map(jnp.copy, params))
     state, metrics = trainer.rl_step(state, trainer.put_batch(batch), ref)
     out[name] = (jax.device_get(state.params), jax.device_get(metrics))

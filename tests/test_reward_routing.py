@@ -153,10 +153,10 @@ def test_mixture_far_from_the_configured_weights_warns(caplog):
 
 
 def test_failed_samples_leave_the_baseline_and_the_loss():
-  from r1jax.stages import rl
+  from r1jax.train import advantages
   r = np.array([1.0, 0.0, 99.0, 1.0, 5.0, 5.0], np.float32)
   bad = np.array([False, False, True, False, True, True])
-  filled = rl._fill_failed(r, bad, 3)
+  filled = advantages.fill_failed(r, bad, 3)
   assert filled.tolist() == [1.0, 0.0, 0.5, 1.0, 1.0, 1.0]
 
 

@@ -17,7 +17,8 @@ from r1jax.core.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from r1jax.data.preferences import encode_pairs, load_pairs
 from r1jax.rewards import compose
 from r1jax.rewards import reward_model as rm
-from r1jax.stages.reward_model import RMTrainer, pair_batch
+from r1jax.stages.reward_model import pair_batch
+from r1jax.train.reward_model import RMTrainer
 from r1jax.train.state import TrainState
 
 from r1jax.main import EXIT_PREEMPTED

@@ -1,5 +1,6 @@
 """The RL loop: exact resume after SIGKILL, clean SIGTERM exit, and bad input handled."""
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from r1jax.generation.sampler import STOP_EOS
 from r1jax.rewards import registry
 from r1jax.stages import rl
 from r1jax.train import advantages
+from r1jax.train.logprobs import LogProbs, RefSource, ref_source
 from r1jax.train.trainer import Trainer
 from r1jax.main import EXIT_PREEMPTED
 
@@ -200,10 +202,14 @@ def test_beta_zero_never_creates_a_reference():
   cfg = ModelConfig(vocab_size=32, hidden=16, layers=1, heads=2, kv_heads=1, head_dim=8,
                     mlp_dim=32)
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  tr = Trainer(cfg, OptConfig(), mesh, GRPOConfig(beta=0.0, ref_reset_every=2))
-  state = tr.init_state_random(jax.random.key(0))
-  assert tr.maybe_reset_ref(None, state, 2) is None
-  assert tr.maybe_reset_ref(tr.make_ref(state.params), state, 2) is not None
+  grpo = GRPOConfig(beta=0.0, ref_reset_every=2)
+  assert ref_source(grpo) is RefSource.NONE
+  assert ref_source(dataclasses.replace(grpo, beta=0.1)) is RefSource.ROLLOUT
+  assert ref_source(dataclasses.replace(grpo, beta=0.1, overlap="rewards")) is RefSource.UPDATE
+  lp = LogProbs(cfg, grpo, mesh)
+  state = Trainer(cfg, OptConfig(), mesh, grpo).init_state_random(jax.random.key(0))
+  assert lp.reset_ref(None, state.params, 2) is None
+  assert lp.reset_ref(lp.make_ref(state.params), state.params, 2) is not None
 
 
 def test_per_component_advantages_judge_informativeness_per_component():
@@ -243,9 +249,9 @@ def test_one_iteration_places_one_batch_and_moves_nothing_hidden(world, tmp_path
 
 
 @pytest.mark.slow
-def test_packed_update_matches_the_padded_one_in_the_loop(world, tmp_path):
-  """grpo.pack: the first iteration (same rollout: same params and key) updates alike, on
-  fewer rows, and logs its packing."""
+def test_tight_rows_update_as_one_sequence_a_row_in_the_loop(world, tmp_path):
+  """grpo.pack: the first iteration (same rollout: same params and key) updates alike with
+  tight rows and one sequence a row, and logs its packing."""
   metrics = {}
   for pack in (False, True):
     c = rl_test_config(world, steps=1)

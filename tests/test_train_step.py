@@ -13,6 +13,7 @@ from r1jax.train import advantages, losses
 from r1jax.train import trainer as ts
 from r1jax.generation.sampler import Rollout
 from r1jax.train.batches import RolloutBatch, SFTBatch
+from r1jax.train.logprobs import LogProbs
 from r1jax.train.state import lr_schedule
 
 CFG = ModelConfig(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8,
@@ -37,6 +38,21 @@ def guarded_rl_step(tr, state, placed_batch, ref=None):
   """
   with jax.transfer_guard("disallow"):
     return tr.rl_step(state, placed_batch, ref)
+
+
+_LOGP: dict[int, tuple] = {}
+
+
+def logp_of(tr) -> LogProbs:
+  """The trainer's reference and log-prob utilities (one per trainer: compiled once)."""
+  if id(tr) not in _LOGP:
+    _LOGP[id(tr)] = (tr, LogProbs(tr.cfg, tr.grpo, tr.mesh))
+  return _LOGP[id(tr)][1]
+
+
+def completion_logp(tr, params, b: RolloutBatch) -> jax.Array:
+  """(N, T) logp of a padded batch's completions: its rows placed one sequence a row."""
+  return logp_of(tr).of_batch(params, tr.put_batch(b))[:, S:]
 
 
 def host(tree):
@@ -74,9 +90,9 @@ def reference():
   params = model.init_params(CFG, jax.random.key(0))
   ref = jax.tree.map(lambda x: x + 0.01 * jnp.sin(x * 100.0), params)  # a nearby reference
   batch = rollout(np.random.default_rng(0),
-                  lambda b: tr.logprobs(params, tr.put_batch(b)), noise=0.3)
+                  lambda b: completion_logp(tr, params, b), noise=0.3)
   state = tr.init_state(jax.tree.map(jnp.copy, params))
-  new, metrics = guarded_rl_step(tr, state, tr.put_batch(batch), tr.make_ref(ref))
+  new, metrics = guarded_rl_step(tr, state, tr.put_batch(batch), logp_of(tr).make_ref(ref))
   return dict(trainer=tr, params=host(params), ref=host(ref), batch=batch, new=host(new),
               metrics=host(metrics))
 
@@ -121,8 +137,9 @@ def test_metrics_are_per_update_and_informative(reference):
 def test_sharded_step_matches_single_device(reference, shape):
   tr = ts.Trainer(CFG, OPT, sharding.make_mesh(shape), GRPO)
   state = tr.init_state(jax.tree.map(jnp.asarray, reference["params"]))
-  new, metrics = guarded_rl_step(tr, state, tr.put_batch(reference["batch"]), tr.make_ref(
-      jax.device_put(reference["ref"], tr.param_shardings)))
+  new, metrics = guarded_rl_step(tr, state, tr.put_batch(reference["batch"]),
+                                 logp_of(tr).make_ref(
+                                     jax.device_put(reference["ref"], tr.param_shardings)))
   assert new.params["layers"]["gate"].sharding.mesh.shape == dict(zip(sharding.MESH_AXES, shape))
   diff = max_diff(new.params, reference["new"].params)
   moved = max_diff(reference["new"].params, reference["params"])
@@ -148,7 +165,7 @@ def test_microbatching_is_exact(reference):
   permuted = jax.tree.map(lambda x: x[perm], b)
   state = tr.init_state(jax.tree.map(jnp.asarray, reference["params"]))
   new, metrics = guarded_rl_step(tr, state, tr.put_batch(permuted),
-                                 tr.make_ref(reference["ref"]))
+                                 logp_of(tr).make_ref(reference["ref"]))
   diff = max_diff(new.params, reference["new"].params)
   print(f"K=1 vs K=2: max |params diff| = {diff:.2e}")
   assert diff <= 1e-5
@@ -173,9 +190,9 @@ def test_first_update_gradient_is_reinforce(reference):
   """μ = 1 semantics: old = the policy's logp, ref = policy ⇒ ∇ = REINFORCE with baseline."""
   tr, params = reference["trainer"], reference["params"]
   b = reference["batch"]
-  b = dataclasses.replace(b, old_logp=np.asarray(tr.logprobs(params, tr.put_batch(b))))
+  b = dataclasses.replace(b, old_logp=np.asarray(completion_logp(tr, params, b)))
   state = tr.init_state(jax.tree.map(jnp.asarray, params))
-  ref = tr.make_ref(jax.tree.map(jnp.asarray, params))
+  ref = logp_of(tr).make_ref(jax.tree.map(jnp.asarray, params))
   _, metrics = guarded_rl_step(tr, state, tr.put_batch(b), ref)
   rows = np.array([r for r in range(N) if (r // 2) % 2 == 0])  # mini-batch 0 (M = 2, K = 2)
   eff = (b.completion_mask & ~b.truncated[:, None])[rows]
@@ -211,12 +228,12 @@ def test_decoupled_first_update_is_is_weighted_reinforce(reference, mu_m):
   grpo = dataclasses.replace(GRPO, overlap="rewards", tis_cap=2.0, mu=mu, minibatches=m)
   tr, params = single_device_trainer(grpo), reference["params"]
   b = reference["batch"]
-  policy = np.asarray(reference["trainer"].logprobs(params, reference["trainer"].put_batch(b)))
+  policy = np.asarray(completion_logp(reference["trainer"], params, b))
   noise = np.random.default_rng(5).normal(0.0, 0.8, policy.shape).astype(np.float32)
   b = dataclasses.replace(b, old_logp=np.where(b.completion_mask, policy + noise, 0.0))
   state = tr.init_state(jax.tree.map(jnp.asarray, params))
   _, metrics = guarded_rl_step(tr, state, tr.put_batch(b),
-                               tr.make_ref(jax.tree.map(jnp.asarray, params)))
+                               logp_of(tr).make_ref(jax.tree.map(jnp.asarray, params)))
   rows = np.array([r for r in range(N) if m == 1 or (r // 2) % 2 == 0])  # first mini-batch
   eff = (b.completion_mask & ~b.truncated[:, None])[rows]
   w = np.minimum(np.exp(policy - b.old_logp), 2.0)[rows] * eff / eff.sum()  # bnpo
@@ -233,7 +250,8 @@ def test_non_finite_update_is_skipped_and_counted(reference):
   before = reference["new"]
   state = jax.device_put(before, tr.state_shardings)
   bad = dataclasses.replace(b, advantages=np.full_like(b.advantages, np.nan))
-  after, metrics = guarded_rl_step(tr, state, tr.put_batch(bad), tr.make_ref(reference["ref"]))
+  after, metrics = guarded_rl_step(tr, state, tr.put_batch(bad),
+                                   logp_of(tr).make_ref(reference["ref"]))
   assert metrics["skipped"].tolist() == [1, 1, 1, 1]
   assert max_diff(after, before) == 0 and int(after.step) == int(before.step)
   # One poisoned row only spoils the updates of its mini-batch (row r → (r // 2) mod 2).
@@ -242,7 +260,7 @@ def test_non_finite_update_is_skipped_and_counted(reference):
   adv = b.advantages.copy()
   adv[row] = np.inf
   after, metrics = guarded_rl_step(tr, after, tr.put_batch(dataclasses.replace(b, advantages=adv)),
-                                   tr.make_ref(reference["ref"]))
+                                   logp_of(tr).make_ref(reference["ref"]))
   assert metrics["skipped"].tolist() == [1, 0, 1, 0]
   assert int(after.step) == int(before.step) + 2
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(host(after)))
@@ -252,21 +270,22 @@ def test_non_finite_update_is_skipped_and_counted(reference):
 def test_reference_survives_donation_and_resets(reference):
   tr, b = reference["trainer"], reference["batch"]
   state = tr.init_state(jax.tree.map(jnp.asarray, reference["params"]))
-  ref = tr.make_ref(state.params)
+  ref = logp_of(tr).make_ref(state.params)
   s1, m1 = guarded_rl_step(tr, jax.tree.map(jnp.copy, state), tr.put_batch(b), ref)
   assert not ref["embed"].is_deleted()  # a copy, not the donated policy buffers
   # Precomputed reference logprobs (the loop overlaps them with rewards): the same step.
-  b2 = dataclasses.replace(b, ref_logp=np.asarray(tr.logprobs(ref, tr.put_batch(b))))
+  b2 = dataclasses.replace(b, ref_logp=np.asarray(completion_logp(tr, ref, b)))
   s2, m2 = guarded_rl_step(tr, state, tr.put_batch(b2), None)
   assert max_diff(s1.params, s2.params) <= 1e-6
   np.testing.assert_allclose(m1["kl"], m2["kl"], rtol=1e-5)
   # A bf16 reference, replaced by the policy every 2 RL iterations.
   tr16 = single_device_trainer(dataclasses.replace(GRPO, ref_dtype="bfloat16",
                                                    ref_reset_every=2))
-  ref16 = tr16.make_ref(s1.params)
+  lp16 = logp_of(tr16)
+  ref16 = lp16.make_ref(s1.params)
   assert ref16["embed"].dtype == jnp.bfloat16
-  assert tr16.maybe_reset_ref(ref16, s2, 1) is ref16
-  new_ref = tr16.maybe_reset_ref(ref16, s2, 2)
+  assert lp16.reset_ref(ref16, s2.params, 1) is ref16
+  new_ref = lp16.reset_ref(ref16, s2.params, 2)
   np.testing.assert_array_equal(new_ref["embed"], s2.params["embed"].astype(jnp.bfloat16))
 
 
@@ -274,11 +293,17 @@ def test_bad_batches_fail_clearly(reference):
   tr, b = reference["trainer"], reference["batch"]
   state = reference["new"]  # never reaches the device: the checks come first
   with pytest.raises(ValueError, match="old_logp has shape"):
-    tr.rl_step(state, dataclasses.replace(b, old_logp=b.old_logp[:, 1:]), reference["ref"])
-  with pytest.raises(ValueError, match="does not split into 4"):
-    tr.rl_step(state, jax.tree.map(lambda x: x[:30], b), reference["ref"])
+    tr.put_batch(dataclasses.replace(b, old_logp=b.old_logp[:, 1:]))
+  with pytest.raises(ValueError, match="30 samples do not split into 2 mini-batches"):
+    tr.put_batch(jax.tree.map(lambda x: x[:30], b))
+  with pytest.raises(TypeError, match="rl_step takes packed rows"):
+    tr.rl_step(state, b, reference["ref"])
+  rows = tr.put_batch(b)
   with pytest.raises(ValueError, match="needs ref_params"):
-    tr.rl_step(state, b, None)
+    tr.rl_step(state, rows, None)
+  with pytest.raises(ValueError, match="from the batch or from ref_params, not both"):
+    tr.rl_step(state, tr.put_batch(dataclasses.replace(b, ref_logp=b.old_logp)),
+               reference["ref"])
   with pytest.raises(ValueError, match="unknown grpo field"):
     grpo_group(beta_kl=0.1)
   with pytest.raises(ValueError, match="grpo.loss_mode"):
@@ -387,7 +412,7 @@ def test_sft_step_sharded_matches_and_memorises():
   want_loss = float(losses.sft_loss(params, CFG, tokens, mask, loss_mask)[0])
   results = []
   for mesh in (sharding.make_mesh((1, 1, 1), jax.devices()[:1]), sharding.make_mesh((1, 4, 2))):
-    tr = ts.Trainer(CFG, OptConfig(lr=1e-2), mesh, sft_microbatches=2)
+    tr = ts.Trainer(CFG, OptConfig(lr=1e-2), mesh, sft=ts.SFTSettings(microbatches=2))
     state = tr.init_state(jax.tree.map(jnp.copy, params))
     state, metrics = tr.sft_step(state, tr.put_batch(batch))
     assert abs(float(metrics["loss"]) - want_loss) <= 1e-6 * want_loss
@@ -411,8 +436,8 @@ def test_rollout_logprobs_equal_those_of_the_placed_batch(reference):
       np.concatenate([np.repeat(prompt_BxS, g, 0), b.tokens[:, S:]], 1),
       np.concatenate([np.repeat(pmask_BxS, g, 0), b.mask[:, S:]], 1),
       b.completion_mask, b.old_logp, b.advantages)
-  ref = tr.make_ref(reference["ref"])
-  got = np.asarray(tr.rollout_logprobs(ref, rollout, g))
-  want = np.asarray(tr.logprobs(ref, tr.put_batch(same_prompts)))
+  ref = logp_of(tr).make_ref(reference["ref"])
+  got = np.asarray(logp_of(tr).of_rollout(ref, rollout, g))
+  want = np.asarray(completion_logp(tr, ref, same_prompts))
   assert got.shape == (N, T)
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)

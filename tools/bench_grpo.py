@@ -52,7 +52,7 @@ _COMPARE = flags.DEFINE_bool("compare_torch", False,
 _TRL = flags.DEFINE_bool("compare_trl", False, "Also time TRL's GRPOTrainer (tools/trl_grpo.py).")
 _PAUSE = flags.DEFINE_float("pause_s", 1.0, "With a comparison: idle seconds before each "
                              "timed iteration.")
-_PACK = flags.DEFINE_bool("pack", True, "Padding-free update (grpo.pack); else padded rows.")
+_PACK = flags.DEFINE_bool("pack", True, "Padding-free update (grpo.pack); else one sequence a row.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Compute dtype (params stay f32 for the optimizer).")
 flags.mark_flag_as_required("hf_dir")
@@ -75,7 +75,8 @@ def main(argv):
   from r1jax.core.config import GRPOConfig, OptConfig
   from r1jax.generation import sampler
   from r1jax.generation.engine import Samples
-  from r1jax.train import advantages, batches, packing
+  from r1jax.train import advantages, batches
+  from r1jax.train.logprobs import LogProbs
   from r1jax.train.trainer import Trainer
 
   mesh = sharding.make_mesh((-1, 1, 1))
@@ -84,7 +85,7 @@ def main(argv):
   grpo = GRPOConfig(group_size=g, beta=_BETA.value, mu=1, temperature=1.0,
                     microbatches=_MICRO.value, pack=_PACK.value)
   trainer = Trainer(cfg, OptConfig(lr=1e-6), mesh, grpo)
-  ref = trainer.make_ref(params) if _BETA.value else None
+  ref = LogProbs(cfg, grpo, mesh).make_ref(params) if _BETA.value else None
   state = trainer.init_state(params)
   smp = sampler.Sampler(cfg, mesh)
   eos = checkpoint_eos(_HF_DIR.value)
@@ -103,11 +104,8 @@ def main(argv):
                       host.logprobs, host.stop_reason, (), g)
     adv = advantages.group_advantages(even_share(host.tokens, host.mask), g)
     t2 = time.perf_counter()
-    batch = batches.rollout_batch(samples, adv)
-    shared = 0
-    if grpo.pack:
-      batch, stats = packing.pack_rollout(batch, grpo, 0, trainer.rows_multiple)
-      shared = int(stats["pack/shared_prompt_tokens"])
+    batch, stats = trainer.pack(batches.rollout_batch(samples, adv))
+    shared = int(stats.get("pack/shared_prompt_tokens", 0))
     padded = int(np.asarray(batch.tokens).size)
     state, metrics = trainer.rl_step(state, trainer.put_batch(batch), ref)
     jax.block_until_ready((state, metrics))

@@ -33,7 +33,7 @@ _MICRO = flags.DEFINE_integer("microbatches", 16, "Gradient-accumulation micro-b
 _CHUNK = flags.DEFINE_integer("logits_chunk", 128, "Completion positions per unembed chunk.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "CPU devices (0 = JAX's default).")
 _PACK = flags.DEFINE_bool("pack", True, "Padding-free update (grpo.pack, the default): the "
-                          "real tokens in packed rows; else padded rows.")
+                          "real tokens in packed rows; else one sequence a row.")
 
 
 def _peak_rss_gb() -> float:
@@ -47,8 +47,8 @@ def main(argv):
   import numpy as np
   from r1jax.core import model, sharding
   from r1jax.core.config import GRPOConfig, ModelConfig, OptConfig
-  from r1jax.train import packing
   from r1jax.train.batches import RolloutBatch
+  from r1jax.train.logprobs import LogProbs
   from r1jax.train.trainer import Trainer
 
   n, t, s = _ROWS.value, _COMPLETION.value, _PROMPT.value
@@ -57,10 +57,10 @@ def main(argv):
                     max_position=s + t, tie_embeddings=True)
   mesh = sharding.make_mesh((-1, 1, 1))
   g = GRPOConfig(group_size=n, beta=0.04, mu=1, microbatches=_MICRO.value,
-                 logits_chunk=_CHUNK.value)
+                 logits_chunk=_CHUNK.value, pack=_PACK.value)
   trainer = Trainer(cfg, OptConfig(lr=1e-6), mesh, g)
   state = trainer.init_state_random(jax.random.key(0))
-  ref = trainer.make_ref(state.params)
+  ref = LogProbs(cfg, g, mesh).make_ref(state.params)
   rng = np.random.default_rng(0)
   lengths = rng.integers(t // 8, t + 1, n)  # uneven, some at the budget
   lengths[0] = t
@@ -70,10 +70,8 @@ def main(argv):
   batch = RolloutBatch(tokens=tokens, mask=mask, completion_mask=comp_mask,
                        old_logp=np.full((n, t), -np.log(cfg.vocab_size), np.float32),
                        advantages=rng.standard_normal(n).astype(np.float32))
-  positions = n * (s + t)
-  if _PACK.value:
-    batch, _ = packing.pack_rollout(batch, g, 0, trainer.rows_multiple)
-    positions = int(np.asarray(batch.tokens).size)
+  batch, _ = trainer.pack(batch)
+  positions = int(np.asarray(batch.tokens).size)
   before = _peak_rss_gb()
   t0 = time.perf_counter()
   state, metrics = trainer.rl_step(state, trainer.put_batch(batch), ref)

@@ -10,8 +10,10 @@ One iteration (`iteration`), in the order the data flows:
 4. Advantages and DAPO selection (train/advantages.py), host numpy: group-normalised
    advantages; with dynamic sampling, groups whose rewards are all equal are dropped and
    refilled from further prompts (bounded), the rest masked.
-5. Update: one host RolloutBatch (train/batches.py) is placed on the mesh once and consumed
-   by one jitted, donated `Trainer.rl_step` (train/trainer.py → train/update.py).
+5. Update: one host RolloutBatch (train/batches.py) is packed into rows (train/packing.py),
+   placed on the mesh once and consumed by one jitted, donated `Trainer.rl_step`
+   (train/trainer.py → train/update.py). The reference's log-probs come from 2 or from the
+   update, as decided once at setup (train/logprobs.py).
 6. Bookkeeping: metrics to JSONL / TensorBoard / console, held-out evals
    (evaluation/suite.py), orbax checkpoints and SIGTERM handling (train/loop.py).
 grpo.overlap runs the next iteration's 2–3 in a thread during 5 (stages/rl_ahead.py).
@@ -47,8 +49,8 @@ from r1jax.rewards.reward_model import load_models
 from r1jax.stages import rl_ahead
 from r1jax.train import advantages as adv_lib
 from r1jax.train import batches as batches_lib
-from r1jax.train import packing
-from r1jax.train.loop import TrainLoop, refuse_untrained
+from r1jax.train.logprobs import LogProbs, RefSource, ref_source
+from r1jax.train.loop import TrainLoop
 from r1jax.train.state import TrainState
 from r1jax.train.trainer import Trainer
 
@@ -88,33 +90,6 @@ def rl_config(steps: int = 200) -> ml_collections.ConfigDict:
   return c
 
 
-def r1_zero_hf(preset: str, steps: int, max_new_tokens: int, train: str,
-               benchmarks: str) -> ml_collections.ConfigDict:
-  """R1-Zero on an HF base model (paper hyperparameters where they apply), bf16, FSDP.
-
-  Weights and tokenizer come from --config.model.hf_dir; data from local jsonl files.
-  """
-  c = rl_config(steps=steps)
-  c.model = model_group(preset, param_dtype="bfloat16", compute_dtype="bfloat16",
-                        remat="full")
-  c.mesh.shape = (1, -1, 1)  # FSDP over every chip of the slice / GPU of the host
-  c.data.train = train
-  c.data.batch = 32  # questions per step (paper: 32)
-  c.sampler.max_new_tokens = max_new_tokens
-  # Byte-level BPE tokenizes '</answer>' differently after a space, so both forms stop a
-  # rollout; a form merged with other text runs on to EOS, and the format reward sees it.
-  c.sampler.stop = ANSWER_STOPS
-  c.grpo.update(group_size=16, temperature=1.0, beta=0.001, eps_low=10.0, eps_high=10.0,
-                mu=1, minibatches=16, loss_mode="grpo", ref_reset_every=400,
-                ref_dtype="bfloat16", logits_chunk=256)  # paper: G 16, KL 0.001, eps 10
-  c.opt.update(lr=3e-6, warmup_steps=10, weight_decay=0.0, grad_clip=1.0)  # paper: 3e-6
-  c.rewards.num_workers = 8
-  c.eval = eval_group(benchmarks=benchmarks, k=8, max_new_tokens=max_new_tokens,
-                      batch_size=64, every=50, stop=ANSWER_STOPS)
-  c.ckpt.update(every=25, keep=3)
-  return c
-
-
 # ------------------------------------------------------------------------------ typed run
 
 
@@ -128,6 +103,8 @@ class RLRun:
   cfg: ModelConfig
   tokenizer: Tokenizer
   trainer: Trainer
+  logp: LogProbs  # the reference: its copy, reset and log-probs beside a rollout
+  ref_source: RefSource  # where the reference's log-probs come from (train/logprobs.py)
   engine: Engine  # rollouts: grpo.temperature, config.sampler's budget, top-p/k and stops
   data: PromptIterator
   evals: suite_lib.EvalSuite
@@ -152,16 +129,7 @@ class ScoredRollout:
     """(N,) bool: no reward model failed on the sample (a failed one is kept out of the loss)."""
     if self.rewards is None:
       return np.ones(len(self.samples.texts), bool)
-    return ~failed_rows(self.rewards)
-
-
-def failed_rows(rewards: RewardBatch) -> np.ndarray:
-  """(N,) samples a device reward (a reward model) could not score: NaN, error."""
-  out = np.zeros(len(rewards.total_N), bool)
-  for key, failed in rewards.failed.items():
-    if key in rewards.device_keys:
-      out |= failed
-  return out
+    return ~adv_lib.failed_rows(self.rewards)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +202,8 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> RLRun:
   trainer = Trainer(cfg, opt_config(config.opt), mesh, grpo)
   resuming = checkpoint.has_checkpoint(Path(workdir) / "checkpoints")
   return RLRun(config=config, workdir=Path(workdir), grpo=grpo, cfg=cfg, tokenizer=tok,
-               trainer=trainer, engine=engine, data=iter(pipeline), evals=evals,
+               trainer=trainer, logp=LogProbs(cfg, grpo, mesh), ref_source=ref_source(grpo),
+               engine=engine, data=iter(pipeline), evals=evals,
                scorer=scorer,
                loop=TrainLoop(config, workdir, "rl"), resuming=resuming)
 
@@ -249,22 +218,25 @@ def initial_state(rl: RLRun) -> tuple[int, TrainState, Any, Any]:
   """(start step, state, reference, behaviour): restored straight into their shardings, or
   fresh. `behaviour` (grpo.overlap, resuming): the params of the rollout to replay."""
   c, t = rl.config, rl.trainer
+  has_ref = rl.ref_source is not RefSource.NONE
+  abstract = None
   if rl.resuming:  # Restore targets only: nothing is allocated twice.
     params = checkpoint.abstract_params(rl.cfg, t.mesh)
-    state = checkpoint.abstract_like(jax.eval_shape(t.init_state, params), t.state_shardings)
-    ref = (checkpoint.abstract_like(params, t.param_shardings, jnp.dtype(rl.grpo.ref_dtype))
-           if rl.grpo.beta else None)
-    behaviour = checkpoint.abstract_like(params, t.param_shardings) if rl.grpo.overlap else None
-    restored = rl.loop.resume(_tree(state, ref, behaviour))
-    if not restored:
-      raise RuntimeError(f"{rl.workdir}/checkpoints has step folders but none could be restored")
-    start, tree, extra = restored
+    abstract = _tree(
+        checkpoint.abstract_like(jax.eval_shape(t.init_state, params), t.state_shardings),
+        checkpoint.abstract_like(params, t.param_shardings, jnp.dtype(rl.grpo.ref_dtype))
+        if has_ref else None,
+        checkpoint.abstract_like(params, t.param_shardings) if rl.grpo.overlap else None)
+
+  def fresh() -> dict:
+    state = t.init_state(load_model(c.model, t.mesh, seed=c.seed)[1])
+    return _tree(state, rl.logp.make_ref(state.params) if has_ref else None)
+
+  start, tree, extra = rl.loop.start(abstract, fresh, rl.resuming)
+  if extra:
     rl.data.set_state(extra["data"])
     rl.loop.summary["rl_wall_s"] = extra.get("rl_wall_s", 0.0)
-    return start, tree["train"], tree.get("ref"), tree.get("behaviour")
-  _, params = load_model(c.model, t.mesh, seed=c.seed)
-  state = t.init_state(params)
-  return 0, state, t.make_ref(state.params) if rl.grpo.beta else None, None
+  return start, tree["train"], tree.get("ref"), tree.get("behaviour")
 
 
 # ------------------------------------------------------------------------------ iteration
@@ -279,7 +251,7 @@ def roll_out(rl: RLRun, params: Any, ref: Any, problems: list[dict], key: jax.Ar
   with timer("rollout"):
     rollout = rl.engine.launch(params, [p["prompt_ids"] for p in problems], key, g)
     # Dispatched asynchronously: the device works on it while the host scores.
-    ref_logp = rl.trainer.rollout_logprobs(ref, rollout, g) if ref is not None else None
+    ref_logp = rl.logp.of_rollout(ref, rollout, g) if ref is not None else None
     samples = rl.engine.collect(rollout, g)
   if sampled is not None:
     sampled.set()
@@ -291,42 +263,12 @@ def roll_out(rl: RLRun, params: Any, ref: Any, problems: list[dict], key: jax.Ar
                        _keep(rl, rewards, len(problems)))
 
 
-def _fill_failed(r: np.ndarray, bad: np.ndarray, g: int) -> np.ndarray:
-  """Rewards with failed samples set to their group's mean over the others, so a sample kept
-  out of the loss does not move its group's baseline either."""
-  if not bad.any():
-    return r
-  r = r.copy()
-  for lo in range(0, len(r), g):
-    ok = ~bad[lo:lo + g]
-    fill = r[lo:lo + g][ok].mean(axis=0) if ok.any() else 0.0
-    r[lo:lo + g][~ok] = fill
-  return r
-
-
 def _advantages(rl: RLRun, rewards: RewardBatch) -> np.ndarray:
-  """Group-normalised advantages of one rollout (per component first if configured)."""
-  g = rl.grpo
-  if g.reward_norm == "per_component":
-    comps = rl.scorer.components
-    r = np.stack([np.nan_to_num(rewards.components[c.key]) for c in comps], axis=1)
-    weights = [c.weight for c in comps]
-  else:
-    r, weights = rewards.total_N, None
-  r = _fill_failed(r, failed_rows(rewards), g.group_size)
-  return adv_lib.group_advantages(r, g.group_size, scale=g.adv_scale, eps=g.adv_eps,
-                                  ddof=g.adv_ddof, reward_norm=g.reward_norm, weights_C=weights)
+  return adv_lib.rollout_advantages(rewards, rl.grpo, rl.scorer.components)
 
 
 def _keep(rl: RLRun, rewards: RewardBatch, b: int) -> np.ndarray:
-  """(B,) groups the update may use: all, or (DAPO) those whose rewards vary."""
-  if not rl.config.dynamic_sampling:
-    return np.ones(b, bool)
-  g = rl.grpo.group_size
-  if rl.grpo.reward_norm != "per_component":
-    return adv_lib.informative_groups(rewards.total_N, g)
-  return np.any([adv_lib.informative_groups(np.nan_to_num(v), g)
-                 for v in rewards.components.values()], axis=0)
+  return adv_lib.keep_groups(rewards, rl.grpo, rl.config.dynamic_sampling, b)
 
 
 def collect(rl: RLRun, params: Any, ref: Any, step_key: jax.Array,
@@ -410,7 +352,8 @@ def iteration(rl: RLRun, state: TrainState, ref: Any, step: int,
   now. `next`: with grpo.overlap, step + 1's rollout, started on this update's starting
   params before the update is dispatched."""
   if ahead is None:
-    parts = collect(rl, state.params, None if rl.grpo.overlap else ref, _step_key(rl, step))
+    parts = collect(rl, state.params, ref if rl.ref_source is RefSource.ROLLOUT else None,
+                    _step_key(rl, step))
   else:
     with rl.loop.timer("rollout"):  # what of the rollout the last update did not hide
       parts = ahead.result()
@@ -433,13 +376,10 @@ def _update(rl: RLRun, state: TrainState, ref: Any, step: int, parts: list[Score
   with rl.loop.timer("update"):
     update = assemble(rl, parts)
     if update.live:
-      host, pack_stats = update.batch, {}
-      if rl.grpo.pack:  # padding-free rows (train/packing.py)
-        host, pack_stats = packing.pack_rollout(host, rl.grpo, rl.grpo.pack_len,
-                                                rl.trainer.rows_multiple)
+      host, pack_stats = rl.trainer.pack(update.batch)
       batch = rl.trainer.put_batch(host)  # the one host → mesh transfer
       state, train_metrics = rl.trainer.rl_step(
-          state, batch, None if batch.ref_logp is not None else ref)
+          state, batch, ref if rl.ref_source is RefSource.UPDATE else None)
       jax.block_until_ready(state)
       if pack_stats:
         train_metrics = {**train_metrics, **pack_stats,
@@ -447,7 +387,7 @@ def _update(rl: RLRun, state: TrainState, ref: Any, step: int, parts: list[Score
     else:  # No group has a learning signal: an update would only apply decay/momentum.
       log.warning("step %d: no informative group; update skipped", step)
       train_metrics = {"skipped": np.ones(rl.grpo.mu * rl.grpo.minibatches)}
-    ref = rl.trainer.maybe_reset_ref(ref, state, step)
+    ref = rl.logp.reset_ref(ref, state.params, step)
   return state, ref, train_metrics, update
 
 
@@ -471,30 +411,31 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     # Resuming one step off-policy: replay the rollout that was pending at the checkpoint.
     ahead = None if behaviour is None else _start_ahead(rl, behaviour, start + 1, copy=False)
     wall = float(loop.summary.get("rl_wall_s", 0.0))  # rollout + reward + update seconds
-    step, e = start, config.eval
+    e = config.eval
+
+    def one_step(step: int, tree: dict):
+      nonlocal ahead, wall
+      state, ref, metrics, ahead = iteration(rl, tree["train"], tree.get("ref"), step, ahead)
+      wall += sum(metrics.get(f"time/{k}", 0.0) for k in ("rollout", "reward", "update"))
+      if rl.evals.sets and ((e.every and step % e.every == 0) or step == config.steps):
+        if ahead is not None:  # the reward pool serves one caller: the rollout ends first
+          wall += ahead.wait()
+        with loop.timer("eval"):
+          metrics.update(evaluate(rl, state.params, step))
+        metrics.update(loop.timer.metrics())
+      metrics["rl_wall_s"] = wall
+      extra = {"data": rl.data.get_state() if ahead is None else ahead.data_state,
+               "rl_wall_s": wall}
+      # grpo.overlap: the pending rollout's params (at the last step, the policy itself)
+      behaviour = (None if not rl.grpo.overlap else
+                   state.params if ahead is None else ahead.behaviour)
+      return _tree(state, ref, behaviour), metrics, extra
+
     try:
-      for step in range(start + 1, config.steps + 1):
-        state, ref, metrics, ahead = iteration(rl, state, ref, step, ahead)
-        wall += sum(metrics.get(f"time/{k}", 0.0) for k in ("rollout", "reward", "update"))
-        if rl.evals.sets and ((e.every and step % e.every == 0) or step == config.steps):
-          if ahead is not None:  # the reward pool serves one caller: the rollout ends first
-            wall += ahead.wait()
-          with loop.timer("eval"):
-            metrics.update(evaluate(rl, state.params, step))
-          metrics.update(loop.timer.metrics())
-        metrics["rl_wall_s"] = wall
-        extra = {"data": rl.data.get_state() if ahead is None else ahead.data_state,
-                 "rl_wall_s": wall}
-        if rl.grpo.overlap:  # at the last step nothing is pending: the policy itself
-          behaviour = state.params if ahead is None else ahead.behaviour
-        if loop.end_step(step, metrics, _tree(state, ref, behaviour), extra):
-          if ahead is not None:  # preempted: the checkpoint is written before the wait
-            loop.ckpt.wait()
-          break
+      tree, step = loop.run(_tree(state, ref, behaviour), start, one_step)
+      if not loop.completed and ahead is not None:  # preempted: the save lands before the wait
+        loop.ckpt.wait()
     finally:
       rl_ahead.finish(ahead)
-    if loop.completed and step == config.steps:
-      refuse_untrained(state, workdir)
-      loop.summary["final"] = str(checkpoint.save_params(workdir / "final", state.params,
-                                                          rl.cfg))
-    return loop.finish(step)
+    return loop.complete(tree["train"], step, lambda s: {
+        "final": str(checkpoint.save_params(workdir / "final", s.params, rl.cfg))})

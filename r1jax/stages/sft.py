@@ -28,8 +28,8 @@ from r1jax.core.tokenizer import TEMPLATES, load_tokenizer, tokenizer_fingerprin
 from r1jax.core.weights import check_vocab, load_model
 from r1jax.data import pipeline as data_lib
 from r1jax.train.batches import sft_batch
-from r1jax.train.loop import TrainLoop, refuse_untrained
-from r1jax.train.trainer import Trainer
+from r1jax.train.loop import TrainLoop
+from r1jax.train.trainer import SFTSettings, Trainer
 
 
 def sft_config(steps: int = 1000) -> ml_collections.ConfigDict:
@@ -127,43 +127,35 @@ def run(config, workdir: Path) -> dict:
     check_teacher(d.train, tokenizer_path(config), tok.vocab_size, kd["top_k"])
   if d.seq_len > cfg.max_position:
     raise ValueError(f"data.seq_len {d.seq_len} > the model's max_position {cfg.max_position}")
-  trainer = Trainer(cfg, opt_config(config.opt), mesh, sft_microbatches=config.microbatches,
-                    kd_weight=kd["kd_weight"])
-  state = (ckpt_lib.abstract_like(jax.eval_shape(trainer.init_state, params),
-                                  trainer.state_shardings) if resuming
-           else trainer.init_state(params))
+  trainer = Trainer(cfg, opt_config(config.opt), mesh,
+                    sft=SFTSettings(microbatches=config.microbatches, kd_weight=kd["kd_weight"]))
+  abstract = (ckpt_lib.abstract_like(jax.eval_shape(trainer.init_state, params),
+                                     trainer.state_shardings) if resuming else None)
   it = iter(pipeline)
   with TrainLoop(config, workdir, "sft") as loop:
-    start = 0
-    restored = loop.resume(state)
-    if resuming and not restored:
-      raise RuntimeError(f"{workdir}/checkpoints has step folders but none could be restored")
-    if restored:
-      start, state, extra = restored
+    start, state, extra = loop.start(abstract, lambda: trainer.init_state(params), resuming)
+    if extra:
       it.set_state(extra["data"])
-    step = start
     it.should_stop = lambda: loop.preemption.requested
-    for step in range(start + 1, config.steps + 1):
+
+    def one_step(step: int, state):
       t0 = time.perf_counter()
       try:
         packed = next(it)
       except StopIteration:  # data.epochs ran out before config.steps
-        step -= 1
         loop.summary["data_exhausted"] = True
-        break
+        return None
       except data_lib.DataInterrupted:  # SIGTERM while skipping bad rows
-        step -= 1
         loop.summary["preempted"] = True
-        break
+        return None
       state, train = trainer.sft_step(state, trainer.put_batch(sft_batch(packed)))
       jax.block_until_ready(state)
       metrics = _metrics(train, it.counts, time.perf_counter() - t0, int(packed["mask"].sum()))
-      if loop.end_step(step, metrics, state, {"data": it.get_state()}):
-        break
+      return state, metrics, {"data": it.get_state()}
+
+    state, step = loop.run(state, start, one_step)
     stopped_in_data = loop.summary.get("data_exhausted") or loop.summary.get("preempted")
     if stopped_in_data and step > start and loop.ckpt.latest_step() != step:
       loop.ckpt.save(step, state, {"data": it.get_state()}, force=True)
-    if loop.completed:
-      refuse_untrained(state, workdir)
-      loop.summary["final"] = str(ckpt_lib.save_params(workdir / "final", state.params, cfg))
-    return loop.finish(step)
+    return loop.complete(state, step, lambda s: {
+        "final": str(ckpt_lib.save_params(workdir / "final", s.params, cfg))})

@@ -4,7 +4,8 @@ Rows are grouped [prompt0 × G, prompt1 × G, …]. The advantage of completion 
 A_i = (r_i − mean_G r) / (std r + eps): the std of its group (DeepSeekMath / TRL), of the
 whole rollout's raw rewards (TRL scale_rewards="batch"), or none at all (Dr.GRPO). Computed
 in float64 and rounded once to the float32 the update consumes; nothing here touches the device.
-(Before r1jax moved this to the host it ran as f32 `jnp`; the two differ by at most an ulp.)
+The RL stage's per-rollout algorithm sits here too: failed samples out of the baseline,
+advantages per reward component, and which groups the update may use.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from r1jax.core.config import ADV_SCALES, REWARD_NORMS
+from r1jax.core.config import ADV_SCALES, REWARD_NORMS, GRPOConfig
+from r1jax.rewards.compose import RewardBatch
 
 
 def _normalise(r_N: np.ndarray, group_size: int, scale: str, eps: float,
@@ -79,3 +81,55 @@ def select_groups(keep_per_rollout: Sequence[np.ndarray],
             for gi in np.flatnonzero(keep)][:batch]
   live = len(chosen)
   return chosen + [(0, gi) for gi in range(batch - live)], live
+
+
+# --- one rollout's rewards → the update's advantages and groups (the RL stage's algorithm)
+
+
+def failed_rows(rewards: RewardBatch) -> np.ndarray:
+  """(N,) samples a device reward (a reward model) could not score: NaN, error."""
+  out = np.zeros(len(rewards.total_N), bool)
+  for key, failed in rewards.failed.items():
+    if key in rewards.device_keys:
+      out |= failed
+  return out
+
+
+def fill_failed(r: np.ndarray, bad: np.ndarray, g: int) -> np.ndarray:
+  """Rewards with failed samples set to their group's mean over the others, so a sample kept
+  out of the loss does not move its group's baseline either."""
+  if not bad.any():
+    return r
+  r = r.copy()
+  for lo in range(0, len(r), g):
+    ok = ~bad[lo:lo + g]
+    fill = r[lo:lo + g][ok].mean(axis=0) if ok.any() else 0.0
+    r[lo:lo + g][~ok] = fill
+  return r
+
+
+def rollout_advantages(rewards: RewardBatch, grpo: GRPOConfig,
+                       components: Sequence[Any]) -> np.ndarray:
+  """Group-normalised advantages of one rollout (per reward component first if configured;
+  `components`: the scorer's, with `key` and `weight`)."""
+  if grpo.reward_norm == "per_component":
+    r = np.stack([np.nan_to_num(rewards.components[c.key]) for c in components], axis=1)
+    weights = [c.weight for c in components]
+  else:
+    r, weights = rewards.total_N, None
+  r = fill_failed(r, failed_rows(rewards), grpo.group_size)
+  return group_advantages(r, grpo.group_size, scale=grpo.adv_scale, eps=grpo.adv_eps,
+                          ddof=grpo.adv_ddof, reward_norm=grpo.reward_norm, weights_C=weights)
+
+
+def keep_groups(rewards: RewardBatch, grpo: GRPOConfig, dynamic: bool, b: int) -> np.ndarray:
+  """(B,) groups the update may use: all, or with dynamic sampling (DAPO) those whose rewards
+  vary (in any component, with per-component normalisation)."""
+  if not dynamic:
+    return np.ones(b, bool)
+  g = grpo.group_size
+  if grpo.reward_norm != "per_component":
+    return informative_groups(rewards.total_N, g)
+  return np.any([informative_groups(np.nan_to_num(v), g)
+                 for v in rewards.components.values()], axis=0)
+

@@ -1,10 +1,14 @@
-"""What every training loop shares: resume, periodic / preemption checkpoints, logging, summary.
+"""The one stage skeleton: resume, the step loop, checkpoints, logging, the final save.
 
 `TrainLoop` owns the orbax manager, the SIGTERM flag and the metrics writer, so the SFT, RL
-and reward-model loops only say what one step does. Per step the loop calls
-`end_step(step, metrics, state, extra)`, which logs, prints the progress line, checkpoints when
-due (`save_due`: by steps, by wall time, half-way, always on SIGTERM and at the last step)
-and tells the caller whether to stop.
+and reward-model stages only say what one step does:
+  start, carry, extra = loop.start(abstract, fresh, resuming)   # restore, or build fresh
+  carry, step = loop.run(carry, start, step_fn)                 # steps start + 1 … steps
+  return loop.complete(state, step, save_final)                 # final output, summary.json
+After each step `end_step` logs, prints the progress line, checkpoints when due (`save_due`:
+by steps, by wall time, half-way, always on SIGTERM and at the last step) and says whether
+to stop. Only a run that reached its last step (or the end of its data) unpreempted writes
+its final output, and never untrained weights.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -59,13 +63,44 @@ class TrainLoop:
       self.writer.close()
       self.preemption.__exit__(*exc)
 
-  def resume(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
-    """(step, state, extra) of the newest checkpoint, or None for a fresh run."""
-    restored = self.ckpt.restore(abstract_state)
-    if restored:
-      log.info("%s: resumed from step %d", self.stage, restored[0])
-      self.summary["resumed_from"] = restored[0]
+  def start(self, abstract: Any, fresh: Callable[[], Any], resuming: bool
+            ) -> tuple[int, Any, dict]:
+    """(start step, carry, extra): the newest checkpoint restored straight into `abstract`'s
+    shardings when `resuming` (a committed step exists), else (0, fresh(), {})."""
+    if not resuming:
+      return 0, fresh(), {}
+    restored = self.ckpt.restore(abstract)
+    if not restored:
+      raise RuntimeError(f"{self.workdir}/checkpoints has step folders but none could be "
+                         "restored")
+    log.info("%s: resumed from step %d", self.stage, restored[0])
+    self.summary["resumed_from"] = restored[0]
     return restored
+
+  def run(self, carry: Any, start: int, step_fn: Callable[[int, Any], tuple | None]
+          ) -> tuple[Any, int]:
+    """Steps start + 1 … config.steps. `step_fn(step, carry)` returns (carry, metrics, extra),
+    the carry being what a checkpoint holds, or None when the data ended before that step.
+    Returns the last carry and the last step taken; stops early on SIGTERM."""
+    step = start
+    for step in range(start + 1, self.config.steps + 1):
+      out = step_fn(step, carry)
+      if out is None:
+        return carry, step - 1
+      carry, metrics, extra = out
+      if self.end_step(step, metrics, carry, extra):
+        break
+    return carry, step
+
+  def complete(self, state: Any, step: int, save_final: Callable[[Any], dict]) -> dict:
+    """The end of a run: when it reached config.steps (or the end of its data) and was not
+    preempted, refuses untrained weights, then `save_final(state)` writes the stage's output
+    and returns what joins the summary. Writes summary.json and returns it either way."""
+    reached = step == self.config.steps or self.summary.get("data_exhausted")
+    if self.completed and reached:
+      refuse_untrained(state, self.workdir)
+      self.summary.update(save_final(state))
+    return self.finish(step)
 
   def end_step(self, step: int, metrics: dict, state: Any, extra: dict) -> bool:
     """Logs step `step`, checkpoints if due; True when the loop must stop (SIGTERM)."""

@@ -15,7 +15,8 @@ Definitions (TRL's GRPOTrainer is the per-token reference):
   objective is weighted by the truncated importance weight min(exp(prox − old), tis_cap)
   of the sampler's logprobs `old` (no gradient; the k3 term is not weighted).
 - Token aggregation (`loss_mode`), every one exact under micro-batching because
-  the denominator is taken over the whole mini-batch (`loss_denominator`):
+  the denominator is taken over the whole mini-batch (the token weights of
+  train/packing.py, the loss's only reader of the mode):
   "grpo" Σ_i (Σ_t ℓ_it / |o_i|) / #sequences; "bnpo" Σ ℓ / #tokens (DAPO);
   "dr_grpo" Σ ℓ / (N·T), N the mini-batch's rows and T the padded completion
   width (the sampler pads to the max length, so the normaliser is constant).
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax.core import model
-from r1jax.core.config import LOSS_MODES, GRPOConfig, ModelConfig
+from r1jax.core.config import GRPOConfig, ModelConfig
 
 
 # --- teacher-forced logprobs ---------------------------------------------------
@@ -79,17 +80,19 @@ def chunked_logprobs(params: model.Params, h_NxTxD: jax.Array, tgt_NxT: jax.Arra
 
 
 def token_logprobs_and_entropy(params: model.Params, cfg: ModelConfig, tokens_NxQ: jax.Array,
-                               mask_NxQ: jax.Array, completion_start: int,
-                               temperature: float = 1.0,
-                               chunk: int = 128, positions_NxQ: jax.Array | None = None,
+                               mask_NxQ: jax.Array, completion_start: int = 1,
+                               temperature: float = 1.0, chunk: int = 128,
+                               positions_NxQ: jax.Array | None = None,
                                segment_ids_NxQ: jax.Array | None = None,
-                               row_lanes: int | None = None) -> tuple[jax.Array, jax.Array]:
-  """Teacher-forced (logp_NxT, entropy_NxT) of tokens[:, completion_start:].
+                               row_lanes: int | None = None,
+                               sample_ids_NxQ: jax.Array | None = None
+                               ) -> tuple[jax.Array, jax.Array]:
+  """Teacher-forced (logp, entropy) of tokens[:, completion_start:], each (N, Q − start).
 
-  Token j is scored by the hidden state at j − 1 (left-padded prompt, so
-  position completion_start − 1 is the last prompt token). Values at padding
-  positions are finite but meaningless: mask them with the completion mask. `row_lanes`:
-  packed rows attend that many at a time (model.hidden_states).
+  Token j is scored by the hidden state at j − 1. Rows are padded (positions from the mask)
+  or packed (train/packing.py: per-sequence positions, segment ids and, where samples share a
+  prompt, sample ids; `row_lanes` rows attend at a time, model.hidden_states). Values at
+  padding positions are finite but meaningless: mask them.
   """
   s = int(completion_start)
   if tokens_NxQ.ndim != 2 or mask_NxQ.shape != tokens_NxQ.shape:
@@ -98,17 +101,9 @@ def token_logprobs_and_entropy(params: model.Params, cfg: ModelConfig, tokens_Nx
     raise ValueError(f"completion_start={s} must be in [1, {tokens_NxQ.shape[1]})")
   h_NxQxD, _ = model.hidden_states(params, tokens_NxQ, cfg, mask_BxT=mask_NxQ,
                                    positions_BxT=positions_NxQ, segment_ids_BxT=segment_ids_NxQ,
-                                   row_lanes=row_lanes)
+                                   sample_ids_BxT=sample_ids_NxQ, row_lanes=row_lanes)
   return chunked_logprobs(params, h_NxQxD[:, s - 1:-1], tokens_NxQ[:, s:], cfg, temperature,
                           chunk)
-
-
-def token_logprobs(params: model.Params, cfg: ModelConfig, tokens_NxQ: jax.Array,
-                   mask_NxQ: jax.Array, completion_start: int, temperature: float = 1.0,
-                   chunk: int = 128) -> jax.Array:
-  """Teacher-forced logp_NxT of the completion tokens (see `token_logprobs_and_entropy`)."""
-  return token_logprobs_and_entropy(params, cfg, tokens_NxQ, mask_NxQ, completion_start,
-                                    temperature, chunk)[0]
 
 
 # --- SFT -----------------------------------------------------------------------
@@ -127,8 +122,9 @@ def sft_loss(params: model.Params, cfg: ModelConfig, tokens_NxQ: jax.Array, mask
   """
   if loss_mask_NxQ.shape != tokens_NxQ.shape:
     raise ValueError(f"loss_mask {loss_mask_NxQ.shape} must match tokens {tokens_NxQ.shape}")
-  logp_NxT, ent_NxT = token_logprobs_and_entropy(params, cfg, tokens_NxQ, mask_NxQ, 1, 1.0, chunk,
-                                                 positions_NxQ, segment_ids_NxQ, row_lanes)
+  logp_NxT, ent_NxT = token_logprobs_and_entropy(params, cfg, tokens_NxQ, mask_NxQ, 1, 1.0,
+                                                 chunk, positions_NxQ, segment_ids_NxQ,
+                                                 row_lanes)
   m_NxT = loss_mask_NxQ[:, 1:].astype(bool)
   ntok = jnp.sum(m_NxT, dtype=jnp.float32)
   denom = jnp.maximum(ntok, 1.0) if denom is None else denom
@@ -223,13 +219,14 @@ def _is_weight(prox_NxT: jax.Array, old_NxT: jax.Array, m: jax.Array, cap: float
   return jnp.exp(jnp.minimum(log_w, np.log(cap))), capped
 
 
-def per_token_loss(logp_NxT: jax.Array, old_logp_NxT: jax.Array, adv_N: jax.Array,
+def per_token_loss(logp_NxT: jax.Array, old_logp_NxT: jax.Array, adv_NxT: jax.Array,
                    mask_NxT: jax.Array, cfg: GRPOConfig,
                    ref_logp_NxT: jax.Array | None = None,
                    prox_logp_NxT: jax.Array | None = None
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """ℓ_NxT = −objective + β·k3 (zero off the mask) and per-token stats for metrics.
 
+  Every input is per token: a packed row holds several samples, each with its advantage.
   With `prox_logp` (decoupled), the ratio is against it and the objective is weighted by
   the truncated importance weight of the sampler's `old_logp` (module docstring)."""
   m = mask_NxT.astype(bool)
@@ -237,8 +234,7 @@ def per_token_loss(logp_NxT: jax.Array, old_logp_NxT: jax.Array, adv_N: jax.Arra
   base = old_logp_NxT if prox_logp_NxT is None else prox_logp_NxT
   log_ratio = lp - jnp.where(m, jax.lax.stop_gradient(base), 0.0)
   ratio = jnp.exp(log_ratio)
-  a = adv_N.astype(jnp.float32)
-  a = a[:, None] if a.ndim == 1 else a  # per sample, or per token (packed rows)
+  a = adv_NxT.astype(jnp.float32)
   obj = jnp.minimum(ratio * a, jnp.clip(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high) * a)
   stats = {"ratio": ratio, "approx_kl_old": ratio - 1 - log_ratio,
            "clip_low": (ratio < 1 - cfg.eps_low) & (a < 0),
@@ -262,81 +258,22 @@ def per_token_loss(logp_NxT: jax.Array, old_logp_NxT: jax.Array, adv_N: jax.Arra
   return jnp.where(m, loss, 0.0), {k: jnp.where(m, v, 0) for k, v in stats.items()}
 
 
-def loss_denominator(mask_NxT: jax.Array, mode: str) -> jax.Array:
-  """The mini-batch-wide normaliser of the token-loss sum, for `mode`."""
-  m = mask_NxT.astype(bool)
-  if mode == "grpo":
-    return jnp.maximum(jnp.sum(jnp.any(m, axis=-1), dtype=jnp.float32), 1.0)
-  if mode == "bnpo":
-    return jnp.maximum(jnp.sum(m, dtype=jnp.float32), 1.0)
-  if mode == "dr_grpo":
-    return jnp.asarray(float(np.prod(m.shape)), jnp.float32)
-  raise ValueError(f"unknown loss mode {mode!r}; known: {LOSS_MODES}")
-
-
-def token_weights(mask_NxT: jax.Array, mode: str, denom: jax.Array) -> jax.Array:
-  """w_NxT with loss = Σ w·ℓ: the mask, / |o_i| for "grpo", / the mini-batch denominator."""
-  if mode not in LOSS_MODES:
-    raise ValueError(f"unknown loss mode {mode!r}; known: {LOSS_MODES}")
-  w = mask_NxT.astype(jnp.float32)
-  if mode == "grpo":
-    w = w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1.0)
-  return w / denom
-
-
-def effective_mask(completion_mask_NxT: jax.Array, truncated_N: jax.Array | None,
-                   cfg: GRPOConfig) -> jax.Array:
-  """The loss mask: completion tokens, minus truncated completions if configured."""
-  m = completion_mask_NxT.astype(bool)
-  if cfg.mask_truncated and truncated_N is not None:
-    m = m & ~truncated_N.astype(bool)[:, None]
-  return m
-
-
-def grpo_loss(logp_NxT: jax.Array, old_logp_NxT: jax.Array, adv_N: jax.Array,
-              mask_NxT: jax.Array, cfg: GRPOConfig, ref_logp_NxT: jax.Array | None = None,
-              denom: jax.Array | None = None, prox_logp_NxT: jax.Array | None = None
+def grpo_loss(logp_NxT: jax.Array, old_logp_NxT: jax.Array, adv_NxT: jax.Array,
+              mask_NxT: jax.Array, weights_NxT: jax.Array, cfg: GRPOConfig,
+              ref_logp_NxT: jax.Array | None = None, prox_logp_NxT: jax.Array | None = None
               ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Scalar GRPO loss and metric sums; `denom` defaults to this batch's own.
+  """Scalar GRPO loss Σ w·ℓ and metric sums.
 
-  Pass the mini-batch's `loss_denominator` when this is one micro-batch of it:
-  the micro-batch losses (and gradients) then sum to the mini-batch's.
+  The token weights come from train/packing.py, the one place `loss_mode` is read: each
+  token's share of its mini-batch's aggregate (1 / |o_i| / #sequences for "grpo", 1 / #tokens
+  for "bnpo", 1 / (N·T) for "dr_grpo"). Micro-batch losses therefore sum to the mini-batch's,
+  and packed rows give the loss and gradient of one sequence a row.
   """
-  _check_shapes(logp_NxT, old_logp_NxT, adv_N, mask_NxT, ref_logp_NxT, prox_logp_NxT)
-  denom = loss_denominator(mask_NxT, cfg.loss_mode) if denom is None else denom
-  loss_NxT, stats = per_token_loss(logp_NxT, old_logp_NxT, adv_N, mask_NxT, cfg, ref_logp_NxT,
-                                   prox_logp_NxT)
-  loss = jnp.sum(token_weights(mask_NxT, cfg.loss_mode, denom) * loss_NxT)
-  return loss, _loss_sums(stats, mask_NxT)
-
-
-def packed_logprobs_and_entropy(params: model.Params, cfg: ModelConfig, tokens_RxL: jax.Array,
-                                positions_RxL: jax.Array, segment_ids_RxL: jax.Array,
-                                temperature: float = 1.0, chunk: int = 128,
-                                row_lanes: int | None = None,
-                                sample_ids_RxL: jax.Array | None = None
-                                ) -> tuple[jax.Array, jax.Array]:
-  """(logp, entropy), (R, L − 1), of token j + 1 given its sequence up to j, on packed rows
-  (train/packing.py): sequences attend only within their segment (and sample, where a
-  prompt is shared), at their own positions, `row_lanes` rows at a time (the devices the
-  rows spread over; model.hidden_states)."""
-  h_RxLxD, _ = model.hidden_states(params, tokens_RxL, cfg, positions_BxT=positions_RxL,
-                                   mask_BxT=segment_ids_RxL > 0,
-                                   segment_ids_BxT=segment_ids_RxL,
-                                   sample_ids_BxT=sample_ids_RxL, row_lanes=row_lanes)
-  return chunked_logprobs(params, h_RxLxD[:, :-1], tokens_RxL[:, 1:], cfg, temperature, chunk)
-
-
-def packed_grpo_loss(logp_RxT: jax.Array, old_logp_RxT: jax.Array, adv_RxT: jax.Array,
-                     mask_RxT: jax.Array, weights_RxT: jax.Array, cfg: GRPOConfig,
-                     ref_logp_RxT: jax.Array | None = None,
-                     prox_logp_RxT: jax.Array | None = None
-                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """`grpo_loss` on packed rows: per-token advantages, and the weights the packer computed
-  from the padded path's mode and mini-batch denominator (Σ w·ℓ is the same loss)."""
-  loss_RxT, stats = per_token_loss(logp_RxT, old_logp_RxT, adv_RxT, mask_RxT, cfg,
-                                   ref_logp_RxT, prox_logp_RxT)
-  return jnp.sum(weights_RxT * loss_RxT), _loss_sums(stats, mask_RxT)
+  _check_shapes(logp_NxT, old_logp_NxT=old_logp_NxT, adv_NxT=adv_NxT, mask_NxT=mask_NxT,
+                weights_NxT=weights_NxT, ref_logp_NxT=ref_logp_NxT, prox_logp_NxT=prox_logp_NxT)
+  loss_NxT, stats = per_token_loss(logp_NxT, old_logp_NxT, adv_NxT, mask_NxT, cfg,
+                                   ref_logp_NxT, prox_logp_NxT)
+  return jnp.sum(weights_NxT * loss_NxT), _loss_sums(stats, mask_NxT)
 
 
 def _loss_sums(stats: dict[str, jax.Array], mask_NxT: jax.Array) -> dict[str, jax.Array]:
@@ -348,15 +285,13 @@ def _loss_sums(stats: dict[str, jax.Array], mask_NxT: jax.Array) -> dict[str, ja
   return sums
 
 
-def _check_shapes(logp, old, adv, mask, ref, prox=None) -> None:
-  n_t = logp.shape
-  if len(n_t) != 2:
-    raise ValueError(f"logp must be (N, T), got {n_t}")
-  for name, x in (("old_logp", old), ("mask", mask), ("ref_logp", ref), ("prox_logp", prox)):
-    if x is not None and x.shape != n_t:
-      raise ValueError(f"{name} has shape {x.shape}, expected {n_t} like logp")
-  if adv.shape != n_t[:1]:
-    raise ValueError(f"advantages have shape {adv.shape}, expected ({n_t[0]},)")
+def _check_shapes(logp_NxT: jax.Array, **others: jax.Array | None) -> None:
+  if logp_NxT.ndim != 2:
+    raise ValueError(f"logp must be (N, T), got {logp_NxT.shape}")
+  for name, x in others.items():
+    if x is not None and x.shape != logp_NxT.shape:
+      raise ValueError(f"{name.removesuffix('_NxT')} has shape {x.shape}, expected "
+                       f"{logp_NxT.shape} like logp")
 
 
 def grpo_metrics(loss: jax.Array, sums: dict[str, jax.Array],

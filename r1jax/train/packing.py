@@ -1,18 +1,21 @@
-"""Padding-free GRPO batches: prompt + completion sequences packed back to back into rows.
+"""The rows the GRPO update trains on: prompt + completion sequences packed into rows.
 
-A padded RolloutBatch spends a row of S + T columns on every sample, however short its
-completion; with R1's heavy-tailed lengths most of those columns are padding. Packing puts
-each sample's real prompt and completion tokens one after another into rows of `row_len`
-tokens, with per-sequence positions and segment ids (attention never crosses a sequence).
-With `grpo.share_prompts`, short samples of one group follow one copy of their prompt, and
-sample ids keep them apart (`_first_fit`, `_place`). Packing carries everything the loss
-needs per token, aligned with the token it scores: the sampler's logp, the reference logp,
-the sample's advantage, the loss mask and the token's weight in Σ w·ℓ. The weights are the
-padded path's (`losses.token_weights` over each mini-batch's `loss_denominator`), computed
-here in float64, so every loss mode gives the same loss and gradient as the padded update.
+The update has one input layout, PackedRollout (train/batches.py): rows of tokens with
+per-sequence positions and segment ids (attention never crosses a sequence), and everything
+the loss needs per token, aligned with the token it scores: the sampler's logp, the reference
+logp, the sample's advantage, the loss mask and the token's weight in Σ w·ℓ. The weights are
+where `loss_mode` is read (`_weights`, float64, over each whole mini-batch), so micro-batches
+sum to their mini-batch's loss and every layout gives the same loss and gradient.
 
-Mini-batches hold the same samples as `batches.split_rows` gives the padded path (sample i
-in mini-batch (i // A) mod M). Within one, sequences are placed first-fit by decreasing
+Two layouts:
+- `one_per_row` (`grpo.pack=False`): row i is sample i's padded row of S + T columns.
+- `pack_rollout` (the default): with R1's heavy-tailed lengths most of those columns are
+  padding, so each sample's real prompt and completion tokens go one after another into rows
+  of `row_len` tokens. With `grpo.share_prompts`, short samples of one group follow one copy
+  of their prompt, and sample ids keep them apart (`_first_fit`, `_place`).
+
+Mini-batches hold the same samples in both (sample i in mini-batch (i // A) mod M, as
+`batches.split_rows` deals rows). Packed, within one, sequences are placed first-fit by decreasing
 length; the rows are dealt to the A micro-batches in turn, and every micro-batch gets the
 same row count: `rows_multiple` (the devices rows spread over) times a number of at most 3
 significant bits, so rows divide over the mesh and few shapes ever compile (`_bucket`).
@@ -26,11 +29,11 @@ from __future__ import annotations
 import numpy as np
 
 from r1jax.core.config import GRPOConfig
-from r1jax.train.batches import PackedRollout, RolloutBatch
+from r1jax.train.batches import PackedRollout, RolloutBatch, check_batch
 
 
 def _weights(lengths: np.ndarray, mode: str, width: int) -> np.ndarray:
-  """Per-sample token weight of one mini-batch (float64): `token_weights / denominator`."""
+  """Per-sample token weight of one mini-batch (float64): the loss-mode switch, the only one."""
   has = lengths > 0
   if mode == "grpo":
     return np.where(has, 1.0 / np.maximum(lengths, 1) / max(int(has.sum()), 1), 0.0)
@@ -90,6 +93,54 @@ def _lane_slot(rank: int, rows: int, lanes: int) -> int:
   return (rank % lanes) * (rows // lanes) + rank // lanes
 
 
+def _loss_mask(batch: RolloutBatch, cfg: GRPOConfig) -> np.ndarray:
+  """(N, T) the completion tokens the loss counts: minus truncated ones if configured."""
+  check_batch(batch, 1)  # consistent shapes, with a clear error
+  loss_mask = np.asarray(batch.completion_mask, bool).copy()
+  if cfg.mask_truncated and batch.truncated is not None:
+    loss_mask &= ~np.asarray(batch.truncated, bool)[:, None]
+  return loss_mask
+
+
+def _sample_weights(loss_mask: np.ndarray, cfg: GRPOConfig) -> np.ndarray:
+  """(N,) each sample's token weight: `_weights` over the samples of its mini-batch (sample
+  i is in mini-batch (i // A) mod M, as batches.split_rows deals rows)."""
+  n, t = loss_mask.shape
+  m_, a_ = cfg.minibatches, cfg.microbatches
+  if n % (m_ * a_):
+    raise ValueError(f"{n} samples do not split into {m_} mini-batches × {a_} micro-batches")
+  weight_i = np.zeros(n)
+  for j in range(m_):
+    members = (np.arange(n) // a_) % m_ == j
+    weight_i[members] = _weights(loss_mask[members].sum(1), cfg.loss_mode, t)
+  return weight_i
+
+
+def token_weights(loss_mask_NxT: np.ndarray, cfg: GRPOConfig) -> np.ndarray:
+  """(N, T) float64 weight of each loss token in its mini-batch's Σ w·ℓ (0 off the mask)."""
+  loss_mask_NxT = np.asarray(loss_mask_NxT, bool)
+  return np.where(loss_mask_NxT, _sample_weights(loss_mask_NxT, cfg)[:, None], 0.0)
+
+
+def one_per_row(batch: RolloutBatch, cfg: GRPOConfig) -> PackedRollout:
+  """The padded batch as packed rows of one sequence each (`grpo.pack=False`): row i is
+  sample i's padded row, so column S + t holds completion token t, and the rows split into
+  mini- and micro-batches as the samples do. The loss is the tightly packed one's."""
+  tokens, mask = np.asarray(batch.tokens, np.int32), np.asarray(batch.mask, bool)
+  loss_mask = _loss_mask(batch, cfg)
+  n, t = loss_mask.shape
+  s = tokens.shape[1] - t
+  wide = lambda x_NxT, dtype: np.concatenate(
+      [np.zeros((n, s), dtype), np.broadcast_to(np.asarray(x_NxT, dtype), (n, t))], axis=1)
+  return PackedRollout(
+      tokens=tokens, positions=np.maximum(np.cumsum(mask, 1, dtype=np.int32) - 1, 0),
+      segment_ids=mask.astype(np.int32), loss_mask=wide(loss_mask, bool),
+      weights=wide(token_weights(loss_mask, cfg), np.float32),
+      old_logp=wide(batch.old_logp, np.float32),
+      advantages=wide(np.asarray(batch.advantages, np.float32)[:, None], np.float32),
+      ref_logp=None if batch.ref_logp is None else wide(batch.ref_logp, np.float32))
+
+
 def pack_rollout(batch: RolloutBatch, cfg: GRPOConfig, row_len: int = 0,
                  rows_multiple: int = 1) -> tuple[PackedRollout, dict[str, float]]:
   """A host RolloutBatch packed for `cfg`'s mini/micro-batches; also packing stats.
@@ -101,12 +152,9 @@ def pack_rollout(batch: RolloutBatch, cfg: GRPOConfig, row_len: int = 0,
   n, t = comp.shape
   s = tokens.shape[1] - t
   m_, a_ = cfg.minibatches, cfg.microbatches
-  if n % (m_ * a_):
-    raise ValueError(f"{n} samples do not split into {m_} mini-batches × {a_} micro-batches")
+  loss_mask = _loss_mask(batch, cfg)
+  weight_i = _sample_weights(loss_mask, cfg)
   row_len = row_len or s + t
-  loss_mask = comp.copy()
-  if cfg.mask_truncated and batch.truncated is not None:
-    loss_mask &= ~np.asarray(batch.truncated, bool)[:, None]
   if not mask[:, :s].any(axis=1).all():
     raise ValueError("every sample needs a prompt token: a packed completion's first token "
                      "is scored from the token before it in its own sequence")
@@ -118,11 +166,9 @@ def pack_rollout(batch: RolloutBatch, cfg: GRPOConfig, row_len: int = 0,
     raise ValueError(f"samples {too_long[:5]} have {seq_len[too_long[0]]} tokens, more "
                      f"than the packed row length {row_len}")
   key = [p.tobytes() for p in prompt]  # samples share a prompt copy only if it is the same
-  weight_i = np.zeros(n)
   layout: list[list[list]] = [[[] for _ in range(a_)] for _ in range(m_)]
   for j in range(m_):
     members = [i for i in range(n) if (i // a_) % m_ == j]
-    weight_i[members] = _weights(loss_mask[members].sum(1), cfg.loss_mode, t)
     rows = _first_fit([len(prompt[i]) for i in members], [len(completion[i]) for i in members],
                       [key[i] for i in members], row_len, cfg.share_prompts)
     for k, row in enumerate(rows):

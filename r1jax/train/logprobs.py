@@ -1,0 +1,137 @@
+"""Log-probs without a gradient, and the frozen reference whose log-probs the KL term needs.
+
+Where the reference's log-probs come from is decided once, at setup (`ref_source`):
+- NONE: β = 0. No reference exists; nothing runs.
+- ROLLOUT: right after each rollout is sampled, `LogProbs.of_rollout` runs the reference on
+  the device while the host scores, and the batch carries the result.
+- UPDATE: the update runs the reference itself (`nograd_logprobs` inside `Trainer.rl_step`).
+  With `grpo.overlap` a rollout is sampled one step ahead, and the reference may be reset
+  before the update that consumes it.
+Every batch here is packed rows (train/packing.py); a padded batch is one sequence a row.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from r1jax.core import model, sharding
+from r1jax.core.config import GRPOConfig, ModelConfig
+from r1jax.generation.sampler import Rollout
+from r1jax.train import batches as batches_lib
+from r1jax.train import losses
+from r1jax.train.batches import PackedRollout
+
+
+class RefSource(enum.Enum):
+  NONE = "none"
+  ROLLOUT = "rollout"
+  UPDATE = "update"
+
+
+def ref_source(grpo: GRPOConfig) -> RefSource:
+  """The one decision: no reference at β = 0; in the update when rollouts run ahead."""
+  if not grpo.beta:
+    return RefSource.NONE
+  return RefSource.UPDATE if grpo.overlap else RefSource.ROLLOUT
+
+
+def nograd_logprobs(params: model.Params, cfg: ModelConfig, grpo: GRPOConfig,
+                    mb: dict[str, jax.Array], lanes: int) -> jax.Array:
+  """(M, A, n, L) logp of every token of split packed rows (column 0, which nothing predicts,
+  is zero), one micro-batch at a time so one micro-batch's logits bound the memory."""
+  ma = mb["tokens"].shape[:2]
+  flat = lambda x: None if x is None else x.reshape(-1, *x.shape[2:])
+
+  def one(xs):
+    tokens, positions, segment_ids, sample_ids = xs
+    return losses.token_logprobs_and_entropy(
+        params, cfg, tokens, segment_ids > 0, 1, grpo.temperature, grpo.logits_chunk,
+        positions, segment_ids, lanes, sample_ids)[0]
+
+  logp = jax.lax.map(one, (flat(mb["tokens"]), flat(mb["positions"]), flat(mb["segment_ids"]),
+                           flat(mb.get("sample_ids"))))
+  logp = jnp.pad(logp, ((0, 0), (0, 0), (1, 0)))
+  return jax.lax.stop_gradient(logp.reshape(*ma, *logp.shape[1:]))
+
+
+class LogProbs:
+  """Jitted no-grad log-probs and the reference's copy and reset, for one model and mesh."""
+
+  def __init__(self, model_cfg: ModelConfig, grpo: GRPOConfig, mesh: Mesh):
+    self.cfg, self.grpo, self.mesh = model_cfg, grpo, mesh
+    abstract = jax.eval_shape(lambda: model.init_params(model_cfg, jax.random.key(0)))
+    self.param_shardings = sharding.tree_shardings(model.param_axes(model_cfg), abstract, mesh)
+    self._cache: dict[tuple, Callable] = {}
+
+  def _rows(self, rows: int) -> NamedSharding:
+    m, a = self.grpo.minibatches, self.grpo.microbatches
+    return NamedSharding(self.mesh, PartitionSpec(
+        *batches_lib.row_axes(rows // (m * a), self.mesh), None))
+
+  def make_ref(self, params: model.Params) -> model.Params:
+    """A copy of params in grpo.ref_dtype: the frozen reference (never donated)."""
+    key = ("make_ref",)
+    if key not in self._cache:
+      dtype = jnp.dtype(self.grpo.ref_dtype)
+      # An explicit copy: jit would otherwise forward the policy's own buffers,
+      # which the next (donating) step invalidates.
+      self._cache[key] = jax.jit(
+          lambda p: jax.tree.map(lambda a: jnp.copy(a).astype(dtype), p),
+          in_shardings=(self.param_shardings,), out_shardings=self.param_shardings)
+    return self._cache[key](params)
+
+  def reset_ref(self, ref: Any, params: model.Params, iteration: int) -> Any:
+    """The reference, replaced by the policy every grpo.ref_reset_every RL iterations."""
+    every = self.grpo.ref_reset_every
+    if ref is None:  # β = 0: there is no reference to reset
+      return None
+    if every and iteration > 0 and iteration % every == 0:
+      return self.make_ref(params)
+    return ref
+
+  def _split_logp(self, params, rows: dict[str, jax.Array]) -> jax.Array:
+    m, a = self.grpo.minibatches, self.grpo.microbatches
+    mb = {k: batches_lib.split_rows(v, m, a, self.mesh) for k, v in rows.items()
+          if v is not None}
+    lanes = batches_lib.row_lanes(mb["tokens"].shape[2], self.mesh)
+    logp = nograd_logprobs(params, self.cfg, self.grpo, mb, lanes)
+    return jnp.moveaxis(logp, 2, 0).reshape(rows["tokens"].shape)
+
+  def of_batch(self, params: model.Params, batch: PackedRollout) -> jax.Array:
+    """(R, L) logp of a placed batch's tokens (column 0 zero). For one sequence a row
+    (packing.one_per_row), columns S: are the completion's (N, T)."""
+    key = ("batch", tuple(batch.tokens.shape), batch.sample_ids is None)
+    if key not in self._cache:
+      fields = ("tokens", "positions", "segment_ids", "sample_ids")
+      self._cache[key] = jax.jit(
+          lambda p, b: self._split_logp(p, {k: getattr(b, k) for k in fields}),
+          out_shardings=self._rows(batch.tokens.shape[0]))
+    return self._cache[key](params, batch)
+
+  def of_rollout(self, params: model.Params, rollout: Rollout, group: int) -> jax.Array:
+    """(N, T) logp of a sampler Rollout's completions (device arrays in, device array out).
+
+    The RL loop dispatches this for the reference right after sampling, so the device runs it
+    while the host scores; the rows never leave the mesh on the way.
+    """
+    n, t = rollout.tokens.shape
+    key = ("rollout", tuple(rollout.prompt_tokens.shape), n, t, group)
+    if key not in self._cache:
+      rows = self._rows(n)
+
+      def fn(p, r: Rollout):
+        tokens = jnp.concatenate([jnp.repeat(r.prompt_tokens, group, axis=0), r.tokens], axis=1)
+        mask = jnp.concatenate([jnp.repeat(r.prompt_mask, group, axis=0), r.mask], axis=1)
+        tokens, mask = (jax.lax.with_sharding_constraint(x, rows) for x in (tokens, mask))
+        logp = self._split_logp(p, {  # one sequence a row, as packing.one_per_row lays it
+            "tokens": tokens, "segment_ids": mask.astype(jnp.int32),
+            "positions": jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)})
+        return logp[:, -t:]
+
+      self._cache[key] = jax.jit(fn, out_shardings=rows)
+    return self._cache[key](params, rollout)
