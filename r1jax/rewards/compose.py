@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from r1jax.core.background import Pending
 from r1jax.rewards import pool as pool_lib
 from r1jax.rewards import registry
 from r1jax.rewards import model_specs
@@ -218,8 +219,9 @@ class RewardBatch:
     return out
 
 
-class PendingRewards:
-  """Rewards being computed for one batch; `result()` blocks until all are in."""
+class PendingRewards(Pending[RewardBatch]):
+  """Rewards being computed for one batch (core/background.py); `result()` blocks until all
+  are in."""
 
   def __init__(self, scorer: RewardScorer, samples: list[Mapping[str, Any]],
                tasks: list[str]):
@@ -227,7 +229,6 @@ class PendingRewards:
     self._start = time.monotonic()
     self._futures = {}  # (component index, sample index) -> Future
     self._device = {}  # component index -> (sample indices, launched device scoring or error)
-    self._batch = None
     for ci, c in enumerate(scorer.components):
       if c.reward.kind != "pool":
         continue
@@ -305,10 +306,8 @@ class PendingRewards:
       _log.warning("batch reward %s failed: %s: %s", c.key, type(e).__name__, e)
       values[idx], failed[idx] = c.fallback, True
 
-  def result(self) -> RewardBatch:
+  def _collect(self) -> RewardBatch:
     """Runs inline and batch rewards here (overlapping the workers), then waits for the pool."""
-    if self._batch is not None:
-      return self._batch
     n = len(self._samples)
     components, failed = {}, {}
     for ci, c in enumerate(self._scorer.components):
@@ -337,10 +336,9 @@ class PendingRewards:
     for c in self._scorer.components:
       w = np.asarray([c.weight_for(t) for t in self._tasks], np.float32)
       total += w * np.nan_to_num(components[c.key], nan=0.0)
-    self._batch = RewardBatch(total, components, failed, time.monotonic() - self._start,
-                              pool_cpu_s, tuple(self._tasks), device_s,
-                              frozenset(self._scorer.components[ci].key for ci in self._device))
-    return self._batch
+    return RewardBatch(total, components, failed, time.monotonic() - self._start, pool_cpu_s,
+                       tuple(self._tasks), device_s,
+                       frozenset(self._scorer.components[ci].key for ci in self._device))
 
 
 class RewardScorer:

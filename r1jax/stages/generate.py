@@ -25,6 +25,7 @@ With output.readable, responses are first converted to R1's readable format
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
 import sys
@@ -365,6 +366,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
   return summary
 
 
+def _graded(config, b: int, chunk, samples, texts, converted, f, fp: dict, wait_s: float,
+            rewards) -> tuple[int, list, dict]:
+  """Batch b's rows and counts once its rewards are in (filters, selection, SFT rows)."""
+  rows, counts = _finish_batch(config, chunk, samples, texts, converted, rewards, f, fp)
+  counts.update(tokens=int(samples.lengths.sum()), device_wait_s=wait_s)
+  return b, rows, counts
+
+
 def _decode_all(config, engine: Engine, params, items, todo: list[int], writer: ShardWriter,
                 scorer: RewardScorer, f, fp: dict, progress: _Progress, stop) -> bool:
   """The pipelined loop: decode batch b+1 while the pool grades batch b; then filter and
@@ -373,29 +382,28 @@ def _decode_all(config, engine: Engine, params, items, todo: list[int], writer: 
   Returns whether it stopped early for a SIGTERM (every committed batch is kept).
   """
   per, k, key = config.batch_prompts, config.k, jax.random.key(config.seed)
-  pending, last = None, time.perf_counter()
+  graded, last = None, time.perf_counter()  # graded: Pending (batch, rows, counts)
   for pos in range(len(todo) + 1):
     launched = None
     if pos < len(todo) and not stop.requested:
       b = todo[pos]
       chunk = items[b * per:(b + 1) * per]
       launched = (b, chunk, _launch(engine, params, chunk, per, jax.random.fold_in(key, b), k))
-    if pending is not None:  # the previous batch, graded in the pool during this decode
-      b0, chunk0, samples, texts, converted, rewards_pending, wait_s = pending
-      rows, counts = _finish_batch(config, chunk0, samples, texts, converted,
-                                   rewards_pending.result(), f, fp)
-      counts["tokens"] = int(samples.lengths.sum())
+    if graded is not None:  # the previous batch, graded in the pool during this decode
+      b0, rows, counts = graded.result()
       now = time.perf_counter()
-      writer.commit(b0, rows, {"counts": counts, "seconds": now - last, "device_wait_s": wait_s})
+      writer.commit(b0, rows, {"counts": counts, "seconds": now - last,
+                               "device_wait_s": counts.pop("device_wait_s")})
       last = now
       progress.update(counts["prompts"], counts["accepted"], counts["tokens"])
-      pending = None
+      graded = None
     if launched is None:
       return pos < len(todo)
     b, chunk, rollout = launched
     t0 = time.perf_counter()
     samples = engine.collect(rollout, k, prompts=len(chunk))
     texts, converted = _texts(samples, config.output.readable)
-    rewards_pending = scorer.submit(reward_inputs(chunk, texts, samples.lengths, k))
-    pending = (b, chunk, samples, texts, converted, rewards_pending, time.perf_counter() - t0)
+    wait_s = time.perf_counter() - t0
+    graded = scorer.submit(reward_inputs(chunk, texts, samples.lengths, k)).then(
+        functools.partial(_graded, config, b, chunk, samples, texts, converted, f, fp, wait_s))
   return False

@@ -25,17 +25,15 @@ What it costs:
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import functools
 import logging
 import threading
-import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+from r1jax.core.background import Pending, in_thread
 from r1jax.core.metrics import StepTimer
 
 log = logging.getLogger(__name__)
@@ -49,7 +47,7 @@ Collect = Callable[[Any, StepTimer, threading.Event], list]
 class Ahead:
   """A rollout running one step ahead, and what a checkpoint needs to replay it."""
 
-  future: concurrent.futures.Future  # -> collect's result
+  pending: Pending[list]  # collect's result, on the "rl-ahead" thread (one at a time)
   behaviour: Any  # the params it samples with (the policy one update behind)
   data_state: dict  # the prompt iterator's state before the rollout drew its prompts
   timer: StepTimer  # its own rollout / reward seconds (the loop's timer is the main thread's)
@@ -57,14 +55,12 @@ class Ahead:
 
   def result(self) -> list:
     """The rollout's parts; re-raises what the background thread raised."""
-    return self.future.result()
+    return self.pending.result()
 
   def wait(self) -> float:
     """Seconds waited until the background thread was done (it keeps its result, or its
     error)."""
-    t0 = time.perf_counter()
-    concurrent.futures.wait([self.future])
-    return time.perf_counter() - t0
+    return self.pending.wait()
 
   def wait_sampled(self) -> None:
     """Until the samples are on the host: their device work is over."""
@@ -91,7 +87,7 @@ def start(collect: Collect, params: Any, data: Any, copy: bool = True) -> Ahead:
     finally:
       sampled.set()  # a failed rollout must not leave the main thread waiting
 
-  return Ahead(_executor().submit(run), behaviour, data_state, timer, sampled)
+  return Ahead(in_thread("rl-ahead", run), behaviour, data_state, timer, sampled)
 
 
 def finish(ahead: Ahead | None) -> None:
@@ -99,12 +95,5 @@ def finish(ahead: Ahead | None) -> None:
   dropped (a resumed run replays it from the checkpoint), and so is an error it raised."""
   if ahead is None:
     return
-  ahead.wait()
-  if ahead.future.exception() is not None:
-    log.warning("the dropped one-step-ahead rollout had failed: %r", ahead.future.exception())
-
-
-@functools.cache
-def _executor() -> concurrent.futures.ThreadPoolExecutor:
-  """One worker thread for the process: at most one rollout runs ahead at a time."""
-  return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rl-ahead")
+  if ahead.pending.error is not None:
+    log.warning("the dropped one-step-ahead rollout had failed: %r", ahead.pending.error)
