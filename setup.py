@@ -12,7 +12,6 @@ setup(
     packages=find_packages(include=["r1jax", "r1jax.*"]),
     install_requires=[
         "jax>=0.10.2,<0.11",
-        "flax>=0.12,<0.13",
         "optax>=0.2.8,<0.3",
         "orbax-checkpoint>=0.12,<0.13",
         "grain>=0.2.18,<0.3",

@@ -29,7 +29,8 @@ def test_step_cadence_and_the_last_step(tmp_path):
 
 
 def test_half_way_save_when_the_step_cadence_would_not_save_before_the_end(tmp_path):
-  # tiny_zero:quick's RL: 20 steps, every 50. A kill at step 19 used to restart from 0.
+  # tiny_zero:quick's RL: 20 steps, every 50. Without the half-way save a kill at step 19
+  # would restart from 0.
   assert saved_steps(tmp_path / "a", config(20, every=50, every_minutes=0)) == [10, 20]
   assert saved_steps(tmp_path / "b", config(7, every=0, every_minutes=0)) == [3, 7]
 

@@ -175,8 +175,8 @@ def test_workers_that_cannot_start_break_the_pool_loudly(tmp_path):
 
 
 def test_unguarded_script_gets_an_exception_not_a_wrong_reward(tmp_path):
-  """accuracy_reward from a script without a __main__ guard used to return 0.0 for a correct
-  answer (every worker re-ran the script and died); now the first call raises, with the fix."""
+  """accuracy_reward from a script without a __main__ guard: every worker re-runs the script
+  and dies, so a correct answer could score 0.0. The first call raises, naming the fix."""
   script = tmp_path / "score.py"
   script.write_text(
       "import sys\n"

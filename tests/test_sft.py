@@ -130,8 +130,8 @@ def test_sft_bad_input(world, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("epochs", [0, 1])
 def test_sft_with_no_usable_rows_fails_fast_and_writes_nothing(world, tmp_path, epochs):
-  """A CSV given as training data: every row is bad. It used to spin forever (epochs 0) or
-  write untrained weights as final/ (epochs 1); now it is a clear error within seconds."""
+  """A CSV given as training data: every row is bad. Neither spinning forever (epochs 0) nor
+  writing untrained weights as final/ (epochs 1): a clear error within seconds."""
   csv = tmp_path / "train.csv"
   csv.write_text("question,answer\n" + "\n".join(f"q{i},{i}" for i in range(40)) + "\n")
   c = sft_test_config(world)
@@ -178,8 +178,8 @@ def test_a_full_disk_stops_the_run_loudly_and_the_last_good_step_resumes(world, 
 
 @pytest.mark.slow
 def test_sigterm_while_skipping_bad_rows_exits_within_seconds(world, tmp_path):
-  """SIGTERM is polled inside the data loop too: a long run of bad rows (a pass over these
-  takes well over 10 s) used to make the process deaf to it."""
+  """SIGTERM is polled inside the data loop too, so a long run of bad rows (a pass over these
+  takes well over 10 s) does not make the process deaf to it."""
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"text": 3}\n' * 400_000)
   c = sft_test_config(world)  # data.epochs = 0: passes would repeat

@@ -87,11 +87,6 @@ def filter_logits(logits_NxV: jax.Array, sp) -> jax.Array:
   return x_NxV
 
 
-def inverse_cdf_sample(x_NxV: jax.Array, key: jax.Array) -> jax.Array:
-  """One draw per row from softmax(x) by inverting its CDF (see `inverse_cdf`)."""
-  return inverse_cdf(x_NxV, jax.random.uniform(key, (x_NxV.shape[0], 1)))
-
-
 def inverse_cdf(x_NxV: jax.Array, uniform_Nx1: jax.Array) -> jax.Array:
   """The token whose CDF interval holds each row's uniform in [0, 1).
 

@@ -35,9 +35,6 @@ class Samples:
   group: int  # k: completions per prompt
   top_ids: np.ndarray | None = None  # (N, T, K) int32: the K likeliest tokens at each step
   top_logprobs: np.ndarray | None = None  # (N, T, K) f32: their log-probs (temperature 1)
-  # The sampler's own device arrays, for a forward pass on the mesh with no host round trip
-  # (RL's reference logprobs); None when sampled in several calls.
-  device: Rollout | None = dataclasses.field(default=None, repr=False, compare=False)
 
   @property
   def lengths(self) -> np.ndarray:
@@ -102,13 +99,10 @@ class Engine:
   def collect(self, rollout: Rollout, k: int, prompts: int | None = None) -> Samples:
     """A launched rollout on the host (one transfer), detokenised.
 
-    prompts: keep only the first `prompts` prompts' rows (a padded batch's real ones); the
-    result then carries no device arrays.
+    prompts: keep only the first `prompts` prompts' rows (a padded batch's real ones).
     """
     host = jax.device_get(rollout)
-    if prompts is None:
-      return self._samples(host, k, device=rollout)
-    return self._samples(keep_rows(host, prompts, k), k)
+    return self._samples(host if prompts is None else keep_rows(host, prompts, k), k)
 
   def sample_many(self, params, prompts: Sequence[Sequence[int]], key: jax.Array, k: int,
                   batch_size: int, progress: bool = False) -> Samples:
@@ -117,10 +111,10 @@ class Engine:
                                        batch_size=batch_size, group=k, progress=progress)
     return self._samples(concat_rollouts(parts), k)
 
-  def _samples(self, host: Rollout, k: int, device: Rollout | None = None) -> Samples:
+  def _samples(self, host: Rollout, k: int) -> Samples:
     tokens, mask = np.asarray(host.tokens), np.asarray(host.mask)
     top = lambda x: None if x is None else np.asarray(x)
     return Samples(np.asarray(host.prompt_tokens), np.asarray(host.prompt_mask), tokens, mask,
                    np.asarray(host.logprobs), np.asarray(host.stop_reason),
                    detokenise(self.tokenizer, tokens, mask), k, top(host.top_ids),
-                   top(host.top_logprobs), device)
+                   top(host.top_logprobs))

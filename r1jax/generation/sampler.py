@@ -37,11 +37,11 @@ from r1jax.core import sharding as sharding_lib
 from r1jax.core.config import ModelConfig
 from r1jax.generation import decode
 from r1jax.generation.decode import (
-    STOP_EOS, STOP_LENGTH, STOP_REASONS, STOP_STOP, Rollout, filter_logits, inverse_cdf_sample)
+    STOP_EOS, STOP_LENGTH, STOP_REASONS, STOP_STOP, Rollout, filter_logits)
 
 __all__ = ["STOP_EOS", "STOP_LENGTH", "STOP_REASONS", "STOP_STOP", "Rollout", "Sampler",
-           "SamplingParams", "bucket_length", "filter_logits", "inverse_cdf_sample", "keep_rows",
-           "left_pad", "stop_token_ids"]
+           "SamplingParams", "bucket_length", "filter_logits", "keep_rows", "left_pad",
+           "stop_token_ids"]
 
 
 @dataclasses.dataclass(frozen=True)
