@@ -304,6 +304,10 @@ def test_bad_batches_fail_clearly(reference):
   with pytest.raises(ValueError, match="from the batch or from ref_params, not both"):
     tr.rl_step(state, tr.put_batch(dataclasses.replace(b, ref_logp=b.old_logp)),
                reference["ref"])
+  sft_only = ts.Trainer(CFG, OPT, tr.mesh)
+  for use in (sft_only.put_batch, sft_only.pack):
+    with pytest.raises(ValueError, match="needs a Trainer built with a GRPOConfig"):
+      use(b)
   with pytest.raises(ValueError, match="unknown grpo field"):
     grpo_group(beta_kl=0.1)
   with pytest.raises(ValueError, match="grpo.loss_mode"):

@@ -220,7 +220,7 @@ def _is_weight(prox_NxT: jax.Array, old_NxT: jax.Array, m: jax.Array, cap: float
 
 
 def per_token_loss(logp_NxT: jax.Array, old_logp_NxT: jax.Array, adv_NxT: jax.Array,
-                   mask_NxT: jax.Array, cfg: GRPOConfig,
+                   mask_NxT: jax.Array, grpo: GRPOConfig,
                    ref_logp_NxT: jax.Array | None = None,
                    prox_logp_NxT: jax.Array | None = None
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -235,16 +235,16 @@ def per_token_loss(logp_NxT: jax.Array, old_logp_NxT: jax.Array, adv_NxT: jax.Ar
   log_ratio = lp - jnp.where(m, jax.lax.stop_gradient(base), 0.0)
   ratio = jnp.exp(log_ratio)
   a = adv_NxT.astype(jnp.float32)
-  obj = jnp.minimum(ratio * a, jnp.clip(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high) * a)
+  obj = jnp.minimum(ratio * a, jnp.clip(ratio, 1 - grpo.eps_low, 1 + grpo.eps_high) * a)
   stats = {"ratio": ratio, "approx_kl_old": ratio - 1 - log_ratio,
-           "clip_low": (ratio < 1 - cfg.eps_low) & (a < 0),
-           "clip_high": (ratio > 1 + cfg.eps_high) & (a > 0)}
-  if cfg.dual_clip:
-    floor = cfg.dual_clip * a
+           "clip_low": (ratio < 1 - grpo.eps_low) & (a < 0),
+           "clip_high": (ratio > 1 + grpo.eps_high) & (a > 0)}
+  if grpo.dual_clip:
+    floor = grpo.dual_clip * a
     stats["clip_dual"] = (a < 0) & (obj < floor)
     obj = jnp.where(a < 0, jnp.maximum(obj, floor), obj)
   if prox_logp_NxT is not None:
-    w, stats["is_capped"] = _is_weight(prox_logp_NxT, old_logp_NxT, m, cfg.tis_cap)
+    w, stats["is_capped"] = _is_weight(prox_logp_NxT, old_logp_NxT, m, grpo.tis_cap)
     stats["is_weight"] = w
     obj = w * obj
   stats["surrogate"] = obj
@@ -253,13 +253,13 @@ def per_token_loss(logp_NxT: jax.Array, old_logp_NxT: jax.Array, adv_NxT: jax.Ar
     d = jnp.where(m, jax.lax.stop_gradient(ref_logp_NxT), 0.0) - lp
     k3 = jnp.exp(d) - d - 1
     stats["kl"] = k3
-    if cfg.beta:  # with β = 0 a given reference is only a metric
-      loss = loss + cfg.beta * k3
+    if grpo.beta:  # with β = 0 a given reference is only a metric
+      loss = loss + grpo.beta * k3
   return jnp.where(m, loss, 0.0), {k: jnp.where(m, v, 0) for k, v in stats.items()}
 
 
 def grpo_loss(logp_NxT: jax.Array, old_logp_NxT: jax.Array, adv_NxT: jax.Array,
-              mask_NxT: jax.Array, weights_NxT: jax.Array, cfg: GRPOConfig,
+              mask_NxT: jax.Array, weights_NxT: jax.Array, grpo: GRPOConfig,
               ref_logp_NxT: jax.Array | None = None, prox_logp_NxT: jax.Array | None = None
               ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Scalar GRPO loss Σ w·ℓ and metric sums.
@@ -271,7 +271,7 @@ def grpo_loss(logp_NxT: jax.Array, old_logp_NxT: jax.Array, adv_NxT: jax.Array,
   """
   _check_shapes(logp_NxT, old_logp_NxT=old_logp_NxT, adv_NxT=adv_NxT, mask_NxT=mask_NxT,
                 weights_NxT=weights_NxT, ref_logp_NxT=ref_logp_NxT, prox_logp_NxT=prox_logp_NxT)
-  loss_NxT, stats = per_token_loss(logp_NxT, old_logp_NxT, adv_NxT, mask_NxT, cfg,
+  loss_NxT, stats = per_token_loss(logp_NxT, old_logp_NxT, adv_NxT, mask_NxT, grpo,
                                    ref_logp_NxT, prox_logp_NxT)
   return jnp.sum(weights_NxT * loss_NxT), _loss_sums(stats, mask_NxT)
 

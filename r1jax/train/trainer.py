@@ -81,7 +81,7 @@ class Trainer:
     """(M, A): mini-batches and micro-batches this batch type is split into."""
     if isinstance(batch, (RolloutBatch, PackedRollout)):
       if self.grpo is None:
-        raise ValueError("rl_step needs a Trainer built with a GRPOConfig")
+        raise ValueError("a GRPO batch needs a Trainer built with a GRPOConfig")
       return self.grpo.minibatches, self.grpo.microbatches
     return 1, self.sft.microbatches
 
@@ -92,6 +92,7 @@ class Trainer:
   def pack(self, batch: RolloutBatch) -> tuple[PackedRollout, dict[str, float]]:
     """The host rows the update trains on, and packing stats: samples packed tightly
     (`grpo.pack`) or one sequence a row; the loss and gradient are the same either way."""
+    self._splits(batch)  # needs a GRPOConfig
     if self.grpo.pack:
       return packing.pack_rollout(batch, self.grpo, self.grpo.pack_len, self.rows_multiple)
     return packing.one_per_row(batch, self.grpo), {}
@@ -99,9 +100,10 @@ class Trainer:
   def put_batch(self, batch: Any) -> Any:
     """A host batch → the mesh, laid out for its step, in one transfer (single-host). A
     RolloutBatch goes as one sequence a row (`pack` chooses the layout the RL loop uses)."""
+    splits = math.prod(self._splits(batch))  # a clear error for a batch this trainer cannot run
     if isinstance(batch, RolloutBatch):
       batch = packing.one_per_row(batch, self.grpo)
-    return batches_lib.put_batch(batch, math.prod(self._splits(batch)), self.mesh)
+    return batches_lib.put_batch(batch, splits, self.mesh)
 
   def _split(self, x: jax.Array, m: int, a: int) -> jax.Array:
     return batches_lib.split_rows(x, m, a, self.mesh)
