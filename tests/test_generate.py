@@ -380,3 +380,13 @@ def test_a_task_the_verifier_does_not_judge_has_no_pass_rate():
   assert out["stats"][0]["pass_rate"] is None and not out["rl_prompts"]
   assert counts["wrong"] == 0 and counts["accepted"] == 2
   assert out["samples"][0]["rewards"]["accuracy"] is None  # not applicable: JSON null
+
+
+def test_readable_output_with_teacher_logprobs_is_refused():
+  """output.readable rewrites the text, which the teacher's per-token log-probs describe."""
+  c = gen.generate_config()
+  c.output.update(readable=True, top_k_logprobs=4)
+  with pytest.raises(ValueError, match="output.readable rewrites the text"):
+    gen.validate(c)
+  c.output.top_k_logprobs = 0
+  gen.validate(c)

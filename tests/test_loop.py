@@ -50,3 +50,41 @@ def test_final_weights_are_refused_without_an_update(tmp_path):
     loop_lib.refuse_untrained(untrained, tmp_path)
   loop_lib.refuse_untrained(TrainState({"w": jnp.zeros(2)}, (), jnp.ones((), jnp.int32)),
                             tmp_path)
+
+
+def _state(step: int) -> TrainState:
+  return TrainState({"w": jnp.zeros(3)}, (), jnp.asarray(step, jnp.int32))
+
+
+def test_skeleton_runs_until_the_data_ends_and_saves_the_final_output_once(tmp_path):
+  """start → run → complete: a step function that returns None ends the run at the step
+  before; a run that reached the end of its data writes its final output, a preempted one
+  or an untrained one does not."""
+  finals = []
+  with loop_lib.TrainLoop(config(10, every=0, every_minutes=0), tmp_path / "a", "t") as loop:
+    start, state, extra = loop.start(None, lambda: _state(0), resuming=False)
+    assert (start, extra) == (0, {})
+
+    def one(step, state):
+      if step == 4:
+        loop.summary["data_exhausted"] = True
+        return None
+      return _state(step), {"loss": 1.0}, {}
+
+    state, step = loop.run(state, start, one)
+    summary = loop.complete(state, step, lambda s: finals.append(int(s.step)) or {"final": "x"})
+  assert step == 3 and finals == [3] and summary["final"] == "x" and summary["step"] == 3
+  with loop_lib.TrainLoop(config(5, every=0, every_minutes=0), tmp_path / "b", "t") as loop:
+    loop.summary["preempted"] = True
+    summary = loop.complete(_state(2), 2, lambda s: finals.append(-1) or {})
+  assert finals == [3] and "final" not in summary
+  with loop_lib.TrainLoop(config(5, every=0, every_minutes=0), tmp_path / "c", "t") as loop:
+    with pytest.raises(RuntimeError, match="no optimizer update was applied"):
+      loop.complete(_state(0), 5, lambda s: finals.append(-2) or {})
+  assert finals == [3]
+
+
+def test_skeleton_resuming_without_a_restorable_step_stops(tmp_path):
+  with loop_lib.TrainLoop(config(5, every=0, every_minutes=0), tmp_path, "t") as loop:
+    with pytest.raises(RuntimeError, match="has step folders but none could be restored"):
+      loop.start({"w": jnp.zeros(3)}, lambda: pytest.fail("fresh state built"), resuming=True)

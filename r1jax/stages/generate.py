@@ -103,7 +103,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"generate: select.order must be one of {filters_lib.SELECTIONS}")
   if config.output.readable and config.output.top_k_logprobs:
     raise ValueError("generate: output.readable rewrites the text, so the teacher's per-token "
-                     "logprobs no longer match it; use one or the other")
+                     "logprobs would not match it; use one or the other")
   if not 0 <= config.pass_rate.min <= config.pass_rate.max <= 1:
     raise ValueError("generate: need 0 <= pass_rate.min <= pass_rate.max <= 1")
   keys = [c.key for c in parse_spec(config.rewards)[1]]

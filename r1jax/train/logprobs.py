@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from r1jax.core import model, sharding
+from r1jax.core import checkpoint, model
 from r1jax.core.config import GRPOConfig, ModelConfig
 from r1jax.generation.sampler import Rollout
 from r1jax.train import batches as batches_lib
@@ -64,8 +64,8 @@ class LogProbs:
 
   def __init__(self, model_cfg: ModelConfig, grpo: GRPOConfig, mesh: Mesh):
     self.cfg, self.grpo, self.mesh = model_cfg, grpo, mesh
-    abstract = jax.eval_shape(lambda: model.init_params(model_cfg, jax.random.key(0)))
-    self.param_shardings = sharding.tree_shardings(model.param_axes(model_cfg), abstract, mesh)
+    self.param_shardings = jax.tree.map(lambda a: a.sharding,
+                                        checkpoint.abstract_params(model_cfg, mesh))
     self._cache: dict[tuple, Callable] = {}
 
   def _rows(self, rows: int) -> NamedSharding:
