@@ -11,15 +11,17 @@ Layers (imports point down this list only; WORKSPACE.md has the table):
 
 Dimension letters in tensor names (`logits_NxTxV`), each with one meaning everywhere:
   B prompts (or sequences, outside RL)    G group size: completions per prompt
-  N = B·G rows (sequences)                S prompt tokens (left-padded)
+  N rows: B·G sequences, or packed rows   S prompt tokens (left-padded)
   T tokens: completion tokens in RL, sequence tokens in SFT (right-padded)
-  Q = S + T tokens of a whole RL row      C reward components
+  Q tokens of a whole row: S + T, or a packed row's width
+  C reward components                     O decode slots (the rows still decoding, ≤ N)
   M mini-batches per rollout              A micro-batches per update (accumulation)
   V vocab   D model width   F MLP width   H heads   K kv heads   L layers
-  J query heads per kv head (H = K·J)     h head dim (lower case: a per-head width)
-  X key / KV-cache positions (attention)  E fused projection width (q|k|v or gate|up)
+  J query heads per kv head (H = K·J)     E fused projection width (q|k|v or gate|up)
+  X key / KV-cache positions (attention)  R rotary frequencies (h / 2)
   W positions per logits chunk            U logits chunks (T = U·W)
-  R rotary frequencies (h / 2)             Y keys in one query block's window
-  Z packed rows attended side by side      I lane steps (rows / Z)
+  Y keys in one query block's window      Z packed rows attended side by side
+  I lane steps (rows / Z)
+Lower case, a width inside one head or token: h head dim, k top-k tokens recorded.
 `P` is only ever jax.sharding.PartitionSpec.
 """

@@ -127,7 +127,7 @@ def test_math500_breakdown_and_report_files(math500_reports, tmp_path):
   assert len(b["subject"]) == 7 and "Number Theory" in b["subject"]
   for field in ("level", "subject"):
     assert sum(g["questions"] for g in b[field].values()) == 500
-  table = gold.to_markdown()
+  table = er.markdown_table([gold])
   assert "| math500 | all | 500 | 1 |" in table and "| math500 | level 5 |" in table
   assert "| math500 | subject Precalculus |" in table
   back = er.Report.from_json(gold.to_json(tmp_path / "m.json"))
@@ -168,7 +168,7 @@ def test_grade_file_bad_input_is_counted_not_fatal(tmp_path, pool):
   assert r.questions[1].answers == ["0.5", "2"] and r.questions[1].correct == [True, False]
   assert r.malformed_lines == [3, 6, 7, 8]
   assert r.missing_ids == ["c"] and r.unmatched_ids == ["zzz"] and r.skipped == 1
-  table = r.to_markdown()
+  table = er.markdown_table([r])
   assert "4 malformed completion lines" in table and "1 rows without completions" in table
   # The row without completions counts as wrong: (1/2 + 1/2 + 0) / 3, not the graded 1/2.
   s = r.summary()
@@ -178,7 +178,7 @@ def test_grade_file_bad_input_is_counted_not_fatal(tmp_path, pool):
   empty = grade_file(bench, write_jsonl(tmp_path / "none.jsonl", ["oops"]), pool=pool)
   assert empty.questions == [] and empty.malformed_lines == [1] and len(empty.missing_ids) == 3
   assert empty.summary()["pass@1"] == 0.0 and empty.summary()["questions"] == 3
-  assert "| bench | all | 3 | | 0.0 | 0.0 | 0.0 | |" in empty.to_markdown()
+  assert "| bench | all | 3 | | 0.0 | 0.0 | 0.0 | |" in er.markdown_table([empty])
 
 
 def test_grade_file_refuses_duplicate_benchmark_ids(tmp_path):
@@ -283,7 +283,8 @@ def test_evaluate_samples_k_per_question(generated, gen_rows):
   assert set(ev.summary_metrics(report)) == {
       f"eval/math500/{k}" for k in ("pass@1", "cons@k", "pass@k", "extracted", "mean_tokens",
                                     "truncated")}
-  assert "mean " in report.to_markdown() and "temperature=0.6" in report.to_markdown()
+  table = er.markdown_table([report])
+  assert "mean " in table and "temperature=0.6" in table
 
 
 def test_evaluate_is_deterministic_per_key(generated):

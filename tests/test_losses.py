@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from r1jax.train import losses, packing
-from r1jax.core import model
+from r1jax.core import attention, model
 from r1jax.core.config import GRPOConfig, ModelConfig
 from test_advantages import np_advantages
 from jaxpr_shapes import output_shapes
@@ -83,7 +83,8 @@ def grpo_loss(logp, old, adv_N, mask, cfg, ref=None, prox=None):
 
 
 def token_logprobs(params, cfg, tokens, mask, start, chunk=128):
-  return losses.token_logprobs_and_entropy(params, cfg, tokens, mask, start, 1.0, chunk)[0]
+  return losses.token_logprobs_and_entropy(params, cfg, tokens, attention.plan(mask), start, 1.0,
+                                           chunk)[0]
 
 
 def random_inputs(seed, n=16, t=11):
@@ -263,7 +264,7 @@ def test_token_logprobs_match_float64(tiny, chunk):
   p, tokens, mask, cmask, s = (tiny[k] for k in ("params", "tokens", "mask", "cmask", "s"))
   temp = 0.7
   got, ent = jax.jit(lambda p: losses.token_logprobs_and_entropy(
-      p, CFG, tokens, mask, s, temp, chunk))(p)
+      p, CFG, tokens, attention.plan(mask), s, temp, chunk))(p)
   lsm = np_log_softmax(tiny["logits"][:, s - 1:-1], temp)
   want = np.take_along_axis(lsm, tokens[:, s:, None], -1)[..., 0]
   want_ent = -(np.exp(lsm) * lsm).sum(-1)
@@ -329,7 +330,8 @@ def test_sft_loss_matches_float64(tiny):
   p, tokens, mask = tiny["params"], tiny["tokens"], tiny["mask"]
   loss_mask = mask.copy()
   loss_mask[:, :6] = False  # e.g. a prompt that is not trained on
-  loss, sums = jax.jit(lambda p: losses.sft_loss(p, CFG, tokens, mask, loss_mask, chunk=4))(p)
+  loss, sums = jax.jit(lambda p: losses.sft_loss(p, CFG, tokens, attention.plan(mask), loss_mask,
+                                                     chunk=4))(p)
   lsm = np_log_softmax(tiny["logits"], 1.0)
   nll = -np.take_along_axis(lsm[:, :-1], tokens[:, 1:, None], -1)[..., 0]
   want = nll[loss_mask[:, 1:]].mean()
@@ -372,12 +374,12 @@ def test_distill_loss_matches_float64(tiny, w):
   loss_mask = mask.copy()
   loss_mask[:, :4] = False
   loss, sums = jax.jit(lambda p: losses.distill_loss(
-      p, CFG, tokens, mask, loss_mask, top_ids, top_lp, has, w, chunk=4))(p)
+      p, CFG, tokens, attention.plan(mask), loss_mask, top_ids, top_lp, has, w, chunk=4))(p)
   want = np_distill(tiny["logits"], tokens, loss_mask, top_ids, top_lp, has, w)
   assert abs(float(loss) - want) / want <= 1e-5, (float(loss), want)
   assert sums["kd_tokens"] == (loss_mask & has)[:, 1:].sum()
   if w == 0.0:  # plain CE: the SFT loss exactly
-    sft, _ = losses.sft_loss(p, CFG, tokens, mask, loss_mask, chunk=4)
+    sft, _ = losses.sft_loss(p, CFG, tokens, attention.plan(mask), loss_mask, chunk=4)
     assert float(loss) == pytest.approx(float(sft), rel=1e-6)
 
 
@@ -389,9 +391,10 @@ def test_distill_gradient_moves_the_student_towards_the_teacher(tiny):
   t_lsm = np_log_softmax(rng.normal(size=(*tokens.shape, CFG.vocab_size)) * 3.0, 1.0)
   top_ids = np.argsort(-t_lsm, -1)[..., :8].astype(np.int32)
   top_lp = np.take_along_axis(t_lsm, top_ids, -1).astype(np.float32)
-  loss = jax.jit(lambda q: losses.distill_loss(q, CFG, tokens, mask, mask, top_ids, top_lp,
+  plan = attention.plan(mask)
+  loss = jax.jit(lambda q: losses.distill_loss(q, CFG, tokens, plan, mask, top_ids, top_lp,
                                                mask, 1.0, chunk=4)[0])
-  grad = jax.jit(jax.grad(lambda q: losses.distill_loss(q, CFG, tokens, mask, mask, top_ids,
+  grad = jax.jit(jax.grad(lambda q: losses.distill_loss(q, CFG, tokens, plan, mask, top_ids,
                                                         top_lp, mask, 1.0, chunk=4)[0]))
   start = float(loss(p))
   for _ in range(5):
@@ -406,7 +409,7 @@ def test_logprob_input_errors(tiny):
   with pytest.raises(ValueError, match="must be equal"):
     token_logprobs(p, CFG, tokens, mask[:, 1:], s)
   with pytest.raises(ValueError, match="loss_mask"):
-    losses.sft_loss(p, CFG, tokens, mask, mask[:, 1:])
+    losses.sft_loss(p, CFG, tokens, attention.plan(mask), mask[:, 1:])
 
 
 @pytest.mark.slow
@@ -421,8 +424,8 @@ def test_chunking_bounds_logits_memory():
   full_logits = n * t * cfg.vocab_size * 4
 
   def scratch(chunk):
-    loss = lambda p, x, m: jnp.sum(losses.token_logprobs_and_entropy(p, cfg, x, m, s, 1.0,
-                                                                      chunk)[0])
+    loss = lambda p, x, m: jnp.sum(losses.token_logprobs_and_entropy(
+        p, cfg, x, attention.plan(m), s, 1.0, chunk)[0])
     compiled = jax.jit(jax.value_and_grad(loss)).lower(params, tok, msk).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
@@ -447,7 +450,8 @@ def test_no_op_builds_rows_by_length_by_vocab_logits(mode):
 
   def grad_of(chunk):
     def loss(p):
-      logp, ent = losses.token_logprobs_and_entropy(p, cfg, tokens, mask, s, 1.0, chunk)
+      logp, ent = losses.token_logprobs_and_entropy(p, cfg, tokens, attention.plan(mask), s,
+                                                    1.0, chunk)
       value, _ = grpo_loss(logp, old, jnp.ones((n,)), mask[:, s:], g, ref)
       return value + 1e-3 * jnp.sum(ent)
     return jax.grad(loss)

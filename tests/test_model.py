@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax.core import model
+from r1jax.core import attention, model
 from r1jax.core.config import ModelConfig, RopeScaling
 
 from jaxpr_shapes import output_shapes
@@ -115,7 +115,7 @@ def test_sample_ids_need_segment_ids(params):
   """Sample ids subdivide packed segments; alone they would silently mask nothing."""
   tokens = jnp.zeros((1, 6), jnp.int32)
   with pytest.raises(ValueError, match="pass segment_ids too"):
-    model.hidden_states(params, tokens, CFG, sample_ids_BxT=jnp.ones((1, 6), jnp.int32))
+    attention.plan(tokens > 0, sample_ids_BxT=jnp.ones((1, 6), jnp.int32))
 
 
 def _plain_swiglu(y, gate, up, down):
@@ -185,23 +185,25 @@ def test_query_blocked_attention_matches_full_attention(params, packed, lanes):
     seg = np.concatenate([np.repeat(np.arange(3), l)[None] for l in lengths])
     pos = np.concatenate([np.concatenate([np.arange(n) for n in l])[None] for l in lengths])
     kw = dict(segment_ids_BxT=jnp.asarray(seg), positions_BxT=jnp.asarray(pos),
-              mask_BxT=jnp.ones((b, t), bool))
+              valid_BxT=jnp.ones((b, t), bool))
     if packed == "shared":  # row 0's 2nd segment: a shared 5-token prefix, then two
       sample = np.zeros((b, t), np.int32)  # samples of 12 and 8 tokens, each from position 5
       sample[0, 15:27], sample[0, 27:35] = 1, 2
       pos[0, 27:35] = np.arange(5, 13)
       kw.update(sample_ids_BxT=jnp.asarray(sample), positions_BxT=jnp.asarray(pos))
   else:  # left padding of 0, 7 and 49 tokens
-    kw = dict(mask_BxT=jnp.arange(t)[None, :] >= jnp.array([0, 7, 49])[:, None])
+    kw = dict(valid_BxT=jnp.arange(t)[None, :] >= jnp.array([0, 7, 49])[:, None])
 
   def loss(p, block):
-    h, _ = model.hidden_states(p, tokens, CFG, attention_block=block, row_lanes=lanes, **kw)
-    w = kw["mask_BxT"][..., None]
+    plan = attention.plan(kw["valid_BxT"], kw.get("segment_ids_BxT"), kw.get("sample_ids_BxT"),
+                          block=block, lanes=lanes)
+    h = model.hidden_states(p, tokens, CFG, plan, kw.get("positions_BxT"))
+    w = kw["valid_BxT"][..., None]
     return jnp.sum(jnp.where(w, h, 0.0) ** 2), h
 
-  (full_l, full_h), full_g = jax.value_and_grad(loss, has_aux=True)(params, 0)
-  (blk_l, blk_h), blk_g = jax.value_and_grad(loss, has_aux=True)(params, 16)
-  real = np.asarray(kw["mask_BxT"])
+  both = jax.jit(lambda p: [jax.value_and_grad(loss, has_aux=True)(p, b) for b in (0, 16)])
+  ((full_l, full_h), full_g), ((blk_l, blk_h), blk_g) = both(params)
+  real = np.asarray(kw["valid_BxT"])
   np.testing.assert_allclose(np.asarray(blk_h)[real], np.asarray(full_h)[real], atol=1e-5)
   np.testing.assert_allclose(blk_l, full_l, rtol=1e-6)
   for a, e in zip(jax.tree.leaves(blk_g), jax.tree.leaves(full_g)):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax.core import model
+from r1jax.core import attention, model
 from r1jax.core.config import GRPOConfig, ModelConfig
 from r1jax.train import losses
 from r1jax.train.batches import RolloutBatch
@@ -47,7 +47,8 @@ def params():
 def padded_loss(p, b: RolloutBatch, g: GRPOConfig):
   """The reference: the padded rows' forward (positions from the mask, no segments), with the
   test's float64 restatement of the mode's token weights (one mini-batch)."""
-  logp, ent = losses.token_logprobs_and_entropy(p, CFG, b.tokens, b.mask, S, g.temperature, 5)
+  logp, ent = losses.token_logprobs_and_entropy(p, CFG, b.tokens, attention.plan(b.mask), S,
+                                                g.temperature, 5)
   mask = np.asarray(b.completion_mask)
   if g.mask_truncated:
     mask = mask & ~np.asarray(b.truncated)[:, None]
@@ -59,8 +60,8 @@ def padded_loss(p, b: RolloutBatch, g: GRPOConfig):
 def rows_loss(p, pk, g: GRPOConfig):
   """The update's loss on either layout of packed rows."""
   logp, ent = losses.token_logprobs_and_entropy(
-      p, CFG, pk.tokens, pk.segment_ids > 0, 1, g.temperature, 5, pk.positions,
-      pk.segment_ids, None, pk.sample_ids)
+      p, CFG, pk.tokens, attention.plan(pk.segment_ids > 0, pk.segment_ids, pk.sample_ids), 1,
+      g.temperature, 5, pk.positions)
   cut = lambda x: None if x is None else x[:, 1:]
   return losses.grpo_loss(logp, cut(pk.old_logp), cut(pk.advantages), cut(pk.loss_mask),
                           cut(pk.weights), g, cut(pk.ref_logp))[0]

@@ -86,7 +86,7 @@ def test_score_reads_last_real_token():
   left = np.zeros((1, 8), np.int32)
   left[0, 3:] = seq
   left_mask = left != 0
-  h, _ = model.hidden_states(params["backbone"], seq[None], CFG)
+  h = model.hidden_states(params["backbone"], seq[None], CFG)
   expected = float(h[0, -1] @ params["head"]["w"] + 0.5)
   r_right = np.asarray(rm.score(params, right, right_mask, CFG))
   r_left = np.asarray(rm.score(params, left, left_mask, CFG))
@@ -278,8 +278,8 @@ def test_stage_saves_its_validation_norm_and_a_spec_applies_it(rm_world, uninter
   rows = load_pairs(rm_world / "eval.jsonl")
   tok = load_tokenizer(str(rm_world / "spm.model"))
   model_ = rm.RewardModel.load(workdir / "reward_model", tok, template="plain", max_len=64)
-  raw = model_.raw_scores([r[k] for k in ("chosen", "rejected") for r in rows],
-                          [r["prompt"] for _ in range(2) for r in rows]).astype(np.float64)
+  raw = np.asarray(model_([r[k] for k in ("chosen", "rejected") for r in rows],  # scale 1, no
+                          [r["prompt"] for _ in range(2) for r in rows]), np.float64)  # norm
   assert facts["responses"] == raw.size == 128
   np.testing.assert_allclose([facts["mean"], facts["std"]], [raw.mean(), raw.std()], rtol=1e-5,
                              atol=1e-5)

@@ -311,8 +311,8 @@ def test_decode_plan_buckets():
   buckets = (64, 32, 16, 8)
   assert [decode.next_floor(r, buckets) for r in buckets] == [32, 16, 8, 0]
   # (live, t) -> (rows, slots) from 64 rows over 32 + 128 slots, budget 1024.
-  assert decode.plan(40, 50, 64, 160, 32, buckets, 128, 1024) == (64, 160)
-  assert decode.plan(30, 50, 64, 160, 32, buckets, 128, 1024) == (32, 160)
-  assert decode.plan(30, 128, 32, 160, 32, buckets, 128, 1024) == (32, 288)
-  assert decode.plan(3, 512, 16, 544, 32, buckets, 128, 1024) == (8, 1056)
-  assert decode.plan(3, 900, 8, 1056, 32, buckets, 128, 1000) == (8, 1056)
+  assert decode.next_shape(40, 50, 64, 160, 32, buckets, 128, 1024) == (64, 160)
+  assert decode.next_shape(30, 50, 64, 160, 32, buckets, 128, 1024) == (32, 160)
+  assert decode.next_shape(30, 128, 32, 160, 32, buckets, 128, 1024) == (32, 288)
+  assert decode.next_shape(3, 512, 16, 544, 32, buckets, 128, 1024) == (8, 1056)
+  assert decode.next_shape(3, 900, 8, 1056, 32, buckets, 128, 1000) == (8, 1056)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from r1jax import stages
-from r1jax.core import checkpoint, model
+from r1jax.core import attention, checkpoint, model
 from r1jax.core.config import ModelConfig
 from r1jax.core.metrics import read_metrics
 from r1jax.main import EXIT_PREEMPTED
@@ -46,19 +46,19 @@ def test_packed_loss_equals_the_documents_scored_alone():
   pos[0, :7], pos[0, 7:12] = np.arange(7), np.arange(5)
   mask, target = seg > 0, seg > 0
   target[0, [0, 7]] = False  # a document's first token has no context
-  loss, sums = losses.sft_loss(params, CFG, jnp.asarray(packed), jnp.asarray(mask),
-                               jnp.asarray(target), positions_NxQ=jnp.asarray(pos),
-                               segment_ids_NxQ=jnp.asarray(seg))
+  plan = attention.plan(jnp.asarray(mask), jnp.asarray(seg))
+  loss, sums = losses.sft_loss(params, CFG, jnp.asarray(packed), plan, jnp.asarray(target),
+                               positions_NxQ=jnp.asarray(pos))
   nll = 0.0
   for doc in (a, b):
     toks = jnp.asarray(doc[None].astype(np.int32))
     ones = jnp.ones(toks.shape, bool)
-    _, s = losses.sft_loss(params, CFG, toks, ones, ones.at[0, 0].set(False))
+    _, s = losses.sft_loss(params, CFG, toks, attention.plan(ones), ones.at[0, 0].set(False))
     nll += float(s["nll"])
   np.testing.assert_allclose(float(sums["nll"]), nll, rtol=1e-5)
   assert float(sums["tokens"]) == 10
   # Without segment ids the second document attends to the first: the loss differs.
-  _, leaky = losses.sft_loss(params, CFG, jnp.asarray(packed), jnp.asarray(mask),
+  _, leaky = losses.sft_loss(params, CFG, jnp.asarray(packed), attention.plan(jnp.asarray(mask)),
                              jnp.asarray(target))
   assert abs(float(leaky["nll"]) - nll) > 1e-3
 

@@ -1,6 +1,7 @@
 """Sharding: meshes from config, sharded forward == single device, bytes per device."""
 
 import functools
+import math
 
 import jax
 import numpy as np
@@ -78,7 +79,8 @@ def test_sharded_forward_matches_single_device(reference, shape):
         f"{min(fractions):.4f}..{max(fractions):.4f} (ideal {1 / shards:.4f})")
   assert len(per_device) == 8
   # Exactly what the specs imply (norms and biases too small to split add a bit).
-  implied = sharding.shard_bytes(sharded, jax.tree.map(lambda a: a.sharding, sharded))
+  implied = sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+                for a in jax.tree.leaves(sharded))
   assert set(per_device.values()) == {implied}
   assert 1 / shards <= max(fractions) <= 1 / shards * 1.05
 

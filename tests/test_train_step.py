@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax.core import model, sharding
+from r1jax.core import attention, model, sharding
 from r1jax.core.config import GRPOConfig, ModelConfig, OptConfig, grpo_config, grpo_group
 from r1jax.train import advantages, losses
 from r1jax.train import trainer as ts
@@ -51,8 +51,12 @@ def logp_of(tr) -> LogProbs:
 
 
 def completion_logp(tr, params, b: RolloutBatch) -> jax.Array:
-  """(N, T) logp of a padded batch's completions: its rows placed one sequence a row."""
-  return logp_of(tr).of_batch(params, tr.put_batch(b))[:, S:]
+  """(N, T) logp of a padded batch's completions, by the reference's path (`of_rollout`),
+  each row with its own prompt: a rollout of group 1."""
+  n, t = b.completion_mask.shape
+  rollout = Rollout(b.tokens[:, S:], b.mask[:, S:], np.zeros((n, t), np.float32),
+                    np.zeros(n, np.int32), b.tokens[:, :S], b.mask[:, :S], np.int32(t))
+  return logp_of(tr).of_rollout(params, rollout, 1)
 
 
 def host(tree):
@@ -413,7 +417,7 @@ def test_sft_step_sharded_matches_and_memorises():
   loss_mask[:, :4] = False  # the "prompt" is context only
   batch = SFTBatch(tokens, mask, loss_mask)
   params = model.init_params(CFG, jax.random.key(0))
-  want_loss = float(losses.sft_loss(params, CFG, tokens, mask, loss_mask)[0])
+  want_loss = float(losses.sft_loss(params, CFG, tokens, attention.plan(mask), loss_mask)[0])
   results = []
   for mesh in (sharding.make_mesh((1, 1, 1), jax.devices()[:1]), sharding.make_mesh((1, 4, 2))):
     tr = ts.Trainer(CFG, OptConfig(lr=1e-2), mesh, sft=ts.SFTSettings(microbatches=2))

@@ -7,7 +7,7 @@ On the benchmark model's shape, R1-shaped lengths (completions ~ exponential wit
 by `train/packing.py` as the RL stage packs them. The gradient of the packed hidden states is
 timed (min of `--repeats`, after compiling) with:
 - `causal_blocks`: each query block over every key up to its last query, the segment mask
-  discarding other sequences' keys (packed rows before key windows);
+  discarding other sequences' keys (an attention plan with no narrow windows);
 - `causal_blocks_no_segment_mask`: the same keys without the segment mask (the unpacked
   path's work);
 - `one_step`: windowed attention, all rows in one step (window = the widest row's);
@@ -24,15 +24,12 @@ import time
 
 from absl import app, flags
 
-from bench_common import SHAPES, make_random, use_cpu_devices
+from bench_common import checkpoint_flags
 
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "HF checkpoint folder (its config.json).")
-_MAKE = flags.DEFINE_enum("make_random", None, list(SHAPES), "First write a random Qwen2 here.")
+_CKPT = checkpoint_flags()
 _COMPLETION = flags.DEFINE_integer("completion", 1024, "Completion budget (cap).")
 _MEAN = flags.DEFINE_float("mean_length", 330.0, "Mean of the uncapped completion lengths.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per form (the minimum is kept).")
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", -1, "CPU devices (-1: one per core).")
-flags.mark_flag_as_required("hf_dir")
 
 
 def _batch(vocab: int, rng, rows_multiple: int):
@@ -55,31 +52,9 @@ def _batch(vocab: int, rng, rows_multiple: int):
   return packed, stats, comp
 
 
-def _causal_blocks_with_segments(q, k, v, blocks, c):
-  """Packed rows as attention did before key windows: each block of c queries over every
-  key up to its last query, the segment mask discarding other sequences' keys."""
-  import jax
-  import jax.numpy as jnp
-  from r1jax.core import attention
-  t = q.shape[1]
-
-  def one(q_blk, k, v, valid, seg, sample, lo, hi):
-    mask = attention._block_mask(valid, seg[:, lo:hi], seg,
-                                 None if sample is None else sample[:, lo:hi], sample, lo, 0, hi)
-    return attention.softmax_attention(q_blk, k[:, :, :hi], v[..., :hi], mask)
-
-  return jnp.concatenate([
-      jax.checkpoint(one, static_argnums=(6, 7))(
-          q[:, lo:min(t, lo + c)], k, v, blocks.valid_BxT, blocks.segment_ids_BxT,
-          blocks.sample_ids_BxT, lo, min(t, lo + c))
-      for lo in range(0, t, c)], axis=1)
-
-
 def main(argv):
   del argv
-  use_cpu_devices(_CPU_DEVICES.value)
-  if _MAKE.value:
-    make_random(_HF_DIR.value, _MAKE.value)
+  hf_dir = _CKPT.prepare()
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -87,7 +62,7 @@ def main(argv):
   from r1jax.core import attention, hf, model, sharding
 
   mesh = sharding.make_mesh((-1, 1, 1))
-  with open(os.path.join(_HF_DIR.value, "config.json")) as f:
+  with open(os.path.join(hf_dir, "config.json")) as f:
     cfg = hf.config_from_hf(json.load(f))
   params = jax.jit(lambda k: model.init_params(cfg, k))(jax.random.key(0))
   lanes = mesh.shape["data"]
@@ -99,11 +74,10 @@ def main(argv):
     return tuple(jax.device_put(np.asarray(x)[order], rows)
                  for x in (packed.tokens, packed.positions, packed.segment_ids))
 
-  def grad(row_lanes, segments=True):
+  def grad(lanes, segments=True, windows=attention.WINDOW_STEPS):
     def loss(p, tok, pos, seg):
-      h, _ = model.hidden_states(p, tok, cfg, positions_BxT=pos, mask_BxT=seg > 0,
-                                 segment_ids_BxT=seg if segments else None,
-                                 row_lanes=row_lanes)
+      plan = attention.plan(seg > 0, seg if segments else None, lanes=lanes, windows=windows)
+      h = model.hidden_states(p, tok, cfg, plan, pos)
       return jnp.sum(jnp.where((seg > 0)[..., None], h, 0.0))
     return jax.jit(jax.grad(loss))
 
@@ -117,12 +91,8 @@ def main(argv):
     return round(best, 3)
 
   ordered = put(np.arange(packed.tokens.shape[0]))
-  keep_windowed = attention.windowed_attention
-  attention.windowed_attention = _causal_blocks_with_segments
-  try:  # the blocked path before key windows: every key up to the block's last query
-    result = {"causal_blocks_s": timed(grad(None), ordered)}
-  finally:
-    attention.windowed_attention = keep_windowed
+  result = {  # no narrow windows: every block over every key up to its last query
+      "causal_blocks_s": timed(grad(None, windows=0), ordered)}
   result.update({
       "causal_blocks_no_segment_mask_s": timed(grad(None, segments=False), ordered),
       "one_step_s": timed(grad(None), ordered),
@@ -130,15 +100,15 @@ def main(argv):
       "per_device_unsorted_s": timed(grad(lanes), put(shuffled)),
   })
   keep = attention.blocked_attention
-  model.blocked_attention = lambda q, k, v, blocks: q  # the identity: no attention at all
+  attention.blocked_attention = lambda q, k, v, plan: q  # the identity: no attention at all
   try:
     result["no_attention_s"] = timed(grad(lanes), ordered)
   finally:
-    model.blocked_attention = keep
+    attention.blocked_attention = keep
   result.update(rows=int(packed.tokens.shape[0]), row_len=int(packed.tokens.shape[1]),
                 useful_tokens=int((np.asarray(packed.segment_ids) > 0).sum()),
                 completion_median=float(np.median(comp)), completion_mean=float(comp.mean()),
-                pack_fill=round(stats["pack/fill"], 3), attention_block=model.ATTENTION_BLOCK,
+                pack_fill=round(stats["pack/fill"], 3), attention_block=attention.ATTENTION_BLOCK,
                 cpu_devices=jax.device_count(), params=cfg.num_params,
                 machine=f"{platform.machine()} {os.cpu_count()} cores",
                 load_1m=round(os.getloadavg()[0], 2))

@@ -1,6 +1,10 @@
-"""Shared by the bench_* tools: random HF checkpoints of the benchmark shapes, prompts."""
+"""Shared by the bench_* tools: their common flags, random HF checkpoints of the benchmark
+shapes, prompts, FLOP counts."""
+
+import dataclasses
 
 import numpy as np
+from absl import flags
 
 SHAPES = {
     "3.5m": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -23,6 +27,62 @@ def use_cpu_devices(n: int) -> None:
                                       os.environ.get("JAX_NUM_CPU_DEVICES", ""))
   if n:
     jax.config.update("jax_num_cpu_devices", n)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointFlags:
+  """--hf_dir, --make_random, --r1_shaped and --cpu_devices: what a benchmark runs on."""
+
+  hf_dir: flags.FlagHolder
+  make_random: flags.FlagHolder
+  r1_shaped: flags.FlagHolder
+  cpu_devices: flags.FlagHolder
+
+  def prepare(self) -> str:
+    """Before JAX starts: the CPU devices set, the random checkpoint written when asked.
+    Returns the HF folder."""
+    use_cpu_devices(self.cpu_devices.value)
+    if self.make_random.value:
+      make_random(self.hf_dir.value, self.make_random.value, r1_shaped=self.r1_shaped.value)
+    return self.hf_dir.value
+
+
+def checkpoint_flags(cpu_devices: int = -1) -> CheckpointFlags:
+  """Defines the checkpoint and device flags (--hf_dir required)."""
+  out = CheckpointFlags(
+      flags.DEFINE_string("hf_dir", None, "HF checkpoint folder (written by --make_random)."),
+      flags.DEFINE_enum("make_random", None, list(SHAPES),
+                        "First write a random Qwen2 of this shape to --hf_dir."),
+      flags.DEFINE_bool("r1_shaped", False, "With --make_random: a checkpoint that ends its "
+                        "completions at EOS with heavy-tailed lengths (`make_random`)."),
+      cpu_devices_flag(cpu_devices))
+  flags.mark_flag_as_required("hf_dir")
+  return out
+
+
+def cpu_devices_flag(default: int = -1) -> flags.FlagHolder:
+  """Defines --cpu_devices (read by `use_cpu_devices`)."""
+  return flags.DEFINE_integer("cpu_devices", default, "CPU only: run on this many CPU devices, "
+                              "one mesh over them. -1: one per core; 0: JAX's single device.")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutFlags:
+  """--prompts, --group, --prompt_len and --dtype: the batch a benchmark samples."""
+
+  prompts: flags.FlagHolder
+  group: flags.FlagHolder
+  prompt_len: flags.FlagHolder
+  dtype: flags.FlagHolder
+
+
+def rollout_flags(dtype_help: str) -> RolloutFlags:
+  """Defines the rollout flags; `dtype_help` says what --dtype applies to in this tool."""
+  return RolloutFlags(
+      flags.DEFINE_integer("prompts", 8, "Prompts per batch (B)."),
+      flags.DEFINE_integer("group", 8, "Completions per prompt (G); N = B·G sequences."),
+      flags.DEFINE_integer("prompt_len", 32, "Longest prompt (lengths vary 50–100 %)."),
+      flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], dtype_help))
 
 
 EOS_ID = 2  # an R1-shaped checkpoint's EOS token (0 is padding)

@@ -27,7 +27,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from bench_common import use_cpu_devices
+from bench_common import cpu_devices_flag, use_cpu_devices
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(Path(__file__).resolve().parents[1] / "experiments" / "tiny_zero.py"),
@@ -36,7 +36,7 @@ _FROM = flags.DEFINE_string("from_workdir", None, "The finished pipeline's worki
 _STEPS = flags.DEFINE_integer("steps", 40, "RL iterations per mode.")
 _MODES = flags.DEFINE_list("modes", ["", "rewards", "rollout"], "grpo.overlap values.")
 _VERIFIER = flags.DEFINE_float("verifier_s", 0.0, "Seconds each reward batch also waits.")
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", -1, "CPU devices (-1: one per core).")
+_CPU_DEVICES = cpu_devices_flag()
 flags.mark_flags_as_required(["from_workdir"])
 
 

@@ -23,26 +23,14 @@ import time
 
 from absl import app, flags
 
-from bench_common import SHAPES, checkpoint_eos, make_random, random_prompts, use_cpu_devices
+from bench_common import checkpoint_eos, checkpoint_flags, random_prompts, rollout_flags
 
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "HF checkpoint folder (created by --make_random).")
-_MAKE = flags.DEFINE_enum("make_random", None, list(SHAPES),
-                          "First write a random Qwen2 of this shape to --hf_dir.")
-_R1 = flags.DEFINE_bool("r1_shaped", False, "With --make_random: a checkpoint that ends its "
-                        "completions at EOS with heavy-tailed lengths (bench_common.make_random).")
-_PROMPTS = flags.DEFINE_integer("prompts", 8, "Prompts per batch (B).")
-_GROUP = flags.DEFINE_integer("group", 8, "Samples per prompt (G); N = B*G sequences.")
+_CKPT = checkpoint_flags()
+_ROLL = rollout_flags("Param and compute dtype, for both engines.")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "Tokens generated per sequence.")
-_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "Longest prompt (lengths vary 50-100%).")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed calls per engine, alternating (median).")
 _PAUSE = flags.DEFINE_float("pause_s", 1.0, "Idle seconds before each timed call.")
-_CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices", -1, "CPU only: sample on this many CPU devices, rows split across them. "
-    "-1 (default): one per core; 0 = JAX's single device.")
 _COMPARE = flags.DEFINE_bool("compare_hf", False, "Also time transformers' generate.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
-                           "Param and compute dtype, for both engines.")
-flags.mark_flag_as_required("hf_dir")
 
 def r1jax_engine(batch):
   """(call, compile_s, num_params): call(i) samples the batch once and returns its
@@ -53,15 +41,15 @@ def r1jax_engine(batch):
   from r1jax.core import sharding
   n = jax.device_count()
   mesh = sharding.make_mesh((n, 1, 1)) if n > 1 else None  # rows over the CPU cores
-  cfg, params = hf.load_pretrained(_HF_DIR.value, mesh=mesh, param_dtype=_DTYPE.value,
-                                   compute_dtype=_DTYPE.value)
+  cfg, params = hf.load_pretrained(_CKPT.hf_dir.value, mesh=mesh, param_dtype=_ROLL.dtype.value,
+                                   compute_dtype=_ROLL.dtype.value)
   smp = sampler.Sampler(cfg, mesh)
   sp = sampler.SamplingParams(temperature=1.0, max_new_tokens=_NEW.value,
-                              eos_id=checkpoint_eos(_HF_DIR.value))
+                              eos_id=checkpoint_eos(_CKPT.hf_dir.value))
 
   def call(i):
     out = jax.block_until_ready(smp.generate(params, batch, sp, jax.random.key(i),
-                                             group=_GROUP.value))
+                                             group=_ROLL.group.value))
     return jax.device_get(out.mask).sum(1)
 
   t0 = time.perf_counter()
@@ -74,9 +62,9 @@ def hf_engine(batch):
   import numpy as np
   import torch
   import transformers
-  dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[_DTYPE.value]
-  m = transformers.AutoModelForCausalLM.from_pretrained(_HF_DIR.value, dtype=dtype).eval()
-  eos = checkpoint_eos(_HF_DIR.value)
+  dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[_ROLL.dtype.value]
+  m = transformers.AutoModelForCausalLM.from_pretrained(_CKPT.hf_dir.value, dtype=dtype).eval()
+  eos = checkpoint_eos(_CKPT.hf_dir.value)
   s = max(map(len, batch))
   ids = np.zeros((len(batch), s), np.int64)
   mask = np.zeros((len(batch), s), np.int64)
@@ -84,7 +72,7 @@ def hf_engine(batch):
     ids[i, s - len(p):], mask[i, s - len(p):] = p, 1
   kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=True,
             temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=_NEW.value,
-            num_return_sequences=_GROUP.value, use_cache=True, pad_token_id=0, eos_token_id=eos)
+            num_return_sequences=_ROLL.group.value, use_cache=True, pad_token_id=0, eos_token_id=eos)
   if eos is None:
     kw["min_new_tokens"] = _NEW.value
 
@@ -94,7 +82,7 @@ def hf_engine(batch):
       out = m.generate(**kw)
     comp = out[:, s:].numpy()
     if eos is None:
-      assert comp.shape == (len(batch) * _GROUP.value, _NEW.value)
+      assert comp.shape == (len(batch) * _ROLL.group.value, _NEW.value)
       return np.full(len(comp), _NEW.value)
     # Up to and including the first EOS; rows without one ran the whole budget.
     hit = comp == eos
@@ -112,13 +100,11 @@ def timed(call, i):
 
 def main(argv):
   del argv
-  use_cpu_devices(_CPU_DEVICES.value)
-  if _MAKE.value:
-    make_random(_HF_DIR.value, _MAKE.value, r1_shaped=_R1.value)
+  _CKPT.prepare()
   import numpy as np
-  vocab = json.load(open(os.path.join(_HF_DIR.value, "config.json")))["vocab_size"]
-  batch = random_prompts(vocab, _PROMPTS.value, _PROMPT_LEN.value)
-  fixed = checkpoint_eos(_HF_DIR.value) is None
+  vocab = json.load(open(os.path.join(_CKPT.hf_dir.value, "config.json")))["vocab_size"]
+  batch = random_prompts(vocab, _ROLL.prompts.value, _ROLL.prompt_len.value)
+  fixed = checkpoint_eos(_CKPT.hf_dir.value) is None
   engines = {"r1jax": None, "hf": None}
   engines["r1jax"], compile_s, params = r1jax_engine(batch)
   if _COMPARE.value:
@@ -146,8 +132,8 @@ def main(argv):
     hf_rate = statistics.median(rates["hf"])
     result.update(hf_tokens_per_s=round(hf_rate, 1), ratio=round(r1_rate / hf_rate, 2))
   import jax
-  result.update(params=params, sequences=_PROMPTS.value * _GROUP.value,
-                new_tokens=_NEW.value, eos=checkpoint_eos(_HF_DIR.value), dtype=_DTYPE.value, device=jax.devices()[0].device_kind,
+  result.update(params=params, sequences=_ROLL.prompts.value * _ROLL.group.value,
+                new_tokens=_NEW.value, eos=checkpoint_eos(_CKPT.hf_dir.value), dtype=_ROLL.dtype.value, device=jax.devices()[0].device_kind,
                 cpu_devices=jax.device_count(), repeats=_REPEATS.value, pause_s=_PAUSE.value,
                 machine=f"{platform.machine()} {os.cpu_count()} cores")
   print(json.dumps(result))

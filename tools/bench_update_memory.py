@@ -21,7 +21,7 @@ import time
 
 from absl import app, flags
 
-from bench_common import use_cpu_devices
+from bench_common import cpu_devices_flag, use_cpu_devices
 
 _ROWS = flags.DEFINE_integer("rows", 16, "Completions in the batch (N).")
 _COMPLETION = flags.DEFINE_integer("completion", 8192, "Completion tokens per row (T).")
@@ -31,7 +31,7 @@ _HIDDEN = flags.DEFINE_integer("hidden", 64, "Model width.")
 _LAYERS = flags.DEFINE_integer("layers", 2, "Decoder layers.")
 _MICRO = flags.DEFINE_integer("microbatches", 16, "Gradient-accumulation micro-batches.")
 _CHUNK = flags.DEFINE_integer("logits_chunk", 128, "Completion positions per unembed chunk.")
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "CPU devices (0 = JAX's default).")
+_CPU_DEVICES = cpu_devices_flag(0)
 _PACK = flags.DEFINE_bool("pack", True, "Padding-free update (grpo.pack, the default): the "
                           "real tokens in packed rows; else one sequence a row.")
 
@@ -45,7 +45,7 @@ def main(argv):
   use_cpu_devices(_CPU_DEVICES.value)
   import jax
   import numpy as np
-  from r1jax.core import model, sharding
+  from r1jax.core import attention, sharding
   from r1jax.core.config import GRPOConfig, ModelConfig, OptConfig
   from r1jax.train.batches import RolloutBatch
   from r1jax.train.logprobs import LogProbs
@@ -86,7 +86,7 @@ def main(argv):
       "full_logits_gb": round(n * t * cfg.vocab_size * 4 / 2**30, 1),
       "microbatches": _MICRO.value, "logits_chunk": _CHUNK.value, "pack": _PACK.value,
       "positions": positions,
-      "attention_block": model.ATTENTION_BLOCK, "cpu_devices": jax.device_count(),
+      "attention_block": attention.ATTENTION_BLOCK, "cpu_devices": jax.device_count(),
       "device": jax.devices()[0].device_kind,
       "machine": f"{platform.machine()} {os.cpu_count()} cores"}))
 

@@ -15,13 +15,13 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from bench_common import use_cpu_devices
+from bench_common import cpu_devices_flag, use_cpu_devices
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A pipeline experiment file.")
 _STAGE = flags.DEFINE_string("stage", None, "The stage (a key of the pipeline config).")
 _FROM = flags.DEFINE_string("from_workdir", None, "The finished pipeline's working directory.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where this run of the stage goes.")
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", -1, "CPU devices (-1: one per core).")
+_CPU_DEVICES = cpu_devices_flag()
 flags.mark_flags_as_required(["config", "stage", "from_workdir", "workdir"])
 
 

@@ -32,7 +32,7 @@ def run(hf_dir: str, prompts: list[list[int]], group: int, completion: int, beta
 
   # Not AutoTokenizer: it would pick the Qwen2 BPE class from config.json.
   tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(hf_dir)
-  texts = [" ".join(f"t{i}" for i in p) for p in prompts]
+  texts = [" ".join(tokenizer.convert_ids_to_tokens(list(p))) for p in prompts]
   for p, text in zip(prompts, texts):  # the word-level tokenizer gives back the same ids
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == list(p), text
 

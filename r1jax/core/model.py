@@ -4,7 +4,9 @@ Parameters are a nested dict of arrays whose per-layer weights are stacked on a
 leading L axis, so the forward is one `lax.scan` (compile time independent of
 depth). Every parameter carries logical axis names (`PARAM_TABLE`), which
 `sharding.py` maps onto the mesh. The optional KV cache is a typed pytree whose
-rows share one write index, so left-padded prompts decode in lockstep.
+rows share one write index, so left-padded prompts decode in lockstep. Which tokens
+attend to which, and how the work is cut, comes in one attention plan per batch
+(core/attention.py), the same object every layer hands to `attention.attend`.
 Dimension letters: the table in r1jax/__init__.py (here B rows, T tokens, X key / cache
 positions, H heads = K kv heads × J, h head dim, F MLP width, R = h / 2).
 """
@@ -19,12 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1jax.core.attention import (QueryBlocks, blocked_attention, same_sequence,
-                                  softmax_attention)
+from r1jax.core import attention
+from r1jax.core.attention import AttentionPlan
 from r1jax.core.config import ModelConfig
 
 Params = dict[str, Any]
-ATTENTION_BLOCK = 256  # uncached sequences longer than this attend in query blocks of it
 
 
 def param_table(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...], str]]:
@@ -169,8 +170,8 @@ def _mm(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
   return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def _attention(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, mask_BxTxX, kv, cfg):
-  """Grouped-query attention.
+def _attention(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, plan: AttentionPlan, kv, cfg):
+  """Grouped-query attention under the batch's attention plan.
 
   `kv` is None (attend within the chunk) or (k_BxKxXxh, v_BxKxhxX, index):
   this layer's cache, written in place at the slot index.
@@ -206,20 +207,17 @@ def _attention(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, mask_BxTxX, kv, cfg):
   b, t, n, hd = q_BxTxHxh.shape
   g = n // cfg.kv_heads
   q_BxTxKxJxh = q_BxTxHxh.reshape(b, t, cfg.kv_heads, g, hd)
-  if isinstance(mask_BxTxX, QueryBlocks):
-    o_BxTxKxJxh = blocked_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, mask_BxTxX)
-  else:
-    o_BxTxKxJxh = softmax_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, mask_BxTxX)
+  o_BxTxKxJxh = attention.attend(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, plan)
   out_BxTxD = _mm("btnh,nhd->btd", o_BxTxKxJxh.reshape(b, t, n, hd), lp["o"])
   if cfg.out_bias:
     out_BxTxD = out_BxTxD + lp["o_bias"]
   return out_BxTxD, kv
 
 
-def _block(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, mask_BxTxX, kv, cfg):
+def _block(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, plan: AttentionPlan, kv, cfg):
   """One pre-norm decoder block: attention then SwiGLU MLP, both residual."""
   a_BxTxD, kv = _attention(rms_norm(x_BxTxD, lp["attn_norm"], cfg.rms_eps), lp,
-                           cos_BxTxR, sin_BxTxR, mask_BxTxX, kv, cfg)
+                           cos_BxTxR, sin_BxTxR, plan, kv, cfg)
   x_BxTxD = x_BxTxD + a_BxTxD
   y_BxTxD = rms_norm(x_BxTxD, lp["mlp_norm"], cfg.rms_eps)
   if "gate_up" in lp:  # fused by `fuse_projections` (decode: no gradient)
@@ -277,78 +275,71 @@ _REMAT = {
 }
 
 
-def hidden_states(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig, *,
-                  positions_BxT: jax.Array | None = None,
-                  mask_BxT: jax.Array | None = None,
-                  cache: KVCache | None = None,
-                  segment_ids_BxT: jax.Array | None = None,
-                  sample_ids_BxT: jax.Array | None = None,
-                  attention_block: int | None = None,
-                  row_lanes: int | None = None) -> tuple[jax.Array, KVCache | None]:
-  """Final-norm hidden states (B, T, D) and the updated cache.
+def _rope_tables(positions_BxT: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+  ang_BxTxR = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+  return jnp.cos(ang_BxTxR), jnp.sin(ang_BxTxR)
 
-  Without a cache, token j attends to tokens i <= j with mask[i]; with one, the
-  chunk is written at `cache.index` and attends to every valid earlier slot.
-  Positions default to the count of real tokens before each one, so
-  left-padded rows get the same positions as unpadded ones. `segment_ids`
-  (packed documents, no cache) restricts attention to the same segment, and `sample_ids`
-  within it to a shared prefix (id 0) and the query's own sample. Without a cache,
-  sequences longer than `attention_block` (default ATTENTION_BLOCK; 0 = never) attend one
-  block of queries at a time, so memory grows as T·block, not T². Packed rows then attend
-  `row_lanes` rows at a time (pass the devices the rows spread over; None: all rows at once),
-  each block over only the keys its sequences can see.
+
+def _positions(valid_BxT: jax.Array, before_B: jax.Array | int = 0) -> jax.Array:
+  """The count of real tokens before each one (after `before` cached ones), so left-padded
+  rows get the same positions as unpadded ones."""
+  return jnp.maximum(jnp.cumsum(valid_BxT, axis=1, dtype=jnp.int32) - 1
+                     + jnp.reshape(before_B, (-1, 1)), 0)
+
+
+def hidden_states(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig,
+                  plan: AttentionPlan | None = None,
+                  positions_BxT: jax.Array | None = None) -> jax.Array:
+  """Final-norm hidden states (B, T, D) of uncached rows.
+
+  Who attends to whom, and how the attention is cut, is the plan's (`attention.plan`;
+  None: every token real, causal). Positions default to the count of real tokens before
+  each one; packed rows pass each sequence's own.
   """
-  b, t = tokens_BxT.shape
-  if sample_ids_BxT is not None and segment_ids_BxT is None:
-    raise ValueError("sample_ids subdivide packed segments: pass segment_ids too")
   dtype = jnp.dtype(cfg.compute_dtype)
   p = jax.tree.map(lambda a: a.astype(dtype), params)
-  mask_BxT = jnp.ones((b, t), bool) if mask_BxT is None else mask_BxT.astype(bool)
+  if plan is None:
+    plan = attention.plan(jnp.ones(tokens_BxT.shape, bool))
   if positions_BxT is None:
-    before_B = 0 if cache is None else jnp.sum(cache.valid, axis=1, dtype=jnp.int32)
-    positions_BxT = jnp.maximum(
-        jnp.cumsum(mask_BxT, axis=1, dtype=jnp.int32) - 1 + jnp.reshape(before_B, (-1, 1)), 0)
-  block = ATTENTION_BLOCK if attention_block is None else attention_block
-  if cache is None and block and t > block:
-    attn_mask_BxTxX = QueryBlocks(mask_BxT, segment_ids_BxT, block, row_lanes, sample_ids_BxT)
-  elif cache is None:
-    causal_TxT = jnp.tril(jnp.ones((t, t), bool))
-    attn_mask_BxTxX = causal_TxT[None] & mask_BxT[:, None, :]
-    if segment_ids_BxT is not None:
-      attn_mask_BxTxX &= same_sequence(segment_ids_BxT, segment_ids_BxT, sample_ids_BxT,
-                                       sample_ids_BxT)
-  else:
-    if segment_ids_BxT is not None:
-      raise ValueError("segment_ids are for packed training batches, not cached decoding")
-    valid_BxX = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask_BxT, cache.index, axis=1)
-    slot_X = jnp.arange(cache.max_len)
-    causal_TxX = slot_X[None, :] <= cache.index + jnp.arange(t)[:, None]
-    attn_mask_BxTxX = causal_TxX[None] & valid_BxX[:, None, :]
-
-  ang_BxTxR = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
-  cos_BxTxR, sin_BxTxR = jnp.cos(ang_BxTxR), jnp.sin(ang_BxTxR)
+    positions_BxT = _positions(plan.valid_BxT)
+  cos_BxTxR, sin_BxTxR = _rope_tables(positions_BxT, cfg)
 
   def body(x_BxTxD, lp):
-    x_BxTxD, _ = _block(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, attn_mask_BxTxX, None, cfg)
+    x_BxTxD, _ = _block(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, plan, None, cfg)
     return x_BxTxD, None
 
   if cfg.remat != "none":
     body = jax.checkpoint(body, policy=_REMAT[cfg.remat])
+  x_BxTxD, _ = jax.lax.scan(body, jnp.take(p["embed"], tokens_BxT, axis=0), p["layers"])
+  return rms_norm(x_BxTxD, p["final_norm"], cfg.rms_eps)
+
+
+def hidden_states_cached(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig,
+                         cache: KVCache, mask_BxT: jax.Array | None = None,
+                         positions_BxT: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+  """Final-norm hidden states (B, T, D) of a chunk written at `cache.index`, each token
+  attending to every valid earlier slot, and the updated cache. Positions default to the
+  count of real tokens before each one, the cached ones included.
+  """
+  b, t = tokens_BxT.shape
+  dtype = jnp.dtype(cfg.compute_dtype)
+  p = jax.tree.map(lambda a: a.astype(dtype), params)
+  mask_BxT = jnp.ones((b, t), bool) if mask_BxT is None else mask_BxT.astype(bool)
+  if positions_BxT is None:
+    positions_BxT = _positions(mask_BxT, jnp.sum(cache.valid, axis=1, dtype=jnp.int32))
+  cos_BxTxR, sin_BxTxR = _rope_tables(positions_BxT, cfg)
+  valid_BxX = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask_BxT, cache.index, axis=1)
+  plan = attention.cached_plan(mask_BxT, valid_BxX, cache.index)
+  # The layers unroll over per-layer params and cache buffers: a scan would slice (copy)
+  # every weight and the cache each step on backends that cannot fuse dynamic slices into
+  # matmuls.
   x_BxTxD = jnp.take(p["embed"], tokens_BxT, axis=0)
-  if cache is None:
-    x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, p["layers"])
-  else:
-    # Cached (prefill / decode) steps unroll the layers over per-layer params
-    # and cache buffers: a scan would slice (copy) every weight and the cache
-    # each step on backends that cannot fuse dynamic slices into matmuls.
-    per_layer = split_layers(p)["layers"]
-    ks, vs = list(cache.k), list(cache.v)
-    for i, lp in enumerate(per_layer):
-      x_BxTxD, (ks[i], vs[i]) = _block(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, attn_mask_BxTxX,
-                                       (ks[i], vs[i], cache.index), cfg)
-    cache = KVCache(k=tuple(ks), v=tuple(vs), valid=valid_BxX, index=cache.index + t)
-  h_BxTxD = rms_norm(x_BxTxD, p["final_norm"], cfg.rms_eps)
-  return h_BxTxD, cache
+  ks, vs = list(cache.k), list(cache.v)
+  for i, lp in enumerate(split_layers(p)["layers"]):
+    x_BxTxD, (ks[i], vs[i]) = _block(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, plan,
+                                     (ks[i], vs[i], cache.index), cfg)
+  cache = KVCache(k=tuple(ks), v=tuple(vs), valid=valid_BxX, index=cache.index + t)
+  return rms_norm(x_BxTxD, p["final_norm"], cfg.rms_eps), cache
 
 
 def split_layers(params: Params) -> Params:
@@ -400,15 +391,14 @@ def forward(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig, *,
             positions_BxT: jax.Array | None = None,
             mask_BxT: jax.Array | None = None) -> jax.Array:
   """Logits (B, T, V) in f32 for a (possibly left-padded) batch, no cache."""
-  h_BxTxD, _ = hidden_states(params, tokens_BxT, cfg, positions_BxT=positions_BxT,
-                             mask_BxT=mask_BxT)
-  return unembed(params, h_BxTxD, cfg)
+  plan = None if mask_BxT is None else attention.plan(mask_BxT)
+  return unembed(params, hidden_states(params, tokens_BxT, cfg, plan, positions_BxT), cfg)
 
 
 def forward_cached(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig, cache: KVCache, *,
                    positions_BxT: jax.Array | None = None,
                    mask_BxT: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
   """Logits (B, T, V) for a chunk appended to `cache`, and the updated cache."""
-  h_BxTxD, cache = hidden_states(params, tokens_BxT, cfg, positions_BxT=positions_BxT,
-                                 mask_BxT=mask_BxT, cache=cache)
+  h_BxTxD, cache = hidden_states_cached(params, tokens_BxT, cfg, cache, mask_BxT,
+                                        positions_BxT)
   return unembed(params, h_BxTxD, cfg), cache

@@ -154,12 +154,6 @@ def bytes_per_device(tree: Any) -> dict[jax.Device, int]:
   return out
 
 
-def shard_bytes(abstract_tree: Any, shardings_tree: Any) -> int:
-  """Bytes one device holds of a tree laid out by these shardings (nothing allocated)."""
-  return sum(math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
-             for a, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings_tree)))
-
-
 def tree_bytes(tree: Any) -> int:
   """Total logical bytes of a pytree of arrays (or shape structs)."""
   return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))

@@ -117,19 +117,19 @@ def teacher_doc(row: Any, tokenizer: tok_lib.Tokenizer, k: int, add_eos: bool) -
   try:
     head = np.asarray(row["prompt_ids"], np.int32).reshape(-1)
     body = np.asarray(row["completion_ids"], np.int32).reshape(-1)
-    ids_TxK = np.asarray(teacher["top_ids"], np.int32)
-    lp_TxK = np.asarray(teacher["top_logprobs"], np.float32)
+    ids_Txk = np.asarray(teacher["top_ids"], np.int32)
+    lp_Txk = np.asarray(teacher["top_logprobs"], np.float32)
   except (KeyError, TypeError, ValueError) as e:
     raise RowError("bad_teacher", f"{type(e).__name__}: {e}") from None
   n = len(body)
-  if not n or ids_TxK.shape != lp_TxK.shape or ids_TxK.ndim != 2 or ids_TxK.shape[0] != n:
-    raise RowError("bad_teacher", f"top-k {ids_TxK.shape} for {n} completion tokens")
-  if ids_TxK.shape[1] < k:
-    raise RowError("bad_teacher", f"{ids_TxK.shape[1]} teacher logprobs per token < {k}")
-  every = np.concatenate([head, body, ids_TxK[:, :k].reshape(-1)])
+  if not n or ids_Txk.shape != lp_Txk.shape or ids_Txk.ndim != 2 or ids_Txk.shape[0] != n:
+    raise RowError("bad_teacher", f"top-k {ids_Txk.shape} for {n} completion tokens")
+  if ids_Txk.shape[1] < k:
+    raise RowError("bad_teacher", f"{ids_Txk.shape[1]} teacher logprobs per token < {k}")
+  every = np.concatenate([head, body, ids_Txk[:, :k].reshape(-1)])
   if every.min() < 0 or every.max() >= tokenizer.vocab_size:
     raise RowError("bad_teacher", f"token ids outside the tokenizer's [0, {tokenizer.vocab_size})")
-  if not np.all(np.isfinite(lp_TxK[:, :k])) or np.any(lp_TxK[:, :k] > 1e-3):
+  if not np.all(np.isfinite(lp_Txk[:, :k])) or np.any(lp_Txk[:, :k] > 1e-3):
     raise RowError("bad_teacher", "teacher logprobs must be finite and <= 0")
   eos = tokenizer.eos_id
   tail = [eos] if add_eos and eos is not None and body[-1] != eos else []
@@ -138,7 +138,7 @@ def teacher_doc(row: Any, tokenizer: tok_lib.Tokenizer, k: int, add_eos: bool) -
   top_ids = np.zeros((len(ids), k), np.int32)
   top_lp = np.zeros((len(ids), k), np.float32)
   has = np.zeros(len(ids), bool)
-  top_ids[p:p + n], top_lp[p:p + n], has[p:p + n] = ids_TxK[:, :k], lp_TxK[:, :k], True
+  top_ids[p:p + n], top_lp[p:p + n], has[p:p + n] = ids_Txk[:, :k], lp_Txk[:, :k], True
   targets = np.zeros(len(ids), bool)
   targets[max(p, 1):] = True
   return {"ids": ids, "targets": targets, "top_ids": top_ids, "top_logprobs": top_lp,

@@ -133,9 +133,6 @@ class Report:
     return cls(d["benchmark"], [QuestionResult(**q) for q in d["questions"]], d["settings"],
                d["missing_ids"], d["unmatched_ids"], d["skipped"], d.get("malformed_lines", []))
 
-  def to_markdown(self) -> str:
-    return markdown_table([self])
-
   def save_completions(self, path: str | Path) -> Path:
     """Writes {"id", "completions"} lines: the format grade_file reads back."""
     if self.completions is None:

@@ -5,7 +5,7 @@ heavy-tailed: a few rows run to the budget while most end early, so a lockstep l
 all N rows and the whole cache spends most of its work on finished rows and empty slots.
 Decode therefore runs in segments, each a `lax.while_loop` of static shape:
 
-- M slots (rows still decoding come first) over a cache of C slots. A segment ends when
+- O slots (rows still decoding come first) over a cache of X slots. A segment ends when
   the live rows fit in the next smaller row bucket, when the step count reaches the
   cache's end, or when every row is done.
 - Between segments, `resize` gathers the live rows into fewer slots (compaction) and/or
@@ -45,8 +45,8 @@ class Rollout:
   prompt_tokens: jax.Array  # (B, S) int32 left-padded prompts as sampled
   prompt_mask: jax.Array  # (B, S) bool
   steps: jax.Array  # () int32 decode iterations run (< T when every row stopped early)
-  top_ids: jax.Array | None = None  # (N, T, K) int32 with SamplingParams.record_top_k = K
-  top_logprobs: jax.Array | None = None  # (N, T, K) f32 log_softmax(logits) of top_ids
+  top_ids: jax.Array | None = None  # (N, T, k) int32 with SamplingParams.record_top_k = k
+  top_logprobs: jax.Array | None = None  # (N, T, k) f32 log_softmax(logits) of top_ids
 
   @property
   def lengths(self):
@@ -56,15 +56,16 @@ class Rollout:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
-  """Decode between segments: M slots over a C-slot cache, writing into N-row outputs."""
+  """Decode between segments: O slots over an X-slot cache, writing into N-row outputs."""
 
   t: jax.Array  # () int32 steps run
-  cache: model_lib.KVCache  # M rows x C slots
-  logits_MxV: jax.Array  # f32 next-token logits of each slot
-  row_M: jax.Array  # int32 output row of each slot
-  done_M: jax.Array  # bool: the slot's row has ended (or never started: budget 0)
-  budget_M: jax.Array  # int32 the slot's token budget
-  recent_MxL: jax.Array  # int32 the slot's last L tokens (-1 before the first), for stops
+  cache: model_lib.KVCache  # O rows x X slots
+  logits_OxV: jax.Array  # f32 next-token logits of each slot
+  row_O: jax.Array  # int32 output row of each slot
+  done_O: jax.Array  # bool: the slot's row has ended (or never started: budget 0)
+  budget_O: jax.Array  # int32 the slot's token budget
+  # (O, longest stop) int32: the slot's last tokens (-1 before the first), for stops
+  recent: jax.Array
   out: Rollout  # N-row outputs; prompts as sampled
 
 
@@ -102,15 +103,15 @@ def inverse_cdf(x_NxV: jax.Array, uniform_Nx1: jax.Array) -> jax.Array:
   return jnp.minimum(tok_N, x_NxV.shape[-1] - 1)
 
 
-def draw(logits_MxV, uniform_Mx1, sp):
-  """(token_M, logprob_M) for one decode step."""
+def draw(logits_OxV, uniform_Ox1, sp):
+  """(token_O, logprob_O) for one decode step."""
   if sp.temperature == 0:
-    tok_M = jnp.argmax(logits_MxV, axis=-1).astype(jnp.int32)
-    logp_MxV = jax.nn.log_softmax(logits_MxV, axis=-1)
+    tok_O = jnp.argmax(logits_OxV, axis=-1).astype(jnp.int32)
+    logp_OxV = jax.nn.log_softmax(logits_OxV, axis=-1)
   else:
-    tok_M = inverse_cdf(filter_logits(logits_MxV, sp), uniform_Mx1)
-    logp_MxV = jax.nn.log_softmax(logits_MxV / sp.temperature, axis=-1)
-  return tok_M, jnp.take_along_axis(logp_MxV, tok_M[:, None], axis=-1)[:, 0]
+    tok_O = inverse_cdf(filter_logits(logits_OxV, sp), uniform_Ox1)
+    logp_OxV = jax.nn.log_softmax(logits_OxV / sp.temperature, axis=-1)
+  return tok_O, jnp.take_along_axis(logp_OxV, tok_O[:, None], axis=-1)[:, 0]
 
 
 def prefill(params, prompt_BxS, pmask_BxS, budget_N, *, cfg: ModelConfig, sp, group: int,
@@ -144,67 +145,68 @@ def segment(params, st: DecodeState, key, t_end, floor, *, cfg: ModelConfig,
 
   Returns the state and its live-row count.
   """
-  stops_QxL = jnp.asarray(sp.stop_table())
+  stops = jnp.asarray(sp.stop_table())  # (stop sequences, longest stop)
   n = st.out.tokens.shape[0]
   eos = -1 if sp.eos_id is None else sp.eos_id
 
   def cond(st):
-    live = jnp.sum(~st.done_M)
+    live = jnp.sum(~st.done_O)
     return (st.t < t_end) & (live > 0) & (live > floor)
 
   def body(st):
     t, out = st.t, st.out
-    uniform_Mx1 = (None if sp.temperature == 0 else  # greedy draws nothing
-                   jax.random.uniform(jax.random.fold_in(key, t), (n, 1))[st.row_M])
-    tok_M, lp_M = draw(st.logits_MxV, uniform_Mx1, sp)
-    live_M = ~st.done_M
+    uniform_Ox1 = (None if sp.temperature == 0 else  # greedy draws nothing
+                   jax.random.uniform(jax.random.fold_in(key, t), (n, 1))[st.row_O])
+    tok_O, lp_O = draw(st.logits_OxV, uniform_Ox1, sp)
+    live_O = ~st.done_O
     top_ids, top_lp = out.top_ids, out.top_logprobs
     if sp.record_top_k:
-      vals_MxK, ids_MxK = jax.lax.top_k(jax.nn.log_softmax(st.logits_MxV, axis=-1),
+      vals_Oxk, ids_Oxk = jax.lax.top_k(jax.nn.log_softmax(st.logits_OxV, axis=-1),
                                         sp.record_top_k)
-      top_ids = top_ids.at[st.row_M, t].set(jnp.where(live_M[:, None], ids_MxK, sp.pad_id))
-      top_lp = top_lp.at[st.row_M, t].set(jnp.where(live_M[:, None], vals_MxK, 0.0))
-    tok_M = jnp.where(live_M, tok_M, sp.pad_id)
-    is_eos_M = live_M & (tok_M == eos)
-    # The last L completion tokens, against each stop sequence.
-    recent_MxL = jnp.concatenate([st.recent_MxL[:, 1:], tok_M[:, None]], axis=1)
-    hit_MxQxL = (recent_MxL[:, None] == stops_QxL[None]) | (stops_QxL[None] == ANY_TOKEN)
-    is_stop_M = live_M & ~is_eos_M & jnp.any(jnp.all(hit_MxQxL, axis=-1), axis=-1)
-    out_of_budget_M = live_M & (t + 1 >= st.budget_M)
-    reason_M = jnp.where(is_eos_M, STOP_EOS, jnp.where(is_stop_M, STOP_STOP, STOP_LENGTH))
+      top_ids = top_ids.at[st.row_O, t].set(jnp.where(live_O[:, None], ids_Oxk, sp.pad_id))
+      top_lp = top_lp.at[st.row_O, t].set(jnp.where(live_O[:, None], vals_Oxk, 0.0))
+    tok_O = jnp.where(live_O, tok_O, sp.pad_id)
+    is_eos_O = live_O & (tok_O == eos)
+    # Each slot's last completion tokens, against each stop sequence: hit is
+    # (slots, stop sequences, longest stop).
+    recent = jnp.concatenate([st.recent[:, 1:], tok_O[:, None]], axis=1)
+    hit = (recent[:, None] == stops[None]) | (stops[None] == ANY_TOKEN)
+    is_stop_O = live_O & ~is_eos_O & jnp.any(jnp.all(hit, axis=-1), axis=-1)
+    out_of_budget_O = live_O & (t + 1 >= st.budget_O)
+    reason_O = jnp.where(is_eos_O, STOP_EOS, jnp.where(is_stop_O, STOP_STOP, STOP_LENGTH))
     # Finished slots write pad / 0 / False past their row's end, and only live slots
     # set a stop reason: a slot never overwrites what its row already holds.
     out = dataclasses.replace(
-        out, tokens=out.tokens.at[st.row_M, t].set(tok_M),
-        logprobs=out.logprobs.at[st.row_M, t].set(jnp.where(live_M, lp_M, 0.0)),
-        mask=out.mask.at[st.row_M, t].set(live_M),
-        stop_reason=out.stop_reason.at[st.row_M].set(
-            jnp.where(live_M, reason_M, out.stop_reason[st.row_M])),
+        out, tokens=out.tokens.at[st.row_O, t].set(tok_O),
+        logprobs=out.logprobs.at[st.row_O, t].set(jnp.where(live_O, lp_O, 0.0)),
+        mask=out.mask.at[st.row_O, t].set(live_O),
+        stop_reason=out.stop_reason.at[st.row_O].set(
+            jnp.where(live_O, reason_O, out.stop_reason[st.row_O])),
         top_ids=top_ids, top_logprobs=top_lp)
     # Feed the token back; a finished row's slot is marked invalid.
-    logits_Mx1xV, cache = model_lib.forward_cached(params, tok_M[:, None], cfg, st.cache,
-                                                   mask_BxT=live_M[:, None])
-    return DecodeState(t + 1, cache, logits_Mx1xV[:, 0], st.row_M,
-                       st.done_M | is_eos_M | is_stop_M | out_of_budget_M, st.budget_M,
-                       recent_MxL, out)
+    logits_Ox1xV, cache = model_lib.forward_cached(params, tok_O[:, None], cfg, st.cache,
+                                                   mask_BxT=live_O[:, None])
+    return DecodeState(t + 1, cache, logits_Ox1xV[:, 0], st.row_O,
+                       st.done_O | is_eos_O | is_stop_O | out_of_budget_O, st.budget_O,
+                       recent, out)
 
   st = jax.lax.while_loop(cond, body, st)
   st = dataclasses.replace(st, out=dataclasses.replace(st.out, steps=st.t))
-  return st, jnp.sum(~st.done_M)
+  return st, jnp.sum(~st.done_O)
 
 
 def resize(st: DecodeState, *, rows: int, slots: int) -> DecodeState:
   """The live rows gathered into the first of `rows` slots, the cache moved into `slots`
   (>= its current length). Live rows keep their order; finished ones fill the rest."""
-  order = jnp.argsort(st.done_M, stable=True)[:rows]
+  order = jnp.argsort(st.done_O, stable=True)[:rows]
   take = lambda x: x[order]
   grow = lambda x, axis: jnp.pad(take(x), [(0, slots - x.shape[axis] if a == axis else 0)
                                            for a in range(x.ndim)])
   c = st.cache
   cache = model_lib.KVCache(k=tuple(grow(k, 2) for k in c.k), v=tuple(grow(v, 3) for v in c.v),
                             valid=grow(c.valid, 1), index=c.index)
-  return DecodeState(st.t, cache, take(st.logits_MxV), take(st.row_M), take(st.done_M),
-                     take(st.budget_M), take(st.recent_MxL), st.out)
+  return DecodeState(st.t, cache, take(st.logits_OxV), take(st.row_O), take(st.done_O),
+                     take(st.budget_O), take(st.recent), st.out)
 
 
 def row_buckets(n: int, shards: int, smallest: int) -> tuple[int, ...]:
@@ -216,7 +218,7 @@ def row_buckets(n: int, shards: int, smallest: int) -> tuple[int, ...]:
   return tuple(out)
 
 
-def plan(live: int, t: int, rows: int, slots: int, prompt: int, buckets: tuple[int, ...],
+def next_shape(live: int, t: int, rows: int, slots: int, prompt: int, buckets: tuple[int, ...],
          window: int, t_max: int) -> tuple[int, int]:
   """(rows, slots) for the next segment: the smallest row bucket holding the live rows,
   and the cache doubled (up to prompt + t_max) once the steps have filled it."""
@@ -233,7 +235,7 @@ def next_floor(rows: int, buckets: tuple[int, ...]) -> int:
 
 
 def stop_table(stop_ids: tuple[tuple[int, ...], ...]) -> np.ndarray:
-  """(num_stops, L) int32, each sequence right-aligned, -2 = any token before it."""
+  """(stop sequences, longest stop) int32, each right-aligned, -2 = any token before it."""
   seqs = stop_ids or ((-1,),)  # -1 never matches: no stops
   table = np.full((len(seqs), max(map(len, seqs))), ANY_TOKEN, np.int32)
   for i, q in enumerate(seqs):

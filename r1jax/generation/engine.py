@@ -33,8 +33,8 @@ class Samples:
   stop_reason: np.ndarray  # (N,) int32: STOP_LENGTH / STOP_EOS / STOP_STOP
   texts: tuple[str, ...]  # (N,) detokenised completions, special ids dropped
   group: int  # k: completions per prompt
-  top_ids: np.ndarray | None = None  # (N, T, K) int32: the K likeliest tokens at each step
-  top_logprobs: np.ndarray | None = None  # (N, T, K) f32: their log-probs (temperature 1)
+  top_ids: np.ndarray | None = None  # (N, T, k) int32: the k likeliest tokens at each step
+  top_logprobs: np.ndarray | None = None  # (N, T, k) f32: their log-probs (temperature 1)
 
   @property
   def lengths(self) -> np.ndarray:

@@ -122,7 +122,7 @@ class ShardWriter:
 
 
 def read_rows(out_dir: str | Path, name: str) -> list[dict]:
-  """Every host's committed rows of one output, host by host (for reports and tests)."""
+  """Every host's committed rows of one output, host by host."""
   rows = []
   for path in sorted(Path(out_dir).glob(f"{name}-h*.jsonl")):
     rows += [json.loads(line) for line in path.read_text().splitlines() if line]

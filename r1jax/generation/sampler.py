@@ -77,7 +77,7 @@ class SamplingParams:
     object.__setattr__(self, "stop_ids", seqs)
 
   def stop_table(self) -> np.ndarray:
-    """(num_stops, L) int32, each sequence right-aligned, -2 = any token before it."""
+    """(stop sequences, longest stop) int32, each right-aligned, -2 = any token before it."""
     return decode.stop_table(self.stop_ids)
 
 
@@ -214,7 +214,7 @@ class Sampler:
       live, t = map(int, jax.device_get((live, st.t)))
       if live == 0 or t >= t_max:
         return st.out
-      new_rows, new_slots = decode.plan(live, t, rows, slots, s, buckets, self.window, t_max)
+      new_rows, new_slots = decode.next_shape(live, t, rows, slots, s, buckets, self.window, t_max)
       st = self._jit(("resize", rows, slots, new_rows, new_slots), functools.partial(
           decode.resize, rows=new_rows, slots=new_slots))(st)
       rows, slots = new_rows, new_slots

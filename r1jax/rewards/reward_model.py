@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from r1jax.core import checkpoint
+from r1jax.core import attention, checkpoint
 from r1jax.core import model as model_lib
 from r1jax.core import sharding as sharding_lib
 from r1jax.core.config import ModelConfig, model_config
@@ -52,7 +52,8 @@ def init_rm(cfg: ModelConfig, key: jax.Array, backbone: model_lib.Params | None 
 
 def score(params, tokens_NxT: jax.Array, mask_NxT: jax.Array, cfg: ModelConfig) -> jax.Array:
   """f32 rewards (N,) read at each row's last real token (left or right padding)."""
-  h_NxTxD, _ = model_lib.hidden_states(params["backbone"], tokens_NxT, cfg, mask_BxT=mask_NxT)
+  h_NxTxD = model_lib.hidden_states(params["backbone"], tokens_NxT, cfg,
+                                    attention.plan(mask_NxT))
   t = tokens_NxT.shape[1]
   last_N = (t - 1) - jnp.argmax(mask_NxT[:, ::-1], axis=1)
   h_NxD = jnp.take_along_axis(h_NxTxD, last_N[:, None, None], axis=1)[:, 0]
@@ -156,11 +157,6 @@ class RewardModel:
   def __call__(self, texts: Sequence[str], prompt: Sequence[str] | None = None,
                **_) -> list[float]:
     return self.launch(texts, prompt).result() if len(texts) else []
-
-  def raw_scores(self, texts: Sequence[str], prompts: Sequence[str]) -> np.ndarray:
-    """Unnormalised, unscaled scores (e.g. to fit one's own {mean, std} normalisation)."""
-    return np.asarray(_Launched(self._dispatch(texts, prompts), len(texts),
-                                lambda raw: raw).result())
 
   def register(self, name: str, view: str, overwrite: bool = False):
     """Adds this model to the reward registry (e.g. 'helpfulness' on 'summary')."""

@@ -37,6 +37,7 @@ from r1jax.core.tokenizer import train_sentencepiece
 from r1jax.data import scenarios, synthetic
 from r1jax.evaluation import report as eval_report
 from r1jax.evaluation.suite import format_rate
+from r1jax.generation.output import read_rows
 from r1jax.rewards.model_specs import NORM_FILE
 
 log = logging.getLogger(__name__)
@@ -288,13 +289,11 @@ def reward_means(stage_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
   "se", "prompts"}}}. The mean is over prompts (each prompt's mean over its samples), so is
   the standard error; components that do not judge a task (null) are left out."""
   values: dict[str, dict[str, dict[str, list[float]]]] = {}
-  for path in sorted(stage_dir.glob("samples-h*.jsonl")):
-    for line in path.open(encoding="utf-8"):
-      row = json.loads(line)
-      for key, v in row["rewards"].items():
-        if v is not None:
-          values.setdefault(row["task"], {}).setdefault(key, {}).setdefault(
-              row["id"], []).append(v)
+  for row in read_rows(stage_dir, "samples"):
+    for key, v in row["rewards"].items():
+      if v is not None:
+        values.setdefault(row["task"], {}).setdefault(key, {}).setdefault(
+            row["id"], []).append(v)
   out: dict[str, dict[str, dict[str, float]]] = {}
   for task, by_key in sorted(values.items()):
     for key, by_prompt in by_key.items():

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from r1jax.core import sharding
+from r1jax.core import attention, sharding
 from r1jax.generation.engine import Samples
 
 
@@ -38,18 +38,18 @@ class RolloutBatch:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PackedRollout:
-  """A padding-free GRPO batch (built by train/packing.py): (R, L) arrays. Column j of the
+  """A padding-free GRPO batch (built by train/packing.py): (N, Q) arrays. Column j of the
   per-token fields describes token j as predicted from token j − 1 (column 0 never is)."""
 
-  tokens: Any  # (R, L) int32
-  positions: Any  # (R, L) int32: position within its own sequence
-  segment_ids: Any  # (R, L) int32: 1, 2, … per sequence in the row; 0 = padding
-  loss_mask: Any  # (R, L) bool: a completion token the loss counts
-  weights: Any  # (R, L) f32: its weight in the mini-batch's Σ w·ℓ (0 off the mask)
-  old_logp: Any  # (R, L) f32: the sampler's logp of the token
-  advantages: Any  # (R, L) f32: its sample's advantage
-  ref_logp: Any = None  # (R, L) f32 reference logp, or None
-  # (R, L) int32: 0 on a segment's shared prompt prefix, k on sample k's own tokens (the
+  tokens: Any  # (N, Q) int32
+  positions: Any  # (N, Q) int32: position within its own sequence
+  segment_ids: Any  # (N, Q) int32: 1, 2, … per sequence in the row; 0 = padding
+  loss_mask: Any  # (N, Q) bool: a completion token the loss counts
+  weights: Any  # (N, Q) f32: its weight in the mini-batch's Σ w·ℓ (0 off the mask)
+  old_logp: Any  # (N, Q) f32: the sampler's logp of the token
+  advantages: Any  # (N, Q) f32: its sample's advantage
+  ref_logp: Any = None  # (N, Q) f32 reference logp, or None
+  # (N, Q) int32: 0 on a segment's shared prompt prefix, k on sample k's own tokens (the
   # last prompt token, copied, then its completion); None: one sample per segment.
   sample_ids: Any = None
 
@@ -70,8 +70,8 @@ class SFTBatch:
   positions: Any = None  # (N, T) int32 per-document positions (packed rows)
   segment_ids: Any = None  # (N, T) int32 document per token, 0 = padding (packed)
   # Logit distillation (SFT on a teacher's generate output with output.top_k_logprobs):
-  top_ids: Any = None  # (N, T, K) int32: the teacher's K likeliest tokens for token j
-  top_logprobs: Any = None  # (N, T, K) f32: their teacher log-probs
+  top_ids: Any = None  # (N, T, k) int32: the teacher's k likeliest tokens for token j
+  top_logprobs: Any = None  # (N, T, k) f32: their teacher log-probs
   teacher_mask: Any = None  # (N, T) bool: token j has a teacher record
 
 
@@ -180,13 +180,23 @@ def row_axes(rows_per_micro: int, mesh: Mesh) -> tuple:
   return tuple(sharding.batch_spec(1, rows_per_micro, mesh))
 
 
-def row_lanes(rows_per_micro: int, mesh: Mesh) -> int:
-  """Devices a micro-batch's rows spread over: packed rows attend that many at a time."""
+def _row_lanes(rows_per_micro: int, mesh: Mesh) -> int:
+  """Devices a micro-batch's rows spread over."""
   out = 1
   for entry in row_axes(rows_per_micro, mesh):
     for axis in (entry,) if isinstance(entry, str) else entry or ():
       out *= mesh.shape[axis]
   return out
+
+
+def attention_plan(rows: dict[str, jax.Array], mesh: Mesh) -> attention.AttentionPlan:
+  """How one micro-batch's rows attend: real tokens (`mask`, or packed rows' segment ids > 0),
+  packed segments and shared-prompt samples, the rows walked one per device they spread over
+  (so each device takes one row per step)."""
+  seg = rows.get("segment_ids")
+  valid = rows["mask"] if "mask" in rows else seg > 0
+  return attention.plan(valid, seg, rows.get("sample_ids"),
+                        lanes=_row_lanes(rows["tokens"].shape[0], mesh))
 
 
 def batch_shardings(batch: Any, splits: int, mesh: Mesh) -> Any:

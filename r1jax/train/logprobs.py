@@ -24,7 +24,6 @@ from r1jax.core.config import GRPOConfig, ModelConfig
 from r1jax.generation.sampler import Rollout
 from r1jax.train import batches as batches_lib
 from r1jax.train import losses
-from r1jax.train.batches import PackedRollout
 
 
 class RefSource(enum.Enum):
@@ -41,20 +40,19 @@ def ref_source(grpo: GRPOConfig) -> RefSource:
 
 
 def nograd_logprobs(params: model.Params, cfg: ModelConfig, grpo: GRPOConfig,
-                    mb: dict[str, jax.Array], lanes: int) -> jax.Array:
-  """(M, A, n, L) logp of every token of split packed rows (column 0, which nothing predicts,
+                    mb: dict[str, jax.Array], mesh: Mesh) -> jax.Array:
+  """(M, A, n, Q) logp of every token of split packed rows (column 0, which nothing predicts,
   is zero), one micro-batch at a time so one micro-batch's logits bound the memory."""
   ma = mb["tokens"].shape[:2]
   flat = lambda x: None if x is None else x.reshape(-1, *x.shape[2:])
 
-  def one(xs):
-    tokens, positions, segment_ids, sample_ids = xs
+  def one(x):
     return losses.token_logprobs_and_entropy(
-        params, cfg, tokens, segment_ids > 0, 1, grpo.temperature, grpo.logits_chunk,
-        positions, segment_ids, lanes, sample_ids)[0]
+        params, cfg, x["tokens"], batches_lib.attention_plan(x, mesh), 1, grpo.temperature,
+        grpo.logits_chunk, x["positions"])[0]
 
-  logp = jax.lax.map(one, (flat(mb["tokens"]), flat(mb["positions"]), flat(mb["segment_ids"]),
-                           flat(mb.get("sample_ids"))))
+  fields = ("tokens", "positions", "segment_ids", "sample_ids")
+  logp = jax.lax.map(one, {k: flat(mb[k]) for k in fields if mb.get(k) is not None})
   logp = jnp.pad(logp, ((0, 0), (0, 0), (1, 0)))
   return jax.lax.stop_gradient(logp.reshape(*ma, *logp.shape[1:]))
 
@@ -98,20 +96,8 @@ class LogProbs:
     m, a = self.grpo.minibatches, self.grpo.microbatches
     mb = {k: batches_lib.split_rows(v, m, a, self.mesh) for k, v in rows.items()
           if v is not None}
-    lanes = batches_lib.row_lanes(mb["tokens"].shape[2], self.mesh)
-    logp = nograd_logprobs(params, self.cfg, self.grpo, mb, lanes)
+    logp = nograd_logprobs(params, self.cfg, self.grpo, mb, self.mesh)
     return jnp.moveaxis(logp, 2, 0).reshape(rows["tokens"].shape)
-
-  def of_batch(self, params: model.Params, batch: PackedRollout) -> jax.Array:
-    """(R, L) logp of a placed batch's tokens (column 0 zero). For one sequence a row
-    (packing.one_per_row), columns S: are the completion's (N, T)."""
-    key = ("batch", tuple(batch.tokens.shape), batch.sample_ids is None)
-    if key not in self._cache:
-      fields = ("tokens", "positions", "segment_ids", "sample_ids")
-      self._cache[key] = jax.jit(
-          lambda p, b: self._split_logp(p, {k: getattr(b, k) for k in fields}),
-          out_shardings=self._rows(batch.tokens.shape[0]))
-    return self._cache[key](params, batch)
 
   def of_rollout(self, params: model.Params, rollout: Rollout, group: int) -> jax.Array:
     """(N, T) logp of a sampler Rollout's completions (device arrays in, device array out).

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax.core import model
+from r1jax.core.attention import AttentionPlan
 from r1jax.core.config import GRPOConfig, ModelConfig
 
 
@@ -79,29 +80,29 @@ def chunked_logprobs(params: model.Params, h_NxTxD: jax.Array, tgt_NxT: jax.Arra
   return unchunk(logp_UxNxW), unchunk(ent_UxNxW)
 
 
+def _hidden(params: model.Params, cfg: ModelConfig, tokens_NxQ: jax.Array, plan: AttentionPlan,
+            positions_NxQ: jax.Array | None) -> jax.Array:
+  if tokens_NxQ.ndim != 2 or plan.valid_BxT.shape != tokens_NxQ.shape:
+    raise ValueError(f"tokens {tokens_NxQ.shape} and the attention plan's rows "
+                     f"{plan.valid_BxT.shape} must be equal (N, Q)")
+  return model.hidden_states(params, tokens_NxQ, cfg, plan, positions_NxQ)
+
+
 def token_logprobs_and_entropy(params: model.Params, cfg: ModelConfig, tokens_NxQ: jax.Array,
-                               mask_NxQ: jax.Array, completion_start: int = 1,
+                               plan: AttentionPlan, completion_start: int = 1,
                                temperature: float = 1.0, chunk: int = 128,
-                               positions_NxQ: jax.Array | None = None,
-                               segment_ids_NxQ: jax.Array | None = None,
-                               row_lanes: int | None = None,
-                               sample_ids_NxQ: jax.Array | None = None
+                               positions_NxQ: jax.Array | None = None
                                ) -> tuple[jax.Array, jax.Array]:
   """Teacher-forced (logp, entropy) of tokens[:, completion_start:], each (N, Q − start).
 
-  Token j is scored by the hidden state at j − 1. Rows are padded (positions from the mask)
-  or packed (train/packing.py: per-sequence positions, segment ids and, where samples share a
-  prompt, sample ids; `row_lanes` rows attend at a time, model.hidden_states). Values at
-  padding positions are finite but meaningless: mask them.
+  Token j is scored by the hidden state at j − 1. Rows are padded (positions from the plan's
+  real tokens) or packed (train/packing.py: per-sequence positions; the plan holds the segment
+  and sample ids). Values at padding positions are finite but meaningless: mask them.
   """
   s = int(completion_start)
-  if tokens_NxQ.ndim != 2 or mask_NxQ.shape != tokens_NxQ.shape:
-    raise ValueError(f"tokens {tokens_NxQ.shape} and mask {mask_NxQ.shape} must be equal (N, Q)")
-  if not 1 <= s < tokens_NxQ.shape[1]:
-    raise ValueError(f"completion_start={s} must be in [1, {tokens_NxQ.shape[1]})")
-  h_NxQxD, _ = model.hidden_states(params, tokens_NxQ, cfg, mask_BxT=mask_NxQ,
-                                   positions_BxT=positions_NxQ, segment_ids_BxT=segment_ids_NxQ,
-                                   sample_ids_BxT=sample_ids_NxQ, row_lanes=row_lanes)
+  if not 1 <= s < tokens_NxQ.shape[-1]:
+    raise ValueError(f"completion_start={s} must be in [1, {tokens_NxQ.shape[-1]})")
+  h_NxQxD = _hidden(params, cfg, tokens_NxQ, plan, positions_NxQ)
   return chunked_logprobs(params, h_NxQxD[:, s - 1:-1], tokens_NxQ[:, s:], cfg, temperature,
                           chunk)
 
@@ -109,22 +110,20 @@ def token_logprobs_and_entropy(params: model.Params, cfg: ModelConfig, tokens_Nx
 # --- SFT -----------------------------------------------------------------------
 
 
-def sft_loss(params: model.Params, cfg: ModelConfig, tokens_NxQ: jax.Array, mask_NxQ: jax.Array,
+def sft_loss(params: model.Params, cfg: ModelConfig, tokens_NxQ: jax.Array, plan: AttentionPlan,
              loss_mask_NxQ: jax.Array, denom: jax.Array | float | None = None,
-             chunk: int = 128, positions_NxQ: jax.Array | None = None,
-             segment_ids_NxQ: jax.Array | None = None,
-             row_lanes: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+             chunk: int = 128, positions_NxQ: jax.Array | None = None
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Masked next-token cross-entropy: Σ −logp over loss_mask / denom (default: its count).
 
   loss_mask[:, j] marks token j as a target (predicted from tokens < j);
   position 0 has no context and is never a target. Packed rows pass their
-  per-document positions and segment ids, so documents never see each other.
+  per-document positions, and their plan its segment ids, so documents never see each other.
   """
   if loss_mask_NxQ.shape != tokens_NxQ.shape:
     raise ValueError(f"loss_mask {loss_mask_NxQ.shape} must match tokens {tokens_NxQ.shape}")
-  logp_NxT, ent_NxT = token_logprobs_and_entropy(params, cfg, tokens_NxQ, mask_NxQ, 1, 1.0,
-                                                 chunk, positions_NxQ, segment_ids_NxQ,
-                                                 row_lanes)
+  logp_NxT, ent_NxT = token_logprobs_and_entropy(params, cfg, tokens_NxQ, plan, 1, 1.0,
+                                                 chunk, positions_NxQ)
   m_NxT = loss_mask_NxQ[:, 1:].astype(bool)
   ntok = jnp.sum(m_NxT, dtype=jnp.float32)
   denom = jnp.maximum(ntok, 1.0) if denom is None else denom
@@ -137,27 +136,27 @@ def sft_loss(params: model.Params, cfg: ModelConfig, tokens_NxQ: jax.Array, mask
 
 
 def _chunk_kd(params: model.Params, h_NxWxD: jax.Array, tgt_NxW: jax.Array,
-              ids_NxWxK: jax.Array, tlp_NxWxK: jax.Array, cfg: ModelConfig
+              ids_NxWxk: jax.Array, tlp_NxWxk: jax.Array, cfg: ModelConfig
               ) -> tuple[jax.Array, jax.Array]:
   """(logp of each target, top-k forward KL) for one chunk of positions.
 
-  The teacher is known on its top K tokens only: p_k = exp(tlp_k) and the rest mass
-  r = 1 − Σ p_k. The student is read on the same K + 1 bins: q_k at the same ids and
-  q_rest = 1 − Σ q_k (a log-sum-exp over the other ids, exact even when q_rest is tiny).
-  KL = Σ_k p_k (log p_k − log q_k) + r (log r − log q_rest), with 0·log 0 = 0.
+  The teacher is known on its top k tokens only: p_i = exp(tlp_i) and the rest mass
+  r = 1 − Σ p_i. The student is read on the same k + 1 bins: q_i at the same ids and
+  q_rest = 1 − Σ q_i (a log-sum-exp over the other ids, exact even when q_rest is tiny).
+  KL = Σ_i p_i (log p_i − log q_i) + r (log r − log q_rest), with 0·log 0 = 0.
   """
   lsm_NxWxV = jax.nn.log_softmax(model.unembed(params, h_NxWxD, cfg), axis=-1)
   v = lsm_NxWxV.shape[-1]
   hit_NxWxV = jnp.arange(v) == tgt_NxW[..., None]
   logp_NxW = jnp.sum(jnp.where(hit_NxWxV, lsm_NxWxV, 0.0), axis=-1)
-  lq_NxWxK = jnp.take_along_axis(lsm_NxWxV, ids_NxWxK, axis=-1)
-  n, w, _ = ids_NxWxK.shape
+  lq_NxWxk = jnp.take_along_axis(lsm_NxWxV, ids_NxWxk, axis=-1)
+  n, w, _ = ids_NxWxk.shape
   in_top_NxWxV = jnp.zeros((n, w, v), bool).at[
-      jnp.arange(n)[:, None, None], jnp.arange(w)[None, :, None], ids_NxWxK].set(True)
+      jnp.arange(n)[:, None, None], jnp.arange(w)[None, :, None], ids_NxWxk].set(True)
   lq_rest_NxW = jax.nn.logsumexp(jnp.where(in_top_NxWxV, -jnp.inf, lsm_NxWxV), axis=-1)
-  p_NxWxK = jnp.exp(tlp_NxWxK)
-  r_NxW = jnp.clip(1.0 - jnp.sum(p_NxWxK, axis=-1), 0.0, 1.0)
-  kl_top = jnp.sum(p_NxWxK * (tlp_NxWxK - lq_NxWxK), axis=-1)
+  p_NxWxk = jnp.exp(tlp_NxWxk)
+  r_NxW = jnp.clip(1.0 - jnp.sum(p_NxWxk, axis=-1), 0.0, 1.0)
+  kl_top = jnp.sum(p_NxWxk * (tlp_NxWxk - lq_NxWxk), axis=-1)
   safe_r = jnp.where(r_NxW > 0, r_NxW, 1.0)
   kl_rest = jnp.where(r_NxW > 0, r_NxW * (jnp.log(safe_r) - jnp.maximum(lq_rest_NxW, -1e30)),
                       0.0)
@@ -165,26 +164,23 @@ def _chunk_kd(params: model.Params, h_NxWxD: jax.Array, tgt_NxW: jax.Array,
 
 
 def distill_loss(params: model.Params, cfg: ModelConfig, tokens_NxQ: jax.Array,
-                 mask_NxQ: jax.Array, loss_mask_NxQ: jax.Array, top_ids_NxQxK: jax.Array,
-                 top_logp_NxQxK: jax.Array, teacher_mask_NxQ: jax.Array, kd_weight: float,
+                 plan: AttentionPlan, loss_mask_NxQ: jax.Array, top_ids_NxQxk: jax.Array,
+                 top_logp_NxQxk: jax.Array, teacher_mask_NxQ: jax.Array, kd_weight: float,
                  denom: jax.Array | float | None = None, chunk: int = 128,
-                 positions_NxQ: jax.Array | None = None,
-                 segment_ids_NxQ: jax.Array | None = None, row_lanes: int | None = None
+                 positions_NxQ: jax.Array | None = None
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Σ over targets of w·KL_topk(teacher ‖ student) + (1 − w)·CE, / denom.
 
-  top_ids / top_logp[:, j] are the teacher's K likeliest tokens (and log-probs) for the
+  top_ids / top_logp[:, j] are the teacher's k likeliest tokens (and log-probs) for the
   distribution over token j, as `loss_mask[:, j]` marks token j; where teacher_mask[:, j] is
   False (no teacher record, e.g. an appended EOS) the target's CE is used alone.
   """
-  if top_ids_NxQxK.shape[:2] != tokens_NxQ.shape or top_logp_NxQxK.shape != top_ids_NxQxK.shape:
-    raise ValueError(f"teacher top-k {top_ids_NxQxK.shape} / {top_logp_NxQxK.shape} must be "
-                     f"(N, Q, K) with (N, Q) = {tokens_NxQ.shape}")
-  h_NxQxD, _ = model.hidden_states(params, tokens_NxQ, cfg, mask_BxT=mask_NxQ,
-                                   positions_BxT=positions_NxQ, segment_ids_BxT=segment_ids_NxQ,
-                                   row_lanes=row_lanes)
+  if top_ids_NxQxk.shape[:2] != tokens_NxQ.shape or top_logp_NxQxk.shape != top_ids_NxQxk.shape:
+    raise ValueError(f"teacher top-k {top_ids_NxQxk.shape} / {top_logp_NxQxk.shape} must be "
+                     f"(N, Q, k) with (N, Q) = {tokens_NxQ.shape}")
+  h_NxQxD = _hidden(params, cfg, tokens_NxQ, plan, positions_NxQ)
   h_NxTxD, tgt_NxT = h_NxQxD[:, :-1], tokens_NxQ[:, 1:]
-  ids_NxTxK, tlp_NxTxK = top_ids_NxQxK[:, 1:], top_logp_NxQxK[:, 1:]
+  ids_NxTxk, tlp_NxTxk = top_ids_NxQxk[:, 1:], top_logp_NxQxk[:, 1:]
   n, t, d = h_NxTxD.shape
   c = max(1, min(chunk, t))
   pad = -t % c
@@ -192,7 +188,7 @@ def distill_loss(params: model.Params, cfg: ModelConfig, tokens_NxQ: jax.Array,
   to_chunks = lambda x: padded(x).reshape(n, -1, c, *x.shape[2:]).swapaxes(0, 1)
   body = jax.checkpoint(lambda x: _chunk_kd(params, *x, cfg))
   logp_UxNxW, kl_UxNxW = jax.lax.map(body, tuple(map(to_chunks, (
-      h_NxTxD, tgt_NxT, ids_NxTxK, tlp_NxTxK))))
+      h_NxTxD, tgt_NxT, ids_NxTxk, tlp_NxTxk))))
   unchunk = lambda x: x.swapaxes(0, 1).reshape(n, -1)[:, :t]
   logp_NxT, kl_NxT = unchunk(logp_UxNxW), unchunk(kl_UxNxW)
   m_NxT = loss_mask_NxQ[:, 1:].astype(bool)

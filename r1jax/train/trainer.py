@@ -7,7 +7,7 @@ One `Trainer.rl_step(state, batch, ref_params)` consumes one rollout batch, as p
    beside the rollout), one no-grad forward of `ref_params` per micro-batch, or none (β = 0).
 2. Old logprobs: the sampler's, so μ = 1 still has a real ratio (it measures
    sampler/trainer mismatch) — or the pre-update policy's if configured.
-3. Split: R rows → M mini-batches × A micro-batches of n rows (batches.split_rows).
+3. Split: N rows → M mini-batches × A micro-batches of n rows (batches.split_rows).
 4. μ passes × M mini-batches, each one `UpdateStep` with the GRPO loss Σ w·ℓ: exact
    mini-batch gradients, clipping, the non-finite skip and the step count.
 `sft_step` is the same update with the masked next-token loss. Every metric comes back
@@ -174,16 +174,15 @@ class Trainer:
     m, a = g.minibatches, g.microbatches
     mb = {f.name: self._split(getattr(batch, f.name), m, a)
           for f in dataclasses.fields(batch) if getattr(batch, f.name) is not None}
-    lanes = batches_lib.row_lanes(mb["tokens"].shape[2], self.mesh)
     if ref_params is not None:
-      mb["ref_logp"] = nograd_logprobs(ref_params, cfg, g, mb, lanes)
+      mb["ref_logp"] = nograd_logprobs(ref_params, cfg, g, mb, self.mesh)
     if self._prox_forward:
-      mb["prox_logp"] = nograd_logprobs(state.params, cfg, g, mb, lanes)
+      mb["prox_logp"] = nograd_logprobs(state.params, cfg, g, mb, self.mesh)
 
     def micro_loss(params, x):
       logp, ent = losses.token_logprobs_and_entropy(
-          params, cfg, x["tokens"], x["segment_ids"] > 0, 1, g.temperature, g.logits_chunk,
-          x["positions"], x["segment_ids"], lanes, x.get("sample_ids"))
+          params, cfg, x["tokens"], batches_lib.attention_plan(x, self.mesh), 1, g.temperature,
+          g.logits_chunk, x["positions"])
       y = {k: v[:, 1:] for k, v in x.items()}  # aligned with the scored tokens
       loss, sums = losses.grpo_loss(logp, y["old_logp"], y["advantages"], y["loss_mask"],
                                     y["weights"], g, y.get("ref_logp"), self._prox(y, logp))
@@ -206,17 +205,16 @@ class Trainer:
              if getattr(batch, name) is not None}
     ntok = jnp.sum(batch.loss_mask[:, 1:], dtype=jnp.float32)
     micro["denom"] = jnp.broadcast_to(jnp.maximum(ntok, 1.0), (a,))
-    lanes = batches_lib.row_lanes(micro["tokens"].shape[1], self.mesh)
 
     def micro_loss(params, x):
+      plan = batches_lib.attention_plan(x, self.mesh)
       if "top_ids" in x:
         return losses.distill_loss(
-            params, self.cfg, x["tokens"], x["mask"], x["loss_mask"], x["top_ids"],
+            params, self.cfg, x["tokens"], plan, x["loss_mask"], x["top_ids"],
             x["top_logprobs"], x["teacher_mask"], self.sft.kd_weight, x["denom"], self.sft.chunk,
-            x.get("positions"), x.get("segment_ids"), lanes)
-      return losses.sft_loss(params, self.cfg, x["tokens"], x["mask"], x["loss_mask"],
-                             x["denom"], self.sft.chunk, x.get("positions"),
-                             x.get("segment_ids"), lanes)
+            x.get("positions"))
+      return losses.sft_loss(params, self.cfg, x["tokens"], plan, x["loss_mask"], x["denom"],
+                             self.sft.chunk, x.get("positions"))
 
     state, loss, sums, metrics = self.update(state, micro, micro_loss)
     ntok = jnp.maximum(sums["tokens"], 1.0)
