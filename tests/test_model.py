@@ -67,14 +67,13 @@ def test_cached_positions_count_real_tokens(params):
   rng = np.random.default_rng(1)
   tokens = rng.integers(0, CFG.vocab_size, (2, 5)).astype(np.int32)
   mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)
-  cache = model.init_cache(CFG, 2, 8)
-  _, cache = model.forward_cached(params, tokens, CFG, cache, mask_BxT=mask)
+  step = jax.jit(lambda p, t, c, m=None, pos=None: model.forward_cached(
+      p, t, CFG, c, mask_BxT=m, positions_BxT=pos))
+  _, cache = step(params, tokens, model.init_cache(CFG, 2, 8), mask)
   nxt = np.array([[7], [7]], np.int32)
-  auto, _ = model.forward_cached(params, nxt, CFG, cache)
-  explicit, _ = model.forward_cached(params, nxt, CFG, cache,
-                                     positions_BxT=np.array([[3], [5]], np.int32))
-  wrong, _ = model.forward_cached(params, nxt, CFG, cache,
-                                  positions_BxT=np.array([[5], [5]], np.int32))
+  auto, _ = step(params, nxt, cache)
+  explicit, _ = step(params, nxt, cache, None, np.array([[3], [5]], np.int32))
+  wrong, _ = step(params, nxt, cache, None, np.array([[5], [5]], np.int32))
   np.testing.assert_allclose(auto, explicit, atol=1e-6)
   assert np.abs(np.asarray(auto[0]) - np.asarray(wrong[0])).max() > 1e-3
 
@@ -147,9 +146,9 @@ def test_model_gradient_unchanged_by_hand_mlp_backward(params, monkeypatch):
   """Whole-model grads with the hand-written MLP backward equal plain autodiff's."""
   tokens = np.arange(20, dtype=np.int32).reshape(2, 10) * 7 % CFG.vocab_size
   loss = lambda p: jnp.mean(model.forward(p, tokens, CFG) ** 2)
-  got = jax.grad(loss)(params)
+  got = jax.jit(jax.grad(loss))(params)
   monkeypatch.setattr(model, "swiglu", _plain_swiglu)
-  want = jax.grad(loss)(params)
+  want = jax.jit(jax.grad(loss))(params)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))
 

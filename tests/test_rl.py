@@ -66,20 +66,10 @@ def test_uninterrupted_run_logs_rl_metrics(uninterrupted):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bit_exact(uninterrupted, tmp_path):
-  config_path, want, _ = uninterrupted
-  run = tmp_path / "run"
-  proc = _start(config_path, run)
-  main_runs.kill_after_checkpoint(proc, run, 2)
-  assert not (run / "final").exists(), "the run finished before it could be killed"
-  out = main_runs.finish(_start(config_path, run))
-  summary = json.loads((run / "summary.json").read_text())
-  assert summary["resumed_from"] >= 2, out[-2000:]
-  main_runs.assert_bit_exact(want, _final_params(run))
-
-
-@pytest.mark.slow
-def test_sigterm_saves_exits_75_and_resumes(uninterrupted, tmp_path):
+def test_sigterm_then_sigkill_then_resume_is_bit_exact(uninterrupted, tmp_path):
+  """One run stopped twice: SIGTERM saves the step it stopped at and exits 75; the resumed
+  run is killed (-9, no chance to save) after its first new checkpoint; the last run
+  resumes from that checkpoint and ends with the uninterrupted run's params, bit for bit."""
   config_path, want, _ = uninterrupted
   run = tmp_path / "run"
   proc = _start(config_path, run)
@@ -87,10 +77,16 @@ def test_sigterm_saves_exits_75_and_resumes(uninterrupted, tmp_path):
   proc.send_signal(signal.SIGTERM)
   main_runs.finish(proc, returncode=EXIT_PREEMPTED)  # saved, then "try again later"
   summary = json.loads((run / "summary.json").read_text())
-  assert summary["preempted"] is True and summary["step"] < STEPS
-  assert main_runs.saved_steps(run)[-1] == summary["step"]  # the step it stopped at was checkpointed
+  stopped = summary["step"]
+  assert summary["preempted"] is True and stopped < STEPS - 1
+  assert main_runs.saved_steps(run)[-1] == stopped  # the step it stopped at was checkpointed
   assert not (run / "final").exists()
-  main_runs.finish(_start(config_path, run))
+  proc = _start(config_path, run)
+  main_runs.kill_after_checkpoint(proc, run, stopped + 1)
+  assert not (run / "final").exists(), "the run finished before it could be killed"
+  out = main_runs.finish(_start(config_path, run))
+  summary = json.loads((run / "summary.json").read_text())
+  assert summary["resumed_from"] >= stopped + 1 and summary["step"] == STEPS, out[-2000:]
   main_runs.assert_bit_exact(want, _final_params(run))
 
 

@@ -8,8 +8,8 @@
 The r1jax side is the `rl` stage's own iteration (`stages/rl.py:setup` and `iteration`, in
 a scratch workdir): the prompts go through the prompt pipeline (a jsonl of word-level
 prompts, template "plain", the same ids), each iteration samples G completions per prompt
-at temperature 1, scores them on the host with an inline reward (share of even token ids:
-cheap and deterministic), forms group advantages and applies one GRPO update (β = 0.04
+at temperature 1, scores them on the host with an inline reward (share of even token ids,
+specials aside: cheap and deterministic), forms group advantages and applies one GRPO update (β = 0.04
 against a frozen reference, its log-probs computed beside the rollout as the stage does;
 μ = 1, one mini-batch). Rows stop at the checkpoint's EOS when its config.json has one (an
 R1-shaped checkpoint, `--r1_shaped`: heavy-tailed lengths), as training does; without one
@@ -50,17 +50,17 @@ _PACK = flags.DEFINE_bool("pack", True, "Padding-free update (grpo.pack); else o
 
 
 def even_share(tokens, mask):
-  """The benchmark's reward: share of even token ids in each completion (cheap, deterministic)."""
+  """The benchmark's reward: the share of a completion's tokens that are even ids, special
+  ones (pad, BOS, EOS: ids < 3) not counted as even (cheap, deterministic)."""
   import numpy as np
-  return ((tokens % 2 == 0) & mask).sum(1) / np.maximum(mask.sum(1), 1)
+  return ((tokens % 2 == 0) & (tokens >= 3) & mask).sum(1) / np.maximum(mask.sum(1), 1)
 
 
 def even_share_of_text(text: str, num_tokens: int) -> float:
   """The same reward on a completion's text: its words "tN" are the token ids (the
-  checkpoint's word-level tokenizer). The text leaves out the EOS that ended it, which
-  `num_tokens` counts (id 2: even)."""
-  ids = [int(w[1:]) for w in text.split()]
-  return (sum(i % 2 == 0 for i in ids) + num_tokens - len(ids)) / max(num_tokens, 1)
+  checkpoint's word-level tokenizer; the text leaves the special tokens out, `num_tokens`
+  counts them)."""
+  return sum(int(w[1:]) % 2 == 0 for w in text.split()) / max(num_tokens, 1)
 
 
 def rl_run(hf_dir: str, prompts: list[list[int]], workdir: str):
@@ -81,7 +81,7 @@ def rl_run(hf_dir: str, prompts: list[list[int]], workdir: str):
   c.model = model_group(hf_dir=hf_dir, compute_dtype=_ROLL.dtype.value)
   c.mesh.shape = (-1, 1, 1)
   c.data.update(train=path, adapter="generic", batch=len(prompts), template="plain",
-                max_prompt_tokens=_ROLL.prompt_len.value)
+                max_prompt_tokens=_ROLL.prompt_len.value + 1)  # + BOS
   c.sampler.update(max_new_tokens=_COMPLETION.value, stop=())
   c.grpo.update(group_size=_ROLL.group.value, beta=_BETA.value, mu=1, temperature=1.0,
                 microbatches=_MICRO.value, pack=_PACK.value)

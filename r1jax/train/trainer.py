@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from r1jax.core import model, sharding
+from r1jax.core import checkpoint, model
 from r1jax.core.config import GRPOConfig, ModelConfig, OptConfig
 from r1jax.train import batches as batches_lib
 from r1jax.train import losses, packing
@@ -62,8 +62,8 @@ class Trainer:
     self.tx = make_optimizer(opt_cfg)
     self.schedule = lr_schedule(opt_cfg)
     self._rep = NamedSharding(mesh, PartitionSpec())
-    abstract = jax.eval_shape(lambda: model.init_params(model_cfg, jax.random.key(0)))
-    self.param_shardings = sharding.tree_shardings(model.param_axes(model_cfg), abstract, mesh)
+    abstract = checkpoint.abstract_params(model_cfg, mesh)
+    self.param_shardings = jax.tree.map(lambda a: a.sharding, abstract)
     self.state_shardings = state_shardings(self.tx, abstract, self.param_shardings, mesh)
     self.update = UpdateStep(self.tx, self.schedule, self.param_shardings)
     self.init_state = jax.jit(lambda p: init_state(self.tx, p),
