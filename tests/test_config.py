@@ -15,7 +15,7 @@ import pytest
 
 from r1jax.core import model
 from r1jax.core import sharding
-from r1jax.core.config import model_config, model_group, parse_arg
+from r1jax.core.config import model_config, model_group, non_finite_fields, parse_arg
 
 import main_runs
 
@@ -80,6 +80,22 @@ def test_parse_arg_and_model_group_errors():
     model_group(hiden=3)
   with pytest.raises(ValueError, match="must be a multiple"):
     model_config(model_group(heads=6, kv_heads=4))
+
+
+def test_a_non_finite_setting_is_refused_before_anything_is_written(tmp_path):
+  """NaN or inf in any numeric field, nested groups and lists included, stops a run at once
+  and names the field: a NaN learning rate passes every range check and trains nothing."""
+  from r1jax import stages
+  from r1jax.stages.rl import rl_config
+  c = rl_config(steps=2)
+  c.opt.lr = float("nan")
+  c.rewards.components[1]["weight"] = float("-inf")
+  with pytest.raises(ValueError, match="must be finite numbers") as err:
+    stages.run(c, str(tmp_path / "run"))
+  assert "opt.lr" in str(err.value) and "rewards.components[1].weight" in str(err.value)
+  assert not (tmp_path / "run").exists()
+  c.opt.lr, c.rewards.components[1]["weight"] = 1e-6, 1.0
+  assert non_finite_fields(c) == []
 
 
 def _main(*args, devices=8):

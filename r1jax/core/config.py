@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,19 @@ def model_group(preset: str | None = None, **overrides) -> ml_collections.Config
     else:
       m[key] = value
   return m
+
+
+def non_finite_fields(config: Any, prefix: str = "") -> list[str]:
+  """Dotted names of a config's numbers that are NaN or ±inf, nested groups and lists
+  included. No setting means anything as one: a NaN learning rate, for one, passes every
+  range check and trains nothing."""
+  if isinstance(config, (ml_collections.ConfigDict, dict)):
+    items = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in config.items()]
+  elif isinstance(config, (list, tuple)):
+    items = [(f"{prefix}[{i}]", v) for i, v in enumerate(config)]
+  else:
+    return [prefix] if isinstance(config, float) and not math.isfinite(config) else []
+  return [name for key, value in items for name in non_finite_fields(value, key)]
 
 
 def config_from_file(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:

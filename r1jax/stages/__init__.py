@@ -15,6 +15,8 @@ from pathlib import Path
 import jax
 import ml_collections
 
+from r1jax.core.config import non_finite_fields
+
 # stage name -> "module:function(config, workdir)". Imported when run, so a config for one
 # stage never loads the others.
 STAGES = {
@@ -32,6 +34,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> object:
   """Runs `config.stage` in `workdir` (created; the resolved config is saved there)."""
   if config.stage not in STAGES:
     raise ValueError(f"unknown stage {config.stage!r}; known: {sorted(STAGES)}")
+  bad = non_finite_fields(config)
+  if bad:  # before anything is written
+    raise ValueError(f"config: {', '.join(bad)} must be finite numbers, not NaN or inf")
   path = Path(workdir)
   path.mkdir(parents=True, exist_ok=True)
   module, fn = STAGES[config.stage].split(":")
