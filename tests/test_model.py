@@ -117,6 +117,16 @@ def test_sample_ids_need_segment_ids(params):
     attention.plan(tokens > 0, sample_ids_BxT=jnp.ones((1, 6), jnp.int32))
 
 
+def test_attention_plan_refuses_no_lanes_and_negative_windows():
+  """0 lanes would walk no rows; a negative window count has no meaning."""
+  valid = jnp.ones((2, 6), bool)
+  with pytest.raises(ValueError, match="lanes must be >= 1"):
+    attention.plan(valid, lanes=0)
+  with pytest.raises(ValueError, match="windows >= 0"):
+    attention.plan(valid, windows=-1)
+  assert attention.plan(valid, lanes=2, windows=0).lanes == 2
+
+
 def _plain_swiglu(y, gate, up, down):
   """The MLP as plain jnp, differentiated by autodiff: the reference backward."""
   return jnp.einsum("btf,fd->btd", jax.nn.silu(y @ gate) * (y @ up), down)

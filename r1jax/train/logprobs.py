@@ -44,12 +44,12 @@ def nograd_logprobs(params: model.Params, cfg: ModelConfig, grpo: GRPOConfig,
   """(M, A, n, Q) logp of every token of split packed rows (column 0, which nothing predicts,
   is zero), one micro-batch at a time so one micro-batch's logits bound the memory."""
   ma = mb["tokens"].shape[:2]
-  flat = lambda x: None if x is None else x.reshape(-1, *x.shape[2:])
+  flat = lambda x: x.reshape(-1, *x.shape[2:])
 
   def one(x):
     return losses.token_logprobs_and_entropy(
         params, cfg, x["tokens"], batches_lib.attention_plan(x, mesh), 1, grpo.temperature,
-        grpo.logits_chunk, x["positions"])[0]
+        grpo.logits_chunk, x.get("positions"))[0]
 
   fields = ("tokens", "positions", "segment_ids", "sample_ids")
   logp = jax.lax.map(one, {k: flat(mb[k]) for k in fields if mb.get(k) is not None})
@@ -114,9 +114,9 @@ class LogProbs:
         tokens = jnp.concatenate([jnp.repeat(r.prompt_tokens, group, axis=0), r.tokens], axis=1)
         mask = jnp.concatenate([jnp.repeat(r.prompt_mask, group, axis=0), r.mask], axis=1)
         tokens, mask = (jax.lax.with_sharding_constraint(x, rows) for x in (tokens, mask))
-        logp = self._split_logp(p, {  # one sequence a row, as packing.one_per_row lays it
-            "tokens": tokens, "segment_ids": mask.astype(jnp.int32),
-            "positions": jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)})
+        # One sequence a row, as packing.one_per_row lays it; positions are the model's
+        # default for such rows (the count of real tokens before each one).
+        logp = self._split_logp(p, {"tokens": tokens, "segment_ids": mask.astype(jnp.int32)})
         return logp[:, -t:]
 
       self._cache[key] = jax.jit(fn, out_shardings=rows)
