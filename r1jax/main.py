@@ -6,16 +6,19 @@ On multi-host TPU / GPU slices pass `--distributed` to initialise
 `jax.distributed` first; on a CPU-only machine the mesh gets one device per core
 (`--cpu_devices=N` to choose, 0 for JAX's single device). Then it dispatches on `config.stage`.
 
-Exit status: 0 when the stage finished; EXIT_PREEMPTED (75, EX_TEMPFAIL) when it stopped on
-SIGTERM after saving a checkpoint, so a scheduler or retry loop restarts it (re-running the
-same command resumes); 1 on an error.
+Exit status (r1jax/core/errors.py): 0 when the stage finished; 75 (EX_TEMPFAIL) when it
+stopped on SIGTERM after saving a checkpoint, so a scheduler or retry loop restarts it
+(re-running the same command resumes); 64 config refused, 65 data refused, 69 non-finite
+training, 73 workdir held by another run, 74 a checkpoint save failed; 1 any other error.
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
 import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -23,7 +26,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from r1jax.core import sharding
+from r1jax.core import errors, sharding
 from r1jax.stages import STAGES, run  # noqa: F401  (STAGES: re-exported)
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -39,7 +42,7 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "effect on GPU/TPU.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: "try again later"
+EXIT_PREEMPTED = errors.EXIT_PREEMPTED  # sysexits.h EX_TEMPFAIL: "try again later"
 
 
 def _config_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -82,6 +85,20 @@ def check_argv(argv: list[str]) -> str | None:
   return None
 
 
+def _exit(code: int) -> None:
+  """sys.exit, unless a thread that is not a daemon is still alive: after a failed save,
+  orbax's signalling threads wait minutes for a signal that never comes, and would hold the
+  process that long. Everything of the run is written by now: exit at once instead."""
+  main_thread = threading.main_thread()
+  if any(t.is_alive() and not t.daemon and t is not main_thread for t in threading.enumerate()):
+    atexit._run_exitfuncs()  # pylint: disable=protected-access  (os._exit skips them)
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -94,7 +111,11 @@ def main(argv):
     jax.distributed.initialize()
   logging.info("process %d/%d, %d devices (%s)", jax.process_index(), jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)
-  summary = run(_CONFIG.value, _WORKDIR.value)
+  try:
+    summary = run(_CONFIG.value, _WORKDIR.value)
+  except errors.RunError as e:
+    logging.exception("%s (exit %d): %s", type(e).__name__, e.exit_code, e)
+    _exit(e.exit_code)
   if isinstance(summary, dict) and summary.get("preempted"):
     logging.warning("preempted: checkpoint saved; exiting %d so the run is restarted",
                     EXIT_PREEMPTED)

@@ -16,6 +16,7 @@ import transformers
 import main_runs
 from hf_models import QWEN, make_hf_model
 from r1jax.core import checkpoint
+from r1jax.core.errors import NonFiniteError
 from r1jax.core import hf
 from r1jax.core import model
 from r1jax.core import sharding
@@ -91,7 +92,8 @@ def test_train_checkpointer_round_trip_keep_n_and_nan_refusal(tmp_path):
   ck = checkpoint.TrainCheckpointer(tmp_path / "ck", keep=2)
   for step in (1, 2, 3):
     assert ck.save(step, _state(float(step)), {"data": {"consumed": step * 8}})
-  assert not ck.save(4, _state(float("nan")), {"data": {"consumed": 32}})  # refused
+  with pytest.raises(NonFiniteError, match="step 4: the train state holds NaN/inf"):
+    ck.save(4, _state(float("nan")), {"data": {"consumed": 32}})  # refused, nothing written
   ck.wait()
   assert ck.latest_step() == 3
   assert sorted(int(p.name) for p in (tmp_path / "ck").iterdir() if p.name.isdigit()) == [2, 3]
@@ -145,10 +147,15 @@ DAMAGE = {
     "truncated state metadata": lambda d: _truncate(d / "state" / "_METADATA"),
     "deleted extra metadata": lambda d: (d / "extra" / "metadata").unlink(),
     "empty step folder": lambda d: (shutil.rmtree(d), d.mkdir()),
+    # valid JSON of the wrong shape: orbax's manager raises on it while it is being made
+    "checkpoint metadata a list": lambda d: (d / "_CHECKPOINT_METADATA").write_text("[]"),
+    "file list a list": lambda d: (d / checkpoint.FILE_LIST).write_text("[]"),
 }
 REASONS = {"truncated array file": "bytes; the save wrote", "deleted array file": "is missing",
            "truncated state metadata": "does not parse", "deleted extra metadata": "is missing",
-           "empty step folder": "empty step folder"}
+           "empty step folder": "empty step folder",
+           "checkpoint metadata a list": "_CHECKPOINT_METADATA holds a JSON list, not an object",
+           "file list a list": f"{checkpoint.FILE_LIST} holds a JSON list, not an object"}
 
 
 @pytest.mark.parametrize("damage", DAMAGE)

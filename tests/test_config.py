@@ -180,3 +180,32 @@ def test_an_accelerator_host_gets_no_cpu_mesh_by_default(monkeypatch):
   assert sharding.cpu_devices_to_request(2, "") == 2  # an explicit count is still honoured
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # forced CPU: one device per core again
   assert sharding.cpu_devices_to_request(-1, "") == len(os.sched_getaffinity(0))
+
+
+def test_one_run_per_workdir_a_second_is_refused_at_once_naming_the_holder(tmp_path, caplog):
+  """The workdir lock: a second run on a held workdir exits 73 before writing anything, and
+  says who holds it; a lock left by a run killed -9 is taken over, with a warning."""
+  from r1jax.core.errors import WorkdirLock, WorkdirLocked
+  held = tmp_path / "held"
+  held.mkdir()
+  (held / "config.json").write_text("the running run's")
+  with WorkdirLock(held):
+    with pytest.raises(WorkdirLocked, match=f"pid {os.getpid()}"):
+      WorkdirLock(held).__enter__()  # a second opener, even in this process
+    out = _main("--config=experiments/tiny.py", f"--workdir={held}")
+  assert out.returncode == WorkdirLocked.exit_code, out.stderr[-3000:]
+  assert f"{held} is in use by another run (host " in out.stderr
+  assert (held / "config.json").read_text() == "the running run's"
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from r1jax.core.errors import WorkdirLock; "
+       "WorkdirLock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(120)",
+       str(held)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "held"
+  with pytest.raises(WorkdirLocked, match=f"pid {holder.pid}"):
+    WorkdirLock(held).__enter__()
+  holder.kill()
+  holder.wait()
+  with caplog.at_level("WARNING"), WorkdirLock(held):
+    pass
+  assert "taking over the lock of a run that is gone (host" in caplog.text
+  assert f"pid {holder.pid}" in caplog.text

@@ -10,6 +10,8 @@ import pytest
 
 from r1jax.data import pipeline as data
 from r1jax.core import tokenizer as tok_lib
+from r1jax.core.errors import DataError
+from r1jax.data.preferences import load_pairs
 from r1jax.data.rows import BadRow, load_rows
 
 
@@ -391,3 +393,66 @@ def test_sft_shards_partition_documents(tmp_path):
     seen.append([TOK.decode(ids) for b in sft(path, num_epochs=1, shard_index=h, shard_count=2)
                  for ids, _ in documents(b)])
   assert not set(seen[0]) & set(seen[1]) and len(seen[0]) + len(seen[1]) == 41
+
+
+# ------------------------------------------------------------- formats and the bad-row share
+
+
+def test_a_file_loads_as_its_format_whatever_its_name_or_layout(tmp_path):
+  """A JSON array is an array however it is laid out (one object a line was read as broken
+  jsonl: 1 row of 64 kept); CSV by its name; a UTF-8 BOM and CRLF read the same everywhere,
+  preference pairs included; a file that starts as an array but is not one stops."""
+  rows = problems(64)
+  one_a_line = tmp_path / "array.jsonl"
+  one_a_line.write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
+  pretty = tmp_path / "pretty.json"
+  pretty.write_text(json.dumps(rows, indent=2))
+  table = tmp_path / "rows.csv"
+  table.write_bytes(b"\xef\xbb\xbf" + ("id,question,answer\r\n" + "".join(
+      f"p{i},q{i},{i}\r\n" for i in range(64))).encode())
+  for path in (one_a_line, pretty, table):
+    got, bad = load_rows(path)
+    assert [(r["id"], r["gold"]) for r in got] == [(f"p{i}", str(i)) for i in range(64)], path
+    assert not bad, path
+  docs = tmp_path / "sft.json"
+  docs.write_text("[\n" + ",\n".join(json.dumps({"text": f"doc {i}"}) for i in range(8)) + "\n]")
+  it = iter(sft(docs, num_epochs=1, seq_len=16))
+  list(it)
+  assert it.counts["documents"] == 8 and it.counts["rows_read"] == 8
+  pairs = tmp_path / "pairs.jsonl"
+  pairs.write_bytes(b"\xef\xbb\xbf" + b"".join(json.dumps(
+      {"prompt": f"p{i}", "chosen": "a", "rejected": "b"}).encode() + b"\r\n" for i in range(3)))
+  assert [r["prompt"] for r in load_pairs(pairs)] == ["p0", "p1", "p2"]
+  broken = tmp_path / "broken.json"
+  broken.write_text('[{"question": "q", "answer": "1"},\n{"question": "q2"')
+  with pytest.raises(DataError, match="starts as a JSON array but does not parse as one"):
+    load_rows(broken)
+  (tmp_path / "fake.parquet").write_text(json.dumps(rows[0]) + "\n")
+  with pytest.raises(DataError, match="named .parquet but is not a parquet file"):
+    load_rows(tmp_path / "fake.parquet")
+
+
+def test_more_than_max_bad_share_of_unusable_rows_stops_with_counts_and_the_first(tmp_path):
+  """3 bad rows in 100: under max_bad_share 5 % they are skipped and counted; over 1 % every
+  loader stops with the counts per reason and the first bad row (prompts, SFT documents as
+  they stream, preference pairs)."""
+  path = write_jsonl(tmp_path / "p.jsonl", problems(97) + [
+      '{"question": "broken', {"question": "no answer"}, '"a string"'])
+  assert dict(pipeline(str(path), max_bad_share=0.05).skipped) == {
+      "malformed_json": 1, "missing_field": 1, "not_object": 1}
+  with pytest.raises(DataError, match=re.escape(
+      "3 of 100 rows are unusable (3.0% > max_bad_share 1.0%): {'malformed_json': 1, "
+      "'missing_field': 1, 'not_object': 1}; the first is row 98: malformed_json")):
+    pipeline(str(path), max_bad_share=0.01)
+  docs = write_jsonl(tmp_path / "d.jsonl", [{"text": f"doc {i}"} for i in range(97)]
+                     + ['{"text": ', {"text": 3}, {"txt": "x"}])
+  list(iter(sft(docs, num_epochs=1, seq_len=16, shuffle=False, max_bad_share=0.05)))
+  with pytest.raises(DataError, match=r"2 of 99 rows read are unusable, over max_bad_share "
+                                      r"1.0% of its 100 rows: .*the first is row 98: "
+                                      r"malformed_json"):
+    list(iter(sft(docs, num_epochs=1, seq_len=16, shuffle=False, max_bad_share=0.01)))
+  pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+      {"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(20)] + ["[1]"])
+  assert len(load_pairs(pairs, max_bad_share=0.05)) == 20
+  with pytest.raises(DataError, match=r"1 of 21 rows are unusable .*row 21: not_object"):
+    load_pairs(pairs, max_bad_share=0.01)

@@ -1,10 +1,13 @@
 """TrainLoop: when it checkpoints (steps, wall time, half-way, last step) and what it refuses."""
 
+import json
+
 import jax.numpy as jnp
 import ml_collections
 import pytest
 
 from r1jax.core.config import ckpt_group
+from r1jax.core.errors import NonFiniteError, SaveFailed
 from r1jax.train import loop as loop_lib
 from r1jax.train.state import TrainState
 
@@ -88,3 +91,50 @@ def test_skeleton_resuming_without_a_restorable_step_stops(tmp_path):
   with loop_lib.TrainLoop(config(5, every=0, every_minutes=0), tmp_path, "t") as loop:
     with pytest.raises(RuntimeError, match="has step folders but none could be restored"):
       loop.start({"w": jnp.zeros(3)}, lambda: pytest.fail("fresh state built"), resuming=True)
+
+
+def _train_state(value: float, step: int) -> TrainState:
+  return TrainState({"w": jnp.full(3, value)}, (), jnp.asarray(step, jnp.int32))
+
+
+def test_non_finite_updates_in_a_row_stop_the_run_and_the_summary_says_so(tmp_path):
+  """max_skipped_updates non-finite updates in a row (a NaN learning rate skips every one)
+  end the run with NonFiniteError (exit 69); a step that applied its update resets the
+  count. summary.json records the failure, with no final output."""
+  cfg = config(10, every=0, every_minutes=0)
+  cfg.max_skipped_updates = 3
+  with pytest.raises(NonFiniteError, match="3 updates in a row skipped as non-finite"):
+    with loop_lib.TrainLoop(cfg, tmp_path, "t") as loop:
+      for step, skipped in enumerate([1, 1, 0, 2, 0, 1, 1, 1, 1], start=1):
+        loop.end_step(step, {"loss": 1.0, "skipped": float(skipped)}, _train_state(1, 1), {})
+  assert step == 8  # 2 (reset by step 3's update), 2 (reset), then 1 + 1 + 1
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["exit_code"] == 69 and "NonFiniteError" in summary["failed"]
+  assert summary["step"] == 8 and "final" not in summary
+
+
+def test_final_output_is_never_written_from_non_finite_weights(tmp_path):
+  written = []
+  with pytest.raises(NonFiniteError, match="final weights hold NaN/inf; final/ not written"):
+    with loop_lib.TrainLoop(config(2, every=0, every_minutes=0), tmp_path, "t") as loop:
+      loop.complete(_train_state(float("nan"), 2), 2, lambda s: written.append(s) or {})
+  assert not written
+  assert json.loads((tmp_path / "summary.json").read_text())["exit_code"] == 69
+
+
+def test_a_failed_last_save_writes_no_final_output_and_no_finished_summary(tmp_path):
+  """The last step's checkpoint failing (asynchronously, after the loop ended) stops the run
+  before the final output: no final/, and summary.json records the failure (exit 74)."""
+  written = []
+  with pytest.raises(SaveFailed, match="saving a checkpoint to .* failed: OSError: disk gone"):
+    with loop_lib.TrainLoop(config(2, every=1, every_minutes=0), tmp_path, "t") as loop:
+      state = _train_state(1.0, 1)
+      state, step = loop.run(state, 0, lambda step, s: (_train_state(1.0, step), {}, {}))
+
+      def failed():
+        raise OSError("disk gone")
+      loop.ckpt.manager.check_for_errors = failed  # the last save's writer thread failed
+      loop.complete(state, step, lambda s: written.append(s) or {"final": "x"})
+  assert not written
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["exit_code"] == 74 and "final" not in summary and summary["step"] == 2

@@ -201,7 +201,7 @@ def test_bad_input(tmp_path):
                              json.dumps(good[1]), json.dumps({**good[2], "chosen": 5})]))
   rows = load_pairs(path)
   assert rows == good[:2]
-  with pytest.raises(FileNotFoundError, match="does not exist"):
+  with pytest.raises(FileNotFoundError, match="no data file at .*missing.jsonl"):
     load_pairs(tmp_path / "missing.jsonl")
   (tmp_path / "bad.jsonl").write_text("{}\n[1]\n")
   with pytest.raises(ValueError, match="no usable preference rows"):

@@ -101,6 +101,7 @@ def test_malformed_rows_are_counted_and_the_run_continues(world, tmp_path):
                            + rows[20:]) + "\n")
   c = rl_test_config(world, steps=1)
   c.data.train = str(bad)
+  c.max_bad_share = 0.05  # 3 bad rows of 67 (4.5 %): under the share, skipped and counted
   summary = stages.run(c, str(tmp_path / "run"))
   assert summary["step"] == 1
   assert summary["data/skipped_malformed_json"] == 1

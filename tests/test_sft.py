@@ -1,6 +1,7 @@
 """The SFT stage: exact packing (segments never see each other), loss goes down, resume, errors."""
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 from r1jax import stages
 from r1jax.core import attention, checkpoint, model
 from r1jax.core.config import ModelConfig
+from r1jax.core.errors import DataError, SaveFailed
 from r1jax.core.metrics import read_metrics
 from r1jax.main import EXIT_PREEMPTED
 from r1jax.train import losses
@@ -115,12 +117,12 @@ def test_sft_bad_input(world, tmp_path):
   c.data.seq_len = 4096  # the model's max_position is 256
   with pytest.raises(ValueError, match="max_position"):
     stages.run(c, str(tmp_path / "b"))
-  # Malformed rows are skipped and counted, never fatal.
+  # Malformed rows under max_bad_share (2 of 32) are skipped and counted, not fatal.
   rows = open(world["corpus"]).read().splitlines()
   bad = tmp_path / "bad.jsonl"
   bad.write_text("\n".join(["{oops", '{"text": 3}'] + rows[:30]) + "\n")
   c = sft_test_config(world, steps=20)
-  c.data.train, c.data.epochs = str(bad), 1
+  c.data.train, c.data.epochs, c.max_bad_share = str(bad), 1, 0.1
   summary = stages.run(c, str(tmp_path / "c"))
   assert summary["data_exhausted"] and summary["step"] < 20
   assert summary["data/malformed_json"] == 1 and summary["data/bad_type"] == 1
@@ -130,8 +132,9 @@ def test_sft_bad_input(world, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("epochs", [0, 1])
 def test_sft_with_no_usable_rows_fails_fast_and_writes_nothing(world, tmp_path, epochs):
-  """A CSV given as training data: every row is bad. Neither spinning forever (epochs 0) nor
-  writing untrained weights as final/ (epochs 1): a clear error within seconds."""
+  """A CSV of questions and answers given as SFT data: every row loads, none is a document.
+  Neither spinning forever (epochs 0) nor writing untrained weights as final/ (epochs 1): a
+  data error (exit 65) within seconds, with the counts and the first bad row."""
   csv = tmp_path / "train.csv"
   csv.write_text("question,answer\n" + "\n".join(f"q{i},{i}" for i in range(40)) + "\n")
   c = sft_test_config(world)
@@ -140,8 +143,9 @@ def test_sft_with_no_usable_rows_fails_fast_and_writes_nothing(world, tmp_path, 
   proc = main_runs.start(f"--config={main_runs.config_file(c, tmp_path / 'exp.py')}",
                          f"--workdir={tmp_path / 'w'}")
   out, _ = proc.communicate(timeout=120)  # a hang fails here instead of stalling the suite
-  assert proc.returncode == 1, out[-3000:]
-  assert "no usable rows in" in out and "malformed_json" in out, out[-3000:]
+  assert proc.returncode == DataError.exit_code, out[-3000:]
+  assert "1 of 1 rows read are unusable, over max_bad_share 1.0% of its 40 rows" in out
+  assert re.search(r"the first is row \d+: missing_field", out), out[-3000:]
   assert time.monotonic() - t0 < 90
   assert not (tmp_path / "w" / "final").exists()
 
@@ -164,7 +168,7 @@ def test_a_full_disk_stops_the_run_loudly_and_the_last_good_step_resumes(world, 
     shutil.copytree(disk / "run", tmp_path / "run", ignore=shutil.ignore_patterns("*tmp*"))
   finally:
     subprocess.run(["umount", str(disk)], check=True)
-  assert proc.returncode == 1, out[-3000:]
+  assert proc.returncode == SaveFailed.exit_code, out[-3000:]
   assert "saving a checkpoint to" in out and "No space left on device" in out, out[-3000:]
   saved = main_runs.saved_steps(tmp_path / "run")
   assert 1 <= len(saved) < 6 and not (tmp_path / "run" / "final").exists()
@@ -177,13 +181,40 @@ def test_a_full_disk_stops_the_run_loudly_and_the_last_good_step_resumes(world, 
 
 
 @pytest.mark.slow
+def test_a_failed_save_stops_the_run_within_seconds_and_writes_no_final(world, tmp_path):
+  """A checkpoint folder that refuses writes: the first save fails, and the run exits 74 at
+  once with the cause and the folder (orbax's own threads would hold it for minutes), with
+  no final/ and a summary.json that records the failure instead of a finished run."""
+  run = tmp_path / "run"
+  (run / "checkpoints").mkdir(parents=True)
+  subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(run / "checkpoints")],
+                 check=True)
+  c = sft_test_config(world, steps=3)
+  c.ckpt.update(every=1)
+  try:
+    t0 = time.monotonic()
+    proc = main_runs.start(f"--config={main_runs.config_file(c, tmp_path / 'exp.py')}",
+                           f"--workdir={run}")
+    out, _ = proc.communicate(timeout=150)
+    took = time.monotonic() - t0
+  finally:
+    subprocess.run(["umount", str(run / "checkpoints")], check=True)
+  assert proc.returncode == SaveFailed.exit_code, out[-3000:]
+  assert f"saving a checkpoint to {run / 'checkpoints'} failed" in out, out[-3000:]
+  assert "Read-only file system" in out and took < 60, (took, out[-3000:])
+  summary = json.loads((run / "summary.json").read_text())
+  assert summary["exit_code"] == SaveFailed.exit_code and "SaveFailed" in summary["failed"]
+  assert not (run / "final").exists() and "final" not in summary
+
+
+@pytest.mark.slow
 def test_sigterm_while_skipping_bad_rows_exits_within_seconds(world, tmp_path):
   """SIGTERM is polled inside the data loop too, so a long run of bad rows (a pass over these
   takes well over 10 s) does not make the process deaf to it."""
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"text": 3}\n' * 400_000)
   c = sft_test_config(world)  # data.epochs = 0: passes would repeat
-  c.data.train = str(bad)
+  c.data.train, c.max_bad_share = str(bad), 1.0  # every row bad, and no share stops it
   proc = main_runs.start(f"--config={main_runs.config_file(c, tmp_path / 'exp.py')}",
                          f"--workdir={tmp_path / 'w'}")
   deadline = time.monotonic() + 120

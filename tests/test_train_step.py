@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import SingleDeviceSharding
 
 from r1jax.core import attention, model, sharding
 from r1jax.core.config import GRPOConfig, ModelConfig, OptConfig, grpo_config, grpo_group
@@ -14,7 +15,8 @@ from r1jax.train import trainer as ts
 from r1jax.generation.sampler import Rollout
 from r1jax.train.batches import RolloutBatch, SFTBatch
 from r1jax.train.logprobs import LogProbs
-from r1jax.train.state import lr_schedule
+from r1jax.train.state import init_state, lr_schedule, make_optimizer
+from r1jax.train.update import UpdateStep
 
 CFG = ModelConfig(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8,
                   mlp_dim=64, qkv_bias=True, tie_embeddings=False)
@@ -420,7 +422,9 @@ def test_sft_step_sharded_matches_and_memorises():
   want_loss = float(losses.sft_loss(params, CFG, tokens, attention.plan(mask), loss_mask)[0])
   results = []
   for mesh in (sharding.make_mesh((1, 1, 1), jax.devices()[:1]), sharding.make_mesh((1, 4, 2))):
-    tr = ts.Trainer(CFG, OptConfig(lr=1e-2), mesh, sft=ts.SFTSettings(microbatches=2))
+    # eps above float32 noise of a gradient summed in another order: Adam's first update is
+    # g / (|g| + eps), which turns that noise on a near-zero g into an lr-sized difference.
+    tr = ts.Trainer(CFG, OptConfig(lr=1e-2, eps=1e-6), mesh, sft=ts.SFTSettings(microbatches=2))
     state = tr.init_state(jax.tree.map(jnp.copy, params))
     state, metrics = tr.sft_step(state, tr.put_batch(batch))
     assert abs(float(metrics["loss"]) - want_loss) <= 1e-6 * want_loss
@@ -449,3 +453,19 @@ def test_rollout_logprobs_equal_those_of_the_placed_batch(reference):
   want = np.asarray(completion_logp(tr, ref, same_prompts))
   assert got.shape == (N, T)
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_an_update_that_is_not_finite_is_skipped_however_it_arises():
+  """A NaN learning rate: loss and gradient are finite, the update is not. It is skipped like
+  a NaN loss (skipped = 1; weights, moments and step unchanged), so the weights never turn
+  NaN and the loop's max_skipped_updates can stop the run."""
+  for lr, skipped in ((float("nan"), 1), (0.1, 0)):
+    o = OptConfig(lr=lr)
+    tx = make_optimizer(o)
+    state = init_state(tx, {"w": jnp.ones(3)})
+    update = UpdateStep(tx, lr_schedule(o), {"w": SingleDeviceSharding(jax.devices()[0])})
+    loss_fn = lambda p, mb: (jnp.sum((p["w"] * mb) ** 2), {})
+    after, _, _, metrics = jax.jit(lambda s, m: update(s, m, loss_fn))(state, jnp.ones((1, 3)))
+    assert int(metrics["skipped"]) == skipped and int(after.step) == 1 - skipped
+    assert (max_diff(after, state) == 0) == bool(skipped)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(host(after)))

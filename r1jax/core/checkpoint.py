@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from r1jax.core import errors
 from r1jax.core import model as model_lib
 from r1jax.core import sharding as sharding_lib
 from r1jax.core.config import model_config
@@ -128,15 +129,15 @@ class Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def _all_finite(tree: Any) -> bool:
+def all_finite(tree: Any) -> bool:
   leaves = [x for x in jax.tree.leaves(tree)
             if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
   return bool(all(jnp.all(jnp.isfinite(x)) for x in leaves))
 
 
-# Files every committed step holds, and the file list r1jax adds once a save has finished.
+# Files every committed step holds, each a JSON object, and the file list r1jax adds once a
+# save has finished.
 _REQUIRED = ("_CHECKPOINT_METADATA", "state/_METADATA", "extra/metadata")
-_JSON_FILES = ("state/_METADATA", "extra/metadata")
 FILE_LIST = "r1jax_files.json"
 SET_ASIDE = "checkpoints_set_aside"  # beside the checkpoints folder: damaged steps, kept
 
@@ -153,18 +154,15 @@ def step_problem(step_dir: Path) -> str | None:
   for rel in _REQUIRED:
     if not (step_dir / rel).is_file():
       return f"{rel} is missing"
-  for rel in _JSON_FILES:
+  for rel in _REQUIRED + ((FILE_LIST,) if (step_dir / FILE_LIST).is_file() else ()):
     try:
-      json.loads((step_dir / rel).read_text())
+      value = json.loads((step_dir / rel).read_text())
     except ValueError as e:
       return f"{rel} does not parse ({e})"
-  listed = step_dir / FILE_LIST
-  if listed.is_file():
-    try:
-      sizes = json.loads(listed.read_text())
-    except ValueError as e:
-      return f"{FILE_LIST} does not parse ({e})"
-    for rel, size in sizes.items():
+    if not isinstance(value, dict):
+      return f"{rel} holds a JSON {type(value).__name__}, not an object"
+  if (step_dir / FILE_LIST).is_file():
+    for rel, size in json.loads((step_dir / FILE_LIST).read_text()).items():
       path = step_dir / rel
       if not path.is_file():
         return f"{rel} is missing"
@@ -215,13 +213,15 @@ class TrainCheckpointer:
   """Orbax CheckpointManager for a loop: a state pytree plus JSON extras (data iterator).
 
   Saves are asynchronous and keep the newest `keep` (and, with `best_metric`,
-  the best) steps. A state holding NaN/inf is never written: the save is
-  refused and logged, so a resume always starts from finite weights.
+  the best) steps. A state holding NaN/inf is never written (NonFiniteError), so a resume
+  always starts from finite weights; a failed save raises SaveFailed. Damaged steps are set
+  aside before orbax's manager reads the folder (it parses every step's metadata).
   """
 
   def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True,
                best_metric: str | None = None, best_mode: str = "max"):
     self.directory = Path(directory).absolute()
+    self._set_aside_damaged()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save,
         best_fn=(lambda m: m[best_metric]) if best_metric else None,
@@ -235,11 +235,10 @@ class TrainCheckpointer:
 
   def save(self, step: int, state: Any, extra: dict, metrics: dict | None = None,
            force: bool = False) -> bool:
-    """Starts saving `step` (returns False, writing nothing, if `state` is not finite)."""
-    if not _all_finite(state):
-      log.error(
-          "step %d: state holds NaN/inf; checkpoint NOT written", step)
-      return False
+    """Starts saving `step`; NonFiniteError, writing nothing, if `state` is not finite."""
+    if not all_finite(state):
+      raise errors.NonFiniteError(f"step {step}: the train state holds NaN/inf; checkpoint "
+                                  f"not written (the newest in {self.directory} is finite)")
     if not self.best_metric or not metrics or self.best_metric not in metrics:
       metrics = None
     self.check()
@@ -248,8 +247,8 @@ class TrainCheckpointer:
           state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)),
           metrics=metrics, force=force)
     except Exception as e:  # the synchronous part of a save: same loud error as the async one
-      raise RuntimeError(f"saving a checkpoint to {self.directory} failed: "
-                         f"{type(e).__name__}: {e}") from e
+      raise errors.SaveFailed(f"saving a checkpoint to {self.directory} failed: "
+                              f"{type(e).__name__}: {e}") from e
     if saved:
       self._unlisted.append(step)
     return saved
@@ -263,8 +262,8 @@ class TrainCheckpointer:
     try:
       self.manager.check_for_errors()
     except Exception as e:  # orbax re-raises the writer thread's error, whatever its type
-      raise RuntimeError(f"saving a checkpoint to {self.directory} failed: "
-                         f"{type(e).__name__}: {e}") from e
+      raise errors.SaveFailed(f"saving a checkpoint to {self.directory} failed: "
+                              f"{type(e).__name__}: {e}") from e
     if self._unlisted and not self.manager.is_saving_in_progress():
       self._write_file_lists()
 
@@ -281,14 +280,15 @@ class TrainCheckpointer:
         tmp.rename(step_dir / FILE_LIST)
       except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"saving a checkpoint to {self.directory} failed: writing the "
-                           f"file list of step {step}: {e}") from e
+        raise errors.SaveFailed(f"saving a checkpoint to {self.directory} failed: writing "
+                                f"the file list of step {step}: {e}") from e
 
   def restore(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
     """(step, state, extra) of the newest step that restores, laid out like `abstract_state`.
 
-    A damaged step (see `step_problem`, or one orbax fails to read) is logged and moved aside
-    to SET_ASIDE (never deleted), and the previous kept step is tried. A step whose arrays
+    A damaged step (`step_problem`'s, set aside when the manager was made, or one orbax fails
+    to read) is logged and moved aside to SET_ASIDE (never deleted), and the previous kept
+    step is tried. A step whose arrays
     have other shapes or structure than the run's is a configuration error: it raises at once
     and moves nothing. None for
     a fresh run; RuntimeError listing each step's reason when no step restores.
@@ -296,14 +296,12 @@ class TrainCheckpointer:
     target = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
         abstract_state)
-    reasons = []
+    reasons = list(self._damaged)
     for step in sorted(self.manager.all_steps(), reverse=True):
-      problem = step_problem(self.directory / str(step))
-      if problem is None:
-        mismatch, problem = _stored_mismatch(self.directory / str(step) / "state", target)
-        if mismatch:
-          raise ValueError(f"checkpoint {self.directory}/{step} does not match this run's "
-                           f"model/optimizer shapes or state structure: {mismatch}")
+      mismatch, problem = _stored_mismatch(self.directory / str(step) / "state", target)
+      if mismatch:
+        raise ValueError(f"checkpoint {self.directory}/{step} does not match this run's "
+                         f"model/optimizer shapes or state structure: {mismatch}")
       if problem is None:
         try:
           out = self.manager.restore(step, args=ocp.args.Composite(
@@ -321,7 +319,19 @@ class TrainCheckpointer:
                          f"to {self.directory.parent / SET_ASIDE}): " + "; ".join(reasons))
     return None
 
-  def _set_aside(self, step: int, problem: str) -> None:
+  def _set_aside_damaged(self) -> None:
+    """Every committed step `step_problem` finds damaged, set aside (newest first) before
+    orbax's manager parses the folder; `restore` reports them if no step restores."""
+    self._damaged: list[str] = []
+    steps = sorted((int(p.name) for p in self.directory.glob("*") if p.name.isdigit()),
+                   reverse=True)
+    for step in steps:
+      problem = step_problem(self.directory / str(step))
+      if problem:
+        self._damaged.append(f"step {step}: {problem}")
+        self._set_aside(step, problem, reload=False)
+
+  def _set_aside(self, step: int, problem: str, reload: bool = True) -> None:
     """Moves a damaged step out of the manager's sight, with the reason beside it."""
     log.error("checkpoint %s/%d is damaged (%s): moved aside; trying the previous step",
               self.directory, step, problem)
@@ -334,7 +344,8 @@ class TrainCheckpointer:
         dest, n = aside / f"{step}.{n}", n + 1
       (self.directory / str(step)).rename(dest)
       (aside / f"{dest.name}.reason.txt").write_text(problem + "\n")
-    self.manager.reload()
+    if reload:
+      self.manager.reload()
 
   def wait(self) -> None:
     """Blocks until pending saves are written, then raises if one failed."""

@@ -406,6 +406,8 @@ def stage_group(stage: str, steps: int) -> ml_collections.ConfigDict:
   c.ckpt = ckpt_group()
   c.log_every = 10  # steps between console progress lines (every step goes to the JSONL)
   c.tensorboard = True  # also write TensorBoard event files
+  c.max_skipped_updates = 3  # non-finite updates in a row that stop the run (exit 69); 0: never
+  c.max_bad_share = 0.01  # share of unusable input rows that stops the run (exit 65)
   return c
 
 

@@ -28,9 +28,10 @@ import jax
 import numpy as np
 
 from r1jax.core import tokenizer as tok_lib
+from r1jax.core.errors import DataError
 from r1jax.data import sft_rows
-from r1jax.data.rows import (BadRow, JsonlSource, RowError, load_rows, log_bad_row,  # noqa: F401
-                            parse_json_line, read_parquet)
+from r1jax.data.rows import (BadRow, RowError, check_bad_share, load_rows,  # noqa: F401
+                            log_bad_row, parse_json_line, record_source)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,8 @@ class PromptPipeline:
                max_prompt_tokens: int | None = None, add_bos: bool = True, seed: int = 0,
                shuffle: bool = True, num_epochs: int | None = None,
                shard_index: int | None = None, shard_count: int | None = None,
-               adapter: str = "auto", bad_rows: Sequence[BadRow] = ()):
+               adapter: str = "auto", bad_rows: Sequence[BadRow] = (),
+               max_bad_share: float = 1.0):
     if batch_size < 1:
       raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     source = "rows"
@@ -99,8 +101,9 @@ class PromptPipeline:
                                              system, add_bos, source)
     self.bad_rows += prompt_bad
     self.skipped = collections.Counter(b.reason for b in self.bad_rows)
+    check_bad_share(source, len(self.items), self.bad_rows, max_bad_share)
     if not self.items:
-      raise ValueError(f"no usable prompt rows in {source} (skipped: {dict(self.skipped)})")
+      raise DataError(f"no usable prompt rows in {source} (skipped: {dict(self.skipped)})")
     self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
     self.num_epochs = num_epochs
     self.shard_index, self.shard_count = _shard(shard_index, shard_count)
@@ -194,23 +197,20 @@ class SFTPipeline:
                add_bos: bool = True, add_eos: bool = True, seed: int = 0, shuffle: bool = True,
                num_epochs: int | None = None, shard_index: int | None = None,
                shard_count: int | None = None, window: int | None = None,
-               read_threads: int = 4, distill_top_k: int = 0):
+               read_threads: int = 4, distill_top_k: int = 0, max_bad_share: float = 1.0):
     if batch_size < 1 or seq_len < 2:
       raise ValueError(f"need batch_size ≥ 1 and seq_len ≥ 2, got {batch_size}, {seq_len}")
     self.path = Path(path)
-    source: Any
-    if self.path.suffix == ".parquet":
-      if not self.path.is_file():
-        raise FileNotFoundError(f"no data file at {self.path}")
-      source = list(enumerate(read_parquet(self.path), start=1))
-    else:
-      source = JsonlSource(self.path)
+    if not self.path.is_file():
+      raise FileNotFoundError(f"no data file at {self.path}")
+    source = record_source(self.path)
     if len(source) == 0:
-      raise ValueError(f"no rows in {self.path}")
+      raise DataError(f"no rows in {self.path}")
     self.tokenizer, self.template, self.system = tokenizer, template, system
     self.add_bos, self.add_eos = add_bos, add_eos
     self.batch_size, self.seq_len = batch_size, seq_len
     self.distill_top_k = int(distill_top_k)
+    self.max_bad_share = max_bad_share
     self.window = window or 4 * batch_size
     self.shard_index, self.shard_count = _shard(shard_index, shard_count)
     self.fingerprint = {"rows": len(source), "bytes": self.path.stat().st_size, "seed": seed,
@@ -271,7 +271,7 @@ class DataInterrupted(Exception):
   """Reading was stopped by `SFTIterator.should_stop` (a preemption), not by the data."""
 
 
-_PACKING_COUNTS = ("documents", "truncated", "tokens", "target_tokens", "padding")
+_PACKING_COUNTS = ("documents", "truncated", "tokens", "target_tokens", "padding", "rows_read")
 
 
 class SFTIterator:
@@ -295,6 +295,7 @@ class SFTIterator:
     self._logged: set[tuple[int, str]] = set()
     self._logged_per_reason: collections.Counter = collections.Counter()
     self.counts: collections.Counter = collections.Counter()  # Reasons, truncated, documents, …
+    self._first_bad: BadRow | None = None
 
   def __iter__(self) -> SFTIterator:
     return self
@@ -320,6 +321,7 @@ class SFTIterator:
       if record is None:
         break
       doc = record[2]
+      self.counts["rows_read"] += 1
       if "bad" not in doc:
         self._window.append(record)
         self._bad_run = 0
@@ -331,6 +333,7 @@ class SFTIterator:
       self._log_bad(doc)
       if self._bad_run >= self.p.pass_records:
         self._no_usable_rows()
+      self._check_bad_share(doc)
     if self._exhausted and not self._window and not self.counts["documents"]:
       self._no_usable_rows()
 
@@ -347,9 +350,24 @@ class SFTIterator:
     else:
       log.warning("%s: further %r rows are counted, not logged", self.p.path, doc["bad"])
 
+  def _check_bad_share(self, doc: dict) -> None:
+    """DataError once the bad rows exceed max_bad_share of a pass: against the whole pass
+    while the first is read (no early alarm from a bad first row), then of all rows read."""
+    if self._first_bad is None:
+      self._first_bad = BadRow(doc["line"], doc["bad"], doc["detail"])
+    bad = sum(v for k, v in self.counts.items() if k not in _PACKING_COUNTS)
+    if bad > self.p.max_bad_share * max(self.counts["rows_read"], self.p.pass_records):
+      skipped = {k: v for k, v in self.counts.items() if k not in _PACKING_COUNTS}
+      f = self._first_bad
+      raise DataError(
+          f"{self.p.path}: {bad} of {self.counts['rows_read']} rows read are unusable, over "
+          f"max_bad_share {self.p.max_bad_share:.1%} of its {self.p.pass_records} rows: "
+          f"{skipped}; the first is row {f.index}: {f.reason}"
+          f"{f' ({f.detail})' if f.detail else ''}. Fix the file, or raise max_bad_share.")
+
   def _no_usable_rows(self) -> None:
     skipped = {k: v for k, v in self.counts.items() if k not in _PACKING_COUNTS}
-    raise ValueError(f"no usable rows in {self.p.path}: a whole pass over its "
+    raise DataError(f"no usable rows in {self.p.path}: a whole pass over its "
                      f"{self.p.pass_records} records held none (skipped: {skipped})")
 
   def __next__(self) -> dict[str, np.ndarray]:

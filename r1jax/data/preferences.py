@@ -1,47 +1,45 @@
 """Preference pairs for reward models: {prompt, chosen, rejected} rows, read and encoded.
 
 A Bradley–Terry reward model (rewards/reward_model.py, trained by stages/reward_model.py)
-learns r(prompt + chosen) > r(prompt + rejected). Rows are jsonl; malformed ones are logged
-with their line and skipped.
+learns r(prompt + chosen) > r(prompt + rejected). Rows come through the one loader
+(data/rows.py: jsonl, a JSON array, CSV, parquet); malformed ones are logged and skipped.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from r1jax.core.errors import DataError
 from r1jax.core.tokenizer import render_prompt
+from r1jax.data.rows import BadRow, RowError, check_bad_share, log_bad_row, read_records
 
-log = logging.getLogger(__name__)
+
+def adapt_pair(record: Any) -> dict[str, str]:
+  """A {prompt, chosen, rejected} row (all strings), or a RowError saying what is wrong."""
+  if isinstance(record, RowError):
+    raise record
+  missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(record.get(k), str)]
+  if missing:
+    raise RowError("missing_field", f"missing or non-string {missing}")
+  return {k: record[k] for k in ("prompt", "chosen", "rejected")}
 
 
-def load_pairs(path: str | Path) -> list[dict[str, str]]:
-  """Preference rows {prompt, chosen, rejected} from jsonl; bad rows logged and skipped."""
-  path = Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"preference data {path} does not exist")
-  rows, bad = [], 0
-  with path.open(encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-        missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(row.get(k), str)]
-        if missing:
-          raise ValueError(f"missing or non-string fields {missing}")
-        rows.append({k: row[k] for k in ("prompt", "chosen", "rejected")})
-      except (ValueError, AttributeError) as e:
-        bad += 1
-        log.warning("%s:%d: skipped preference row: %s", path, n, e)
-  if bad:
-    log.warning("%s: %d malformed rows skipped, %d kept", path, bad, len(rows))
+def load_pairs(path: str | Path, max_bad_share: float = 1.0) -> list[dict[str, str]]:
+  """Preference rows from any data file `read_records` reads; bad rows are logged and skipped,
+  and more than `max_bad_share` of them stops (DataError)."""
+  rows, bad = [], []
+  for line, record in read_records(path):
+    try:
+      rows.append(adapt_pair(record))
+    except RowError as e:
+      bad.append(BadRow(line, e.reason, e.detail))
+      log_bad_row(path, bad[-1])
+  check_bad_share(path, len(rows), bad, max_bad_share)
   if not rows:
-    raise ValueError(f"{path} holds no usable preference rows ({bad} malformed)")
+    raise DataError(f"{path} holds no usable preference rows ({len(bad)} malformed)")
   return rows
 
 

@@ -1,4 +1,4 @@
-"""Problem files (jsonl / parquet) read into one row schema, with per-format adapters.
+"""Data files (jsonl, a JSON array, CSV, parquet) read into one row schema, with adapters.
 
 Every row, whatever its source, becomes
   {"id": str, "question": str, "gold": str, "task": "math"|"code"|"general"|…, "meta": dict}
@@ -12,6 +12,8 @@ exception: a long run must never die on one malformed line, and must never drop 
 
 from __future__ import annotations
 
+import collections
+import csv
 import dataclasses
 import json
 import logging
@@ -20,6 +22,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from r1jax.core.errors import DataError
 from r1jax.data.answers import boxed_contents, strip_wrappers
 
 log = logging.getLogger(__name__)
@@ -56,22 +59,57 @@ def log_bad_row(source: str | Path, bad: BadRow) -> None:
 # ----------------------------------------------------------------------------- raw records
 
 
-def read_records(path: str | Path) -> Iterator[tuple[int, Any]]:
-  """(1-based line, parsed JSON or a RowError) per non-blank jsonl line; parquet rows as dicts.
+def file_format(path: Path) -> str:
+  """'parquet', 'json' (one array), 'jsonl' or 'csv', read from the content, then the name.
 
-  Blank lines are not rows (a trailing newline is common) and are passed over without a count.
+  A JSON array is an array however its elements are laid out over lines; a file named
+  .parquet that is not one is refused rather than read as text.
+  """
+  with path.open("rb") as f:
+    head = f.read(4096)
+  if head.startswith(b"PAR1"):
+    return "parquet"
+  if path.suffix == ".parquet":
+    raise DataError(f"{path} is named .parquet but is not a parquet file")
+  text = head.removeprefix(b"\xef\xbb\xbf").lstrip()
+  if text.startswith(b"["):
+    return "json"
+  if path.suffix in (".csv", ".tsv") and not text.startswith(b"{"):
+    return "csv"
+  return "jsonl"
+
+
+def read_records(path: str | Path) -> Iterator[tuple[int, Any]]:
+  """(row number, parsed row or a RowError) per row, whatever the file's format.
+
+  jsonl: per non-blank line, numbered by line (blank lines are not rows). A JSON array: per
+  element, numbered from 1; an array that does not parse stops (DataError). CSV / TSV: per
+  record, numbered by the line it ends on. Parquet: per row. A UTF-8 BOM and CRLF line ends
+  are read the same everywhere.
   """
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"no data file at {path}")
-  if path.suffix == ".parquet":
-    for i, row in enumerate(read_parquet(path), start=1):
-      yield i, row
-    return
-  with path.open("rb") as f:
-    for i, raw in enumerate(f, start=1):
-      if raw.strip():
-        yield i, parse_json_line(raw)
+  fmt = file_format(path)
+  if fmt == "parquet":
+    yield from enumerate(read_parquet(path), start=1)
+  elif fmt == "json":
+    try:
+      elements = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise DataError(f"{path} starts as a JSON array but does not parse as one: {e}") from None
+    for i, value in enumerate(elements, start=1):
+      yield i, value if isinstance(value, dict) else RowError("not_object", type(value).__name__)
+  elif fmt == "csv":
+    with path.open(encoding="utf-8-sig", newline="") as f:
+      reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+      for row in reader:
+        yield reader.line_num, row
+  else:
+    with path.open("rb") as f:
+      for i, raw in enumerate(f, start=1):
+        if raw.strip():
+          yield i, parse_json_line(raw)
 
 
 def parse_json_line(raw: bytes | str) -> Any:
@@ -83,6 +121,30 @@ def parse_json_line(raw: bytes | str) -> Any:
   if not isinstance(value, dict):
     return RowError("not_object", type(value).__name__)
   return value
+
+
+def record_source(path: str | Path) -> Any:
+  """Random access to a file's (row number, row) records: jsonl by byte offsets (a multi-GB
+  file costs 8 bytes a line), the other formats read whole."""
+  path = Path(path)
+  if path.is_file() and file_format(path) == "jsonl":
+    return JsonlSource(path)
+  return list(read_records(path))
+
+
+def check_bad_share(source: str | Path, good: int, bad: list[BadRow], max_share: float) -> None:
+  """DataError when more than `max_share` of the rows are unusable: the counts per reason and
+  the first bad row. A long run must not train on what is left of a misread file."""
+  total = good + len(bad)
+  if not bad or len(bad) <= max_share * total:
+    return
+  first = min(bad, key=lambda b: b.index)
+  counts = dict(collections.Counter(b.reason for b in bad).most_common())
+  raise DataError(
+      f"{source}: {len(bad)} of {total} rows are unusable ({len(bad) / total:.1%} > "
+      f"max_bad_share {max_share:.1%}): {counts}; the first is row {first.index}: "
+      f"{first.reason}{f' ({first.detail})' if first.detail else ''}. Fix the file, or raise "
+      "max_bad_share.")
 
 
 def read_parquet(path: Path) -> list[dict]:

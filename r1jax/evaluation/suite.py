@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from r1jax.core.config import ModelConfig
 from r1jax.core.tokenizer import Tokenizer
-from r1jax.data.rows import check_unique_ids, load_rows
+from r1jax.data.rows import check_bad_share, check_unique_ids, load_rows
 from r1jax.evaluation.evaluate import benchmark_name, evaluate, summary_metrics
 from r1jax.evaluation.report import Report
 from r1jax.generation.engine import Engine
@@ -87,8 +87,10 @@ def metrics(reports: Sequence[Report]) -> dict[str, float]:
   return out
 
 
-def load_sets(e: ml_collections.ConfigDict) -> tuple[EvalSet, ...]:
-  """Each benchmark of e.benchmarks (first e.limit rows); names must be distinct."""
+def load_sets(e: ml_collections.ConfigDict, max_bad_share: float = 1.0
+              ) -> tuple[EvalSet, ...]:
+  """Each benchmark of e.benchmarks (first e.limit rows); names must be distinct, and more
+  than `max_bad_share` of a file's rows unusable stops (DataError)."""
   paths = [p.strip() for p in str(e.benchmarks).split(",") if p.strip()]
   names = [benchmark_name(p) for p in paths]
   if len(set(names)) != len(names):
@@ -97,6 +99,7 @@ def load_sets(e: ml_collections.ConfigDict) -> tuple[EvalSet, ...]:
   out = []
   for path, name in zip(paths, names):
     rows, bad = load_rows(path, e.get("adapter", "auto"), limit=e.limit or None)
+    check_bad_share(path, len(rows), bad, max_bad_share)
     check_unique_ids(rows, path)
     out.append(EvalSet(name, path, rows, len(bad)))
   return tuple(out)

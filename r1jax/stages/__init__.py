@@ -16,6 +16,7 @@ import jax
 import ml_collections
 
 from r1jax.core.config import non_finite_fields
+from r1jax.core.errors import ConfigError, WorkdirLock
 
 # stage name -> "module:function(config, workdir)". Imported when run, so a config for one
 # stage never loads the others.
@@ -31,19 +32,25 @@ STAGES = {
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> object:
-  """Runs `config.stage` in `workdir` (created; the resolved config is saved there)."""
-  if config.stage not in STAGES:
-    raise ValueError(f"unknown stage {config.stage!r}; known: {sorted(STAGES)}")
+  """Runs `config.stage` in `workdir` (created; the resolved config is saved there).
+
+  The config is checked first (a ConfigError, before anything is written), then the workdir is
+  locked for this run: a second run on it is refused at once (WorkdirLocked)."""
   bad = non_finite_fields(config)
-  if bad:  # before anything is written
-    raise ValueError(f"config: {', '.join(bad)} must be finite numbers, not NaN or inf")
+  if bad:
+    raise ConfigError(f"config: {', '.join(bad)} must be finite numbers, not NaN or inf")
+  try:
+    validate(config)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config: {e}") from e
   path = Path(workdir)
   path.mkdir(parents=True, exist_ok=True)
   module, fn = STAGES[config.stage].split(":")
   module = importlib.import_module(module)
-  if not getattr(module, "RECORDS_OWN_CONFIG", False):  # a pipeline checks reruns first
-    record_config(config, path)
-  return getattr(module, fn)(config, path)
+  with WorkdirLock(path, jax.process_index()):
+    if not getattr(module, "RECORDS_OWN_CONFIG", False):  # a pipeline checks reruns first
+      record_config(config, path)
+    return getattr(module, fn)(config, path)
 
 
 def record_config(config: ml_collections.ConfigDict, workdir: Path) -> None:

@@ -41,12 +41,13 @@ from r1jax import stages
 from r1jax.core import checkpoint as ckpt_lib
 from r1jax.core import sharding
 from r1jax.core.config import stage_group
+from r1jax.core.errors import DataError
 from r1jax.core.tokenizer import (TEMPLATES, load_tokenizer, tokenizer_fingerprint,
                                   tokenizer_path)
 from r1jax.core.weights import check_vocab, load_model
 from r1jax.data.formats import zero_to_readable
 from r1jax.data.pipeline import prepare_prompts
-from r1jax.data.rows import load_rows
+from r1jax.data.rows import check_bad_share, load_rows
 from r1jax.generation.engine import Engine, Samples
 from r1jax.generation.output import ShardWriter, claim_folder, read_progress
 from r1jax.generation.sampler import STOP_REASONS, stop_token_ids
@@ -168,9 +169,10 @@ def _load_prompts(config, tok, scorer, f: filters_lib.Filters) -> tuple[list[dic
     rows = rows[:d.limit]
   items, too_long = prepare_prompts(rows, tok, d.template, d.max_prompt_tokens,
                                     d.system or None, source=d.prompts)
+  check_bad_share(d.prompts, len(items), bad + too_long, config.get("max_bad_share", 0.01))
   if not items:
-    raise ValueError(f"no usable prompts in {d.prompts} ({len(bad)} bad rows, {len(too_long)} "
-                     f"over data.max_prompt_tokens={d.max_prompt_tokens})")
+    raise DataError(f"no usable prompts in {d.prompts} ({len(bad)} bad rows, {len(too_long)} "
+                    f"over data.max_prompt_tokens={d.max_prompt_tokens})")
   return items, dict(collections.Counter(b.reason for b in bad + too_long))
 
 

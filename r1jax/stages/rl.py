@@ -178,7 +178,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> RLRun:
   pipeline = PromptPipeline(
       config.data.train, tok, config.data.batch, template=config.data.template,
       max_prompt_tokens=config.data.max_prompt_tokens, seed=config.seed,
-      adapter=config.data.adapter)
+      adapter=config.data.adapter, max_bad_share=config.get("max_bad_share", 0.01))
   # Reward models the spec declares: loaded once, sharded on the policy's mesh.
   scorer = RewardScorer(config.rewards,  # a bad reward spec fails here
                         models=load_models(config.rewards.get("models"), mesh))
@@ -186,7 +186,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> RLRun:
   scorer.check_tasks(tasks, config.data.train)  # a task no reward judges: before any work
   weights = config.data.get("task_weights")
   check_mixture(tasks, weights.to_dict() if weights else {}, config.data.train)
-  sets = suite_lib.load_sets(config.eval)
+  sets = suite_lib.load_sets(config.eval, config.get("max_bad_share", 0.01))
   # Only shapes here: the weights come from the run's checkpoint, or from `initial_state`.
   cfg, _ = load_model(config.model, mesh, seed=config.seed, abstract=True)
   check_vocab(tok, cfg)
@@ -312,7 +312,7 @@ def step_metrics(rl: RLRun, parts: list[ScoredRollout], update: UpdateBatch,
   """The iteration's log line: rewards, update stats, lengths, stops, selection, timing."""
   first = parts[0]
   out = dict(first.rewards.metrics())
-  # Per-update values (μ·M of them) averaged; skipped updates summed.
+  # Per-update values (μ·M of them) averaged; updates skipped as non-finite summed.
   out.update({k: float(np.mean(np.asarray(v))) for k, v in train_metrics.items()})
   out["skipped"] = float(np.sum(np.asarray(train_metrics["skipped"])))
   if "reward/accuracy" in out:
@@ -385,8 +385,8 @@ def _update(rl: RLRun, state: TrainState, ref: Any, step: int, parts: list[Score
         train_metrics = {**train_metrics, **pack_stats,
                          "pack/compiled_shapes": float(rl.trainer.compiled_rl_shapes())}
     else:  # No group has a learning signal: an update would only apply decay/momentum.
-      log.warning("step %d: no informative group; update skipped", step)
-      train_metrics = {"skipped": np.ones(rl.grpo.mu * rl.grpo.minibatches)}
+      log.warning("step %d: no informative group; no update", step)
+      train_metrics = {"skipped": np.zeros(1)}  # counts non-finite updates only
     ref = rl.logp.reset_ref(ref, state.params, step)
   return state, ref, train_metrics, update
 

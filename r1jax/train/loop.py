@@ -7,8 +7,10 @@ and reward-model stages only say what one step does:
   return loop.complete(state, step, save_final)                 # final output, summary.json
 After each step `end_step` logs, prints the progress line, checkpoints when due (`save_due`:
 by steps, by wall time, half-way, always on SIGTERM and at the last step) and says whether
-to stop. Only a run that reached its last step (or the end of its data) unpreempted writes
-its final output, and never untrained weights.
+to stop; `config.max_skipped_updates` non-finite updates in a row end the run
+(NonFiniteError). Only a run that reached its last step (or the end of its data) unpreempted,
+whose checkpoints all saved, writes its final output, and never untrained or non-finite
+weights. A run that fails records why in summary.json ("failed", "exit_code").
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from r1jax.core import checkpoint as ckpt_lib
+from r1jax.core import errors
 from r1jax.core import metrics as metrics_lib
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,7 @@ class TrainLoop:
     self.summary: dict[str, Any] = {"stage": stage}
     self.last_metrics: dict[str, float] = {}
     self.timer = metrics_lib.StepTimer()
+    self._skipped_run = 0  # non-finite updates skipped in a row
 
   def __enter__(self) -> TrainLoop:
     self.preemption = ckpt_lib.Preemption().__enter__()
@@ -56,12 +60,23 @@ class TrainLoop:
     self.writer = metrics_lib.MetricsWriter(self.workdir, tensorboard=self.config.tensorboard)
     return self
 
-  def __exit__(self, *exc) -> None:
+  def __exit__(self, exc_type, exc, tb) -> None:
     try:
       self.ckpt.close()
+    except Exception as e:  # a failed last save: recorded like any other failure
+      if exc is None:
+        exc = e
+        raise
+      log.error("%s: closing the checkpoints after %s also failed: %s", self.stage,
+                type(exc).__name__, e)
     finally:
       self.writer.close()
-      self.preemption.__exit__(*exc)
+      self.preemption.__exit__(exc_type, exc, tb)
+      if isinstance(exc, Exception):
+        self.summary.pop("final", None)
+        self.summary.update(failed=f"{type(exc).__name__}: {exc}"[:2000],
+                            exit_code=errors.exit_code(exc))
+        self.finish(self.summary.get("step", 0))
 
   def start(self, abstract: Any, fresh: Callable[[], Any], resuming: bool
             ) -> tuple[int, Any, dict]:
@@ -96,6 +111,8 @@ class TrainLoop:
     """The end of a run: when it reached config.steps (or the end of its data) and was not
     preempted, refuses untrained weights, then `save_final(state)` writes the stage's output
     and returns what joins the summary. Writes summary.json and returns it either way."""
+    self.summary["step"] = step
+    self.ckpt.wait()  # the last save failed: no final/, no finished-looking summary
     reached = step == self.config.steps or self.summary.get("data_exhausted")
     if self.completed and reached:
       refuse_untrained(state, self.workdir)
@@ -107,7 +124,8 @@ class TrainLoop:
     c = self.config
     self.ckpt.check()  # an earlier asynchronous save that failed stops the run here, loudly
     self.writer.write(step, metrics)
-    self.last_metrics = metrics
+    self.last_metrics, self.summary["step"] = metrics, step
+    self._check_skipped(step, int(metrics.get("skipped", 0)))
     if (c.log_every and step % c.log_every == 0) or step == c.steps:
       print(f"[{self.stage}] " + metrics_lib.progress_line(step, metrics), flush=True)
     stop = _any_host(self.preemption.requested)
@@ -120,6 +138,16 @@ class TrainLoop:
                   "checkpoint saved" if saved else "NO checkpoint (state not finite)")
       self.summary["preempted"] = True
     return stop
+
+  def _check_skipped(self, step: int, skipped: int) -> None:
+    """Counts non-finite updates skipped in a row (a step that skipped none resets it)."""
+    self._skipped_run = self._skipped_run + skipped if skipped else 0
+    limit = self.config.get("max_skipped_updates", 3)
+    if limit and self._skipped_run >= limit:
+      raise errors.NonFiniteError(
+          f"{self.stage}: {self._skipped_run} updates in a row skipped as non-finite (NaN/inf "
+          f"loss, gradient or update) up to step {step}; stopping (max_skipped_updates="
+          f"{limit}). Check the learning rate and the data; the last checkpoint is finite.")
 
   def save_due(self, step: int) -> bool:
     """Whether `step` checkpoints: every `ckpt.every` steps, every `ckpt.every_minutes` of wall
@@ -148,7 +176,10 @@ class TrainLoop:
 
 
 def refuse_untrained(state: Any, workdir: Path) -> None:
-  """A stage never writes final/ (the next stage's starting point) without one update applied."""
+  """A stage never writes final/ (the next stage's starting point) without one update applied,
+  or from weights that are not finite."""
   if int(jax.device_get(state.step)) == 0:
     raise RuntimeError(f"{workdir}: no optimizer update was applied (no usable data, or every "
                        "update skipped as non-finite); refusing to write final/ untrained weights")
+  if not ckpt_lib.all_finite(state.params):
+    raise errors.NonFiniteError(f"{workdir}: the final weights hold NaN/inf; final/ not written")

@@ -5,8 +5,9 @@
    loss_fn's value, gradient (in f32) and metric sums. A loss whose denominator is taken over
    the whole mini-batch first therefore gets the exact mini-batch gradient.
 2. Apply: the optimizer (global-norm clip, AdamW, schedule; train/state.py) updates the
-   params. A non-finite loss or gradient leaves the state untouched, step count included,
-   and says so in metrics["skipped"].
+   params. A non-finite loss, gradient or learning rate leaves the state untouched, step count
+   included, and says so in metrics["skipped"]; `TrainLoop` stops a run that skips
+   `max_skipped_updates` in a row.
 The caller jits it with the state donated (`jit_donated`); GRPO scans it over μ passes × M
 mini-batches inside one call.
 """
@@ -55,14 +56,14 @@ class UpdateStep:
     return grads, jnp.sum(loss_A), {k: _reduce(k, v) for k, v in sums_A.items()}
 
   def apply(self, state: TrainState, grads: Any, loss: jax.Array):
-    """One optimizer update, or none at all if the loss or gradient is not finite."""
-    grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    """One optimizer update, or none at all if the loss, the gradient or the learning rate
+    is not finite (finite gradients keep AdamW's moments finite)."""
+    grad_norm, lr = optax.tree.norm(grads), self.schedule(state.step)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(lr)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     new = TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
     new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
-    return new, {"grad_norm": grad_norm, "lr": self.schedule(state.step),
-                 "skipped": (~ok).astype(jnp.int32)}
+    return new, {"grad_norm": grad_norm, "lr": lr, "skipped": (~ok).astype(jnp.int32)}
 
   def __call__(self, state: TrainState, micro: Any, loss_fn: LossFn):
     """(state, loss, sums, metrics) after one update on the A micro-batches in `micro`."""
