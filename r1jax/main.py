@@ -15,7 +15,6 @@ training, 73 workdir held by another run, 74 a checkpoint save failed; 1 any oth
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import os
 import sys
 import threading
@@ -27,7 +26,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from r1jax.core import errors, sharding
-from r1jax.stages import STAGES, run  # noqa: F401  (STAGES: re-exported)
+from r1jax.core.config import config_from_file
+from r1jax.stages import run
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file: experiments/NAME.py[:arg].", lock_config=True)
@@ -67,10 +67,7 @@ def check_argv(argv: list[str]) -> str | None:
   path, _, arg = spec.partition(":")
   if not Path(path).is_file():
     return f"no such config file: {path}"
-  module_spec = importlib.util.spec_from_file_location("_r1jax_experiment", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
+  config = config_from_file(path, arg or None)
   paths = set(_config_paths(config))
   for a in argv:
     if not a.startswith("--config."):

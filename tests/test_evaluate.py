@@ -296,6 +296,18 @@ def test_evaluate_is_deterministic_per_key(generated):
   assert smp.compilations() == len(smp._fns)
 
 
+def test_sample_many_batches_uneven_prompts_with_progress(tiny, capsys):
+  """Batches whose longest prompts fall in different power-of-two widths (5 and 40 tokens) are
+  sampled one by one and joined, padded to the widest, with a progress line per batch."""
+  _, tok, cfg, params = tiny
+  engine = make_engine(cfg, tok, max_new_tokens=3)
+  prompts = [[5] * 5, [6] * 40, [7] * 3]
+  out = engine.sample_many(params, prompts, jax.random.key(0), k=2, batch_size=1, progress=True)
+  assert out.tokens.shape[0] == 6 and out.prompt_tokens.shape[0] == 3
+  assert out.prompt_mask.sum(axis=1).tolist() == [5, 40, 3]
+  assert "sampling: batch 3/3" in capsys.readouterr().err
+
+
 def test_evaluate_input_errors(tiny, gen_rows):
   _, tok, cfg, params = tiny
   engine = make_engine(cfg, tok)

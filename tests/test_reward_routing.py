@@ -216,7 +216,7 @@ def test_declared_reward_model_bad_input(rm_world):
     rm.load_models([_declared(world, path, norm="zscore")])
   with pytest.raises(ValueError, match="norm must be"):
     rm.load_models([_declared(world, path, norm={"mean": 0.0})])
-  with pytest.raises(FileNotFoundError, match="not a reward-model checkpoint"):
+  with pytest.raises(FileNotFoundError, match="not an r1jax params checkpoint"):
     rm.load_models([_declared(world, world["rl_train"])])
 
 

@@ -17,13 +17,17 @@ from r1jax.core.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from r1jax.data.preferences import encode_pairs, load_pairs
 from r1jax.rewards import compose
 from r1jax.rewards import reward_model as rm
-from r1jax.stages.reward_model import pair_batch
+from r1jax.train.batches import PairBatch
 from r1jax.train.reward_model import RMTrainer
 from r1jax.train.state import TrainState
 
 from r1jax.main import EXIT_PREEMPTED
 
 import main_runs
+
+def pair_batch(encoded) -> PairBatch:
+  return PairBatch(*encoded["chosen"], *encoded["rejected"])
+
 
 CFG = ModelConfig(vocab_size=128, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8,
                   mlp_dim=64, tie_embeddings=True, max_position=256)

@@ -216,9 +216,10 @@ def test_per_component_advantages_judge_informativeness_per_component():
   run = lambda norm, dynamic=True: SimpleNamespace(
       grpo=GRPOConfig(group_size=2, reward_norm=norm),
       config=SimpleNamespace(dynamic_sampling=dynamic))
-  assert rl._keep(run("sum"), rw, 2).tolist() == [False, False]
-  assert rl._keep(run("per_component"), rw, 2).tolist() == [True, False]
-  assert rl._keep(run("sum", dynamic=False), rw, 2).tolist() == [True, True]
+  keep = lambda r: advantages.keep_groups(rw, r.grpo, r.config.dynamic_sampling, 2)
+  assert keep(run("sum")).tolist() == [False, False]
+  assert keep(run("per_component")).tolist() == [True, False]
+  assert keep(run("sum", dynamic=False)).tolist() == [True, True]
 
 
 def test_one_iteration_places_one_batch_and_moves_nothing_hidden(world, tmp_path):

@@ -226,16 +226,6 @@ def test_deterministic_per_key(qwen):
   assert not np.array_equal(np.asarray(a.tokens)[0], np.asarray(a.tokens)[1])
 
 
-@pytest.mark.slow
-def test_generate_many_progress(qwen, capsys):
-  cfg, params = qwen
-  smp = sampler.Sampler(cfg)
-  sp = SamplingParams(temperature=1.0, max_new_tokens=3)
-  outs = smp.generate_many(params, PROMPTS * 3, sp, jax.random.key(0), batch_size=4)
-  assert [len(o.prompt_tokens) for o in outs] == [4, 4, 1]
-  assert "sampling: batch 3/3" in capsys.readouterr().err
-
-
 def test_bad_input(qwen):
   cfg, params = qwen
   smp = sampler.Sampler(cfg, max_prompt_len=32)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from r1jax.core import checkpoint
 from r1jax.core import model
 from r1jax.core import sharding
 from r1jax.core.config import ModelConfig
@@ -57,8 +58,9 @@ def reference():
 def test_sharded_forward_matches_single_device(reference, shape):
   params, tokens, mask, ref_logits = reference
   mesh = sharding.make_mesh(shape)
-  sharded = sharding.init_sharded(lambda: model.init_params(CFG, jax.random.key(0)),
-                                  model.param_axes(CFG), mesh)
+  target = checkpoint.abstract_params(CFG, mesh)  # init straight into the shardings
+  sharded = jax.jit(lambda: model.init_params(CFG, jax.random.key(0)),
+                    out_shardings=jax.tree.map(lambda a: a.sharding, target))()
   # Sharded init draws the same values (up to f32 rounding of the fused scale).
   for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)

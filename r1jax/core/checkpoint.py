@@ -45,51 +45,42 @@ def abstract_params(cfg, mesh: Mesh | None) -> Any:
   abstract = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
   if mesh is None:
     single = SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: single, abstract)
-  else:
-    shardings = sharding_lib.tree_shardings(model_lib.param_axes(cfg), abstract, mesh)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+    return abstract_like(abstract, jax.tree.map(lambda _: single, abstract))
+  return abstract_like(abstract,
+                       sharding_lib.tree_shardings(model_lib.param_axes(cfg), abstract, mesh))
 
 
-def load_params(path: str | Path, mesh: Mesh | None = None, **overrides):
-  """(ModelConfig, params) from a `save_params` folder, restored into `mesh`'s sharding."""
+def load_params(path: str | Path, mesh: Mesh | None = None, *, kind: str | None = None,
+                target=None, abstract: bool = False, **overrides):
+  """(ModelConfig, params) from a `save_params` folder of `kind` (None: policy params),
+  restored into `target(cfg)` (default: the policy's shardings on `mesh`); with `abstract`,
+  the target only. Stored shapes are checked against it before any array is read."""
   path = Path(path).absolute()
   if not (path / "model.json").exists() or not (path / "params").exists():
     raise FileNotFoundError(f"{path} is not an r1jax params checkpoint "
                             "(expected model.json and params/)")
   meta = json.loads((path / "model.json").read_text())
-  if meta.get("kind"):
-    raise ValueError(f"{path} holds a {meta['kind']} checkpoint, not policy params")
+  stored_kind = meta.pop("kind", None)
+  if stored_kind != kind:
+    wanted = "a reward model" if kind == "reward_model" else f"{kind or 'policy'} params"
+    raise ValueError(f"{path} holds a {stored_kind or 'policy'} checkpoint, not {wanted}")
   cfg = model_config(meta).replace(**overrides)
-  target = abstract_params(cfg, mesh)
+  shapes = target(cfg) if target else abstract_params(cfg, mesh)
+  if abstract:
+    return cfg, shapes
+  mismatch, problem = _stored_mismatch(path / "params", shapes)
+  if mismatch or problem:
+    raise ValueError(f"checkpoint does not match model.json: {mismatch or problem}")
   with ocp.StandardCheckpointer() as ckptr:
-    stored = ckptr.metadata(path / "params")
-    stored = getattr(stored, "item_metadata", stored)
-    _check_shapes(stored, target)
-    return cfg, ckptr.restore(path / "params", target)
+    return cfg, ckptr.restore(path / "params", shapes)
 
 
-def _shape_problems(got: dict, want: dict, wanted_by: str) -> list[str]:
+def _shape_problems(got: dict, want: dict) -> list[str]:
   """What differs between stored {path: shape} and wanted {path: shape}, path by path."""
   problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
   problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
-  return problems + [f"{k}: stored {got[k]}, {wanted_by} {want[k]}"
+  return problems + [f"{k}: stored {got[k]}, run has {want[k]}"
                      for k in sorted(set(got) & set(want)) if got[k] != want[k]]
-
-
-def _check_shapes(stored: Any, target: Any) -> None:
-  got = {k: tuple(v.shape) for k, v in model_lib.flatten(_as_dict(stored)).items()}
-  want = {k: tuple(v.shape) for k, v in model_lib.flatten(target).items()}
-  problems = _shape_problems(got, want, "config implies")
-  if problems:
-    raise ValueError("checkpoint does not match model.json: " + "; ".join(problems[:10]))
-
-
-def _as_dict(tree: Any) -> Any:
-  if hasattr(tree, "items"):
-    return {k: _as_dict(v) for k, v in tree.items()}
-  return tree
 
 
 # ------------------------------------------------------------------ train checkpoints
@@ -206,7 +197,7 @@ def _stored_mismatch(state_dir: Path, target: Any) -> tuple[str | None, str | No
     return None, f"orbax could not read its metadata: {type(e).__name__}: {str(e)[:300]}"
   got = _shapes_by_path(getattr(getattr(meta, "item_metadata", meta), "tree", meta))
   want = _shapes_by_path(ocp.tree.serialize_tree(target, keep_empty_nodes=True))
-  return ("; ".join(_shape_problems(got, want, "run has")[:10]) or None), None
+  return ("; ".join(_shape_problems(got, want)[:10]) or None), None
 
 
 class TrainCheckpointer:

@@ -95,18 +95,12 @@ class ModelConfig:
 
 def model_config(cd: ml_collections.ConfigDict) -> ModelConfig:
   """Builds a ModelConfig from the `model` group of an experiment config."""
-  fields = cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else dict(cd)
-  fields.pop("preset", None)
-  fields.pop("hf_dir", None)
-  fields.pop("init_from", None)
+  fields = {k: v for k, v in typed(dict, "model", cd).items()
+            if k not in ("preset", "hf_dir", "init_from")}
   scaling = fields.pop("rope_scaling", None)
-  known = {f.name for f in dataclasses.fields(ModelConfig)}
-  unknown = set(fields) - known
-  if unknown:
-    raise ValueError(f"unknown model config fields: {sorted(unknown)}")
   # rope_scaling.factor == 0 is the config placeholder for "no scaling".
   scaling = RopeScaling(**scaling) if scaling and scaling.get("factor") else None
-  return ModelConfig(rope_scaling=scaling, **fields)
+  return typed(ModelConfig, "model", {**fields, "rope_scaling": scaling})
 
 
 # Public model shapes (from the released config.json files), for real-size
@@ -321,9 +315,11 @@ class OptConfig:
                        f"{self.total_steps} <= {self.warmup_steps}")
 
 
-def _typed(cls, group: str, cd: Any):
-  fields = cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else dict(cd)
-  unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+def typed(cls, group: str, cd: Any):
+  """cls(**fields of a config group or dict), refusing fields cls does not have (cls=dict:
+  the plain fields)."""
+  fields = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
+  unknown = set() if cls is dict else set(fields) - {f.name for f in dataclasses.fields(cls)}
   if unknown:
     raise ValueError(f"unknown {group} config fields: {sorted(unknown)}")
   return cls(**fields)
@@ -331,12 +327,12 @@ def _typed(cls, group: str, cd: Any):
 
 def grpo_config(cd: ml_collections.ConfigDict) -> GRPOConfig:
   """Builds a GRPOConfig from the `grpo` group of an experiment config."""
-  return _typed(GRPOConfig, "grpo", cd)
+  return typed(GRPOConfig, "grpo", cd)
 
 
 def opt_config(cd: ml_collections.ConfigDict) -> OptConfig:
   """Builds an OptConfig from the `opt` group of an experiment config."""
-  return _typed(OptConfig, "opt", cd)
+  return typed(OptConfig, "opt", cd)
 
 
 def _group(cls, name: str, overrides: dict[str, Any]) -> ml_collections.ConfigDict:

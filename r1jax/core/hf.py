@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from r1jax.core import checkpoint
 from r1jax.core import model as model_lib
-from r1jax.core import sharding as sharding_lib
 from r1jax.core.config import ModelConfig, RopeScaling
 
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
@@ -83,7 +83,7 @@ def _export_as_qwen2(cfg: ModelConfig) -> bool:
   return cfg.arch == "qwen2" and cfg.qkv_bias and not cfg.out_bias and cfg.rope_scaling is None
 
 
-def config_to_hf(cfg: ModelConfig, **extra) -> dict[str, Any]:
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
   """An HF config.json dict that transformers loads as the same model."""
   qwen = _export_as_qwen2(cfg)
   out: dict[str, Any] = dict(
@@ -105,7 +105,6 @@ def config_to_hf(cfg: ModelConfig, **extra) -> dict[str, Any]:
     out.update(use_sliding_window=False, sliding_window=None)
   else:
     out.update(attention_bias=cfg.qkv_bias or cfg.out_bias, mlp_bias=False)
-  out.update(extra)
   return out
 
 
@@ -200,7 +199,8 @@ def _check_tensors(table, files: dict[str, Path], reader: _Reader, cfg: ModelCon
         continue
       got = reader.shape(files[hf_name], hf_name)
       if got != hf_shape:
-        wrong.append(f"{hf_name}: shape {got} in {files[hf_name].name}, config.json implies {hf_shape}")
+        wrong.append(f"{hf_name}: shape {got} in {files[hf_name].name}, config.json implies "
+                     f"{hf_shape}")
   if missing or wrong:
     lines = [f"missing tensor {m}" for m in missing[:20]] + wrong[:20]
     more = len(missing) + len(wrong) - len(lines)
@@ -208,28 +208,16 @@ def _check_tensors(table, files: dict[str, Path], reader: _Reader, cfg: ModelCon
                      + (f"\n  … and {more} more" if more > 0 else ""))
 
 
-def _place_layer(stacked_LxX: jax.Array, layer_X: jax.Array, index: jax.Array) -> jax.Array:
-  """Writes one layer into the stacked buffer (donated: updated in place)."""
-  return jax.lax.dynamic_update_index_in_dim(stacked_LxX, layer_X, index, 0)
-
-
-_place_layer_donated = jax.jit(_place_layer, donate_argnums=(0,))
-
-
-def _target_shardings(cfg: ModelConfig, mesh: Mesh | None) -> dict[str, Any]:
-  table = model_lib.param_table(cfg)
-  if mesh is None:
-    single = SingleDeviceSharding(jax.devices()[0])
-    return {name: single for name in table}
-  return {name: NamedSharding(mesh, sharding_lib.logical_to_spec(axes, shape, mesh))
-          for name, (shape, axes, _) in table.items()}
+# Writes one layer into the stacked buffer (donated: updated in place).
+_place_layer = jax.jit(lambda stacked_LxX, layer_X, i: jax.lax.dynamic_update_index_in_dim(
+    stacked_LxX, layer_X, i, 0), donate_argnums=(0,))
 
 
 def _per_layer(s: Any) -> Any:
   return NamedSharding(s.mesh, P(*s.spec[1:])) if isinstance(s, NamedSharding) else s
 
 
-def load_pretrained(hf_dir: str | os.PathLike, mesh: Mesh | None = None,
+def load_pretrained(hf_dir: str | os.PathLike, mesh: Mesh | None = None, abstract: bool = False,
                     **overrides) -> tuple[ModelConfig, model_lib.Params]:
   """Loads an HF Qwen2/Llama folder into (ModelConfig, params) sharded on `mesh`.
 
@@ -241,27 +229,28 @@ def load_pretrained(hf_dir: str | os.PathLike, mesh: Mesh | None = None,
   if not config_path.exists():
     raise FileNotFoundError(f"no config.json in {hf_dir}: not a Hugging Face model folder")
   cfg = config_from_hf(json.loads(config_path.read_text()), **overrides)
+  if abstract:
+    return cfg, checkpoint.abstract_params(cfg, mesh)
   table = _tensor_table(cfg)
   files = _weight_files(hf_dir)
   reader = _Reader()
   _check_tensors(table, files, reader, cfg)
-  shardings = _target_shardings(cfg, mesh)
+  target = model_lib.flatten(checkpoint.abstract_params(cfg, mesh))
   dtype = np.dtype(jnp.dtype(cfg.param_dtype))
-  shapes = {name: shape for name, (shape, _, _) in model_lib.param_table(cfg).items()}
   flat = {}
   for name, (template, _, to_ours, _) in table.items():
     if not name.startswith("layers/"):
       host = to_ours(reader.read(files[template], template)).astype(dtype)
-      flat[name] = jax.device_put(host, shardings[name])
+      flat[name] = jax.device_put(host, target[name].sharding)
       continue
     # Allocate the stacked buffer directly in its sharding, then fill it a
     # layer at a time (donated, so the update is in place).
-    stacked = jax.jit(lambda s=shapes[name]: jnp.zeros(s, dtype),
-                      out_shardings=shardings[name])()
-    layer_sharding = _per_layer(shardings[name])
+    stacked = jax.jit(lambda s=target[name].shape: jnp.zeros(s, dtype),
+                      out_shardings=target[name].sharding)()
+    layer_sharding = _per_layer(target[name].sharding)
     for i, hf_name in enumerate(_hf_names(name, template, cfg)):
       host = to_ours(reader.read(files[hf_name], hf_name)).astype(dtype)
-      stacked = _place_layer_donated(stacked, jax.device_put(host, layer_sharding),
+      stacked = _place_layer(stacked, jax.device_put(host, layer_sharding),
                                      jnp.int32(i))
     flat[name] = stacked
   return cfg, model_lib.unflatten(flat)
@@ -290,7 +279,9 @@ def _hf_tensors(cfg: ModelConfig, params: model_lib.Params, dtype) -> Iterator[t
         table[f"zeros/{nm}"] = (a + f"{nm}_proj.bias", (h * hd,), None, None)
     if not cfg.out_bias:
       table["zeros/o"] = (a + "o_proj.bias", (d,), None, None)
-  yield from _emit("embed", table, flat, cfg, dtype, zeros)
+  whole = lambda name: (table[name][0], table[name][1],
+                        lambda: table[name][3](_to_host(flat[name])).astype(dtype))
+  yield whole("embed")
   for i in range(cfg.layers):
     for name in sorted(n for n in table if n.startswith(("layers/", "zeros/"))):
       template, hf_shape, _, to_hf = table[name]
@@ -299,19 +290,14 @@ def _hf_tensors(cfg: ModelConfig, params: model_lib.Params, dtype) -> Iterator[t
       else:
         yield (template.format(i), hf_shape,
                lambda a=flat[name], i=i, f=to_hf: f(_to_host(a[i])).astype(dtype))
-  yield from _emit("final_norm", table, flat, cfg, dtype, zeros)
+  yield whole("final_norm")
   if "lm_head" in table:
-    yield from _emit("lm_head", table, flat, cfg, dtype, zeros)
-
-
-def _emit(name, table, flat, cfg, dtype, zeros):
-  template, hf_shape, _, to_hf = table[name]
-  yield template, hf_shape, lambda: to_hf(_to_host(flat[name])).astype(dtype)
+    yield whole("lm_head")
 
 
 def save_pretrained(model_config: ModelConfig, params: model_lib.Params,
                     out_dir: str | os.PathLike, *, max_shard_bytes: int = 4 << 30,
-                    dtype: str | None = None, extra_config: dict | None = None) -> Path:
+                    dtype: str | None = None) -> Path:
   """Writes params as an HF folder (config.json, safetensors shards + index).
 
   Shards are planned from shapes, then each is filled and written in turn, so
@@ -347,6 +333,6 @@ def save_pretrained(model_config: ModelConfig, params: model_lib.Params,
   if len(shards) > 1:
     (out / _INDEX).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-  hf_config = config_to_hf(cfg.replace(param_dtype=str(jnp.dtype(np_dtype))), **(extra_config or {}))
+  hf_config = config_to_hf(cfg.replace(param_dtype=str(jnp.dtype(np_dtype))))
   (out / "config.json").write_text(json.dumps(hf_config, indent=2))
   return out

@@ -56,11 +56,11 @@ class MetricsWriter:
   """Writes `{"step", "time", key: value}` lines to WORKDIR/metrics.jsonl (+ TensorBoard)."""
 
   def __init__(self, workdir: str | Path, tensorboard: bool = True,
-               process_index: int | None = None, filename: str = JSONL_NAME):
+               process_index: int | None = None):
     if process_index is None:
       process_index = jax.process_index()
     self.active = process_index == 0
-    self.path = Path(workdir) / filename
+    self.path = Path(workdir) / JSONL_NAME
     self._file = self._tb = None
     if not self.active:
       return
@@ -85,12 +85,6 @@ class MetricsWriter:
     self._file.flush()  # a crash must not lose the steps before it
     if self._tb is not None:
       self._tb.add_scalars(int(step), values)
-
-  def flush(self) -> None:
-    if self._file is not None:
-      self._file.flush()
-    if self._tb is not None:
-      self._tb.flush()
 
   def close(self) -> None:
     """Flushes and closes both files; later writes are an error."""
@@ -168,10 +162,9 @@ class StepTimer:
     finally:
       self.seconds[phase] += time.perf_counter() - start
 
-  def metrics(self, reset: bool = True) -> dict[str, float]:
+  def metrics(self) -> dict[str, float]:
     out = {f"time/{k}": v for k, v in self.seconds.items()}
-    if reset:
-      self.seconds.clear()
+    self.seconds.clear()
     return out
 
 

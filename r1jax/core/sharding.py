@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -112,13 +112,6 @@ def tree_shardings(logical_tree: Any, abstract_tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(
       lambda spec, a: NamedSharding(mesh, logical_to_spec(tuple(spec), a.shape, mesh)),
       logical_tree, abstract_tree, is_leaf=_is_spec)
-
-
-def init_sharded(init_fn: Callable[[], Any], logical_tree: Any, mesh: Mesh) -> Any:
-  """Runs `init_fn` straight into its shardings: nothing materialises on one device."""
-  abstract = jax.eval_shape(init_fn)
-  shardings = tree_shardings(logical_tree, abstract, mesh)
-  return jax.jit(init_fn, out_shardings=shardings)()
 
 
 def batch_spec(ndim: int, batch: int, mesh: Mesh) -> P:

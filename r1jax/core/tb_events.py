@@ -91,10 +91,6 @@ class EventWriter:
     self._file.write(record(scalar_event(step, values, time.time())))
     self._file.flush()  # as the JSONL: a crash keeps every step written before it
 
-  def flush(self) -> None:
-    if self._file is not None:
-      self._file.flush()
-
   def close(self) -> None:
     if self._file is not None:
       self._file.close()

@@ -8,15 +8,11 @@ the mesh; `abstract=True` returns only the shapes, for a run about to restore it
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import jax
 from jax.sharding import Mesh
 
 from r1jax.core import checkpoint
 from r1jax.core import model as model_lib
-from r1jax.core import sharding as sharding_lib
 from r1jax.core.config import ModelConfig, model_config
 
 def _hf():
@@ -36,34 +32,19 @@ def load_model(group, mesh: Mesh, seed: int = 0, abstract: bool = False):
   """
   numerics = dict(param_dtype=group.param_dtype, compute_dtype=group.compute_dtype,
                   remat=group.remat)
-  if abstract:
-    if group.get("init_from"):
-      path = Path(group.init_from).absolute()
-      if not (path / "model.json").exists():
-        raise FileNotFoundError(f"{path} is not an r1jax params checkpoint (no model.json)")
-      cfg = model_config(json.loads((path / "model.json").read_text())).replace(**numerics)
-      _check_shape(cfg, model_config(group), group.init_from)
-    elif group.hf_dir:
-      hf = _hf()
-      config_json = Path(group.hf_dir) / "config.json"
-      if not config_json.exists():
-        raise FileNotFoundError(f"no config.json in {group.hf_dir}")
-      cfg = hf.config_from_hf(json.loads(config_json.read_text()), **numerics)
-    else:
-      cfg = model_config(group)
-    return cfg, checkpoint.abstract_params(cfg, mesh)
   if group.get("init_from"):
-    cfg, params = checkpoint.load_params(group.init_from, mesh, **numerics)
+    cfg, params = checkpoint.load_params(group.init_from, mesh, abstract=abstract, **numerics)
     _check_shape(cfg, model_config(group), group.init_from)
     return cfg, params
   if group.hf_dir:
-    hf = _hf()
-    return hf.load_pretrained(group.hf_dir, mesh=mesh, **numerics)
+    return _hf().load_pretrained(group.hf_dir, mesh=mesh, abstract=abstract, **numerics)
   cfg = model_config(group)
-  key = jax.random.key(seed)
-  params = sharding_lib.init_sharded(lambda: model_lib.init_params(cfg, key),
-                                     model_lib.param_axes(cfg), mesh)
-  return cfg, params
+  target = checkpoint.abstract_params(cfg, mesh)
+  if abstract:
+    return cfg, target
+  init = jax.jit(lambda: model_lib.init_params(cfg, jax.random.key(seed)),
+                 out_shardings=jax.tree.map(lambda a: a.sharding, target))
+  return cfg, init()
 
 
 _SHAPE_FIELDS = ("vocab_size", "hidden", "layers", "heads", "kv_heads", "head_dim", "mlp_dim",

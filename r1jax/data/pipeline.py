@@ -151,10 +151,6 @@ class PromptIterator:
   def __next__(self) -> list[dict]:
     return next(self._it)
 
-  @property
-  def skipped(self) -> collections.Counter:
-    return self.pipeline.skipped
-
   def get_state(self) -> dict:
     """{'consumed': global items consumed, …fingerprint}: equal on every host."""
     batches = self._it.get_state()["next_index"]
@@ -234,31 +230,16 @@ class SFTPipeline:
     try:
       if isinstance(row, RowError):
         raise row
-      if self.distill_top_k:
-        doc = sft_rows.teacher_doc(row, self.tokenizer, self.distill_top_k, self.add_eos)
-        truncated = len(doc["ids"]) > self.seq_len
-        doc = {k: v[:self.seq_len] for k, v in doc.items()}
-        if not doc["targets"].any():
-          raise RowError("no_target", f"prompt fills all {self.seq_len} tokens")
-        return {"line": line, **doc, "truncated": truncated}
-      prompt, target, is_text = sft_rows.row_texts(row, self.template, self.system)
+      doc = (sft_rows.teacher_doc(row, self.tokenizer, self.distill_top_k, self.add_eos)
+             if self.distill_top_k else sft_rows.text_doc(
+                 row, self.tokenizer, self.template, self.system, self.add_bos, self.add_eos))
+      truncated = len(doc["ids"]) > self.seq_len
+      doc = {k: v[:self.seq_len] for k, v in doc.items()}
+      if not doc["targets"].any():
+        raise RowError("no_target", f"prompt fills all {self.seq_len} tokens")
     except RowError as e:
       return {"line": line, "bad": e.reason, "detail": e.detail}
-    tok = self.tokenizer
-    head = tok.encode(prompt, add_bos=self.add_bos)
-    body = tok.encode(target) + ([tok.eos_id] if self.add_eos and tok.eos_id is not None else [])
-    ids = np.asarray(head + body, np.int32)
-    targets = np.zeros(len(ids), bool)
-    targets[len(head):] = True
-    if is_text:
-      targets[1:] = True  # Every token but the first is predicted from the ones before it.
-    targets[:1] = False  # The first token would be predicted from the previous document.
-    truncated = len(ids) > self.seq_len
-    ids, targets = ids[:self.seq_len], targets[:self.seq_len]
-    if not targets.any():
-      return {"line": line, "bad": "no_target",
-              "detail": f"prompt fills all {self.seq_len} tokens"}
-    return {"line": line, "ids": ids, "targets": targets, "truncated": truncated}
+    return {"line": line, **doc, "truncated": truncated}
 
   def __iter__(self) -> SFTIterator:
     return SFTIterator(self)

@@ -101,6 +101,17 @@ def row_texts(row: Any, template: str | None, system: str | None) -> tuple[str, 
   return (*_chat_texts(turns, template), False)
 
 
+def text_doc(row: Any, tokenizer: tok_lib.Tokenizer, template: str | None, system: str | None,
+             add_bos: bool, add_eos: bool) -> dict:
+  """A text / prompt-completion / chat row's ids, and which are targets: the completion (+
+  EOS), or every token of a text row; never the first (its context is another document)."""
+  prompt, target, is_text = row_texts(row, template, system)
+  head = tokenizer.encode(prompt, add_bos=add_bos)
+  eos = [tokenizer.eos_id] if add_eos and tokenizer.eos_id is not None else []
+  ids = np.asarray(head + tokenizer.encode(target) + eos, np.int32)
+  return {"ids": ids, "targets": np.arange(len(ids)) >= (1 if is_text else max(len(head), 1))}
+
+
 def teacher_doc(row: Any, tokenizer: tok_lib.Tokenizer, k: int, add_eos: bool) -> dict:
   """A distillation row's own token ids and the teacher's top-k per completion token.
 

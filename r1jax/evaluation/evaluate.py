@@ -48,7 +48,7 @@ def _key(answer: str) -> str:
 def score_completions(rows: Sequence[dict], completions_per_row: Sequence[Sequence[str]], *,
                       benchmark: str = "", pool: pool_lib.RewardPool | None = None,
                       workers: int | None = None, timeout_s: float = 10.0,
-                      max_vote_answers: int = 8, lengths: Sequence[Sequence[int]] | None = None,
+                      lengths: Sequence[Sequence[int]] | None = None,
                       truncated: Sequence[Sequence[bool]] | None = None,
                       settings: dict | None = None) -> Report:
   """Grades k completions per row (rows: {"id", "gold", "meta", "task"}) into a Report."""
@@ -64,7 +64,7 @@ def score_completions(rows: Sequence[dict], completions_per_row: Sequence[Sequen
     pool = pool_lib.RewardPool(num_workers=workers or min(4, os.cpu_count() or 1),
                                timeout_s=timeout_s)
   try:
-    questions = _grade(rows, completions_per_row, pool, timeout_s, max_vote_answers)
+    questions = _grade(rows, completions_per_row, pool, timeout_s)
   finally:
     if owned:
       pool.close()
@@ -76,7 +76,7 @@ def score_completions(rows: Sequence[dict], completions_per_row: Sequence[Sequen
   return Report(benchmark, questions, dict(settings or {}))
 
 
-def _grade(rows, completions_per_row, pool, timeout_s, max_vote) -> list[QuestionResult]:
+def _grade(rows, completions_per_row, pool, timeout_s, max_vote=8) -> list[QuestionResult]:
   golds = [math_lib.gold_answer(r["gold"]) for r in rows]
   answers = [[math_lib.extract_answer(t) for t in texts] for texts in completions_per_row]
   # Per question: answer key -> [first raw string, votes, first sample index].

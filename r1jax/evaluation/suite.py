@@ -61,8 +61,10 @@ class EvalSuite:
   batch_size: int
 
   def run(self, params, key_of: Callable[[str], jax.Array], pool: pool_lib.RewardPool,
-          out_dir: Path | None = None, progress: bool = False) -> list[Report]:
-    """One report per benchmark; written to out_dir (process 0 only) when given."""
+          out_dir: Path | None = None, progress: bool = False,
+          settings: dict | None = None) -> list[Report]:
+    """One report per benchmark (`settings` added to each); written to out_dir (process 0
+    only) when given."""
     reports = []
     for s in self.sets:
       report = evaluate(params, self.engine, s.rows, key=key_of(s.name), k=self.k,
@@ -70,7 +72,7 @@ class EvalSuite:
                         max_prompt_tokens=self.max_prompt_tokens, batch_size=self.batch_size,
                         benchmark=s.name, pool=pool, progress=progress)
       report.skipped += s.skipped
-      report.settings["path"] = s.path
+      report.settings.update(path=s.path, **(settings or {}))
       if out_dir is not None and jax.process_index() == 0:
         report.to_json(Path(out_dir) / f"{s.name}.json")
         report.save_completions(Path(out_dir) / f"{s.name}.completions.jsonl")

@@ -134,7 +134,7 @@ def prefill(params, prompt_BxS, pmask_BxS, budget_N, *, cfg: ModelConfig, sp, gr
   out = Rollout(jnp.full((n, t_max), sp.pad_id, jnp.int32), jnp.zeros((n, t_max), bool),
                 jnp.zeros((n, t_max), jnp.float32), jnp.full((n,), STOP_LENGTH, jnp.int32),
                 prompt_BxS, pmask_BxS, jnp.int32(0), *top)
-  stops = sp.stop_table().shape[1]
+  stops = stop_table(sp.stop_ids).shape[1]
   return DecodeState(jnp.int32(0), cache, rep(logits_BxSxV[:, -1]), jnp.arange(n, dtype=jnp.int32),
                      budget_N <= 0, budget_N, jnp.full((n, stops), -1, jnp.int32), out)
 
@@ -145,7 +145,7 @@ def segment(params, st: DecodeState, key, t_end, floor, *, cfg: ModelConfig,
 
   Returns the state and its live-row count.
   """
-  stops = jnp.asarray(sp.stop_table())  # (stop sequences, longest stop)
+  stops = jnp.asarray(stop_table(sp.stop_ids))  # (stop sequences, longest stop)
   n = st.out.tokens.shape[0]
   eos = -1 if sp.eos_id is None else sp.eos_id
 

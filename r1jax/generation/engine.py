@@ -9,6 +9,8 @@ brings the result to the host in one transfer and detokenises it. Rows are group
 from __future__ import annotations
 
 import dataclasses
+import sys
+import time
 from typing import Sequence
 
 import jax
@@ -58,14 +60,17 @@ def detokenise(tokenizer: Tokenizer, tokens_NxT: np.ndarray, mask_NxT: np.ndarra
                for t, m in zip(tokens_NxT, mask_NxT))
 
 
-def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
-  """Host rollouts of equal T joined row-wise (prompts too)."""
-  def cat(field):
-    xs = [getattr(r, field) for r in parts]
-    return None if xs[0] is None else np.concatenate([np.asarray(x) for x in xs])
-  return Rollout(*(cat(f) for f in ("tokens", "mask", "logprobs", "stop_reason",
-                                    "prompt_tokens", "prompt_mask")), parts[-1].steps,
-                 cat("top_ids"), cat("top_logprobs"))
+def concat_samples(parts: Sequence[Samples]) -> Samples:
+  """Samples of several batches joined row-wise; prompts left-padded to the widest bucket."""
+  s = max(p.prompt_tokens.shape[1] for p in parts)
+  pad = lambda x: np.pad(x, ((0, 0), (s - x.shape[1], 0)))
+  cat = lambda f, fn=lambda x: x: (None if getattr(parts[0], f) is None
+                                   else np.concatenate([fn(getattr(p, f)) for p in parts]))
+  return dataclasses.replace(
+      parts[0], **{f: cat(f) for f in ("tokens", "mask", "logprobs", "stop_reason", "top_ids",
+                                       "top_logprobs")},
+      prompt_tokens=cat("prompt_tokens", pad), prompt_mask=cat("prompt_mask", pad),
+      texts=sum((p.texts for p in parts), ()))
 
 
 class Engine:
@@ -86,14 +91,15 @@ class Engine:
   def max_prompt_len(self) -> int:
     return self.sampler.max_prompt_len
 
-  def launch(self, params, prompts: Sequence[Sequence[int]], key: jax.Array,
-             k: int) -> Rollout:
+  def launch(self, params, prompts: Sequence[Sequence[int]], key: jax.Array, k: int,
+             pad_to: int = 0) -> Rollout:
     """Samples k completions of each prompt; returns the sampler's device arrays.
 
     Returns when decoding has ended (the segment loop reads each segment's live-row count);
     the transfer to the host is left to `collect`, so the caller may first queue more device
     work on the result (RL's reference forward).
     """
+    prompts = list(prompts) + [prompts[0]] * (pad_to - len(prompts))  # one shape per batch
     return self.sampler.generate(params, prompts, self.params, key, group=k)
 
   def collect(self, rollout: Rollout, k: int, prompts: int | None = None) -> Samples:
@@ -107,9 +113,17 @@ class Engine:
   def sample_many(self, params, prompts: Sequence[Sequence[int]], key: jax.Array, k: int,
                   batch_size: int, progress: bool = False) -> Samples:
     """k completions of each prompt, in fixed-size batches (the last one padded)."""
-    parts = self.sampler.generate_many(params, prompts, self.params, key,
-                                       batch_size=batch_size, group=k, progress=progress)
-    return self._samples(concat_rollouts(parts), k)
+    parts, start, batches = [], time.perf_counter(), range(0, len(prompts), batch_size)
+    for i, lo in enumerate(batches):
+      chunk = prompts[lo:lo + batch_size]
+      parts.append(self.collect(self.launch(params, chunk, jax.random.fold_in(key, i), k,
+                                            pad_to=batch_size), k, prompts=len(chunk)))
+      if progress:
+        tokens = sum(int(p.lengths.sum()) for p in parts)
+        print(f"\rsampling: batch {i + 1}/{len(batches)}, {tokens} tokens, "
+              f"{tokens / max(time.perf_counter() - start, 1e-9):.0f} tok/s",
+              end="\n" if i + 1 == len(batches) else "", file=sys.stderr, flush=True)
+    return concat_samples(parts)
 
   def _samples(self, host: Rollout, k: int) -> Samples:
     tokens, mask = np.asarray(host.tokens), np.asarray(host.mask)

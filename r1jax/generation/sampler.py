@@ -24,8 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import sys
-import time
 from typing import Sequence
 
 import jax
@@ -75,10 +73,6 @@ class SamplingParams:
     if any(not q or min(q) < 0 for q in seqs):
       raise ValueError(f"stop sequences must be non-empty and of token ids >= 0: {seqs}")
     object.__setattr__(self, "stop_ids", seqs)
-
-  def stop_table(self) -> np.ndarray:
-    """(stop sequences, longest stop) int32, each right-aligned, -2 = any token before it."""
-    return decode.stop_table(self.stop_ids)
 
 
 def keep_rows(r: Rollout, prompts: int, group: int) -> Rollout:
@@ -218,26 +212,6 @@ class Sampler:
       st = self._jit(("resize", rows, slots, new_rows, new_slots), functools.partial(
           decode.resize, rows=new_rows, slots=new_slots))(st)
       rows, slots = new_rows, new_slots
-
-  def generate_many(self, params, prompts: Sequence[Sequence[int]], sp: SamplingParams,
-                    key: jax.Array, batch_size: int, group: int = 1,
-                    progress: bool = True) -> list[Rollout]:
-    """Samples prompts in fixed-size batches (the last one padded), with a progress line."""
-    out, start, done_tokens = [], time.perf_counter(), 0
-    batches = range(0, len(prompts), batch_size)
-    for i, lo in enumerate(batches):
-      chunk = list(prompts[lo:lo + batch_size])
-      real = len(chunk)
-      chunk += [chunk[0]] * (batch_size - real)  # same shape -> no recompilation
-      r = self.generate(params, chunk, sp, jax.random.fold_in(key, i), group)
-      out.append(keep_rows(jax.device_get(r), real, group))
-      done_tokens += int(out[-1].mask.sum())
-      if progress:
-        rate = done_tokens / max(time.perf_counter() - start, 1e-9)
-        print(f"\rsampling: batch {i + 1}/{len(batches)}, {done_tokens} tokens, "
-              f"{rate:.0f} tok/s", end="\n" if i + 1 == len(batches) else "",
-              file=sys.stderr, flush=True)
-    return out
 
 
 class _ShardedDecodeFn:

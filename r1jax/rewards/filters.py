@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from r1jax.core.config import typed
 from r1jax.data.formats import parse_readable
 from r1jax.rewards import format as format_lib
 from r1jax.rewards import language
@@ -61,12 +62,7 @@ class Filters:
 
   @classmethod
   def from_config(cls, c: Mapping) -> Filters:
-    c = dict(c.to_dict() if hasattr(c, "to_dict") else c)
-    unknown = set(c) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"unknown filters {sorted(unknown)}; known: "
-                       f"{sorted(f.name for f in dataclasses.fields(cls))}")
-    return cls(**c)
+    return typed(cls, "filters", c)
 
 
 def longest_paragraph(text: str) -> int:

@@ -61,14 +61,10 @@ class Outcome:
   def ok(self) -> bool:
     return self.error is None
 
-  @property
-  def pool_broken(self) -> bool:
-    """The pool could not run the task at all (a setup bug, not this sample's failure)."""
-    return self.error is not None and self.error.startswith(_BROKEN)
-
   def value_or_raise(self) -> Any:
-    """The value (the fallback for a failed task); raises RewardPoolBroken if no worker ran."""
-    if self.pool_broken:
+    """The value (the fallback for a failed task); raises RewardPoolBroken if no worker ran
+    (a setup bug, not this sample's failure)."""
+    if self.error is not None and self.error.startswith(_BROKEN):
       raise RewardPoolBroken("RewardPool is broken: " + self.error[len(_BROKEN):])
     return self.value
 

@@ -12,20 +12,18 @@ collects it after the host rule rewards ran, so the two overlap.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from r1jax.core import attention, checkpoint
 from r1jax.core import model as model_lib
 from r1jax.core import sharding as sharding_lib
-from r1jax.core.config import ModelConfig, model_config
+from r1jax.core.config import ModelConfig
 from r1jax.core.tokenizer import check_template, load_tokenizer
 from r1jax.data.preferences import encode_pairs
 from r1jax.rewards import registry
@@ -76,22 +74,13 @@ def save_rm(path: str | Path, params, cfg: ModelConfig) -> Path:
 
 def load_rm(path: str | Path, mesh: Mesh | None = None):
   """(ModelConfig, params) of a saved reward model, restored into `mesh`'s shardings."""
-  path = Path(path).absolute()
-  meta_path = path / "model.json"
-  if not meta_path.exists():
-    raise FileNotFoundError(f"{path} is not a reward-model checkpoint (no model.json)")
-  meta = json.loads(meta_path.read_text())
-  if meta.pop("kind", None) != "reward_model":
-    raise ValueError(f"{path} holds a policy, not a reward model (model.json has no "
-                     "kind=reward_model)")
-  cfg = model_config(meta)
   mesh = mesh or sharding_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  abstract = jax.eval_shape(lambda: init_rm(cfg, jax.random.key(0)))
-  shardings = sharding_lib.tree_shardings(rm_axes(cfg), abstract, mesh)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
-  with ocp.StandardCheckpointer() as ckptr:
-    return cfg, ckptr.restore(path / "params", target)
+
+  def target(cfg):
+    abstract = jax.eval_shape(lambda: init_rm(cfg, jax.random.key(0)))
+    return checkpoint.abstract_like(abstract,
+                                    sharding_lib.tree_shardings(rm_axes(cfg), abstract, mesh))
+  return checkpoint.load_params(path, mesh, kind="reward_model", target=target)
 
 
 # ------------------------------------------------------------------------- scoring

@@ -46,12 +46,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
   out_dir, lead = Path(workdir) / "eval", jax.process_index() == 0
   with pool_lib.RewardPool(num_workers=min(4, os.cpu_count() or 1)) as pool:
     reports = suite.run(params, lambda name: suite_lib.benchmark_key(config.seed, name), pool,
-                        progress=lead)
-    for report in reports:  # settings record the seed too, then the files are written
-      report.settings["seed"] = config.seed
-      if lead:
-        report.to_json(out_dir / f"{report.benchmark}.json")
-        report.save_completions(out_dir / f"{report.benchmark}.completions.jsonl")
+                        out_dir, progress=lead, settings={"seed": config.seed})
   table = markdown_table(reports)
   if lead:
     (out_dir / "report.md").write_text(table)

@@ -311,13 +311,6 @@ def _batches(n_items: int, per: int, host: int, hosts: int) -> list[int]:
   return list(range(host, -(-n_items // per), hosts))
 
 
-def _launch(engine: Engine, params, items: list[dict], per: int, key, k: int):
-  """Starts one batch (asynchronously); a short last batch is padded to the same shape."""
-  ids = [it["prompt_ids"] for it in items]
-  ids += [ids[0]] * (per - len(ids))
-  return engine.launch(params, ids, key, k)
-
-
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
   """Generates, grades, filters and writes config.data.prompts' dataset into workdir."""
   validate(config)
@@ -390,7 +383,8 @@ def _decode_all(config, engine: Engine, params, items, todo: list[int], writer: 
     if pos < len(todo) and not stop.requested:
       b = todo[pos]
       chunk = items[b * per:(b + 1) * per]
-      launched = (b, chunk, _launch(engine, params, chunk, per, jax.random.fold_in(key, b), k))
+      launched = (b, chunk, engine.launch(params, [it["prompt_ids"] for it in chunk],
+                                          jax.random.fold_in(key, b), k, pad_to=per))
     if graded is not None:  # the previous batch, graded in the pool during this decode
       b0, rows, counts = graded.result()
       now = time.perf_counter()

@@ -47,11 +47,6 @@ def reward_model_config(steps: int = 2000) -> ml_collections.ConfigDict:
   return c
 
 
-def pair_batch(encoded: dict[str, tuple[np.ndarray, np.ndarray]]) -> PairBatch:
-  """`encode_pairs` output as a PairBatch (host arrays)."""
-  return PairBatch(*encoded["chosen"], *encoded["rejected"])
-
-
 def validation_norm(chosen: np.ndarray, rejected: np.ndarray) -> dict[str, float]:
   """The RM's held-out facts, saved beside it as norm.json: the mean / std of its scores on
   every held-out response (the fixed affine a reward spec's `norm: "validation"` applies)
@@ -90,7 +85,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     def one_step(step: int, state):
       nonlocal scores
       enc = encode_pairs(tok, _rows(train, order, step, d.batch), d.template, d.max_len)
-      state, m = trainer.step(state, trainer.put_batch(pair_batch(enc)))
+      batch = PairBatch(*enc["chosen"], *enc["rejected"])
+      state, m = trainer.step(state, trainer.put_batch(batch))
       metrics = {k: float(np.asarray(v)) for k, v in m.items()}
       scores = None
       if held_out and (step % config.eval_every == 0 or step == config.steps):

@@ -259,16 +259,10 @@ def roll_out(rl: RLRun, params: Any, ref: Any, problems: list[dict], key: jax.Ar
     rewards = rl.scorer.score(reward_inputs(problems, samples.texts, samples.lengths, g))
   with timer("rollout"):
     ref_logp = None if ref_logp is None else np.asarray(ref_logp)
-  return ScoredRollout(problems, samples, rewards, ref_logp, _advantages(rl, rewards),
-                       _keep(rl, rewards, len(problems)))
-
-
-def _advantages(rl: RLRun, rewards: RewardBatch) -> np.ndarray:
-  return adv_lib.rollout_advantages(rewards, rl.grpo, rl.scorer.components)
-
-
-def _keep(rl: RLRun, rewards: RewardBatch, b: int) -> np.ndarray:
-  return adv_lib.keep_groups(rewards, rl.grpo, rl.config.dynamic_sampling, b)
+  return ScoredRollout(
+      problems, samples, rewards, ref_logp,
+      adv_lib.rollout_advantages(rewards, rl.grpo, rl.scorer.components),
+      adv_lib.keep_groups(rewards, rl.grpo, rl.config.dynamic_sampling, len(problems)))
 
 
 def collect(rl: RLRun, params: Any, ref: Any, step_key: jax.Array,
@@ -325,7 +319,7 @@ def step_metrics(rl: RLRun, parts: list[ScoredRollout], update: UpdateBatch,
   out["reward/masked_samples"] = float(sum((~p.row_ok).sum() for p in parts))
   out["dynamic/informative_groups"] = float(update.live)
   out["dynamic/rollouts"] = float(len(parts))
-  out.update({f"data/skipped_{k}": float(v) for k, v in dict(rl.data.skipped).items()})
+  out.update({f"data/skipped_{k}": float(v) for k, v in dict(rl.data.pipeline.skipped).items()})
   out.update(rl.loop.timer.metrics())
   step_s = sum(v for k, v in out.items() if k.startswith("time/"))
   out["tokens_per_s"] = float(lengths.sum() * len(parts) / max(step_s, 1e-9))
@@ -356,12 +350,12 @@ def iteration(rl: RLRun, state: TrainState, ref: Any, step: int,
                     _step_key(rl, step))
   else:
     with rl.loop.timer("rollout"):  # what of the rollout the last update did not hide
-      parts = ahead.result()
+      parts = ahead.pending.result()
   nxt = (_start_ahead(rl, state.params, step + 1)
          if rl.grpo.overlap and step < rl.config.steps else None)
   if nxt is not None and rl.grpo.overlap == "rewards":
     with rl.loop.timer("rollout"):  # the next samples first: the devices never run both
-      nxt.wait_sampled()
+      nxt.sampled.wait()
   try:
     state, ref, train_metrics, update = _update(rl, state, ref, step, parts)
   except BaseException:
@@ -419,7 +413,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
       wall += sum(metrics.get(f"time/{k}", 0.0) for k in ("rollout", "reward", "update"))
       if rl.evals.sets and ((e.every and step % e.every == 0) or step == config.steps):
         if ahead is not None:  # the reward pool serves one caller: the rollout ends first
-          wall += ahead.wait()
+          wall += ahead.pending.wait()
         with loop.timer("eval"):
           metrics.update(evaluate(rl, state.params, step))
         metrics.update(loop.timer.metrics())

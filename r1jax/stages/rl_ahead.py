@@ -53,19 +53,6 @@ class Ahead:
   timer: StepTimer  # its own rollout / reward seconds (the loop's timer is the main thread's)
   sampled: threading.Event  # set once the samples are on the host (or the thread ended)
 
-  def result(self) -> list:
-    """The rollout's parts; re-raises what the background thread raised."""
-    return self.pending.result()
-
-  def wait(self) -> float:
-    """Seconds waited until the background thread was done (it keeps its result, or its
-    error)."""
-    return self.pending.wait()
-
-  def wait_sampled(self) -> None:
-    """Until the samples are on the host: their device work is over."""
-    self.sampled.wait()
-
   def metrics(self) -> dict[str, float]:
     """Seconds the rollout and its scoring took in the background (hidden from the step's
     time/ split where the update covered them; time/rollout is the wait that was not)."""

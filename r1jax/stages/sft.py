@@ -13,7 +13,6 @@ go to WORKDIR/final for the next stage.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from r1jax.core.config import model_config, opt_config, opt_group, stage_group
 from r1jax.core.tokenizer import TEMPLATES, load_tokenizer, tokenizer_fingerprint, tokenizer_path
 from r1jax.core.weights import check_vocab, load_model
 from r1jax.data import pipeline as data_lib
-from r1jax.train.batches import sft_batch
+from r1jax.data.rows import read_records
+from r1jax.train.batches import SFTBatch
 from r1jax.train.loop import TrainLoop
 from r1jax.train.trainer import SFTSettings, Trainer
 
@@ -75,16 +75,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def check_teacher(path: str, tokenizer_file: str, vocab_size: int, top_k: int) -> None:
   """Logit distillation needs the teacher's ids to be the student's: checked on the data's
   first teacher record, before any training (ValueError naming both sides)."""
-  first = None
-  with open(path, "rb") as f:
-    for raw in f:
-      try:
-        row = json.loads(raw)
-      except ValueError:
-        continue
-      if isinstance(row, dict) and isinstance(row.get("teacher"), dict):
-        first = row["teacher"]
-        break
+  first = next((row["teacher"] for _, row in read_records(path)
+                if isinstance(row, dict) and isinstance(row.get("teacher"), dict)), None)
   if first is None:
     raise ValueError(f"distill.top_k={top_k} but {path} has no teacher logprobs: write it with "
                      "the generate stage's output.top_k_logprobs >= distill.top_k")
@@ -149,7 +141,7 @@ def run(config, workdir: Path) -> dict:
       except data_lib.DataInterrupted:  # SIGTERM while skipping bad rows
         loop.summary["preempted"] = True
         return None
-      state, train = trainer.sft_step(state, trainer.put_batch(sft_batch(packed)))
+      state, train = trainer.sft_step(state, trainer.put_batch(SFTBatch(**packed)))
       jax.block_until_ready(state)
       metrics = _metrics(train, it.counts, time.perf_counter() - t0, int(packed["mask"].sum()))
       return state, metrics, {"data": it.get_state()}

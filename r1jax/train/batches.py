@@ -93,14 +93,6 @@ class PairBatch:
 # ---------------------------------------------------------------------------- host builders
 
 
-def sft_batch(packed: dict[str, np.ndarray]) -> SFTBatch:
-  """An SFTPipeline batch dict as an SFTBatch."""
-  return SFTBatch(tokens=packed["tokens"], mask=packed["mask"], loss_mask=packed["loss_mask"],
-                  positions=packed["positions"], segment_ids=packed["segment_ids"],
-                  top_ids=packed.get("top_ids"), top_logprobs=packed.get("top_logprobs"),
-                  teacher_mask=packed.get("teacher_mask"))
-
-
 def rollout_batch(samples: Samples, advantages_N: np.ndarray,
                   ref_logp_NxT: np.ndarray | None = None) -> RolloutBatch:
   """Prompt (repeated G times) + completion rows of one set of samples, on the host."""

@@ -50,34 +50,34 @@ from r1jax.core.config import GRPOConfig, ModelConfig
 def _chunk_logp(params: model.Params, h_NxWxD: jax.Array, tgt_NxW: jax.Array, cfg: ModelConfig,
                 temperature: float) -> tuple[jax.Array, jax.Array]:
   """Logprob of each target and the entropy, for one chunk of positions."""
-  logits_NxWxV = model.unembed(params, h_NxWxD, cfg) / temperature
-  lsm_NxWxV = jax.nn.log_softmax(logits_NxWxV, axis=-1)
+  lsm_NxWxV = jax.nn.log_softmax(model.unembed(params, h_NxWxD, cfg) / temperature, axis=-1)
+  return _target_logp(lsm_NxWxV, tgt_NxW), -jnp.sum(jnp.exp(lsm_NxWxV) * lsm_NxWxV, axis=-1)
+
+
+def _target_logp(lsm_NxWxV: jax.Array, tgt_NxW: jax.Array) -> jax.Array:
   # A one-hot reduction instead of a gather: stays local when V is sharded.
   hit_NxWxV = jnp.arange(lsm_NxWxV.shape[-1]) == tgt_NxW[..., None]
-  logp_NxW = jnp.sum(jnp.where(hit_NxWxV, lsm_NxWxV, 0.0), axis=-1)
-  ent_NxW = -jnp.sum(jnp.exp(lsm_NxWxV) * lsm_NxWxV, axis=-1)
-  return logp_NxW, ent_NxW
+  return jnp.sum(jnp.where(hit_NxWxV, lsm_NxWxV, 0.0), axis=-1)
+
+
+def _chunked(fn, chunk: int, *xs_NxT: jax.Array) -> tuple[jax.Array, ...]:
+  """fn over chunks of `chunk` positions of (N, T, …) arrays, rematerialised: only one
+  chunk's N·chunk·V logits is ever live, in the forward and the backward; (N, T) outputs."""
+  n, t = xs_NxT[0].shape[:2]
+  c = max(1, min(chunk, t))
+  to_chunks = lambda x: jnp.pad(x, ((0, 0), (0, -t % c)) + ((0, 0),) * (x.ndim - 2)).reshape(
+      n, -1, c, *x.shape[2:]).swapaxes(0, 1)
+  outs = jax.lax.map(jax.checkpoint(lambda x: fn(*x)), tuple(map(to_chunks, xs_NxT)))
+  return tuple(o.swapaxes(0, 1).reshape(n, -1)[:, :t] for o in outs)
 
 
 def chunked_logprobs(params: model.Params, h_NxTxD: jax.Array, tgt_NxT: jax.Array,
                      cfg: ModelConfig, temperature: float = 1.0,
                      chunk: int = 128) -> tuple[jax.Array, jax.Array]:
-  """(logp_NxT, entropy_NxT) of targets given the hidden state that predicts each.
-
-  Scans over chunks of `chunk` positions with a rematerialised body, so only
-  one chunk's N·chunk·V f32 logits is ever live, in the forward and backward.
-  """
-  n, t, d = h_NxTxD.shape
-  c = max(1, min(chunk, t))
-  pad = -t % c
-  h_NxTxD = jnp.pad(h_NxTxD, ((0, 0), (0, pad), (0, 0)))
-  tgt_NxT = jnp.pad(tgt_NxT, ((0, 0), (0, pad)))
-  h_UxNxWxD = h_NxTxD.reshape(n, -1, c, d).swapaxes(0, 1)
-  tgt_UxNxW = tgt_NxT.reshape(n, -1, c).swapaxes(0, 1)
-  body = jax.checkpoint(lambda x: _chunk_logp(params, x[0], x[1], cfg, temperature))
-  logp_UxNxW, ent_UxNxW = jax.lax.map(body, (h_UxNxWxD, tgt_UxNxW))
-  unchunk = lambda x: x.swapaxes(0, 1).reshape(n, -1)[:, :t]
-  return unchunk(logp_UxNxW), unchunk(ent_UxNxW)
+  """(logp_NxT, entropy_NxT) of targets given the hidden state that predicts each, over
+  chunks of `chunk` positions (`_chunked`)."""
+  return _chunked(lambda h, y: _chunk_logp(params, h, y, cfg, temperature), chunk, h_NxTxD,
+                  tgt_NxT)
 
 
 def _hidden(params: model.Params, cfg: ModelConfig, tokens_NxQ: jax.Array, plan: AttentionPlan,
@@ -147,8 +147,7 @@ def _chunk_kd(params: model.Params, h_NxWxD: jax.Array, tgt_NxW: jax.Array,
   """
   lsm_NxWxV = jax.nn.log_softmax(model.unembed(params, h_NxWxD, cfg), axis=-1)
   v = lsm_NxWxV.shape[-1]
-  hit_NxWxV = jnp.arange(v) == tgt_NxW[..., None]
-  logp_NxW = jnp.sum(jnp.where(hit_NxWxV, lsm_NxWxV, 0.0), axis=-1)
+  logp_NxW = _target_logp(lsm_NxWxV, tgt_NxW)
   lq_NxWxk = jnp.take_along_axis(lsm_NxWxV, ids_NxWxk, axis=-1)
   n, w, _ = ids_NxWxk.shape
   in_top_NxWxV = jnp.zeros((n, w, v), bool).at[
@@ -179,18 +178,8 @@ def distill_loss(params: model.Params, cfg: ModelConfig, tokens_NxQ: jax.Array,
     raise ValueError(f"teacher top-k {top_ids_NxQxk.shape} / {top_logp_NxQxk.shape} must be "
                      f"(N, Q, k) with (N, Q) = {tokens_NxQ.shape}")
   h_NxQxD = _hidden(params, cfg, tokens_NxQ, plan, positions_NxQ)
-  h_NxTxD, tgt_NxT = h_NxQxD[:, :-1], tokens_NxQ[:, 1:]
-  ids_NxTxk, tlp_NxTxk = top_ids_NxQxk[:, 1:], top_logp_NxQxk[:, 1:]
-  n, t, d = h_NxTxD.shape
-  c = max(1, min(chunk, t))
-  pad = -t % c
-  padded = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
-  to_chunks = lambda x: padded(x).reshape(n, -1, c, *x.shape[2:]).swapaxes(0, 1)
-  body = jax.checkpoint(lambda x: _chunk_kd(params, *x, cfg))
-  logp_UxNxW, kl_UxNxW = jax.lax.map(body, tuple(map(to_chunks, (
-      h_NxTxD, tgt_NxT, ids_NxTxk, tlp_NxTxk))))
-  unchunk = lambda x: x.swapaxes(0, 1).reshape(n, -1)[:, :t]
-  logp_NxT, kl_NxT = unchunk(logp_UxNxW), unchunk(kl_UxNxW)
+  logp_NxT, kl_NxT = _chunked(lambda *x: _chunk_kd(params, *x, cfg), chunk, h_NxQxD[:, :-1],
+                              tokens_NxQ[:, 1:], top_ids_NxQxk[:, 1:], top_logp_NxQxk[:, 1:])
   m_NxT = loss_mask_NxQ[:, 1:].astype(bool)
   kd_NxT = m_NxT & teacher_mask_NxQ[:, 1:].astype(bool)
   ntok = jnp.sum(m_NxT, dtype=jnp.float32)
