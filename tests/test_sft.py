@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from r1jax import stages
+from r1jax.stages import sft as sft_stage
 from r1jax.core import attention, checkpoint, model
 from r1jax.core.config import ModelConfig
 from r1jax.core.errors import DataError, SaveFailed
@@ -226,3 +227,19 @@ def test_sigterm_while_skipping_bad_rows_exits_within_seconds(world, tmp_path):
   out = main_runs.finish(proc, timeout=60, returncode=EXIT_PREEMPTED)
   assert time.monotonic() - sent < 10, out[-2000:]
   assert json.loads((tmp_path / "w" / "summary.json").read_text())["preempted"] is True
+
+
+def test_the_teacher_check_reads_the_data_in_any_format(world, tmp_path):
+  """check_teacher reads the first teacher record through the one loader: a JSON array (or
+  CSV, parquet) of KD rows is checked like jsonl, not refused as having no teacher."""
+  from r1jax.core.tokenizer import tokenizer_fingerprint
+  teacher = {"tokenizer": tokenizer_fingerprint(world["tokenizer"]), "vocab_size": 7,
+             "top_ids": [[1, 2]], "top_logprobs": [[-0.1, -2.0]]}
+  rows = tmp_path / "kd.json"
+  rows.write_text(json.dumps([{"prompt_ids": [1], "completion_ids": [2], "teacher": teacher}],
+                             indent=2))
+  with pytest.raises(ValueError, match="teacher tokenizer .* / vocab 7, student .* / vocab 9"):
+    sft_stage.check_teacher(str(rows), world["tokenizer"], 9, 2)
+  sft_stage.check_teacher(str(rows), world["tokenizer"], 7, 2)
+  with pytest.raises(ValueError, match="stores 2 teacher logprobs per token, fewer than"):
+    sft_stage.check_teacher(str(rows), world["tokenizer"], 7, 4)
