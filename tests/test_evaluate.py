@@ -375,3 +375,18 @@ def test_eval_stage_end_to_end(tiny, shared_data, tmp_path, capsys):
   eval_stage.run(stage_config(tiny[0], f"{held_out},{math500}"), tmp_path / "swapped")
   swapped = (tmp_path / "swapped" / "eval" / "math500.completions.jsonl").read_text()
   assert swapped == (out / "math500.completions.jsonl").read_text()
+
+
+def test_a_benchmark_with_too_many_unusable_rows_is_refused(tmp_path, shared_data):
+  """The eval stage's benchmarks go through max_bad_share like every other input: the real
+  AIME file with 2 broken lines appended (2 of 32 rows) loads at 10 %, stops at 1 %."""
+  from r1jax.core.config import eval_group
+  from r1jax.core.errors import DataError
+  from r1jax.evaluation.suite import load_sets
+  path = tmp_path / "aime24.jsonl"
+  path.write_text((shared_data / "aime24" / "test.jsonl").read_text() + "{oops\n[1]\n")
+  e = eval_group(benchmarks=str(path))
+  assert load_sets(e, 0.1)[0].skipped == 2
+  with pytest.raises(DataError, match=r"2 of 32 rows are unusable .* the first is row 31: "
+                                      r"malformed_json"):
+    load_sets(e, 0.01)
