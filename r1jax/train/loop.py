@@ -76,7 +76,10 @@ class TrainLoop:
         self.summary.pop("final", None)
         self.summary.update(failed=f"{type(exc).__name__}: {exc}"[:2000],
                             exit_code=errors.exit_code(exc))
-        self.finish(self.summary.get("step", 0))
+        try:
+          self.finish(self.summary.get("step", 0))
+        except OSError as e:  # a full disk must not hide the error that ended the run
+          log.error("%s: could not write summary.json: %s", self.stage, e)
 
   def start(self, abstract: Any, fresh: Callable[[], Any], resuming: bool
             ) -> tuple[int, Any, dict]:
