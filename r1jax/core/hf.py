@@ -222,7 +222,8 @@ def load_pretrained(hf_dir: str | os.PathLike, mesh: Mesh | None = None, abstrac
   """Loads an HF Qwen2/Llama folder into (ModelConfig, params) sharded on `mesh`.
 
   `overrides` set ModelConfig fields not stored by HF (param_dtype,
-  compute_dtype, remat). Without a mesh, params land on the first device.
+  compute_dtype, remat). Without a mesh, params land on the first device. `abstract`: the
+  config and the params' ShapeDtypeStructs only (a run about to restore its own checkpoint).
   """
   hf_dir = Path(hf_dir)
   config_path = hf_dir / "config.json"
