@@ -16,6 +16,7 @@ import pytest
 from r1jax.core import model
 from r1jax.core import sharding
 from r1jax.core.config import model_config, model_group, non_finite_fields, parse_arg
+from r1jax.core.errors import ConfigError
 
 import main_runs
 
@@ -96,6 +97,11 @@ def test_a_non_finite_setting_is_refused_before_anything_is_written(tmp_path):
   assert not (tmp_path / "run").exists()
   c.opt.lr, c.rewards.components[1]["weight"] = 1e-6, 1.0
   assert non_finite_fields(c) == []
+  out = _main("--config=experiments/tiny.py", f"--workdir={tmp_path / 'cli'}",
+              "--config.model.rope_theta=nan")  # through main: its own exit status
+  assert out.returncode == ConfigError.exit_code, out.stderr[-3000:]
+  assert "ConfigError" in out.stderr and "model.rope_theta must be finite" in out.stderr
+  assert not (tmp_path / "cli").exists()
 
 
 def _main(*args, devices=8):

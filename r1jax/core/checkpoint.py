@@ -69,8 +69,10 @@ def load_params(path: str | Path, mesh: Mesh | None = None, *, kind: str | None 
   if abstract:
     return cfg, shapes
   mismatch, problem = _stored_mismatch(path / "params", shapes)
-  if mismatch or problem:
-    raise ValueError(f"checkpoint does not match model.json: {mismatch or problem}")
+  if mismatch:
+    raise ValueError(f"checkpoint does not match model.json: {mismatch}")
+  if problem:
+    raise ValueError(f"{path}/params: {problem}")
   with ocp.StandardCheckpointer() as ckptr:
     return cfg, ckptr.restore(path / "params", shapes)
 

@@ -95,7 +95,7 @@ class ModelConfig:
 
 def model_config(cd: ml_collections.ConfigDict) -> ModelConfig:
   """Builds a ModelConfig from the `model` group of an experiment config."""
-  fields = {k: v for k, v in typed(dict, "model", cd).items()
+  fields = {k: v for k, v in (cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)).items()
             if k not in ("preset", "hf_dir", "init_from")}
   scaling = fields.pop("rope_scaling", None)
   # rope_scaling.factor == 0 is the config placeholder for "no scaling".
@@ -316,10 +316,9 @@ class OptConfig:
 
 
 def typed(cls, group: str, cd: Any):
-  """cls(**fields of a config group or dict), refusing fields cls does not have (cls=dict:
-  the plain fields)."""
+  """cls(**fields of a config group or dict), refusing fields the dataclass does not have."""
   fields = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
-  unknown = set() if cls is dict else set(fields) - {f.name for f in dataclasses.fields(cls)}
+  unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
   if unknown:
     raise ValueError(f"unknown {group} config fields: {sorted(unknown)}")
   return cls(**fields)

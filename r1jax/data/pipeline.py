@@ -197,8 +197,6 @@ class SFTPipeline:
     if batch_size < 1 or seq_len < 2:
       raise ValueError(f"need batch_size ≥ 1 and seq_len ≥ 2, got {batch_size}, {seq_len}")
     self.path = Path(path)
-    if not self.path.is_file():
-      raise FileNotFoundError(f"no data file at {self.path}")
     source = record_source(self.path)
     if len(source) == 0:
       raise DataError(f"no rows in {self.path}")
@@ -336,9 +334,9 @@ class SFTIterator:
     while the first is read (no early alarm from a bad first row), then of all rows read."""
     if self._first_bad is None:
       self._first_bad = BadRow(doc["line"], doc["bad"], doc["detail"])
-    bad = sum(v for k, v in self.counts.items() if k not in _PACKING_COUNTS)
+    skipped = {k: v for k, v in self.counts.items() if k not in _PACKING_COUNTS}
+    bad = sum(skipped.values())
     if bad > self.p.max_bad_share * max(self.counts["rows_read"], self.p.pass_records):
-      skipped = {k: v for k, v in self.counts.items() if k not in _PACKING_COUNTS}
       f = self._first_bad
       raise DataError(
           f"{self.p.path}: {bad} of {self.counts['rows_read']} rows read are unusable, over "

@@ -127,9 +127,9 @@ def record_source(path: str | Path) -> Any:
   """Random access to a file's (row number, row) records: jsonl by byte offsets (a multi-GB
   file costs 8 bytes a line), the other formats read whole."""
   path = Path(path)
-  if path.is_file() and file_format(path) == "jsonl":
-    return JsonlSource(path)
-  return list(read_records(path))
+  if not path.is_file():
+    raise FileNotFoundError(f"no data file at {path}")
+  return JsonlSource(path) if file_format(path) == "jsonl" else list(read_records(path))
 
 
 def check_bad_share(source: str | Path, good: int, bad: list[BadRow], max_share: float) -> None:

@@ -39,7 +39,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
   # Everything that can fail on bad input fails here, before the model is loaded.
   tok = load_tokenizer(tokenizer_path(config))
   stop_token_ids(tok, e.stop)
-  sets = suite_lib.load_sets(e, config.get("max_bad_share", 0.01))
+  sets = suite_lib.load_sets(e, config.max_bad_share)
   mesh = sharding.make_mesh(config.mesh.shape)
   cfg, params = load_model(config.model, mesh, seed=config.seed)
   suite = suite_lib.make_suite(e, cfg, mesh, tok, sets)

@@ -169,7 +169,7 @@ def _load_prompts(config, tok, scorer, f: filters_lib.Filters) -> tuple[list[dic
     rows = rows[:d.limit]
   items, too_long = prepare_prompts(rows, tok, d.template, d.max_prompt_tokens,
                                     d.system or None, source=d.prompts)
-  check_bad_share(d.prompts, len(items), bad + too_long, config.get("max_bad_share", 0.01))
+  check_bad_share(d.prompts, len(items), bad + too_long, config.max_bad_share)
   if not items:
     raise DataError(f"no usable prompts in {d.prompts} ({len(bad)} bad rows, {len(too_long)} "
                     f"over data.max_prompt_tokens={d.max_prompt_tokens})")

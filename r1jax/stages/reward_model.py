@@ -66,9 +66,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   """Bradley–Terry training on preference pairs in a TrainLoop, then WORKDIR/reward_model."""
   d, workdir = config.data, Path(workdir)
   # Bad input fails here, before any device work.
-  share = config.get("max_bad_share", 0.01)
-  train = load_pairs(d.train, share)
-  held_out = load_pairs(d.eval, share) if d.eval else []
+  train = load_pairs(d.train, config.max_bad_share)
+  held_out = load_pairs(d.eval, config.max_bad_share) if d.eval else []
   tok = load_tokenizer(tokenizer_path(config))
   mesh = sharding.make_mesh(config.mesh.shape)
   resuming = checkpoint.has_checkpoint(workdir / "checkpoints")

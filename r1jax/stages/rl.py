@@ -178,7 +178,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> RLRun:
   pipeline = PromptPipeline(
       config.data.train, tok, config.data.batch, template=config.data.template,
       max_prompt_tokens=config.data.max_prompt_tokens, seed=config.seed,
-      adapter=config.data.adapter, max_bad_share=config.get("max_bad_share", 0.01))
+      adapter=config.data.adapter, max_bad_share=config.max_bad_share)
   # Reward models the spec declares: loaded once, sharded on the policy's mesh.
   scorer = RewardScorer(config.rewards,  # a bad reward spec fails here
                         models=load_models(config.rewards.get("models"), mesh))
@@ -186,7 +186,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> RLRun:
   scorer.check_tasks(tasks, config.data.train)  # a task no reward judges: before any work
   weights = config.data.get("task_weights")
   check_mixture(tasks, weights.to_dict() if weights else {}, config.data.train)
-  sets = suite_lib.load_sets(config.eval, config.get("max_bad_share", 0.01))
+  sets = suite_lib.load_sets(config.eval, config.max_bad_share)
   # Only shapes here: the weights come from the run's checkpoint, or from `initial_state`.
   cfg, _ = load_model(config.model, mesh, seed=config.seed, abstract=True)
   check_vocab(tok, cfg)

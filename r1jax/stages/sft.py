@@ -111,7 +111,7 @@ def run(config, workdir: Path) -> dict:
   pipeline = data_lib.SFTPipeline(d.train, tok, d.batch, d.seq_len, template=d.template or None,
                                   seed=config.seed, num_epochs=d.epochs or None,
                                   distill_top_k=kd["top_k"],
-                                  max_bad_share=config.get("max_bad_share", 0.01))
+                                  max_bad_share=config.max_bad_share)
   # Resuming: only shapes are read here; the weights come from the run's own checkpoint.
   resuming = ckpt_lib.has_checkpoint(workdir / "checkpoints")
   cfg, params = load_model(config.model, mesh, seed=config.seed, abstract=resuming)

@@ -149,7 +149,7 @@ class TrainLoop:
     if limit and self._skipped_run >= limit:
       raise errors.NonFiniteError(
           f"{self.stage}: {self._skipped_run} updates in a row skipped as non-finite (NaN/inf "
-          f"loss, gradient or update) up to step {step}; stopping (max_skipped_updates="
+          f"loss, gradient or learning rate) up to step {step}; stopping (max_skipped_updates="
           f"{limit}). Check the learning rate and the data; the last checkpoint is finite.")
 
   def save_due(self, step: int) -> bool:
