@@ -4,14 +4,15 @@ import functools
 import math
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from r1jax.core import checkpoint
 from r1jax.core import model
 from r1jax.core import sharding
 from r1jax.core.config import ModelConfig
+from r1jax.core.weights import load_model
 
 CFG = ModelConfig(vocab_size=256, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16,
                   mlp_dim=128, qkv_bias=True, tie_embeddings=False)
@@ -58,9 +59,8 @@ def reference():
 def test_sharded_forward_matches_single_device(reference, shape):
   params, tokens, mask, ref_logits = reference
   mesh = sharding.make_mesh(shape)
-  target = checkpoint.abstract_params(CFG, mesh)  # init straight into the shardings
-  sharded = jax.jit(lambda: model.init_params(CFG, jax.random.key(0)),
-                    out_shardings=jax.tree.map(lambda a: a.sharding, target))()
+  # The stages' random init: straight into the shardings, nothing on one device first.
+  _, sharded = load_model(ml_collections.ConfigDict({**CFG.to_dict(), "hf_dir": ""}), mesh)
   # Sharded init draws the same values (up to f32 rounding of the fused scale).
   for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
