@@ -336,6 +336,7 @@ def stage_config(tok_path, benchmarks: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = "eval"
   c.seed = 3
+  c.max_bad_share = 0.01
   c.tokenizer = str(tok_path)
   c.model = model_group(vocab_size=VOCAB, max_position=2048, **TINY)
   c.mesh = ml_collections.ConfigDict({"shape": (2, 2, 2)})
