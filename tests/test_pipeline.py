@@ -71,8 +71,10 @@ def test_pipeline_runs_every_stage_and_reruns_resume(toy_zero):
     assert 0.0 <= s["pass@1"] <= 1.0 and 0.0 <= s["format"] <= 1.0
     assert 0.0 <= s["last_number_acc"] <= 1.0
   assert report["base_step"] == "step_000000" and report["final_step"] == "step_000002"
-  assert "pass@1_gain_points" in out["held_out"]
-  assert (workdir / "report.md").read_text().count("| held_out |") == 2
+  gain = 100 * (report["held_out"]["rl"]["pass@1"] - report["held_out"]["base"]["pass@1"])
+  assert out["held_out"]["rl"]["points_over_base"] == pytest.approx(gain)
+  table = (workdir / "report.md").read_text()
+  assert "### held_out" in table and "\n| base | " in table and "\n| rl | " in table
   assert any(p.endswith("reward.png") for p in out["curves"])
   base_final = workdir / "base" / "final" / "model.json"
   stamp = base_final.stat().st_mtime_ns

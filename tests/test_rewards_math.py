@@ -24,8 +24,8 @@ def pool():
 
 
 def _verify_all(pool, pairs):
-  """accuracy_reward_unsafe(completion, gold) for each pair, in the worker pool."""
-  futures = [pool.submit(math_lib.accuracy_reward_unsafe, c, g) for c, g in pairs]
+  """accuracy_reward(completion, gold) for each pair, in the worker pool."""
+  futures = [pool.submit(math_lib.accuracy_reward, c, g) for c, g in pairs]
   return [f.result() for f in futures]
 
 
@@ -72,7 +72,7 @@ def test_gold_answer_forms():
     ("27", 27.0), ("204", "204"),
 ])
 def test_equivalent_answers_pass(pred, gold):
-  assert math_lib.accuracy_reward_unsafe(rf"Thus \boxed{{{pred}}}.", gold) == 1.0
+  assert math_lib.accuracy_reward(rf"Thus \boxed{{{pred}}}.", gold) == 1.0
 
 
 @pytest.mark.parametrize("completion, gold", [
@@ -84,13 +84,13 @@ def test_equivalent_answers_pass(pred, gold):
     ("The answer is 5", "5"), ("", "5"), (r"\boxed{}", "0"),
 ])
 def test_wrong_answers_rejected(completion, gold):
-  assert math_lib.accuracy_reward_unsafe(completion, gold) == 0.0
+  assert math_lib.accuracy_reward(completion, gold) == 0.0
 
 
 def test_markdown_bold_inside_answer_tags_is_stripped_deliberately():
-  assert math_lib.accuracy_reward_unsafe("<answer>**5**</answer>", "5") == 1.0
-  assert math_lib.accuracy_reward_unsafe(r"\boxed{**5**}", "5") == 1.0
-  assert math_lib.accuracy_reward_unsafe("<answer>**6**</answer>", "5") == 0.0
+  assert math_lib.accuracy_reward("<answer>**5**</answer>", "5") == 1.0
+  assert math_lib.accuracy_reward(r"\boxed{**5**}", "5") == 1.0
+  assert math_lib.accuracy_reward("<answer>**6**</answer>", "5") == 0.0
 
 
 def test_math500_gold_boxed_agrees_with_answer_field(pool, shared_data):
@@ -143,15 +143,19 @@ def test_gsm8k_self_and_neighbour(pool, shared_data):
     ("power tower", r"\boxed{9^{9^{9^{9}}}}"),
     ("huge factorial", r"\boxed{(10^{8})!}"),
 ])
-def test_pathological_inputs_return_zero_within_timeout(name, completion):
-  assert math_lib.accuracy_reward(r"\boxed{1}", "1") == 1.0  # Warm the shared pool up first.
+def test_pathological_inputs_return_zero_within_timeout(pool, name, completion):
+  """As the trainer scores them: in a pool worker, with a hard timeout and 0.0 as fallback."""
+  def score(text, timeout_s):
+    return pool.submit(math_lib.accuracy_reward, text, "1", timeout_s=timeout_s,
+                       fallback=0.0).result().value_or_raise()
+  assert score(r"\boxed{1}", 20) == 1.0  # Workers warm first.
   start = time.monotonic()
-  assert math_lib.accuracy_reward(completion, "1", timeout_s=1.5) == 0.0, name
+  assert score(completion, 1.5) == 0.0, name
   assert time.monotonic() - start < 4.0, name  # 1.5 s hard timeout + worker restart
 
 
 def test_accuracy_reward_works_off_the_main_thread():
-  """math-verify's signal timeouts fail in threads; accuracy_reward must not."""
+  """math-verify's signal timeouts fail in threads; accuracy_reward (in-process) must not."""
   results = []
   thread = threading.Thread(target=lambda: results.append(
       math_lib.accuracy_reward(r"<think>hm</think> \boxed{\dfrac{2}{4}}", "0.5")))
@@ -165,6 +169,6 @@ def test_identical_answers_are_right_without_math_verify(monkeypatch):
   """As evaluation counts them: a prediction equal to the gold (up to spaces) is correct even
   where math-verify could not parse it, so RL, generate and eval never disagree on it."""
   monkeypatch.setattr(math_lib, "answers_equivalent", lambda pred, gold: False)
-  assert math_lib.accuracy_reward_unsafe("<answer> \\text{ Mon } </answer>", "\\text{Mon}") == 1.0
-  assert math_lib.accuracy_reward_unsafe("<answer>13</answer>", "12") == 0.0
-  assert math_lib.accuracy_reward_unsafe("<answer> </answer>", " ") == 0.0
+  assert math_lib.accuracy_reward("<answer> \\text{ Mon } </answer>", "\\text{Mon}") == 1.0
+  assert math_lib.accuracy_reward("<answer>13</answer>", "12") == 0.0
+  assert math_lib.accuracy_reward("<answer> </answer>", " ") == 0.0

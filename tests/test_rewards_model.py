@@ -15,7 +15,7 @@ from r1jax.core.config import ModelConfig, OptConfig
 from r1jax.core.metrics import read_metrics
 from r1jax.core.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from r1jax.data.preferences import encode_pairs, load_pairs
-from r1jax.rewards import compose
+from r1jax.rewards import compose, registry
 from r1jax.rewards import reward_model as rm
 from r1jax.train.batches import PairBatch
 from r1jax.train.reward_model import RMTrainer
@@ -182,7 +182,8 @@ def test_save_load_and_use_in_reward_scorer(trained, tmp_path):
   assert cfg == CFG
   assert params["head"]["w"].sharding.spec == jax.sharding.PartitionSpec("fsdp")
   scorer_rm = rm.RewardModel(params, cfg, tok, template="plain", max_len=48, batch_size=4)
-  scorer_rm.register("helpfulness_test", view="summary", overwrite=True)
+  registry.register("helpfulness_test", scorer_rm, inputs=("prompt",), kind="device",
+                    view="summary", overwrite=True)
   spec = dict(task_field="task", default_task="general", components=[
       dict(name="helpfulness_test", tasks=["general"], fields={"prompt": "question"})])
   samples = [
@@ -350,9 +351,13 @@ def test_scores_in_the_loop_equal_the_stage_scoring(trained):
   """The RL loop (RewardScorer → device reward) and the reward_model stage score alike."""
   tok, trainer, state, _ = trained
   rows = preference_rows(24, 7)
-  chosen, _ = trainer.pair_scores(state.params, tok, rows, "plain", 48)
+  chosen, _ = trainer.all_pair_scores(state.params, tok, rows, "plain", 48, 16)
+  np.testing.assert_allclose(  # the stage's scoring is the plain forward of encoded pairs
+      chosen, rm.score(state.params, *encode_pairs(tok, rows, "plain", 48)["chosen"], CFG),
+      atol=1e-5)
   model_ = rm.RewardModel(state.params, CFG, tok, template="plain", max_len=48, batch_size=16)
-  model_.register("safety_test", view="full", overwrite=True)
+  registry.register("safety_test", model_, inputs=("prompt",), kind="device", view="full",
+                    overwrite=True)
   spec = dict(default_task="general", components=[
       dict(name="safety_test", fields={"prompt": "question"})])
   samples = [{"question": r["prompt"], "completion": r["chosen"]} for r in rows]

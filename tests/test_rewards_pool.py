@@ -57,10 +57,6 @@ def _exit_cleanly():
   raise SystemExit(0)
 
 
-def _in_worker():
-  return pool_lib.in_worker()
-
-
 def _burn(seconds):
   end = time.process_time() + seconds
   while time.process_time() < end:
@@ -74,11 +70,15 @@ def pool():
     yield p
 
 
-def test_results_and_worker_flag(pool):
+def _run(pool, fn, *args):
+  """The value of one task, as the reward composer reads it (a broken pool raises)."""
+  return pool.submit(fn, *args).result(timeout=30).value_or_raise()
+
+
+def test_results_and_cpu_time(pool):
   futures = [pool.submit(_square, i) for i in range(20)]
   assert [f.result().value for f in futures] == [i * i for i in range(20)]
   assert all(f.result().ok for f in futures)
-  assert pool.run(_in_worker) is True and not pool_lib.in_worker()
   burnt = pool.submit(_burn, 0.05).result()
   assert 0.05 <= burnt.cpu_s < burnt.seconds + 0.01  # The worker's CPU time is reported.
 
@@ -95,7 +95,7 @@ def test_results_and_worker_flag(pool):
 def test_failures_become_fallbacks_and_pool_recovers(pool, fn, args, error):
   outcome = pool.submit(fn, *args).result(timeout=30)
   assert outcome.value == -1.0 and not outcome.ok and error in outcome.error, outcome
-  assert pool.run(_square, 7) == 49  # Still serving afterwards.
+  assert _run(pool, _square, 7) == 49  # Still serving afterwards.
 
 
 def test_hung_tasks_time_out_and_workers_are_replaced(pool):
@@ -127,7 +127,7 @@ def test_workers_run_in_parallel(pool):
 
 def test_overlap_with_device_work(pool):
   """Rewards submitted before a (simulated) device step finish while it runs."""
-  pool.run(_square, 1)  # Workers warm.
+  _run(pool, _square, 1)  # Workers warm.
   start = time.monotonic()
   futures = [pool.submit(_sleep, 0.3) for _ in range(4)]  # ~0.6 s of reward work.
   time.sleep(1.0)  # The device step.
@@ -175,15 +175,18 @@ def test_workers_that_cannot_start_break_the_pool_loudly(tmp_path):
 
 
 def test_unguarded_script_gets_an_exception_not_a_wrong_reward(tmp_path):
-  """accuracy_reward from a script without a __main__ guard: every worker re-runs the script
-  and dies, so a correct answer could score 0.0. The first call raises, naming the fix."""
+  """A reward scored in a pool started from a script without a __main__ guard: every worker
+  re-runs the script and dies, so a correct answer could score 0.0. Reading it raises, naming
+  the fix."""
   script = tmp_path / "score.py"
   script.write_text(
       "import sys\n"
       f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
       "from r1jax.rewards.math import accuracy_reward\n"
+      "from r1jax.rewards.pool import RewardPool\n"
       "try:\n"
-      "  print('VALUE', accuracy_reward('so \\\\boxed{4}', '4'), flush=True)\n"
+      "  outcome = RewardPool(num_workers=2).submit(accuracy_reward, 'so \\\\boxed{4}', '4')\n"
+      "  print('VALUE', outcome.result().value_or_raise(), flush=True)\n"
       "except Exception as e:\n"
       "  print('RAISED', type(e).__name__, str(e).replace(chr(10), ' '), flush=True)\n"
       "  raise\n")
@@ -208,7 +211,7 @@ def test_task_whose_module_cannot_load_fails_alone(pool, monkeypatch):
   restarts = pool.stats["restarts"]
   outcome = pool.submit(module.fn).result(timeout=30)
   assert "ModuleNotFoundError" in outcome.error and outcome.value == -1.0
-  assert pool.run(_square, 5) == 25 and pool.stats["restarts"] == restarts
+  assert _run(pool, _square, 5) == 25 and pool.stats["restarts"] == restarts
 
 
 def test_a_pool_left_open_at_exit_ends_quietly(tmp_path):
@@ -221,7 +224,7 @@ def test_a_pool_left_open_at_exit_ends_quietly(tmp_path):
       "from r1jax.rewards import pool\n"
       "if __name__ == '__main__':\n"
       "  pools = [pool.RewardPool(num_workers=2, preload=()) for _ in range(3)]\n"
-      "  print('RESULT', [p.run(abs, -2) for p in pools], flush=True)\n")
+      "  print('RESULT', [p.submit(abs, -2).result().value for p in pools], flush=True)\n")
   for _ in range(3):  # the failure it guards against is a race at exit: try a few times
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=120, check=False)

@@ -1,5 +1,6 @@
 """Sandbox tests: normal runs, bad input, and the attack suite in namespace and rlimit modes."""
 
+import importlib.util
 import json
 import os
 import secrets
@@ -11,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from r1jax.rewards import attacks
 from r1jax.rewards import sandbox
 
 REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("sandbox_check", REPO / "tools" / "sandbox_check.py")
+attacks = importlib.util.module_from_spec(_spec)  # the self-check users run: tools/, not a package
+_spec.loader.exec_module(attacks)
 NS = sandbox.namespaces_available()
 needs_ns = pytest.mark.skipif(not NS, reason="namespace mode needs root and util-linux unshare")
 
@@ -87,13 +90,14 @@ def test_attack_suite_rlimit_mode():
     pkg.mkdir(parents=True)
     (root / "r1jax" / "__init__.py").write_text("")
     (pkg / "__init__.py").write_text("")
-    for name in ("sandbox.py", "jail.py", "attacks.py"):
+    for name in ("sandbox.py", "jail.py"):
       shutil.copy(REPO / "r1jax" / "rewards" / name, pkg / name)
+    shutil.copy(REPO / "tools" / "sandbox_check.py", root / "sandbox_check.py")
     for p in [root, *root.rglob("*")]:
       p.chmod(0o755)
     uid = 3_000_000 + secrets.randbelow(1_000_000)  # A fresh uid: no other tasks count.
     child = subprocess.run(
-        [sandbox.sandbox_python(), "-m", "r1jax.rewards.attacks", "--mode", "rlimit", "--json"],
+        [sandbox.sandbox_python(), "sandbox_check.py", "--mode", "rlimit", "--json"],
         user=uid, group=uid, extra_groups=[], cwd=root, capture_output=True, text=True,
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "HOME": str(root)},
         timeout=120, check=False)

@@ -6,7 +6,7 @@ import re
 from r1jax.data import synthetic
 from r1jax.data.rows import load_rows
 from r1jax.rewards.format import format_reward
-from r1jax.rewards.math import accuracy_reward_unsafe, extract_answer
+from r1jax.rewards.math import accuracy_reward, extract_answer
 from r1jax.core.tokenizer import R1_ZERO_PROMPT
 
 
@@ -62,7 +62,7 @@ def test_every_gold_style_worked_answer_is_graded_right(tmp_path):
     if "The answer is" in sol or (got is None and " = " in sol and sol.endswith(".")):
       assert got is None
     else:
-      assert accuracy_reward_unsafe(sol, str(p.answer)) == 1.0, sol
+      assert accuracy_reward(sol, str(p.answer)) == 1.0, sol
 
 
 def test_written_dataset_loads_with_the_generic_adapter(tmp_path):

@@ -128,32 +128,23 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The default shape (3.5M parameters, the tests' and tiny experiments' model).
+TINY = dict(vocab_size=1024, hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64, mlp_dim=768,
+            qkv_bias=True, tie_embeddings=True, max_position=4096)
+
+
 def model_group(preset: str | None = None, **overrides) -> ml_collections.ConfigDict:
   """The `model` config group: a preset's shape (or the 3.5M tiny default) plus overrides."""
-  m = ml_collections.ConfigDict()
-  m.preset = preset or ""  # name in PRESETS the shape came from ('' = custom)
-  m.hf_dir = ""  # local HF folder to load weights (and shape) from; '' = random init
-  m.init_from = ""  # r1jax params checkpoint (model.json + params/) to start from; wins over hf_dir
-  m.vocab_size = 1024  # V: token ids the embedding holds
-  m.hidden = 256  # D: residual width
-  m.layers = 4  # L: decoder blocks
-  m.heads = 4  # H: query heads
-  m.kv_heads = 2  # K: key/value heads (grouped-query attention)
-  m.head_dim = 64  # per-head width (Llama may set it != hidden / heads)
-  m.mlp_dim = 768  # SwiGLU inner width
-  m.rope_theta = 10000.0  # rotary base
-  m.rms_eps = 1e-6  # RMSNorm epsilon
-  m.qkv_bias = True  # q/k/v projection biases (Qwen2 has them)
-  m.out_bias = False  # o-projection bias (Llama attention_bias=True)
-  m.tie_embeddings = True  # lm_head shares the embedding matrix
-  m.max_position = 4096  # longest sequence the rope / cache are sized for
-  m.param_dtype = "float32"  # storage dtype of params (bfloat16 on accelerators)
-  m.compute_dtype = "float32"  # activation dtype (bfloat16 on accelerators)
-  m.remat = "none"  # activation checkpointing: none | full | save_dots
-  m.arch = "qwen2"  # HF family for export: qwen2 | llama
-  # Llama-3.1 rope scaling; factor == 0 means none (kept so CLI overrides work).
-  m.rope_scaling = ml_collections.ConfigDict(dict(
-      factor=0.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192))
+  m = ml_collections.ConfigDict({
+      "preset": preset or "",  # name in PRESETS the shape came from ('' = custom)
+      "hf_dir": "",  # local HF folder to load weights (and shape) from; '' = random init
+      "init_from": "",  # r1jax params checkpoint (model.json + params/); wins over hf_dir
+      **{f.name: f.default for f in dataclasses.fields(ModelConfig)
+         if f.default is not dataclasses.MISSING},  # fields: ModelConfig (comments there)
+      **TINY,
+      # Llama-3.1 rope scaling; factor == 0 means none (kept so CLI overrides work).
+      "rope_scaling": dict(factor=0.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                           original_max_position=8192)})
   values: dict[str, Any] = {}
   if preset is not None:
     if preset not in PRESETS:

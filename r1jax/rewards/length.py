@@ -54,5 +54,5 @@ def cosine_scaled(correct: bool, length: int, max_len: int, correct_start: float
 def cosine_length_reward(completion: str, gold: str, length: int, max_len: int,
                          **scale) -> float:
   """Math accuracy scaled by response length with `cosine_scaled`; runs math-verify in-process."""
-  correct = math_lib.accuracy_reward_unsafe(completion, gold) == 1.0
+  correct = math_lib.accuracy_reward(completion, gold) == 1.0
   return cosine_scaled(correct, length, max_len, **scale)

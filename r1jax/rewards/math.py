@@ -3,8 +3,8 @@
 Extraction is deliberately strict: only an explicit final-answer form counts, never "the last
 number in the text", because loose extraction is what reward hacking feeds on. Equivalence is
 decided by math-verify (latex2sympy + sympy). Its signal-based timeouts only work in a main
-thread and cannot interrupt C code (huge integer powers), so `accuracy_reward` runs the check in
-a `pool.RewardPool` worker with a hard timeout unless it already is inside one.
+thread and cannot interrupt C code (huge integer powers), so the trainer runs `accuracy_reward`
+in a `pool.RewardPool` worker with a hard timeout (the registry's "accuracy" reward).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import re
 import threading
 
 from r1jax.data.answers import boxed_contents, strip_wrappers
-from r1jax.rewards import pool as pool_lib
 
 # An answer longer than this is not a final answer; refusing it early also bounds parser work.
 MAX_ANSWER_CHARS = 1000
@@ -92,7 +91,7 @@ def _parse(answer: str, soft_timeout: int | None) -> list:
 def answers_equivalent(pred: str, gold: str) -> bool:
   """True when two extracted answers are mathematically equivalent (math-verify, in-process).
 
-  Not protected against hangs in C code: call it inside a pool worker (see accuracy_reward).
+  Not protected against hangs in C code: call it inside a pool worker.
   """
   pred, gold = pred.strip(), gold.strip()
   if not pred or not gold or len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
@@ -105,8 +104,11 @@ def answers_equivalent(pred: str, gold: str) -> bool:
   return bool(mv.verify(gold_parsed, pred_parsed, timeout_seconds=soft))
 
 
-def accuracy_reward_unsafe(completion: str, gold: str | int | float) -> float:
-  """accuracy_reward without process isolation; for use inside a pool worker."""
+def accuracy_reward(completion: str, gold: str | int | float) -> float:
+  """1.0 if the completion's final answer equals gold mathematically, else 0.0.
+
+  In-process: run it in a pool worker for a hard timeout, as the registry's "accuracy" does.
+  """
   pred = extract_answer(completion)
   if pred is None:
     return 0.0
@@ -115,11 +117,3 @@ def accuracy_reward_unsafe(completion: str, gold: str | int | float) -> float:
     return 1.0  # the same answer, as evaluation counts it, whatever math-verify can parse
   return 1.0 if answers_equivalent(pred, gold) else 0.0
 
-
-def accuracy_reward(completion: str, gold: str | int | float, timeout_s: float = 10.0) -> float:
-  """1.0 if the completion's final answer equals gold mathematically, else 0.0 (also on timeout)."""
-  gold_answer(gold)  # Validate the type here so bad input raises in the caller, not a worker.
-  if pool_lib.in_worker():
-    return accuracy_reward_unsafe(completion, gold)
-  return pool_lib.shared_pool().run(accuracy_reward_unsafe, completion, gold,
-                                    timeout_s=timeout_s, fallback=0.0)

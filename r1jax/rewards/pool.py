@@ -34,18 +34,12 @@ import weakref
 from typing import Any, Callable
 
 _log = logging.getLogger(__name__)
-_IN_WORKER = False
 _READY = "ready"
 _BROKEN = "pool broken: "
 # This many workers in a row dying before they are ready means they can never start.
 _MAX_STARTUP_FAILURES = 3
 # Modules imported once in the forkserver so that every (re)started worker has them ready.
 PRELOAD = ("math_verify", "r1jax.rewards.compose")
-
-
-def in_worker() -> bool:
-  """True inside a RewardPool worker process (where rewards may run without more isolation)."""
-  return _IN_WORKER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +95,6 @@ def _set_parent_death_signal() -> None:
 
 def _worker_main(conn: multiprocessing.connection.Connection, memory_mb: int | None) -> None:
   """Worker loop: receive one pickled task, run it, send back (id, error, value)."""
-  global _IN_WORKER
-  _IN_WORKER = True
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle.
   _set_parent_death_signal()
   if memory_mb:
@@ -185,14 +177,6 @@ class RewardPool:
       self.stats["submitted"] += 1
     self._wake()
     return future
-
-  def run(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
-    """Blocking submit: the value, or the fallback if the task failed.
-
-    Raises RewardPoolBroken when the pool cannot run tasks at all: a reward computed by no
-    worker is never reported as the fallback value.
-    """
-    return self.submit(fn, *args, **kwargs).result().value_or_raise()
 
   def close(self) -> None:
     """Stops the dispatcher, resolves queued tasks to their fallback, and kills the workers."""
@@ -349,22 +333,7 @@ class RewardPool:
         self._replace(i, f"timeout after {task.timeout_s:g}s", "timeouts")
 
 
-_shared: RewardPool | None = None
-_shared_pid = 0
-_shared_lock = threading.Lock()
 _LIVE: weakref.WeakSet[RewardPool] = weakref.WeakSet()
-
-
-def shared_pool() -> RewardPool:
-  """A lazily started process-wide pool, for reward calls made outside any pool."""
-  global _shared, _shared_pid
-  with _shared_lock:
-    # A forked child must not use its parent's pool, whose dispatcher thread it lacks.
-    stale = _shared is None or _shared._closed  # pylint: disable=protected-access
-    if stale or _shared_pid != os.getpid():
-      _shared = RewardPool(num_workers=min(2, os.cpu_count() or 1))
-      _shared_pid = os.getpid()
-    return _shared
 
 
 @atexit.register

@@ -99,7 +99,7 @@ def view_text(completion: str, view: str) -> str:
   raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
 
 
-register("accuracy", math_lib.accuracy_reward_unsafe, inputs=("gold",), timeout_s=10.0)
+register("accuracy", math_lib.accuracy_reward, inputs=("gold",), timeout_s=10.0)
 register("code", code_lib.code_reward, inputs=("tests",), timeout_s=90.0)
 register("code_binary", code_lib.code_reward_binary, inputs=("tests",), timeout_s=90.0)
 register("cosine_length", length_lib.cosine_length_reward, inputs=("gold", "length"))

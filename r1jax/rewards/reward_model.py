@@ -59,6 +59,9 @@ def score(params, tokens_NxT: jax.Array, mask_NxT: jax.Array, cfg: ModelConfig) 
   return h_NxD.astype(jnp.float32) @ w_D + params["head"]["b"].astype(jnp.float32)
 
 
+_score = jax.jit(score, static_argnames="cfg")  # compiled once per model shape and batch
+
+
 def bradley_terry(r_chosen_B: jax.Array, r_rejected_B: jax.Array):
   """(mean −log σ(r_c − r_r), metrics): the pairwise preference loss."""
   margin_B = r_chosen_B - r_rejected_B
@@ -113,7 +116,6 @@ class RewardModel:
     self.params, self.cfg, self.tok = params, cfg, tokenizer
     self.template, self.max_len, self.batch_size, self.scale = template, max_len, batch_size, scale
     self.norm = norm or RewardNorm()
-    self._score = jax.jit(lambda p, t, m: score(p, t, m, cfg))
 
   @classmethod
   def load(cls, path: str | Path, tokenizer, mesh: Mesh | None = None, **kwargs) -> RewardModel:
@@ -135,7 +137,7 @@ class RewardModel:
               for p, t in zip(prompts[lo:lo + self.batch_size], texts[lo:lo + self.batch_size])]
       rows += [rows[0]] * (self.batch_size - len(rows))  # one compiled shape
       tokens, mask = encode_pairs(self.tok, rows, self.template, self.max_len)["chosen"]
-      parts.append(self._score(self.params, tokens, mask))
+      parts.append(_score(self.params, tokens, mask, self.cfg))
     return parts
 
   def launch(self, texts: Sequence[str], prompt: Sequence[str] | None = None,
@@ -146,11 +148,6 @@ class RewardModel:
   def __call__(self, texts: Sequence[str], prompt: Sequence[str] | None = None,
                **_) -> list[float]:
     return self.launch(texts, prompt).result() if len(texts) else []
-
-  def register(self, name: str, view: str, overwrite: bool = False):
-    """Adds this model to the reward registry (e.g. 'helpfulness' on 'summary')."""
-    return registry.register(name, self, inputs=("prompt",), kind="device", view=view,
-                             overwrite=overwrite)
 
 
 # ------------------------------------------------------------------ from a reward spec

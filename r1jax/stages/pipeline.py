@@ -121,10 +121,6 @@ def last_number_accuracy(report) -> float:
   return float(np.mean(hits)) if hits else float("nan")
 
 
-def _final_done(stage_dir: Path) -> bool:
-  return (stage_dir / "final" / "model.json").exists()
-
-
 def _report_row(path: Path) -> dict[str, Any]:
   """An eval report's summary plus the format rate and last-number accuracy, which read the
   completions saved beside it (`<benchmark>.completions.jsonl`)."""
@@ -134,37 +130,6 @@ def _report_row(path: Path) -> dict[str, Any]:
     rep.completions = [json.loads(l)["completions"] for l in completions.open()]
   return {**rep.summary(), "format": format_rate(rep),
           "last_number_acc": last_number_accuracy(rep)}
-
-
-def compare(rl_dir: Path) -> dict[str, Any]:
-  """Base (step 0) vs final held-out numbers from the rl stage's eval reports."""
-  steps = sorted((rl_dir / "eval").glob("step_*"))
-  if len(steps) < 2:
-    raise FileNotFoundError(f"{rl_dir}/eval needs the step-0 and a later eval report")
-  out: dict[str, Any] = {"base_step": steps[0].name, "final_step": steps[-1].name}
-  for report_path in sorted(steps[-1].glob("*.json")):
-    name = report_path.stem
-    row = {"base": _report_row(steps[0] / report_path.name), "rl": _report_row(report_path)}
-    row["pass@1_gain_points"] = 100 * (row["rl"]["pass@1"] - row["base"]["pass@1"])
-    out[name] = row
-  return out
-
-
-def _report_md(cmp: dict[str, Any], rl_summary: dict) -> str:
-  lines = ["| benchmark | model | pass@1 (%) | cons@k (%) | format (%) | answered (%) | "
-           "last number right (%) | mean tokens |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-  for name, row in cmp.items():
-    if not isinstance(row, dict) or "base" not in row:
-      continue
-    for label in ("base", "rl"):
-      s = row[label]
-      lines.append(f"| {name} | {label} | {100 * s['pass@1']:.1f} | {100 * s['cons@k']:.1f} | "
-                   f"{100 * s['format']:.1f} | {100 * s['extracted']:.1f} | "
-                   f"{100 * s['last_number_acc']:.1f} | {s.get('mean_tokens', float('nan')):.1f} |")
-  rl_s = rl_summary.get("rl_wall_s")
-  if rl_s is not None:
-    lines += ["", f"RL wall time (rollout + reward + update, evals excluded): {rl_s:.0f} s"]
-  return "\n".join(lines) + "\n"
 
 
 def _changed_since_last_run(name: str, config, stage_dir: Path, allowed: set[str]) -> bool:
@@ -217,7 +182,7 @@ def validate(config) -> None:
 
 def _run_chain(config, workdir: Path, allowed: set[str]) -> dict:
   """config.order's stages in turn, each in WORKDIR/<name>; finished ones (done.json) skipped."""
-  resolved = {name: resolve(config[name], workdir) for name in config.order}
+  resolved = {name: resolve(config[name], workdir) for name in _order(config)}
   rerun = {name: _changed_since_last_run(name, c, workdir / name, allowed)
            for name, c in resolved.items()}
   stages.record_config(config, workdir)
@@ -250,12 +215,21 @@ def compare_evals(config, workdir: Path) -> dict[str, Any]:
   "reward_models" (`compare_rewards`)}. pass@1's standard error (the report's) is over
   questions (each question's share of correct samples).
   """
-  ref, base = config.report.get("reference", ""), config.report.get("base", "")
+  rows, lines = _eval_table({n: workdir / n / "eval" for n in config.order
+                             if config[n].stage == "eval"},
+                            config.report.get("reference", ""), config.report.get("base", ""))
+  if config.report.get("rewards"):
+    rows["rewards"], more = compare_rewards(config, workdir)
+    lines += more
+  _write_report(workdir, rows, lines)
+  return rows
+
+
+def _eval_table(eval_dirs: dict[str, Path], ref: str, base: str) -> tuple[dict, list[str]]:
+  """Each benchmark's eval reports (one per label) side by side: rows and markdown lines."""
   rows: dict[str, dict] = {}
-  for name in config.order:
-    if config[name].stage != "eval":
-      continue
-    for path in sorted((workdir / name / "eval").glob("*.json")):
+  for name, folder in eval_dirs.items():
+    for path in sorted(folder.glob("*.json")):
       rows.setdefault(path.stem, {})[name] = _report_row(path)
   lines = []
   for bench, by_stage in rows.items():
@@ -275,13 +249,13 @@ def compare_evals(config, workdir: Path) -> dict[str, Any]:
                    f"{100 * s.get('of_reference', float('nan')):.1f} % | "
                    f"{s.get('points_over_base', float('nan')):+.1f} |")
     lines.append("")
-  if config.report.get("rewards"):
-    rows["rewards"], more = compare_rewards(config, workdir)
-    lines += more
+  return rows, lines
+
+
+def _write_report(workdir: Path, rows: dict, lines: list[str]) -> None:
   (workdir / "report.json").write_text(json.dumps(rows, indent=2, default=float))
   (workdir / "report.md").write_text("\n".join(lines))
   print("\n".join(lines), flush=True)
-  return rows
 
 
 def reward_means(stage_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
@@ -343,32 +317,20 @@ def run(config, workdir: Path) -> dict:
   workdir = Path(workdir).absolute()
   validate(config)  # a bad later-stage value fails now, not after hours of earlier stages
   allowed = {f.strip() for f in config.get("allow_changes", "").split(",") if f.strip()}
-  if config.get("order"):
-    return _run_chain(config, workdir, allowed)
-  base, rl = resolve(config.base, workdir), resolve(config.rl, workdir)
-  base_dir, rl_dir = workdir / "base", workdir / "rl"
-  rerun = {name: _changed_since_last_run(name, c, d, allowed)
-           for name, c, d in (("base", base, base_dir), ("rl", rl, rl_dir))}
-  stages.record_config(config, workdir)
-  summary: dict[str, Any] = {"stage": "pipeline"}
-  summary["data"] = prepare_data(config.synthetic, workdir / "data", config.seed)
-  if not _final_done(base_dir) or rerun["base"]:
-    if _run_stage("base", base, base_dir).get("preempted"):
-      return {**summary, "preempted": True}
-  rl_summary = {}
-  if not _final_done(rl_dir) or rerun["rl"]:
-    rl_summary = _run_stage("rl", rl, rl_dir)
-  elif (rl_dir / "summary.json").exists():
-    rl_summary = json.loads((rl_dir / "summary.json").read_text())
-  if rl_summary.get("preempted"):
-    summary["preempted"] = True
+  summary = _run_chain(config, workdir, allowed)
+  if config.get("order") or summary.get("preempted"):
     return summary
-  cmp = compare(rl_dir)
-  cmp["rl_wall_s"] = rl_summary.get("rl_wall_s")
-  (workdir / "report.json").write_text(json.dumps(cmp, indent=2, default=float))
-  table = _report_md(cmp, rl_summary)
-  (workdir / "report.md").write_text(table)
-  print(table, flush=True)
+  rl_dir = workdir / "rl"
+  steps = sorted((rl_dir / "eval").glob("step_*"))  # the base's eval (step 0), the last
+  if len(steps) < 2:
+    raise FileNotFoundError(f"{rl_dir}/eval needs the step-0 and a later eval report")
+  cmp, lines = _eval_table({"base": steps[0], "rl": steps[-1]}, "", "base")
+  cmp.update(base_step=steps[0].name, final_step=steps[-1].name,
+             rl_wall_s=summary["rl"].get("rl_wall_s"))
+  if cmp["rl_wall_s"] is not None:
+    lines.append(f"RL wall time (rollout + reward + update, evals excluded): "
+                 f"{cmp['rl_wall_s']:.0f} s")
+  _write_report(workdir, cmp, lines)
   cmp["curves"] = [str(p) for p in plot(read_metrics(rl_dir / "metrics.jsonl"), workdir / "curves")]
   summary.update(cmp)
   return summary

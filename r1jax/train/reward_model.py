@@ -18,8 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from r1jax.core import checkpoint, sharding
 from r1jax.core.config import ModelConfig, OptConfig
 from r1jax.core.tokenizer import Tokenizer
-from r1jax.data.preferences import encode_pairs
-from r1jax.rewards.reward_model import bradley_terry, init_rm, rm_axes, score
+from r1jax.rewards.reward_model import RewardModel, bradley_terry, init_rm, rm_axes, score
 from r1jax.train import batches as batches_lib
 from r1jax.train.batches import PairBatch
 from r1jax.train.state import TrainState, init_state, lr_schedule, make_optimizer, state_shardings
@@ -40,7 +39,6 @@ class RMTrainer:
         jax.eval_shape(lambda: init_state(self.tx, abstract)), self.state_shardings)
     self._init = jax.jit(lambda key, backbone: init_state(self.tx, init_rm(cfg, key, backbone)),
                          out_shardings=self.state_shardings)
-    self._score = jax.jit(lambda p, t, m: score(p, t, m, cfg))
     self._cache: dict[tuple, Callable] = {}
 
   def init(self, key: jax.Array, backbone: Any = None) -> TrainState:
@@ -80,22 +78,12 @@ class RMTrainer:
     return state, {**metrics, "rm/loss": loss, "rm/accuracy": sums["correct"] / pairs,
                    "rm/margin": sums["margin"] / pairs}
 
-  def pair_scores(self, params: Any, tokenizer: Tokenizer, rows: Sequence[dict],
-                  template: str, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(chosen, rejected) f32 scores of preference rows, as the stage encodes them."""
-    enc = encode_pairs(tokenizer, rows, template, max_len)
-    return (np.asarray(self._score(params, *enc["chosen"])),
-            np.asarray(self._score(params, *enc["rejected"])))
-
   def all_pair_scores(self, params: Any, tokenizer: Tokenizer, rows: Sequence[dict],
                       template: str, max_len: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """`pair_scores` of every row, in batches of `batch` (the tail padded: one shape)."""
-    chosen, rejected = [], []
-    for lo in range(0, len(rows), batch):
-      part = list(rows[lo:lo + batch])
-      n = len(part)
-      rc, rr = self.pair_scores(params, tokenizer, part + [part[0]] * (batch - n), template,
-                                max_len)
-      chosen.append(rc[:n])
-      rejected.append(rr[:n])
-    return np.concatenate(chosen), np.concatenate(rejected)
+    """(chosen, rejected) f32 scores of preference rows, scored as the RL loop's RewardModel
+    scores responses (batches of `batch`, the tail padded)."""
+    rm = RewardModel(params, self.cfg, tokenizer, template=template, max_len=max_len,
+                     batch_size=batch)
+    prompts = [r["prompt"] for r in rows]
+    return tuple(np.asarray(rm([r[side] for r in rows], prompts), np.float32)
+                 for side in ("chosen", "rejected"))

@@ -1,7 +1,7 @@
 """Self-check of the code sandbox: run hostile programs and report whether each was contained.
 
 Run it on a new machine before trusting code rewards there:
-  python -m r1jax.rewards.attacks --mode auto
+  python tools/sandbox_check.py --mode auto
 The tests run it in both modes. Limits are small, so a containment failure cannot hurt the
 machine: a fork bomb is capped at a few processes, and survivors are killed here afterwards.
 Stdlib and sandbox.py only, so it also runs from an unprivileged copy (see the tests).
