@@ -30,6 +30,9 @@ setup(
         # tensorboardX: an independent reader of the event files r1jax writes itself.
         "test": ["pytest>=9,<10", "pytest-xdist>=3.8,<4", "torch==2.13.0", "tensorboardX>=2.6,<3",
                  "transformers>=5.23,<6", "safetensors>=0.8,<0.9", "tokenizers>=0.23,<0.24"],
+        # libtpu for the pinned jax: TPU runs, and ahead-of-time compiles for a TPU slice on a
+        # host without one (tools/aot_compile.py; CPU runs then need JAX_PLATFORMS=cpu).
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         # Benchmarks only: TRL's GRPOTrainer side by side (tools/trl_grpo.py).
         "bench": ["trl==1.16.0", "torch==2.13.0", "transformers>=5.23,<6"],
     },

@@ -35,8 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = parse_arg(arg, steps=1000, max_new_tokens=4096, helpful_rm="rm_helpful/reward_model",
                 safety_rm="rm_safety/reward_model", rm_tokenizer="Qwen2.5-1.5B-Instruct")
   c = rl_config(steps=a.steps)
-  c.model = model_group("qwen2.5-7b", param_dtype="bfloat16",  # weights: model.init_from
-                        compute_dtype="bfloat16", remat="full")
+  c.model = model_group("qwen2.5-7b", param_dtype="float32",  # f32 master weights (r1_zero_hf)
+                        compute_dtype="bfloat16", remat="full")  # weights: model.init_from
   c.mesh.shape = (1, -1, 1)  # FSDP over every chip of the slice / GPU of the host
   c.data.update(train="mix/train.jsonl", batch=32, template="chatml", max_prompt_tokens=1024)
   c.data.task_weights = ml_collections.ConfigDict(  # the planned mix (a far one warns)

@@ -17,8 +17,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = parse_arg(arg, preset="qwen2.5-7b", steps=1000, max_new_tokens=4096, train="",
                 benchmarks="")
   c = rl_config(steps=a.steps)
-  bf16 = dict(param_dtype="bfloat16", compute_dtype="bfloat16", remat="full")
-  c.model = model_group(a.preset, **bf16)  # the HF base, trained in bf16 with full remat
+  # f32 master weights, bf16 compute: an AdamW step at lr 3e-6 is below half a bf16 ulp of
+  # most weights, so bf16 weights would round most updates away.
+  mixed = dict(param_dtype="float32", compute_dtype="bfloat16", remat="full")
+  c.model = model_group(a.preset, **mixed)  # the HF base: f32 weights, bf16 compute, full remat
   c.mesh.shape = (1, -1, 1)  # FSDP over every chip of the slice / GPU of the host
   c.data.train = a.train  # local jsonl of problems
   c.data.batch = 32  # questions per step (paper: 32)

@@ -20,7 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"model={a.model!r} not in {['tiny', *sorted(PRESETS)]}")
   real = a.model != "tiny"
   c = reward_model_config(steps=2000 if real else 60)
-  c.model = (model_group(a.model, param_dtype="bfloat16",  # backbone shape (hf_dir loads weights)
+  c.model = (model_group(a.model, param_dtype="float32",  # f32 master weights (r1_zero_hf)
                          compute_dtype="bfloat16", remat="full")
              if real else model_group(hidden=128, layers=2, heads=4, kv_heads=2, head_dim=32,
                                       mlp_dim=256))

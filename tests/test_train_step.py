@@ -469,3 +469,19 @@ def test_an_update_that_is_not_finite_is_skipped_however_it_arises():
     assert int(metrics["skipped"]) == skipped and int(after.step) == 1 - skipped
     assert (max_diff(after, state) == 0) == bool(skipped)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(host(after)))
+
+
+def test_bf16_params_train_with_f32_moments():
+  """bf16 weights (as `model.param_dtype=bfloat16` gives): the moments are f32 from the start,
+  so the μ × M scan carries the same types through every update, and the weights keep bf16."""
+  cfg = dataclasses.replace(CFG, param_dtype="bfloat16")
+  tr = ts.Trainer(cfg, OPT, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]), GRPO)
+  params = model.init_params(cfg, jax.random.key(0))
+  ref = logp_of(tr).make_ref(params)
+  state = tr.init_state(params)  # donated
+  adam = state.opt_state[1]
+  assert {x.dtype for x in jax.tree.leaves((adam.mu, adam.nu))} == {jnp.dtype(jnp.float32)}
+  batch = rollout(np.random.default_rng(0))
+  new, metrics = tr.rl_step(state, tr.put_batch(batch), ref)
+  assert {x.dtype for x in jax.tree.leaves(new.params)} == {jnp.dtype(jnp.bfloat16)}
+  assert int(new.step) == GRPO.mu * GRPO.minibatches and not np.any(metrics["skipped"])

@@ -23,6 +23,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from r1jax.core import kernels
+
 _NEG_INF = -1e30  # finite, so a fully masked (padding) query row stays NaN-free
 ATTENTION_BLOCK = 256  # uncached sequences longer than this attend in query blocks of it
 # Query blocks per sequence at most: every block (and window) is its own code in the
@@ -86,8 +88,13 @@ def cached_plan(valid_BxT: jax.Array, slots_BxX: jax.Array, index: jax.Array) ->
   return AttentionPlan(valid_BxT.astype(bool), mask_BxTxX=causal_TxX[None] & slots_BxX[:, None])
 
 
-def attend(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, plan: AttentionPlan):
-  """softmax(q·kᵀ/√h)·v under the plan: in one piece, or in query blocks."""
+def attend(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, plan: AttentionPlan, impl: str = "xla"):
+  """softmax(q·kᵀ/√h)·v under the plan: by a fused kernel (`impl`, core/kernels.py; uncached
+  rows without shared prompts), in one piece, or in query blocks."""
+  kernel, interpret = kernels.choose(impl)
+  if kernel != "xla" and plan.sample_ids_BxT is None:
+    return kernels.fused_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, plan.valid_BxT,
+                                   plan.segment_ids_BxT, kernel, interpret)
   if plan.block:
     return blocked_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, plan)
   return softmax_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, plan.mask_BxTxX)

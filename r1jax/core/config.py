@@ -18,6 +18,7 @@ import ml_collections
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots")
+ATTENTION_IMPLS = ("auto", "xla", "splash", "pallas_gpu")  # core/kernels.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,7 @@ class ModelConfig:
   compute_dtype: str = "float32"
   remat: str = "none"  # one of REMAT_POLICIES
   arch: str = "qwen2"  # "qwen2" or "llama": only used for HF export
+  attention: str = "auto"  # ATTENTION_IMPLS: auto = splash on TPU, Pallas on GPU, XLA on CPU
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden", "layers", "heads", "kv_heads",
@@ -69,6 +71,8 @@ class ModelConfig:
         raise ValueError(f"model.{name}={getattr(self, name)!r} not in {DTYPES}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat={self.remat!r} not in {REMAT_POLICIES}")
+    if self.attention not in ATTENTION_IMPLS:
+      raise ValueError(f"model.attention={self.attention!r} not in {ATTENTION_IMPLS}")
     if self.arch not in ("qwen2", "llama"):
       raise ValueError(f"model.arch={self.arch!r} must be 'qwen2' or 'llama'")
 

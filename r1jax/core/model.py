@@ -207,7 +207,8 @@ def _attention(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, plan: AttentionPlan, kv, cfg):
   b, t, n, hd = q_BxTxHxh.shape
   g = n // cfg.kv_heads
   q_BxTxKxJxh = q_BxTxHxh.reshape(b, t, cfg.kv_heads, g, hd)
-  o_BxTxKxJxh = attention.attend(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, plan)
+  impl = cfg.attention if kv is None else "xla"  # decode against the cache: XLA's form
+  o_BxTxKxJxh = attention.attend(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, plan, impl)
   out_BxTxD = _mm("btnh,nhd->btd", o_BxTxKxJxh.reshape(b, t, n, hd), lp["o"])
   if cfg.out_bias:
     out_BxTxD = out_BxTxD + lp["o_bias"]

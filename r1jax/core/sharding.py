@@ -150,3 +150,19 @@ def bytes_per_device(tree: Any) -> dict[jax.Device, int]:
 def tree_bytes(tree: Any) -> int:
   """Total logical bytes of a pytree of arrays (or shape structs)."""
   return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
+
+
+class MeshJit:
+  """A jitted function traced, lowered and run with `mesh` as the context mesh: fused
+  attention kernels (core/kernels.py) find there the mesh they shard_map over."""
+
+  def __init__(self, jitted: Any, mesh: Mesh):
+    self.jitted, self.mesh = jitted, mesh
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args)

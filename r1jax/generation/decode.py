@@ -121,7 +121,9 @@ def prefill(params, prompt_BxS, pmask_BxS, budget_N, *, cfg: ModelConfig, sp, gr
   b, s = prompt_BxS.shape
   n, t_max = b * group, sp.max_new_tokens
   pre = model_lib.init_cache(cfg, b, s)
-  logits_BxSxV, pre = model_lib.forward_cached(params, prompt_BxS, cfg, pre, mask_BxT=pmask_BxS)
+  h_BxSxD, pre = model_lib.hidden_states_cached(params, prompt_BxS, cfg, pre, pmask_BxS)
+  # Only the last position's logits: (B, S, V) of them would be the prefill's largest array.
+  logits_BxV = model_lib.unembed(params, h_BxSxD[:, -1:], cfg)[:, 0]
   rep = lambda x: jnp.repeat(x, group, axis=0)
   grow = lambda x, axis: jnp.pad(rep(x), [(0, window if a == axis else 0)
                                           for a in range(x.ndim)])
@@ -135,7 +137,7 @@ def prefill(params, prompt_BxS, pmask_BxS, budget_N, *, cfg: ModelConfig, sp, gr
                 jnp.zeros((n, t_max), jnp.float32), jnp.full((n,), STOP_LENGTH, jnp.int32),
                 prompt_BxS, pmask_BxS, jnp.int32(0), *top)
   stops = stop_table(sp.stop_ids).shape[1]
-  return DecodeState(jnp.int32(0), cache, rep(logits_BxSxV[:, -1]), jnp.arange(n, dtype=jnp.int32),
+  return DecodeState(jnp.int32(0), cache, rep(logits_BxV), jnp.arange(n, dtype=jnp.int32),
                      budget_N <= 0, budget_N, jnp.full((n, stops), -1, jnp.int32), out)
 
 

@@ -191,8 +191,8 @@ class Sampler:
     fuse = self.mesh is None or self.mesh.shape["tensor"] == 1
     # A fresh function per sampler: jit caches are per function, and `compilations()`
     # counts this sampler's programs only.
-    layout = model_lib.fuse_projections if fuse else model_lib.split_layers
-    params = self._jit(("fuse", fuse), lambda p: layout(p), lay_out=False)(params)
+    params = self._jit(("fuse", fuse), lambda p: decode_layout(p, cfg, fuse),
+                       lay_out=False)(params)
     slots = s + min(t_max, self.window)
     st = self._jit(("prefill", b, s, sp, group), functools.partial(
         decode.prefill, cfg=cfg, sp=sp, group=group, window=slots - s))(
@@ -214,32 +214,42 @@ class Sampler:
       rows, slots = new_rows, new_slots
 
 
+def decode_layout(params, cfg: ModelConfig, fuse: bool):
+  """The weights as decode reads them: in the compute dtype (the model casts them to it
+  anyway, so f32 master weights decode as bf16 at half the bytes), the q/k/v and gate/up
+  projections fused into one matmul each (`fuse`), or the layers split for a tensor-parallel
+  mesh."""
+  params = jax.tree.map(lambda a: a.astype(cfg.compute_dtype), params)
+  return model_lib.fuse_projections(params) if fuse else model_lib.split_layers(params)
+
+
+def decode_shardings(shapes, mesh: Mesh):
+  """Shardings of decode outputs (a DecodeState or arrays) on the mesh: the cache by
+  `cache_shardings`, every other array by rows, scalars replicated."""
+  rows = lambda a: (sharding_lib.batch_sharding(mesh, a.shape) if a.ndim
+                    else sharding_lib.replicated(mesh))
+
+  def lay(x):
+    if isinstance(x, decode.DecodeState):
+      return dataclasses.replace(jax.tree.map(rows, dataclasses.replace(x, cache=None)),
+                                 cache=sharding_lib.cache_shardings(x.cache, mesh))
+    return rows(x)
+  return jax.tree.map(lay, shapes, is_leaf=lambda x: isinstance(x, decode.DecodeState))
+
+
 class _ShardedDecodeFn:
-  """jit with the DecodeState output (the cache, row-major arrays) laid out on the mesh:
-  the cache by `cache_shardings`, every other array by rows, scalars replicated."""
+  """jit with the DecodeState output laid out on the mesh (`decode_shardings`)."""
 
   def __init__(self, fn, mesh: Mesh, donate):
     self.fn, self.mesh, self.donate = fn, mesh, donate
     self._jitted: dict = {}
-
-  def _shardings(self, shapes):
-    m = self.mesh
-    rows = lambda a: (sharding_lib.batch_sharding(m, a.shape) if a.ndim
-                      else sharding_lib.replicated(m))
-
-    def lay(x):
-      if isinstance(x, decode.DecodeState):
-        return dataclasses.replace(jax.tree.map(rows, dataclasses.replace(x, cache=None)),
-                                   cache=sharding_lib.cache_shardings(x.cache, m))
-      return rows(x)
-    return jax.tree.map(lay, shapes, is_leaf=lambda x: isinstance(x, decode.DecodeState))
 
   def __call__(self, *args):
     key = jax.tree.structure(args), tuple(getattr(a, "shape", None) for a in jax.tree.leaves(args))
     if key not in self._jitted:
       shapes = jax.eval_shape(self.fn, *args)
       self._jitted[key] = jax.jit(self.fn, donate_argnums=self.donate,
-                                  out_shardings=self._shardings(shapes))
+                                  out_shardings=decode_shardings(shapes, self.mesh))
     return self._jitted[key](*args)
 
   def _cache_size(self) -> int:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from r1jax.core import checkpoint, model
+from r1jax.core.sharding import MeshJit
 from r1jax.core.config import GRPOConfig, ModelConfig
 from r1jax.generation.sampler import Rollout
 from r1jax.train import batches as batches_lib
@@ -105,6 +106,11 @@ class LogProbs:
     The RL loop dispatches this for the reference right after sampling, so the device runs it
     while the host scores; the rows never leave the mesh on the way.
     """
+    return self.rollout_program(rollout, group)(params, rollout)
+
+  def rollout_program(self, rollout: Rollout, group: int) -> MeshJit:
+    """The jitted program `of_rollout` runs for this rollout's shapes (concrete or abstract:
+    an ahead-of-time compile lowers it)."""
     n, t = rollout.tokens.shape
     key = ("rollout", tuple(rollout.prompt_tokens.shape), n, t, group)
     if key not in self._cache:
@@ -119,5 +125,5 @@ class LogProbs:
         logp = self._split_logp(p, {"tokens": tokens, "segment_ids": mask.astype(jnp.int32)})
         return logp[:, -t:]
 
-      self._cache[key] = jax.jit(fn, out_shardings=rows)
-    return self._cache[key](params, rollout)
+      self._cache[key] = MeshJit(jax.jit(fn, out_shardings=rows), self.mesh)
+    return self._cache[key]

@@ -61,15 +61,23 @@ def make_optimizer(o: OptConfig) -> optax.GradientTransformation:
       optax.scale_by_learning_rate(lr_schedule(o)))
 
 
+def _f32(params: Any) -> Any:
+  return jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params)
+
+
 def init_state(tx: optax.GradientTransformation, params: Any) -> TrainState:
-  """Step 0 of `params` under optimizer `tx` (pure: jit it with the state shardings)."""
-  return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+  """Step 0 of `params` under optimizer `tx` (pure: jit it with the state shardings).
+
+  The moments are f32 whatever the params' dtype: the update's gradients are f32, so moments
+  in bf16 would change dtype at the first update (and a μ × M scan could not carry them)."""
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  return TrainState(params, tx.init(zeros), jnp.zeros((), jnp.int32))
 
 
 def state_shardings(tx: optax.GradientTransformation, abstract_params: Any, param_shardings: Any,
                     mesh: Mesh) -> TrainState:
   """TrainState of shardings: moments like their params, counts and the step replicated."""
   rep = NamedSharding(mesh, PartitionSpec())
-  opt = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params),
+  opt = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, _f32(abstract_params)),
                               param_shardings, transform_non_params=lambda _: rep)
   return TrainState(param_shardings, opt, rep)

@@ -136,9 +136,13 @@ class Trainer:
                        "not both")
     if self.grpo.beta and batch.ref_logp is None and ref_params is None:
       raise ValueError("grpo.beta > 0 needs ref_params or batch.ref_logp")
-    step = self._jit_step("rl", self._rl_update, batch,
-                          None if ref_params is None else self.param_shardings)
-    return step(state, batch, ref_params)
+    return self.rl_program(batch, ref_params is not None)(state, batch, ref_params)
+
+  def rl_program(self, batch: PackedRollout, with_ref: bool):
+    """The jitted GRPO update `rl_step` runs for this batch layout (concrete or abstract
+    rows: an ahead-of-time compile lowers it), with or without the reference's params."""
+    return self._jit_step("rl", self._rl_update, batch,
+                          self.param_shardings if with_ref else None)
 
   @property
   def rows_multiple(self) -> int:
@@ -152,7 +156,11 @@ class Trainer:
   def sft_step(self, state: TrainState, batch: SFTBatch) -> tuple[TrainState, Metrics]:
     """One optimizer update on the masked next-token loss; the state is donated."""
     batches_lib.check_batch(batch, self.sft.microbatches)
-    return self._jit_step("sft", self._sft_update, batch)(state, batch)
+    return self.sft_program(batch)(state, batch)
+
+  def sft_program(self, batch: SFTBatch):
+    """The jitted update `sft_step` runs for this batch layout (concrete or abstract)."""
+    return self._jit_step("sft", self._sft_update, batch)
 
   @property
   def _prox_forward(self) -> bool:

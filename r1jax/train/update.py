@@ -20,7 +20,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
 
+from r1jax.core.sharding import MeshJit
 from r1jax.train.state import TrainState
 
 # loss_fn(params, micro_batch) -> (loss, {name: sum}); sums named *_min / *_max reduce so.
@@ -73,7 +75,9 @@ class UpdateStep:
 
 
 def jit_donated(fn: Callable, state_shardings: Any, arg_shardings: tuple,
-                metrics_sharding: Any) -> Callable:
-  """fn(state, *args) -> (state, metrics), jitted with the state donated and laid out in place."""
-  return jax.jit(fn, in_shardings=(state_shardings, *arg_shardings),
-                 out_shardings=(state_shardings, metrics_sharding), donate_argnums=(0,))
+                metrics_sharding: NamedSharding) -> MeshJit:
+  """fn(state, *args) -> (state, metrics), jitted with the state donated and laid out in place,
+  on the mesh of `metrics_sharding` (the context mesh of the kernels)."""
+  return MeshJit(jax.jit(fn, in_shardings=(state_shardings, *arg_shardings),
+                         out_shardings=(state_shardings, metrics_sharding), donate_argnums=(0,)),
+                 metrics_sharding.mesh)

@@ -1,0 +1,103 @@
+"""Ahead-of-time compilation for a real TPU slice (v5e:2x2, described by libtpu on this host):
+a small model's GRPO update, reference log-probs and decode programs compile, with the splash
+kernel's Mosaic calls where attention runs over uncached rows; the command line reports a
+program that does not fit, naming the arrays that dominate it."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from r1jax.core import chips
+from r1jax.core.config import model_group
+from r1jax.stages import aot
+from r1jax.stages.rl import rl_config
+from r1jax.stages.sft import sft_config
+
+REPO = Path(__file__).resolve().parents[1]
+# CI installs the `tpu` extra, so there a missing libtpu fails these tests instead of skipping.
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None and not os.environ.get("CI"),
+    reason="libtpu not installed (pip install -e '.[tpu]')")
+SMALL = dict(hidden=128, layers=2, heads=4, kv_heads=2, head_dim=64, mlp_dim=256,
+             vocab_size=512, max_position=1024, param_dtype="float32",
+             compute_dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def rl_reports():
+  c = rl_config(steps=1)
+  c.model = model_group(**SMALL)
+  c.mesh.shape = (1, -1, 1)
+  c.data.batch, c.data.max_prompt_tokens = 4, 128
+  c.sampler.max_new_tokens = 256
+  c.grpo.update(group_size=4, minibatches=2, beta=0.01)
+  return {r["program"]: r for r in aot.compile_stage(c, "v5e:2x2")}
+
+
+@needs_libtpu
+def test_rl_programs_compile_for_v5e_with_the_splash_kernel(rl_reports):
+  assert set(rl_reports) == {"grpo_update", "ref_logprobs", "decode_layout", "prefill",
+                             "decode_segment"}
+  for name, r in rl_reports.items():
+    assert "error" not in r, (name, r)
+    assert r["chips"] == 4 and r["chip"] == "TPU v5e" and r["mesh"]["fsdp"] == 4
+    assert r["fits"] and 0 < r["total_gib"] < r["hbm_gib"], (name, r)
+    assert r["roofline_s"] >= 0 and r["compile_s"] > 0
+  # The update's forward and backward attend by splash (Mosaic calls), as do the reference's
+  # log-probs; decode against the cache keeps XLA's form.
+  assert rl_reports["grpo_update"]["mosaic_calls"] >= 2
+  assert rl_reports["ref_logprobs"]["mosaic_calls"] >= 1
+  assert rl_reports["decode_segment"]["mosaic_calls"] == 0
+  # While it samples, the stage keeps the train state and the reference on the chips.
+  assert rl_reports["decode_segment"]["resident_gib"] > rl_reports["grpo_update"]["resident_gib"]
+  assert rl_reports["grpo_update"]["tflops"] > rl_reports["ref_logprobs"]["tflops"] > 0
+
+
+@needs_libtpu
+def test_sft_update_compiles_with_the_kernel():
+  c = sft_config(steps=1)
+  c.model = model_group(**SMALL)
+  c.mesh.shape = (1, -1, 1)
+  c.data.batch, c.data.seq_len = 4, 256
+  (report,) = aot.compile_stage(c, "v5e:2x2")
+  assert report["program"] == "sft_update" and report["fits"], report
+  assert report["mosaic_calls"] >= 2
+
+
+def test_chips_and_bad_requests():
+  assert chips.chip_of("v5p:2x2x4").hbm_bytes == 95 * chips.GIB
+  with pytest.raises(ValueError, match="generation"):
+    chips.chip_of("v9x:2x2")
+  seconds, by = chips.roofline_s(2 * 197e12, 1.0, chips.CHIPS["v5e"])
+  assert by == "compute" and seconds == pytest.approx(2.0)
+  c = sft_config(steps=1)
+  c.stage = "eval"
+  with pytest.raises(ValueError, match="stage 'eval'"):
+    next(aot.compile_stage(c, "v5e:2x2"))
+
+
+@needs_libtpu
+def test_tool_reports_a_program_that_does_not_fit(tmp_path):
+  """The command line on a model whose decode cache (1,024 rows × 4,608 slots × 8 layers ×
+  8 kv heads) is 18 GiB a chip, over v5e's 16: a JSON line per program, the programs that do
+  not fit named with the arrays that dominate them (the cache), exit 1."""
+  out = tmp_path / "aot.jsonl"
+  shape = dict(hidden=256, layers=8, heads=8, kv_heads=8, head_dim=128, mlp_dim=512,
+               vocab_size=1024, max_position=8192)
+  cmd = [sys.executable, "tools/aot_compile.py",
+         "--config=experiments/r1_zero_qwen2p5_1p5b_gsm8k.py", "--topology=v5e:2x2",
+         f"--out={out}", "--config.data.batch=64", "--config.sampler.max_new_tokens=4096",
+         *[f"--config.model.{k}={v}" for k, v in shape.items()]]
+  done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+  assert done.returncode == 1 and out.exists(), done.stderr[-3000:]
+  reports = {r["program"]: r for r in map(json.loads, out.read_text().splitlines())}
+  assert reports["grpo_update"]["fits"]
+  for name in ("prefill", "decode_segment"):  # the cache is the first's output, the second's input
+    assert not reports[name].get("fits", False), reports[name]
+    top = reports[name]["dominant_gib"][0]
+    assert ".cache." in top[0] and top[1] > 1.0, reports[name]["dominant_gib"]

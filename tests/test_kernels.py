@@ -1,0 +1,129 @@
+"""Fused attention kernels (TPU splash, Pallas GPU), run in Pallas interpret mode, against the
+XLA form in one piece: values and gradients with left padding, packed segments, GQA and several
+block sizes, alone and inside the model on a mesh (under shard_map)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from r1jax.core import attention, kernels, model, sharding
+from r1jax.core.config import ModelConfig
+
+B, K, J, HD = 4, 2, 2, 32  # rows, kv heads, queries per kv head (GQA), head width
+
+
+def _rows(layout: str, t: int, rng: np.random.Generator):
+  """(valid, segment ids or None): left-padded rows, or rows packed with uneven sequences."""
+  if layout == "left_padded":
+    pads = [0, 5, 17, t - 3]
+    valid = np.arange(t)[None, :] >= np.array(pads)[:, None]
+    return jnp.asarray(valid), None
+  seg = np.zeros((B, t), np.int32)
+  for b in range(B):
+    pos, s = 0, 1
+    while pos < t - 8:
+      n = int(rng.integers(3, t // 2))
+      seg[b, pos:pos + n] = s
+      pos, s = pos + n, s + 1
+    seg[b, t - int(rng.integers(0, 8)):] = 0  # trailing padding
+  return jnp.asarray(seg > 0), jnp.asarray(seg)
+
+
+def _qkv(t: int, seed: int):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(ks[0], (B, t, K, J, HD))
+  k = jax.random.normal(ks[1], (B, K, t, HD))
+  v = jax.random.normal(ks[2], (B, K, HD, t))
+  w = jax.random.normal(ks[3], (B, t, K, J, HD))
+  return q, k, v, w
+
+
+def _value_and_grads(fn, q, k, v, w, valid):
+  """The outputs at real queries and the gradients of Σ w·out over them (padding's outputs
+  are never read, and the two forms need not agree there)."""
+  keep = valid[:, :, None, None, None]
+
+  def loss(q, k, v):
+    return jnp.sum(jnp.where(keep, fn(q, k, v) * w, 0.0))
+  out = jnp.where(keep, fn(q, k, v), 0.0)
+  return out, jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+@pytest.mark.parametrize("kernel, layout, t, blocks", [
+    ("splash", "left_padded", 256, (128, 128)),
+    ("splash", "packed", 384, (128, 128)),
+    ("splash", "packed", 200, (128, 256)),  # padded up to a whole block
+    ("pallas_gpu", "left_padded", 128, (32, 32)),
+    ("pallas_gpu", "packed", 192, (64, 32)),
+    ("pallas_gpu", "packed", 100, (32, 64)),
+])
+def test_kernel_matches_xla(kernel, layout, t, blocks):
+  valid, seg = _rows(layout, t, np.random.default_rng(t))
+  q, k, v, w = _qkv(t, seed=t)
+  plan = attention.plan(valid, seg, block=0)  # the whole (T, T) mask: the reference
+  ref = jax.jit(lambda q, k, v: _value_and_grads(
+      lambda q, k, v: attention.attend(q, k, v, plan, "xla"), q, k, v, w, valid))(q, k, v)
+  fused = jax.jit(lambda q, k, v: _value_and_grads(
+      lambda q, k, v: kernels.fused_attention(q, k, v, valid, seg, kernel, True, blocks),
+      q, k, v, w, valid))(q, k, v)
+  np.testing.assert_allclose(fused[0], ref[0], atol=1e-5, rtol=0)
+  for name, got, want in zip("qkv", fused[1], ref[1]):
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=f"d{name}")
+
+
+def test_choice_by_platform_and_setting():
+  assert kernels.choose("auto") == ("xla", False)  # CPU: the XLA form
+  assert kernels.choose("xla") == ("xla", False)
+  assert kernels.choose("splash") == ("splash", True)  # a TPU kernel on CPU: interpreted
+  assert kernels.choose("pallas_gpu") == ("pallas_gpu", True)
+  with pytest.raises(ValueError, match="attention"):
+    kernels.choose("flash")
+  with pytest.raises(ValueError, match="model.attention"):
+    ModelConfig(vocab_size=8, hidden=8, layers=1, heads=2, kv_heads=1, head_dim=4, mlp_dim=8,
+                attention="flash")
+  assert kernels.tpu_blocks("TPU v4", 4096) == (512, 512)
+  assert kernels.tpu_blocks("TPU v5 lite", 4096) == (512, 1024)
+  assert kernels.tpu_blocks("TPU v5p", 300) == (384, 384)  # capped at the padded row
+
+
+def test_shared_prompts_stay_on_xla():
+  """Sample ids (a group's samples sharing one prompt) have no segment-id form."""
+  t = 64
+  valid, seg = _rows("packed", t, np.random.default_rng(0))
+  sample = jnp.where(jnp.arange(t)[None] % 7 > 2, seg, 0)
+  q, k, v, _ = _qkv(t, seed=1)
+  plan = attention.plan(valid, seg, sample, block=0)
+  np.testing.assert_array_equal(attention.attend(q, k, v, plan, "splash"),
+                                attention.attend(q, k, v, plan, "xla"))
+
+
+CFG = ModelConfig(vocab_size=256, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=32,
+                  mlp_dim=128, qkv_bias=True, tie_embeddings=True, max_position=512)
+
+
+@pytest.mark.parametrize("kernel", ["splash", "pallas_gpu"])
+def test_model_on_a_mesh_with_kernel(kernel):
+  """The model's forward and gradient with a kernel under shard_map on a (2, 2, 2) mesh
+  (rows over data × fsdp, kv heads over tensor) against the XLA form."""
+  mesh = sharding.make_mesh((2, 2, 2))
+  params = model.init_params(CFG, jax.random.key(0))
+  t = 96
+  valid, _ = _rows("left_padded", t, np.random.default_rng(0))
+  tokens = jax.random.randint(jax.random.key(1), (B, t), 1, CFG.vocab_size)
+
+  def run(cfg):
+    def loss(p):
+      logits = model.forward(p, tokens, cfg, mask_BxT=valid)
+      return jnp.sum(jnp.where(valid[..., None], jax.nn.log_softmax(logits), 0.0)) / 1e4, logits
+    with jax.set_mesh(mesh):
+      (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return jnp.where(valid[..., None], logits, 0.0), grads
+
+  ref_logits, ref_grads = run(dataclasses.replace(CFG, attention="xla"))
+  logits, grads = run(dataclasses.replace(CFG, attention=kernel))
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
+  for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(g, r, atol=1e-4, rtol=0, err_msg=jax.tree_util.keystr(path))
