@@ -36,6 +36,7 @@ def rl_reports():
   c.data.batch, c.data.max_prompt_tokens = 4, 128
   c.sampler.max_new_tokens = 256
   c.grpo.update(group_size=4, minibatches=2, beta=0.01)
+  c.sampler.mesh = (2, 1, 2)  # decode: rows over 2, tensor-parallel pairs
   return {r["program"]: r for r in aot.compile_stage(c, "v5e:2x2")}
 
 
@@ -53,6 +54,10 @@ def test_rl_programs_compile_for_v5e_with_the_splash_kernel(rl_reports):
   assert rl_reports["grpo_update"]["mosaic_calls"] >= 2
   assert rl_reports["ref_logprobs"]["mosaic_calls"] >= 1
   assert rl_reports["decode_segment"]["mosaic_calls"] == 0
+  layout = rl_reports["decode_layout"]
+  assert layout["decode_mesh"] == {"data": 2, "fsdp": 1, "tensor": 2} and layout["reshard_gib"] > 0
+  assert rl_reports["decode_segment"]["decode_mesh"] == layout["decode_mesh"]
+  assert "decode_mesh" not in rl_reports["grpo_update"]
   # While it samples, the stage keeps the train state and the reference on the chips.
   assert rl_reports["decode_segment"]["resident_gib"] > rl_reports["grpo_update"]["resident_gib"]
   assert rl_reports["grpo_update"]["tflops"] > rl_reports["ref_logprobs"]["tflops"] > 0
@@ -83,20 +88,19 @@ def test_chips_and_bad_requests():
 
 @needs_libtpu
 def test_tool_reports_a_program_that_does_not_fit(tmp_path):
-  """The command line on a model whose decode cache (1,024 rows × 4,608 slots × 8 layers ×
-  8 kv heads) is 18 GiB a chip, over v5e's 16: a JSON line per program, the programs that do
-  not fit named with the arrays that dominate them (the cache), exit 1."""
+  """The command line on a model whose decode cache (1,024 rows × 16,896 slots × 2 layers ×
+  8 kv heads × 128) is 33 GiB a chip, over v5e's 16: a JSON line per program, the programs
+  that do not fit named with the arrays that dominate them (the cache), exit 1."""
   out = tmp_path / "aot.jsonl"
-  shape = dict(hidden=256, layers=8, heads=8, kv_heads=8, head_dim=128, mlp_dim=512,
-               vocab_size=1024, max_position=8192)
+  shape = dict(hidden=256, layers=2, heads=8, kv_heads=8, head_dim=128, mlp_dim=512,
+               vocab_size=1024, max_position=17408)
   cmd = [sys.executable, "tools/aot_compile.py",
          "--config=experiments/r1_zero_qwen2p5_1p5b_gsm8k.py", "--topology=v5e:2x2",
-         f"--out={out}", "--config.data.batch=64", "--config.sampler.max_new_tokens=4096",
+         f"--out={out}", "--config.data.batch=64", "--config.sampler.max_new_tokens=16384",
          *[f"--config.model.{k}={v}" for k, v in shape.items()]]
   done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
   assert done.returncode == 1 and out.exists(), done.stderr[-3000:]
   reports = {r["program"]: r for r in map(json.loads, out.read_text().splitlines())}
-  assert reports["grpo_update"]["fits"]
   for name in ("prefill", "decode_segment"):  # the cache is the first's output, the second's input
     assert not reports[name].get("fits", False), reports[name]
     top = reports[name]["dominant_gib"][0]

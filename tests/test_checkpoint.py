@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -20,6 +21,8 @@ from r1jax.core.errors import NonFiniteError
 from r1jax.core import hf
 from r1jax.core import model
 from r1jax.core import sharding
+from r1jax.core import weights
+from r1jax.core.config import model_group
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,6 +64,20 @@ def test_restore_into_mesh_and_dtype(hf_dir, tmp_path):
     np.testing.assert_array_equal(np.asarray(leaf), np.asarray(model.flatten(params)[name]))
   _, bf16 = checkpoint.load_params(tmp_path / "c", param_dtype="bfloat16")
   assert {a.dtype for a in jax.tree.leaves(bf16)} == {jax.numpy.dtype("bfloat16")}
+
+
+def test_the_config_numerics_and_kernel_apply_to_loaded_weights(hf_dir, tmp_path):
+  """A stage's `model` group decides dtypes, remat and the attention kernel, whatever the
+  checkpoint or HF folder it loads from recorded."""
+  cfg, params = hf.load_pretrained(hf_dir)
+  checkpoint.save_params(tmp_path / "c", params, cfg)
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  for source in ({"init_from": str(tmp_path / "c")}, {"hf_dir": str(hf_dir)}):
+    group = ml_collections.ConfigDict({
+        **model_group(**{f: getattr(cfg, f) for f in weights._SHAPE_FIELDS}).to_dict(),
+        "compute_dtype": "bfloat16", "remat": "full", "attention": "xla", **source})
+    got, _ = weights.load_model(group, mesh, abstract=True)
+    assert (got.compute_dtype, got.remat, got.attention) == ("bfloat16", "full", "xla"), source
 
 
 def test_wrong_shape_checkpoint_is_rejected(hf_dir, tmp_path):

@@ -1,6 +1,7 @@
-"""Fused attention kernels (TPU splash, Pallas GPU), run in Pallas interpret mode, against the
-XLA form in one piece: values and gradients with left padding, packed segments, GQA and several
-block sizes, alone and inside the model on a mesh (under shard_map)."""
+"""Fused attention kernels (TPU splash, Pallas GPU) against the XLA form in one piece: values
+and gradients with left padding, packed segments, GQA and several block sizes, alone and inside
+the model on a mesh (under shard_map). On CPU they run in Pallas interpret mode; on a device
+(tools/device_check.sh) the kernel for it runs compiled."""
 
 import dataclasses
 
@@ -67,7 +68,8 @@ def test_kernel_matches_xla(kernel, layout, t, blocks):
   ref = jax.jit(lambda q, k, v: _value_and_grads(
       lambda q, k, v: attention.attend(q, k, v, plan, "xla"), q, k, v, w, valid))(q, k, v)
   fused = jax.jit(lambda q, k, v: _value_and_grads(
-      lambda q, k, v: kernels.fused_attention(q, k, v, valid, seg, kernel, True, blocks),
+      lambda q, k, v: kernels.fused_attention(q, k, v, valid, seg, kernel,
+                                              kernels.choose(kernel)[1], blocks),
       q, k, v, w, valid))(q, k, v)
   np.testing.assert_allclose(fused[0], ref[0], atol=1e-5, rtol=0)
   for name, got, want in zip("qkv", fused[1], ref[1]):

@@ -1,5 +1,6 @@
 """All-scenario reward routing: per-task component sets, views, device rewards, NaN masking."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -221,12 +222,19 @@ def test_declared_reward_model_bad_input(rm_world):
 
 
 @pytest.mark.slow
-def test_rl_with_a_declared_reward_model_logs_it(rm_world, tmp_path):
+def test_rl_with_a_declared_reward_model_logs_it(rm_world, tmp_path, monkeypatch):
+  """…with the reward model on devices of its own (`mesh.reward_devices`)."""
   import tiny_world
   from r1jax import stages
   from r1jax.core.metrics import read_metrics
+  from r1jax.stages import rl as rl_stage
   world, path = rm_world
+  meshes = []
+  load = rl_stage.load_models
+  monkeypatch.setattr(rl_stage, "load_models",
+                      lambda specs, mesh: meshes.append(mesh) or load(specs, mesh))
   c = tiny_world.rl_test_config(world, steps=2)
+  c.mesh.reward_devices = 2
   c.rewards.models = [_declared(world, path, norm="running")]
   c.rewards.components = [{"name": "accuracy", "weight": 1.0, "tasks": ["math"]},
                           {"name": "safety_rm", "weight": 0.5,
@@ -236,6 +244,7 @@ def test_rl_with_a_declared_reward_model_logs_it(rm_world, tmp_path):
   m = read_metrics(tmp_path / "metrics.jsonl")[-1]
   assert np.isfinite(m["reward/safety_rm"]) and m["reward/safety_rm_failures"] == 0
   assert m["reward/device_s"] > 0 and m["reward/masked_samples"] == 0
+  assert list(meshes[0].devices.flat) == jax.devices()[-2:]  # the policy had the other 6
 
 
 def test_per_component_norm_with_task_weights_is_refused():

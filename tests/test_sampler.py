@@ -13,7 +13,9 @@ from r1jax.core import hf
 from r1jax.core import model
 from r1jax.generation import sampler
 from r1jax.core import sharding
+from r1jax.core.config import GRPOConfig
 from r1jax.generation.sampler import SamplingParams
+from r1jax.train.logprobs import LogProbs
 
 PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [200, 3], [9, 9, 9, 11, 250, 12, 13, 14, 15, 16, 1, 2, 3]]
 
@@ -175,6 +177,35 @@ def test_sharded_same_tokens_as_single_device(qwen):
                                               jax.random.key(7), group=2)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_decode_mesh_of_its_own_keeps_the_logprob_identity(qwen):
+  """Weights on the trainer's (1, 4, 2) mesh, decoded on a (2, 1, 4) regrouping of the same
+  chips (tensor-parallel groups of 4, rows over 2): the sampler's tokens are one device's, its
+  logprobs equal the trainer's teacher-forced ones, and the trainer's reference forward reads
+  the rollout where it lies."""
+  cfg, params = qwen
+  prompts, key, group = PROMPTS * 2 + PROMPTS[:2], jax.random.key(3), 2
+  sp = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=12, eos_id=3)
+  ref = sampler.Sampler(cfg).generate(params, prompts, sp, key, group=group)
+  train = sharding.make_mesh((1, 4, 2))
+  decode_mesh = sharding.regroup(train, (2, 1, 4))
+  assert list(decode_mesh.devices.flat) == list(train.devices.flat)
+  placed = jax.device_put(params, sharding.tree_shardings(model.param_axes(cfg), params, train))
+  decoder = sampler.Sampler(cfg, decode_mesh)
+  q = decoder.decode_weights(placed)["layers"][0]["q"]  # (D, H, h): heads over the 4-chip groups
+  assert q.sharding.mesh.shape == decode_mesh.shape
+  assert q.addressable_shards[0].data.shape == (q.shape[0], q.shape[1] // 4, q.shape[2])
+  out = decoder.generate(placed, prompts, sp, key, group=group)
+  assert out.tokens.sharding.mesh.shape == decode_mesh.shape  # the rows live on the decode mesh
+  np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+  mask = np.asarray(out.mask)
+  want = teacher_forced_logp(params, cfg, out, group, 0.7)
+  assert np.abs(np.asarray(out.logprobs) - want)[mask].max() <= 1e-5
+  logp = LogProbs(cfg, GRPOConfig(group_size=group, temperature=0.7), train)
+  trainer_view = np.asarray(logp.of_rollout(placed, out, group))
+  assert np.abs(trainer_view - np.asarray(out.logprobs))[mask].max() <= 1e-5
 
 
 @pytest.mark.slow

@@ -106,3 +106,15 @@ def test_sharded_cache_decode_matches(reference, shape):
     got.append(np.asarray(logits))
   got = np.concatenate(got, axis=1)
   np.testing.assert_allclose(got[mask], ref_logits[mask], atol=1e-5)
+
+
+def test_reward_models_on_devices_of_their_own():
+  devices = jax.devices()
+  policy, rm = sharding.policy_and_reward_meshes((-1, 1, 1), 2)
+  assert list(policy.devices.flat) == devices[:6] and list(rm.devices.flat) == devices[6:]
+  assert rm.shape == {"data": 1, "fsdp": 2, "tensor": 1}
+  same, also = sharding.policy_and_reward_meshes((2, 2, 2), 0)
+  assert same is also and same.devices.size == 8
+  for bad in (8, -1):
+    with pytest.raises(ValueError, match="reward_devices"):
+      sharding.policy_and_reward_meshes((-1, 1, 1), bad)

@@ -59,6 +59,8 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
   # Describing a slice claims no chip: other processes may load libtpu at the same time.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+  if topology.lower().startswith("v4"):  # one device a chip (its two cores as one)
+    kwargs["chip_config_name"] = "megacore"
   return list(topologies.get_topology_desc(platform="tpu", topology_name=topology,
                                            **kwargs).devices)
 

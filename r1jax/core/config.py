@@ -392,7 +392,9 @@ def stage_group(stage: str, steps: int) -> ml_collections.ConfigDict:
   c.steps = steps  # optimizer steps (sft, reward_model) / RL iterations (rl)
   c.tokenizer = ""  # sentencepiece .model file or HF tokenizer folder
   c.model = model_group()  # init_from / hf_dir pick the weights (r1jax/core/weights.py)
-  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor); one -1
+  c.mesh = ml_collections.ConfigDict(dict(  # (data, fsdp, tensor); one -1 fills the devices
+      shape=(-1, 1, 1),
+      reward_devices=0))  # rl, generate: the last N devices hold the RMs (0: the policy's)
   c.ckpt = ckpt_group()
   c.log_every = 10  # steps between console progress lines (every step goes to the JSONL)
   c.tensorboard = True  # also write TensorBoard event files

@@ -33,6 +33,7 @@ from jax.experimental.pallas.ops.gpu import attention as gpu_attention
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
 from jax.sharding import PartitionSpec as P
 
+from r1jax.core import sharding
 from r1jax.core.config import ATTENTION_IMPLS
 
 IMPLS = ATTENTION_IMPLS
@@ -141,11 +142,9 @@ def fused_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, valid_BxT, segment_ids_Bx
   _, kind = _platform_and_kind()
   run = functools.partial(_KERNELS[kernel], interpret=interpret, kind=kind, blocks=blocks)
   mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty:
-    rows = tuple(a for a in ("data", "fsdp") if a in mesh.shape and mesh.shape[a] > 1)
-    rows = (rows or None) if b % math.prod(mesh.shape[a] for a in rows) == 0 else None
-    tp = mesh.shape.get("tensor", 1)
-    heads = "tensor" if tp > 1 and kv_heads % tp == 0 else None
+  if not mesh.empty:  # rows and kv heads split as the batch's and the weights' tables say
+    rows = sharding.logical_to_spec(("batch",), (b,), mesh)[0]
+    heads = sharding.logical_to_spec(("kv",), (kv_heads,), mesh)[0]
     spec = P(rows, heads, None, None)
     run = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, P(rows, None)),
                         out_specs=spec, check_vma=False)

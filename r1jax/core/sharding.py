@@ -86,6 +86,31 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1),
                        devices=devices)
 
 
+def policy_and_reward_meshes(shape: Sequence[int], reward_devices: int = 0,
+                             devices: Sequence[jax.Device] | None = None) -> tuple[Mesh, Mesh]:
+  """(policy mesh, reward-model mesh): with `reward_devices`, the last that many devices are
+  the reward models' own FSDP mesh and the policy's `shape` fills the rest; with 0 the reward
+  models share the policy's mesh."""
+  devices = list(devices if devices is not None else jax.devices())
+  if not reward_devices:
+    mesh = make_mesh(shape, devices)
+    return mesh, mesh
+  if not 0 < reward_devices < len(devices):
+    raise ValueError(f"mesh.reward_devices={reward_devices} must leave the policy at least "
+                     f"one of the {len(devices)} devices")
+  return (make_mesh(shape, devices[:-reward_devices]),
+          make_mesh((1, -1, 1), devices[-reward_devices:]))
+
+
+def regroup(mesh: Mesh, shape: Sequence[int]) -> Mesh:
+  """The same devices, in the same order, as a (data, fsdp, tensor) mesh of another shape: the
+  sampler's decode layout beside the trainer's (`Sampler.decode_weights` moves the weights
+  across; programs may take arrays of both, as the device order is the same)."""
+  resolved = mesh_shape(shape, mesh.devices.size)
+  return Mesh(mesh.devices.reshape(resolved), MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
 def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
   """Mesh PartitionSpec for one array: each dim takes the mesh axes that divide it."""
   used: set[str] = set()

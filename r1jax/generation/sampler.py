@@ -172,6 +172,19 @@ class Sampler:
   def _row_shards(self) -> int:
     return 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
+  def decode_weights(self, params):
+    """The weights as this sampler's decode reads them: moved onto its mesh, where the
+    trainer's may group the same chips otherwise (`sharding.regroup`; inside one program XLA
+    drops a layout constraint that names another mesh), then `decode_layout`."""
+    if self.mesh is not None:
+      params = jax.device_put(params, sharding_lib.tree_shardings(
+          model_lib.param_axes(self.cfg), params, self.mesh))
+    fuse = self.mesh is None or self.mesh.shape["tensor"] == 1
+    # A fresh function per sampler: jit caches are per function, and `compilations()`
+    # counts this sampler's programs only.
+    return self._jit(("fuse", fuse), lambda p: decode_layout(p, self.cfg, fuse),
+                     lay_out=False)(params)
+
   def generate(self, params, prompts: Sequence[Sequence[int]], sp: SamplingParams,
                key: jax.Array, group: int = 1,
                max_new_tokens: Sequence[int] | None = None) -> Rollout:
@@ -188,11 +201,7 @@ class Sampler:
         raise ValueError(f"{len(max_new_tokens)} budgets for {b} prompts")
       budget = np.minimum(np.asarray(max_new_tokens, np.int32), sp.max_new_tokens)
     n, t_max, cfg = b * group, sp.max_new_tokens, self.cfg
-    fuse = self.mesh is None or self.mesh.shape["tensor"] == 1
-    # A fresh function per sampler: jit caches are per function, and `compilations()`
-    # counts this sampler's programs only.
-    params = self._jit(("fuse", fuse), lambda p: decode_layout(p, cfg, fuse),
-                       lay_out=False)(params)
+    params = self.decode_weights(params)
     slots = s + min(t_max, self.window)
     st = self._jit(("prefill", b, s, sp, group), functools.partial(
         decode.prefill, cfg=cfg, sp=sp, group=group, window=slots - s))(
@@ -218,7 +227,7 @@ def decode_layout(params, cfg: ModelConfig, fuse: bool):
   """The weights as decode reads them: in the compute dtype (the model casts them to it
   anyway, so f32 master weights decode as bf16 at half the bytes), the q/k/v and gate/up
   projections fused into one matmul each (`fuse`), or the layers split for a tensor-parallel
-  mesh."""
+  mesh (each slice keeps its stacked array's layout)."""
   params = jax.tree.map(lambda a: a.astype(cfg.compute_dtype), params)
   return model_lib.fuse_projections(params) if fuse else model_lib.split_layers(params)
 

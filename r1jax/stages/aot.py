@@ -4,19 +4,19 @@
 describes them: core/chips.py), then lowers and compiles, at the stage's real shapes, each
 jitted program the stage runs, with the same functions the stage calls:
 - rl: the GRPO update (the reference's params in it, or its logprobs in the batch), the
-  reference's logprobs beside the rollout, the sampler's decode layout of the weights, the
-  prefill and the longest decode segment;
+  reference's logprobs beside the rollout and, on the sampler's mesh (`sampler.mesh`), the
+  decode layout of the weights, the prefill and the longest decode segment;
 - sft (and distillation): the update.
 Nothing is allocated: every argument is a ShapeDtypeStruct with its sharding. Each program
 gives one report: per-chip argument / output / temporary bytes, plus what the stage keeps
 resident meanwhile (the train state and reference during a rollout), against the chip's HBM;
 compile seconds; FLOPs counted from the model's shape (XLA does not count inside Mosaic
-kernels); the roofline bound on its time; the Mosaic kernel calls in it. A program that fails to compile,
-or needs more than `HBM_SHARE` of a chip, names the arrays that dominate it.
+kernels); the roofline bound on its time; the Mosaic kernel calls in it. A program that fails
+to compile, or needs more than `HBM_SHARE` of a chip, names the arrays that dominate it.
 
 Shapes are the worst case the stage can meet: every completion at its full budget, prompts at
-their token limit, one sequence a row (tight packing holds as many tokens). The rollout's stop sequences take 4 placeholder ids each (the tokenizer is
-not needed to compile).
+their token limit, one sequence a row (tight packing holds as many tokens). The rollout's
+stop sequences take 4 placeholder ids each (the tokenizer is not needed to compile).
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class Program:
   streamed_bytes: float = 0.0  # per chip, read more than once (decode: weights, cache)
   resident: tuple = ()  # arrays the stage keeps on the chips meanwhile (the train state)
   outputs: Any = None  # its outputs (with shardings) where they are new arrays
+  notes: dict = dataclasses.field(default_factory=dict)  # more fields for its report
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -114,8 +115,10 @@ def rl_programs(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh) -> It
   sp = SamplingParams(temperature=grpo.temperature, top_p=config.sampler.top_p,
                       top_k=config.sampler.top_k, max_new_tokens=t, eos_id=0,
                       stop_ids=_stops(config.sampler.stop))
-  for p in sampler_programs(cfg, mesh, params, b, grpo.group_size, s, t, sp):
-    yield dataclasses.replace(p, resident=held)
+  decode_mesh = sharding.regroup(mesh, config.sampler.mesh) if config.sampler.get("mesh") else mesh
+  for p in sampler_programs(cfg, decode_mesh, b, grpo.group_size, s, t, sp):
+    yield dataclasses.replace(p, resident=held,
+                              notes={**p.notes, "decode_mesh": dict(decode_mesh.shape)})
 
 
 def _stops(stop: Any) -> tuple:
@@ -137,13 +140,16 @@ def _ref_beside_rollout(cfg, grpo, mesh, ref, b, s, t, held) -> Iterator[Program
                 chips.forward_flops(cfg, n * (s + t), (s + t) / 2), resident=held)
 
 
-def sampler_programs(cfg: ModelConfig, mesh, params: Any, b: int, group: int, s: int, t: int,
+def sampler_programs(cfg: ModelConfig, mesh, b: int, group: int, s: int, t: int,
                      sp: SamplingParams) -> Iterator[Program]:
-  """The sampler's decode layout of the weights, its prefill of B prompts, and the longest
-  decode segment: N = B·G rows over S + T cache slots for T steps."""
+  """On the sampler's mesh: the decode layout of the weights (moved there from the trainer's
+  layout first: `reshard_gib` a chip at most), the prefill of B prompts, and the longest
+  decode segment, N = B·G rows over S + T cache slots for T steps."""
+  params = checkpoint.abstract_params(cfg, mesh)
   layout = functools.partial(decode_layout, cfg=cfg, fuse=mesh.shape["tensor"] == 1)
   layout_fn = sharding.MeshJit(jax.jit(layout), mesh)
-  yield Program("decode_layout", layout_fn, (params,), 0.0)
+  moved = sum(_per_chip_bytes(x) for x in jax.tree.leaves(params)) / chips.GIB
+  yield Program("decode_layout", layout_fn, (params,), 0.0, notes={"reshard_gib": moved})
   laid = jax.eval_shape(layout, params)
   laid = _abstract(laid, layout_fn.lower(params).compile().output_shardings)
   rows = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
@@ -224,8 +230,11 @@ def compile_program(p: Program, chip: chips.Chip, n_chips: int) -> dict[str, Any
          "total_gib": total / chips.GIB, "hbm_gib": chip.hbm_bytes / chips.GIB,
          "hbm_share": total / chip.hbm_bytes, "fits": total <= HBM_SHARE * chip.hbm_bytes,
          "tflops": p.flops / 1e12, "roofline_s": bound, "bound_by": by,
-         "mosaic_calls": len(re.findall(r"tpu_custom_call", compiled.as_text()))}
+         "mosaic_calls": len(re.findall(r"tpu_custom_call", compiled.as_text())), **p.notes}
   if not out["fits"]:
+    parts = {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
+             "temporaries": mem.temp_size_in_bytes, "resident": resident}
+    out["largest_part"] = max(parts, key=parts.get)  # temporaries: activations, not arrays
     out["dominant_gib"] = dominant_arrays({**arrays, "resident": p.resident})
   return out
 

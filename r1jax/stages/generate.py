@@ -319,9 +319,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
   tok = load_tokenizer(tokenizer_path(config))
   s = config.sampler
   stop_token_ids(tok, s.stop)
-  mesh = sharding.make_mesh(config.mesh.shape)
+  mesh, rm_mesh = sharding.policy_and_reward_meshes(config.mesh.shape,
+                                                    config.mesh.get("reward_devices", 0))
   with RewardScorer(config.rewards,
-                    models=load_models(config.rewards.get("models"), mesh)) as scorer:
+                    models=load_models(config.rewards.get("models"), rm_mesh)) as scorer:
     items, skipped = _load_prompts(config, tok, scorer, f)
     for index, item in enumerate(items):
       item["index"] = index

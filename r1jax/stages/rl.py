@@ -76,6 +76,9 @@ def rl_config(steps: int = 200) -> ml_collections.ConfigDict:
   c.sampler.top_p = 1.0  # rollouts sample the full distribution (R1-Zero: temperature 1)
   c.sampler.top_k = 0  # 0 = off
   c.sampler.stop = ("</answer>",)  # strings that end a completion (one or more tokens each)
+  # The decode layout: (data, fsdp, tensor) over the training mesh's chips, e.g. (4, 1, 4) for
+  # tensor-parallel groups of 4 on 16 chips; () = decode on the training mesh.
+  c.sampler.mesh = ()
   c.grpo = grpo_group()
   c.opt = opt_group()
   c.rewards = ml_collections.ConfigDict(dict(
@@ -173,15 +176,16 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> RLRun:
   """Everything one run holds fixed. Bad input fails here, before any device work."""
   validate(config)
   grpo = grpo_config(config.grpo)
-  mesh = sharding.make_mesh(config.mesh.shape)
+  mesh, rm_mesh = sharding.policy_and_reward_meshes(config.mesh.shape,
+                                                    config.mesh.get("reward_devices", 0))
   tok = load_tokenizer(tokenizer_path(config))
   pipeline = PromptPipeline(
       config.data.train, tok, config.data.batch, template=config.data.template,
       max_prompt_tokens=config.data.max_prompt_tokens, seed=config.seed,
       adapter=config.data.adapter, max_bad_share=config.max_bad_share)
-  # Reward models the spec declares: loaded once, sharded on the policy's mesh.
+  # Reward models the spec declares: loaded once, on their own devices or the policy's mesh.
   scorer = RewardScorer(config.rewards,  # a bad reward spec fails here
-                        models=load_models(config.rewards.get("models"), mesh))
+                        models=load_models(config.rewards.get("models"), rm_mesh))
   tasks = [it["task"] for it in pipeline.items]
   scorer.check_tasks(tasks, config.data.train)  # a task no reward judges: before any work
   weights = config.data.get("task_weights")
@@ -194,11 +198,12 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> RLRun:
     raise ValueError(f"data/sampler: max_prompt_tokens {config.data.max_prompt_tokens} + "
                      f"max_new_tokens {config.sampler.max_new_tokens} exceeds the model's "
                      f"max_position {cfg.max_position}")
-  evals = suite_lib.make_suite(config.eval, cfg, mesh, tok, sets)
   s = config.sampler
-  engine = Engine(cfg, mesh, tok, temperature=grpo.temperature, top_p=s.top_p, top_k=s.top_k,
-                  max_new_tokens=s.max_new_tokens, max_prompt_len=config.data.max_prompt_tokens,
-                  stop=tuple(s.stop))
+  decode_mesh = sharding.regroup(mesh, s.mesh) if s.get("mesh") else mesh
+  evals = suite_lib.make_suite(config.eval, cfg, decode_mesh, tok, sets)
+  engine = Engine(cfg, decode_mesh, tok, temperature=grpo.temperature, top_p=s.top_p,
+                  top_k=s.top_k, max_new_tokens=s.max_new_tokens,
+                  max_prompt_len=config.data.max_prompt_tokens, stop=tuple(s.stop))
   trainer = Trainer(cfg, opt_config(config.opt), mesh, grpo)
   resuming = checkpoint.has_checkpoint(Path(workdir) / "checkpoints")
   return RLRun(config=config, workdir=Path(workdir), grpo=grpo, cfg=cfg, tokenizer=tok,
