@@ -74,7 +74,8 @@ def pytest_sessionfinish(session):
 # fill the gaps at the end. Without the order a 100-second file could start last.
 HEAVY_FIRST = ("test_rewards_model", "test_rl", "test_train_step", "test_pipeline",
                "test_sampler", "test_model", "test_packing", "test_rl_overlap",
-               "test_generate", "test_sft", "test_losses", "test_evaluate")
+               "test_generate", "test_sft", "test_losses", "test_evaluate", "test_aot",
+               "test_kernels")
 
 
 def pytest_collection_modifyitems(config, items):

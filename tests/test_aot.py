@@ -88,11 +88,11 @@ def test_chips_and_bad_requests():
 
 @needs_libtpu
 def test_tool_reports_a_program_that_does_not_fit(tmp_path):
-  """The command line on a model whose decode cache (1,024 rows × 16,896 slots × 2 layers ×
-  8 kv heads × 128) is 33 GiB a chip, over v5e's 16: a JSON line per program, the programs
+  """The command line on a model whose decode cache (1,024 rows × 16,896 slots × 1 layer ×
+  16 kv heads × 128) is 33 GiB a chip, over v5e's 16: a JSON line per program, the programs
   that do not fit named with the arrays that dominate them (the cache), exit 1."""
   out = tmp_path / "aot.jsonl"
-  shape = dict(hidden=256, layers=2, heads=8, kv_heads=8, head_dim=128, mlp_dim=512,
+  shape = dict(hidden=256, layers=1, heads=16, kv_heads=16, head_dim=128, mlp_dim=512,
                vocab_size=1024, max_position=17408)
   cmd = [sys.executable, "tools/aot_compile.py",
          "--config=experiments/r1_zero_qwen2p5_1p5b_gsm8k.py", "--topology=v5e:2x2",

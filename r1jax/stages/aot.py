@@ -78,10 +78,13 @@ def dominant_arrays(args: Any, top: int = 5) -> list[tuple[str, float]]:
   return [(p, round(g, 3)) for p, g in sized[:top]]
 
 
-def _update_flops(cfg: ModelConfig, rows: int, width: int, passes: float) -> float:
-  """A training update: forward + backward (3 forwards), one more forward under full remat."""
+def _update_flops(cfg: ModelConfig, rows: int, width: int, passes: int,
+                  no_grad_forwards: int = 0) -> float:
+  """Training passes over the rows (forward + backward = 3 forwards, one more under full
+  remat), plus forwards without a gradient (the reference's)."""
   per_pass = 3 + (1 if cfg.remat == "full" else 0)
-  return passes * per_pass * chips.forward_flops(cfg, rows * width, width / 2)
+  forwards = passes * per_pass + no_grad_forwards
+  return forwards * chips.forward_flops(cfg, rows * width, width / 2)
 
 
 def rl_programs(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh) -> Iterator[Program]:
@@ -105,10 +108,9 @@ def rl_programs(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh) -> It
   host = PackedRollout(**{k: np.broadcast_to(cols(d), (n, width)) for k, d in fields.items()})
   batch = _abstract(host, trainer.batch_shardings(host))
   with_ref = source is RefSource.UPDATE
-  passes = grpo.mu + (1 if with_ref else 0) / 3
   yield Program("grpo_update", trainer.rl_program(batch, with_ref),
                 (state, batch, ref if with_ref else None),
-                _update_flops(cfg, n, width, passes))
+                _update_flops(cfg, n, width, grpo.mu, int(with_ref)))
   held = (state, ref) if source is not RefSource.NONE else (state,)
   if source is RefSource.ROLLOUT:
     yield from _ref_beside_rollout(cfg, grpo, mesh, ref, b, s, t, held[:1])
