@@ -89,18 +89,20 @@ def test_chips_and_bad_requests():
 @needs_libtpu
 def test_tool_reports_a_program_that_does_not_fit(tmp_path):
   """The command line on a model whose decode cache (1,024 rows × 16,896 slots × 1 layer ×
-  16 kv heads × 128) is 33 GiB a chip, over v5e's 16: a JSON line per program, the programs
-  that do not fit named with the arrays that dominate them (the cache), exit 1."""
+  16 kv heads × 128) is 33 GiB a chip, over v5e's 16: a JSON line per program asked for, the
+  programs that do not fit named with the arrays that dominate them (the cache), exit 1."""
   out = tmp_path / "aot.jsonl"
   shape = dict(hidden=256, layers=1, heads=16, kv_heads=16, head_dim=128, mlp_dim=512,
                vocab_size=1024, max_position=17408)
   cmd = [sys.executable, "tools/aot_compile.py",
          "--config=experiments/r1_zero_qwen2p5_1p5b_gsm8k.py", "--topology=v5e:2x2",
          f"--out={out}", "--config.data.batch=64", "--config.sampler.max_new_tokens=16384",
+         "--programs=prefill,decode_segment",
          *[f"--config.model.{k}={v}" for k, v in shape.items()]]
   done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
   assert done.returncode == 1 and out.exists(), done.stderr[-3000:]
   reports = {r["program"]: r for r in map(json.loads, out.read_text().splitlines())}
+  assert set(reports) == {"prefill", "decode_segment"}  # --programs: the others not compiled
   for name in ("prefill", "decode_segment"):  # the cache is the first's output, the second's input
     assert not reports[name].get("fits", False), reports[name]
     top = reports[name]["dominant_gib"][0]

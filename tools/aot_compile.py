@@ -3,7 +3,8 @@ line per program: per-chip memory against HBM, compile seconds, FLOPs, the roofl
 
   JAX_PLATFORMS=cpu python tools/aot_compile.py \\
       --config=experiments/r1_zero_qwen2p5_7b_math.py --topology=v5p:2x2x2 [--num_slices=N] \\
-      [--config.sampler.max_new_tokens=8192 ...] [--out=benchmarks/aot/NAME.jsonl]
+      [--config.sampler.max_new_tokens=8192 ...] [--programs=prefill,decode_segment] \\
+      [--out=benchmarks/aot/NAME.jsonl]
 
 Needs libtpu (pip install -e ".[tpu]"); JAX_PLATFORMS=cpu keeps JAX from looking for a TPU.
 Exits 1 when a program does not compile or needs more than 90 % of a chip's HBM.
@@ -27,6 +28,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e:4x4, v5p:2x2x4, v6e:4x4.")
 _SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over the data-center network.")
 _OUT = flags.DEFINE_string("out", "", "Also write the JSON lines here.")
+_ONLY = flags.DEFINE_list("programs", [], "Compile only these programs (default: all), e.g. "
+                          "prefill,decode_segment.")
 flags.mark_flags_as_required(["config", "topology"])
 
 
@@ -34,7 +37,8 @@ def main(argv):
   del argv
   bad, lines = False, []
   try:
-    for report in aot.compile_stage(_CONFIG.value, _TOPOLOGY.value, _SLICES.value):
+    for report in aot.compile_stage(_CONFIG.value, _TOPOLOGY.value, _SLICES.value,
+                                    _ONLY.value):
       line = json.dumps(report, default=float)
       print(line, flush=True)
       lines.append(line)

@@ -25,7 +25,7 @@ import dataclasses
 import functools
 import re
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import ml_collections
@@ -241,9 +241,10 @@ def compile_program(p: Program, chip: chips.Chip, n_chips: int) -> dict[str, Any
   return out
 
 
-def compile_stage(config: ml_collections.ConfigDict, topology: str,
-                  num_slices: int = 1) -> Iterator[dict[str, Any]]:
-  """One report per program of the config's stage, compiled for the slice (module doc)."""
+def compile_stage(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1,
+                  only: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
+  """One report per program of the config's stage (or the ones named in `only`), compiled for
+  the slice (module doc)."""
   stage = config.stage
   if stage not in PROGRAMS:
     raise ValueError(f"aot: stage {stage!r} has no program list; one of {sorted(PROGRAMS)}")
@@ -262,7 +263,8 @@ def compile_stage(config: ml_collections.ConfigDict, topology: str,
           "chips": len(devices), "chip": chip.name, "mesh": dict(mesh.shape),
           "params_b": cfg.num_params / 1e9}
   for program in programs(config, cfg, mesh):
-    yield {**head, **compile_program(program, chip, len(devices))}
+    if not only or program.name in only:
+      yield {**head, **compile_program(program, chip, len(devices))}
 
 
 def fits_note(report: dict[str, Any]) -> str:
