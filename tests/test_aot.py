@@ -80,6 +80,12 @@ def test_chips_and_bad_requests():
     chips.chip_of("v9x:2x2")
   seconds, by = chips.roofline_s(2 * 197e12, 1.0, chips.CHIPS["v5e"])
   assert by == "compute" and seconds == pytest.approx(2.0)
+  real_find_spec = importlib.util.find_spec
+  with pytest.MonkeyPatch.context() as m:  # no libtpu: the tool says how to get it
+    m.setattr(importlib.util, "find_spec",
+              lambda name, *a: None if name == "libtpu" else real_find_spec(name, *a))
+    with pytest.raises(RuntimeError, match=r"pip install -e \"\.\[tpu\]\""):
+      chips.topology_devices("v5e:2x2")
   c = sft_config(steps=1)
   c.stage = "eval"
   with pytest.raises(ValueError, match="stage 'eval'"):

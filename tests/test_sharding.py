@@ -118,3 +118,12 @@ def test_reward_models_on_devices_of_their_own():
   for bad in (8, -1):
     with pytest.raises(ValueError, match="reward_devices"):
       sharding.policy_and_reward_meshes((-1, 1, 1), bad)
+
+
+def test_regroup_keeps_the_device_order_and_refuses_a_wrong_size():
+  mesh = sharding.make_mesh((1, 4, 2))
+  decode_mesh = sharding.regroup(mesh, (2, 1, 4))
+  assert list(decode_mesh.devices.flat) == list(mesh.devices.flat)
+  assert decode_mesh.shape == {"data": 2, "fsdp": 1, "tensor": 4}
+  with pytest.raises(ValueError, match="needs 6 devices, but 8 are available"):
+    sharding.regroup(mesh, (3, 1, 2))

@@ -165,11 +165,10 @@ def update_flops(cfg, lengths, passes: int = 4, shared_tokens: int = 0) -> float
   work any trainer must do. `shared_tokens`: prompt tokens the packer did not repeat
   (samples sharing a prompt copy); they are work not done, so they do not count either.
   """
-  d, hd = cfg.hidden, cfg.head_dim
-  layer = d * hd * (2 * cfg.heads + 2 * cfg.kv_heads) + 3 * d * cfg.mlp_dim
-  per_token = 2 * (cfg.layers * layer + cfg.vocab_size * d)
+  from r1jax.core.chips import token_matmul_flops
+  per_token = token_matmul_flops(cfg)
   lengths = np.asarray(lengths, np.float64)
-  attention = 4 * cfg.layers * cfg.heads * hd * (lengths * (lengths + 1) / 2).sum()
+  attention = 4 * cfg.layers * cfg.heads * cfg.head_dim * (lengths * (lengths + 1) / 2).sum()
   return passes * (per_token * (lengths.sum() - shared_tokens) + attention)
 
 

@@ -71,12 +71,17 @@ def layer_matmul_params(cfg: ModelConfig) -> int:
   return d * hd * (2 * cfg.heads + 2 * cfg.kv_heads) + 3 * d * cfg.mlp_dim
 
 
+def token_matmul_flops(cfg: ModelConfig) -> float:
+  """Forward matmul FLOPs of one token: every layer's weights and the unembedding (the
+  embedding is a lookup)."""
+  return 2.0 * (cfg.layers * layer_matmul_params(cfg) + cfg.hidden * cfg.vocab_size)
+
+
 def forward_flops(cfg: ModelConfig, tokens: int, context: float) -> float:
   """Forward FLOPs of `tokens` tokens that each attend to `context` keys on average: the
-  layers' matmuls, attention's two products and the unembedding."""
-  matmul = 2 * (cfg.layers * layer_matmul_params(cfg) + cfg.hidden * cfg.vocab_size)
+  matmuls and attention's two products (4 × heads × head_dim a key)."""
   attention = 4 * cfg.layers * cfg.heads * cfg.head_dim * context
-  return float(tokens) * (matmul + attention)
+  return float(tokens) * (token_matmul_flops(cfg) + attention)
 
 
 def roofline_s(flops_per_chip: float, bytes_per_chip: float, chip: Chip) -> tuple[float, str]:

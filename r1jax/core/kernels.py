@@ -36,7 +36,6 @@ from jax.sharding import PartitionSpec as P
 from r1jax.core import sharding
 from r1jax.core.config import ATTENTION_IMPLS
 
-IMPLS = ATTENTION_IMPLS
 _BY_PLATFORM = {"tpu": "splash", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}
 # (block_q, block_kv) by TPU generation, matched against the device kind ("TPU v5 lite", …).
 BLOCKS = {"v4": (512, 512), "v5 lite": (512, 1024), "v5e": (512, 1024), "v5": (512, 1024),
@@ -57,8 +56,8 @@ def _platform_and_kind() -> tuple[str, str]:
 def choose(impl: str) -> tuple[str, bool]:
   """(kernel, interpret) for a model's `attention` setting: 'auto' by platform; a kernel
   named for another platform than the trace's runs interpreted (CPU tests)."""
-  if impl not in IMPLS:
-    raise ValueError(f"model.attention={impl!r} not in {IMPLS}")
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"model.attention={impl!r} not in {ATTENTION_IMPLS}")
   platform, _ = _platform_and_kind()
   if impl == "auto":
     return _BY_PLATFORM.get(platform, "xla"), False

@@ -57,6 +57,7 @@ class Program:
   resident: tuple = ()  # arrays the stage keeps on the chips meanwhile (the train state)
   outputs: Any = None  # its outputs (with shardings) where they are new arrays
   notes: dict = dataclasses.field(default_factory=dict)  # more fields for its report
+  compiled: tuple | None = None  # (executable, seconds) when building it already compiled it
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -151,9 +152,16 @@ def sampler_programs(cfg: ModelConfig, mesh, b: int, group: int, s: int, t: int,
   layout = functools.partial(decode_layout, cfg=cfg, fuse=mesh.shape["tensor"] == 1)
   layout_fn = sharding.MeshJit(jax.jit(layout), mesh)
   moved = sum(_per_chip_bytes(x) for x in jax.tree.leaves(params)) / chips.GIB
-  yield Program("decode_layout", layout_fn, (params,), 0.0, notes={"reshard_gib": moved})
-  laid = jax.eval_shape(layout, params)
-  laid = _abstract(laid, layout_fn.lower(params).compile().output_shardings)
+  start = time.monotonic()
+  try:  # its output layout (XLA's choice) is the prefill's and the segments' input
+    compiled = (layout_fn.lower(params).compile(), time.monotonic() - start)
+  except Exception:  # pylint: disable=broad-except  (compile_program reports it)
+    compiled = None
+  yield Program("decode_layout", layout_fn, (params,), 0.0, notes={"reshard_gib": moved},
+                compiled=compiled)
+  if compiled is None:
+    return
+  laid = _abstract(jax.eval_shape(layout, params), compiled[0].output_shardings)
   rows = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
                                                    sharding=sharding.batch_sharding(mesh, shape))
   n = b * group
@@ -212,11 +220,11 @@ def compile_program(p: Program, chip: chips.Chip, n_chips: int) -> dict[str, Any
   start = time.monotonic()
   arrays = {"args": p.args, "out": p.outputs}
   try:
-    compiled = p.jitted.lower(*p.args).compile()
+    compiled, seconds = p.compiled or (p.jitted.lower(*p.args).compile(), None)
   except Exception as e:  # pylint: disable=broad-except  (reported with the program's name)
     return {"program": p.name, "error": f"{type(e).__name__}: {str(e)[:600]}",
             "dominant_gib": dominant_arrays(arrays)}
-  seconds = time.monotonic() - start
+  seconds = time.monotonic() - start if seconds is None else seconds
   mem = compiled.memory_analysis()
   resident = sum(_per_chip_bytes(x) for x in jax.tree.leaves(p.resident))
   total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
@@ -265,12 +273,4 @@ def compile_stage(config: ml_collections.ConfigDict, topology: str, num_slices: 
   for program in programs(config, cfg, mesh):
     if not only or program.name in only:
       yield {**head, **compile_program(program, chip, len(devices))}
-
-
-def fits_note(report: dict[str, Any]) -> str:
-  """One line on whether a program fits its chips, for tables."""
-  if "error" in report:
-    return f"does not compile: {report['error'][:120]}"
-  share = f"{100 * report['hbm_share']:.0f} % of {report['hbm_gib']:.0f} GiB"
-  return share if report["fits"] else f"{share}: over {100 * HBM_SHARE:.0f} %"
 
