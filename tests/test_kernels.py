@@ -1,7 +1,7 @@
-"""Fused attention kernels (TPU splash, Pallas GPU) against the XLA form in one piece: values
-and gradients with left padding, packed segments, GQA and several block sizes, alone and inside
-the model on a mesh (under shard_map). On CPU they run in Pallas interpret mode; on a device
-(tools/device_check.sh) the kernel for it runs compiled."""
+"""Fused attention kernels (TPU splash, Pallas GPU, cuDNN) against the XLA form in one piece:
+values and gradients with left padding, packed segments, GQA and several block sizes, alone and
+inside the model on a mesh (under shard_map). On CPU they run in Pallas interpret mode (cuDNN's
+call on XLA); on a device (tools/device_check.sh) the kernel for it runs compiled."""
 
 import dataclasses
 
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax.core import attention, kernels, model, sharding
+from r1jax.core import attention, decode_attention, kernels, model, sharding
 from r1jax.core.config import ModelConfig
 
 B, K, J, HD = 4, 2, 2, 32  # rows, kv heads, queries per kv head (GQA), head width
@@ -22,6 +22,10 @@ def _rows(layout: str, t: int, rng: np.random.Generator):
     pads = [0, 5, 17, t - 3]
     valid = np.arange(t)[None, :] >= np.array(pads)[:, None]
     return jnp.asarray(valid), None
+  if layout == "runs":  # one run of real tokens a row: left, right, both or no padding
+    starts, ends = np.array([0, 4, 9, 30]), np.array([t, t - 7, t - 1, 40])
+    i = np.arange(t)[None, :]
+    return jnp.asarray((i >= starts[:, None]) & (i < ends[:, None])), None
   seg = np.zeros((B, t), np.int32)
   for b in range(B):
     pos, s = 0, 1
@@ -60,6 +64,8 @@ def _value_and_grads(fn, q, k, v, w, valid):
     ("pallas_gpu", "left_padded", 128, (32, 32)),
     ("pallas_gpu", "packed", 192, (64, 32)),
     ("pallas_gpu", "packed", 100, (32, 64)),
+    ("cudnn", "left_padded", 96, None),
+    ("cudnn", "runs", 80, None),
 ])
 def test_kernel_matches_xla(kernel, layout, t, blocks):
   valid, seg = _rows(layout, t, np.random.default_rng(t))
@@ -81,6 +87,14 @@ def test_choice_by_platform_and_setting():
   assert kernels.choose("xla") == ("xla", False)
   assert kernels.choose("splash") == ("splash", True)  # a TPU kernel on CPU: interpreted
   assert kernels.choose("pallas_gpu") == ("pallas_gpu", True)
+  assert kernels.choose("cudnn") == ("cudnn", True)  # on CPU: the same call on XLA
+  # cuDNN takes unpacked rows in bf16 / f16 with head widths <= 128 (multiples of 8); packed
+  # rows and f32 go to the Pallas kernel, except on the XLA stand-in, which takes any dtype.
+  assert kernels.cudnn_fits(None, jnp.bfloat16, 128)
+  assert not kernels.cudnn_fits(jnp.ones((1, 4), jnp.int32), jnp.bfloat16, 64)
+  assert not kernels.cudnn_fits(None, jnp.float32, 64)
+  assert kernels.cudnn_fits(None, jnp.float32, 64, interpret=True)
+  assert not kernels.cudnn_fits(None, jnp.float16, 256)
   with pytest.raises(ValueError, match="attention"):
     kernels.choose("flash")
   with pytest.raises(ValueError, match="model.attention"):
@@ -106,7 +120,7 @@ CFG = ModelConfig(vocab_size=256, hidden=64, layers=2, heads=4, kv_heads=2, head
                   mlp_dim=128, qkv_bias=True, tie_embeddings=True, max_position=512)
 
 
-@pytest.mark.parametrize("kernel", ["splash", "pallas_gpu"])
+@pytest.mark.parametrize("kernel", ["splash", "pallas_gpu", "cudnn"])
 def test_model_on_a_mesh_with_kernel(kernel):
   """The model's forward and gradient with a kernel under shard_map on a (2, 2, 2) mesh
   (rows over data × fsdp, kv heads over tensor) against the XLA form."""
@@ -129,3 +143,61 @@ def test_model_on_a_mesh_with_kernel(kernel):
   np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
   for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
     np.testing.assert_allclose(g, r, atol=1e-4, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("slots, index", [(256, 200), (384, 383)])
+def test_decode_kernel_matches_xla(slots, index):
+  """One decode step (T = 1) against a cache: left-padded rows, slots past the current one
+  empty, a row with a single valid slot; 2 blocks of 256 / 3 of 128 slots."""
+  ks = jax.random.split(jax.random.key(slots), 3)
+  q = jax.random.normal(ks[0], (B, 1, K, J, HD))
+  k = jax.random.normal(ks[1], (B, K, slots, HD))
+  v = jax.random.normal(ks[2], (B, K, HD, slots))
+  x = np.arange(slots)[None]
+  written = x >= np.array([0, 9, 130, index])[:, None]  # row 3: its own slot only
+  mask = jnp.asarray(written & (x <= index))
+  plan = attention.AttentionPlan(jnp.ones((B, 1), bool), mask_BxTxX=mask[:, None], cached=True)
+  want = attention.attend(q, k, v, plan, "xla")
+  got = jax.jit(lambda q, k, v: attention.attend(q, k, v, plan, "splash"))(q, k, v)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  assert decode_attention.block_for(slots) == {256: 256, 384: 128}[slots]
+  assert not decode_attention.fits(144)  # a 16-token bucket + 128 slots: XLA's form
+
+
+def test_sampler_with_the_tpu_kernels_on_a_mesh():
+  """The sampler with attention='splash' (interpreted): the prefill by splash within the
+  prompts, each decode step by the decode kernel (under shard_map on a (2, 2, 2) mesh: rows
+  over 4, kv heads over 2), 256-slot caches; the same tokens as XLA's form, logprobs
+  within 1e-5."""
+  from r1jax.generation.sampler import Sampler, SamplingParams
+  mesh = sharding.make_mesh((2, 2, 2))
+  params = model.init_params(CFG, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  prompts = [list(map(int, rng.integers(1, CFG.vocab_size, n))) for n in (5, 70, 128, 31)]
+  sp = SamplingParams(temperature=1.0, max_new_tokens=6)
+  outs = []
+  for impl in ("xla", "splash"):
+    cfg = dataclasses.replace(CFG, attention=impl)
+    sampler = Sampler(cfg, mesh, max_prompt_len=128, min_bucket=128, min_rows=0)
+    outs.append(sampler.generate(params, prompts, sp, jax.random.key(1), group=2))
+  np.testing.assert_array_equal(np.asarray(outs[1].tokens), np.asarray(outs[0].tokens))
+  np.testing.assert_allclose(np.asarray(outs[1].logprobs), np.asarray(outs[0].logprobs),
+                             atol=1e-5, rtol=0)
+
+
+def test_cudnn_in_bf16_matches_xla():
+  """cuDNN's own dtype (bf16): on a GPU the real cuDNN call (tools/device_check.sh), on CPU
+  its XLA stand-in; left-padded and run rows against the f32 XLA form of the same inputs,
+  within bf16's rounding."""
+  t = 64
+  for layout in ("left_padded", "runs"):
+    valid, _ = _rows(layout, t, np.random.default_rng(0))
+    q, k, v, _ = (x.astype(jnp.bfloat16) for x in _qkv(t, seed=3))
+    plan = attention.plan(valid, block=0)
+    want = attention.attend(*(x.astype(jnp.float32) for x in (q, k, v)), plan, "xla")
+    kernel, interpret = kernels.choose("cudnn")
+    got = jax.jit(lambda q, k, v: kernels.fused_attention(q, k, v, valid, None, kernel,
+                                                          interpret))(q, k, v)
+    keep = np.asarray(valid)[:, :, None, None, None]
+    np.testing.assert_allclose(np.where(keep, np.asarray(got, np.float32), 0),
+                               np.where(keep, want, 0), atol=3e-2, rtol=0, err_msg=layout)

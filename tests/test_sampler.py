@@ -194,7 +194,10 @@ def test_decode_mesh_of_its_own_keeps_the_logprob_identity(qwen):
   assert list(decode_mesh.devices.flat) == list(train.devices.flat)
   placed = jax.device_put(params, sharding.tree_shardings(model.param_axes(cfg), params, train))
   decoder = sampler.Sampler(cfg, decode_mesh)
-  q = decoder.decode_weights(placed)["layers"][0]["q"]  # (D, H, h): heads over the 4-chip groups
+  with pytest.MonkeyPatch.context() as m:  # one program moves and lays out: no device_put
+    m.setattr(jax, "device_put", lambda *a, **k: pytest.fail("weights moved outside the program"))
+    q = decoder.decode_weights(placed)["layers"][0]["q"]  # (D, H, h): heads over 4-chip groups
+  assert decoder.compilations() == 1
   assert q.sharding.mesh.shape == decode_mesh.shape
   assert q.addressable_shards[0].data.shape == (q.shape[0], q.shape[1] // 4, q.shape[2])
   out = decoder.generate(placed, prompts, sp, key, group=group)

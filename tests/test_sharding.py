@@ -127,3 +127,18 @@ def test_regroup_keeps_the_device_order_and_refuses_a_wrong_size():
   assert decode_mesh.shape == {"data": 2, "fsdp": 1, "tensor": 4}
   with pytest.raises(ValueError, match="needs 6 devices, but 8 are available"):
     sharding.regroup(mesh, (3, 1, 2))
+
+
+def test_reshard_bytes_counts_what_each_device_lacks():
+  """Against a count by hand: a (64, 32) f32 array sharded over 8 devices by rows, moved to
+  the (2, 1, 4) regrouping with its columns over tensor. Device i held rows 8i..8i+8; it now
+  needs all 64 rows × its 8 columns (512 elements), of which it held 8 × 8 = 64."""
+  mesh = sharding.make_mesh((1, 8, 1))
+  regrouped = sharding.regroup(mesh, (2, 1, 4))
+  x = jax.ShapeDtypeStruct((64, 32), np.float32)
+  rows, cols = NamedSharding(mesh, P("fsdp", None)), NamedSharding(regrouped, P(None, "tensor"))
+  assert sharding.reshard_bytes([x], [rows], [cols]) == (512 - 64) * 4
+  assert sharding.reshard_bytes([x], [rows], [cols], itemsize=2) == (512 - 64) * 2
+  assert sharding.reshard_bytes([x], [rows], [rows]) == 0  # nothing moves
+  everything = NamedSharding(regrouped, P())
+  assert sharding.reshard_bytes([x], [rows], [everything]) == (64 * 32 - 64 * 4) * 4

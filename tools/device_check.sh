@@ -7,7 +7,8 @@
 #    sharded over every chip, one forward;
 # 2. the sampler benchmark and the GRPO iteration benchmark on a random 0.5B-shaped model in
 #    bf16 (decode tokens/s; the update's FLOP/s against the matmul peak measured in the run);
-# 3. the attention kernels' parity tests, compiled for the device (not interpreted).
+# 3. the attention kernels' parity tests (on a GPU: cuDNN and the Pallas kernel; on a TPU: splash
+#    and the decode kernel), compiled for the device, not interpreted.
 # Each step has its own time limit; a step that fails or times out is reported and the next
 # one runs. Needs r1jax and a jax with the accelerator's plugin installed where it runs.
 set -uo pipefail
@@ -41,5 +42,5 @@ step grpo 150 "$python" tools/bench_grpo.py --make_random=qwen2.5-0.5b --hf_dir=
 # The kernel named for this platform runs compiled; the other one interpreted.
 platform=$("$python" -c 'import jax; print(jax.default_backend())' 2>/dev/null)
 step kernels 120 env JAX_PLATFORMS="$platform" "$python" -m pytest -q -p no:cacheprovider \
-    tests/test_kernels.py -k matches_xla
+    tests/test_kernels.py -k "matches_xla or bf16"
 echo "device check: $log"

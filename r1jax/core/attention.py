@@ -23,7 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from r1jax.core import kernels
+from r1jax.core import decode_attention, kernels
 
 _NEG_INF = -1e30  # finite, so a fully masked (padding) query row stays NaN-free
 ATTENTION_BLOCK = 256  # uncached sequences longer than this attend in query blocks of it
@@ -36,7 +36,7 @@ WINDOW_STEPS = 3  # narrow windows per block (c, 2c, 4c), then all of [0, hi)
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["valid_BxT", "segment_ids_BxT", "sample_ids_BxT", "mask_BxTxX"],
-                   meta_fields=["block", "lanes", "windows"])
+                   meta_fields=["block", "lanes", "windows", "cached"])
 @dataclasses.dataclass(frozen=True)
 class AttentionPlan:
   """Who attends to whom in one batch, and how the work is cut (a pytree; the cut is static).
@@ -52,6 +52,7 @@ class AttentionPlan:
   block: int = 0  # most queries per block (0: one piece)
   lanes: int | None = None  # packed rows attended side by side (None: all of them)
   windows: int = WINDOW_STEPS  # narrow key windows per block (c, 2c, …) before all keys
+  cached: bool = False  # queries against a KV cache's slots (`cached_plan`)
 
 
 def plan(valid_BxT: jax.Array, segment_ids_BxT: jax.Array | None = None,
@@ -85,13 +86,21 @@ def cached_plan(valid_BxT: jax.Array, slots_BxX: jax.Array, index: jax.Array) ->
   t = valid_BxT.shape[1]
   slot_X = jnp.arange(slots_BxX.shape[1])
   causal_TxX = slot_X[None, :] <= index + jnp.arange(t)[:, None]
-  return AttentionPlan(valid_BxT.astype(bool), mask_BxTxX=causal_TxX[None] & slots_BxX[:, None])
+  return AttentionPlan(valid_BxT.astype(bool), mask_BxTxX=causal_TxX[None] & slots_BxX[:, None],
+                       cached=True)
 
 
 def attend(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, plan: AttentionPlan, impl: str = "xla"):
   """softmax(q·kᵀ/√h)·v under the plan: by a fused kernel (`impl`, core/kernels.py; uncached
-  rows without shared prompts), in one piece, or in query blocks."""
+  rows without shared prompts; with splash, a decode step against the cache by
+  core/decode_attention.py), in one piece, or in query blocks."""
   kernel, interpret = kernels.choose(impl)
+  if plan.cached:
+    if (kernel == "splash" and q_BxTxKxJxh.shape[1] == 1
+        and decode_attention.fits(k_BxKxXxh.shape[2])):
+      return decode_attention.decode_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX,
+                                               plan.mask_BxTxX[:, 0], interpret)
+    return softmax_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, plan.mask_BxTxX)
   if kernel != "xla" and plan.sample_ids_BxT is None:
     return kernels.fused_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, plan.valid_BxT,
                                    plan.segment_ids_BxT, kernel, interpret)

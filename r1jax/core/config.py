@@ -18,7 +18,7 @@ import ml_collections
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots")
-ATTENTION_IMPLS = ("auto", "xla", "splash", "pallas_gpu")  # core/kernels.py
+ATTENTION_IMPLS = ("auto", "xla", "splash", "pallas_gpu", "cudnn")  # core/kernels.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +53,7 @@ class ModelConfig:
   compute_dtype: str = "float32"
   remat: str = "none"  # one of REMAT_POLICIES
   arch: str = "qwen2"  # "qwen2" or "llama": only used for HF export
-  attention: str = "auto"  # ATTENTION_IMPLS: auto = splash on TPU, Pallas on GPU, XLA on CPU
+  attention: str = "auto"  # ATTENTION_IMPLS (auto: by platform, core/kernels.py)
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden", "layers", "heads", "kv_heads",

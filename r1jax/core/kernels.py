@@ -2,9 +2,18 @@
 
 `choose` picks the form for a model's `attention` setting and the platform the trace is for
 (the context mesh's, so an ahead-of-time compile for a TPU slice on a CPU host picks the TPU
-kernel): TPU → splash attention (Pallas, Mosaic); GPU → the Pallas GPU (Triton) flash kernel;
-CPU → XLA, the blocked form in attention.py, which stays the default and the reference. A
-kernel asked for on CPU runs in Pallas interpret mode (tests).
+kernel): TPU → splash attention (Pallas, Mosaic); GPU → cuDNN's flash attention
+(`jax.nn.dot_product_attention(implementation="cudnn")`) where its masks fit, otherwise the
+Pallas GPU (Triton) flash kernel; CPU → XLA, the blocked form in attention.py, which stays the
+default and the reference. A kernel asked for on CPU runs in Pallas interpret mode (tests);
+cuDNN's, as the same call with `implementation="xla"`.
+
+cuDNN's masks are causal plus sequence lengths (right padding), in bf16 / f16 with head widths
+of at most 128 in multiples of 8. Unpacked rows fit once each row's real tokens are rotated to
+its start: every unpacked batch here holds one contiguous run of real tokens a row (left
+padding before the prompt, right padding after the completion), and causal attention does not
+change when a row's tokens all move by one offset (the rotary positions are already applied).
+Packed rows (several sequences a row) and f32 go to the Pallas kernel.
 
 Kernels take uncached rows: the update, SFT, scoring, the reward models. A decode step against
 the KV cache keeps the XLA form. Who attends to whom goes to a kernel as segment ids, causal
@@ -36,7 +45,8 @@ from jax.sharding import PartitionSpec as P
 from r1jax.core import sharding
 from r1jax.core.config import ATTENTION_IMPLS
 
-_BY_PLATFORM = {"tpu": "splash", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}
+_BY_PLATFORM = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn", "rocm": "pallas_gpu"}
+_GPU_KERNELS = ("cudnn", "pallas_gpu")
 # (block_q, block_kv) by TPU generation, matched against the device kind ("TPU v5 lite", …).
 BLOCKS = {"v4": (512, 512), "v5 lite": (512, 1024), "v5e": (512, 1024), "v5": (512, 1024),
           "v6": (512, 1024)}
@@ -61,7 +71,16 @@ def choose(impl: str) -> tuple[str, bool]:
   platform, _ = _platform_and_kind()
   if impl == "auto":
     return _BY_PLATFORM.get(platform, "xla"), False
-  return impl, impl != "xla" and _BY_PLATFORM.get(platform) != impl
+  native = _BY_PLATFORM.get(platform)
+  same = impl == native or (impl in _GPU_KERNELS and native in _GPU_KERNELS)
+  return impl, impl != "xla" and not same
+
+
+def cudnn_fits(segment_ids_BxT, dtype, head_dim: int, interpret: bool = False) -> bool:
+  """Whether cuDNN's flash attention takes these rows (module doc); its XLA stand-in
+  (`interpret`) takes any dtype."""
+  half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  return segment_ids_BxT is None and (interpret or half and head_dim % 8 == 0 and head_dim <= 128)
 
 
 def tpu_blocks(device_kind: str, t: int) -> tuple[int, int]:
@@ -123,7 +142,30 @@ def _pallas_gpu(q_BxHxTxh, k_BxKxTxh, v_BxKxTxh, seg_BxT, *, interpret: bool, ki
   return out[:, :t].swapaxes(1, 2)
 
 
-_KERNELS = {"splash": _splash, "pallas_gpu": _pallas_gpu}
+def _rotate(x_BxTx, shift_B):
+  """Each row's positions moved left by its shift (cyclically) along axis 1."""
+  t = x_BxTx.shape[1]
+  idx_BxT = (jnp.arange(t)[None] + shift_B[:, None]) % t
+  return jnp.take_along_axis(x_BxTx, idx_BxT.reshape(idx_BxT.shape + (1,) * (x_BxTx.ndim - 2)),
+                             axis=1)
+
+
+def _cudnn(q_BxHxTxh, k_BxKxTxh, v_BxKxTxh, seg_BxT, *, interpret: bool, kind: str,
+           blocks: tuple[int, int] | None):
+  """cuDNN's causal flash attention with sequence lengths, each row's real run rotated to its
+  start and back (q pre-scaled; GQA native). Interpreted: the same call on XLA."""
+  del kind, blocks
+  real_BxT = seg_BxT > 0
+  start_B = jnp.argmax(real_BxT, axis=1).astype(jnp.int32)
+  length_B = jnp.maximum(jnp.sum(real_BxT, axis=1, dtype=jnp.int32), 1)  # all padding: 1 key
+  q, k, v = (_rotate(x.swapaxes(1, 2), start_B) for x in (q_BxHxTxh, k_BxKxTxh, v_BxKxTxh))
+  o_BxTxHxh = jax.nn.dot_product_attention(
+      q, k, v, scale=1.0, is_causal=True, query_seq_lengths=length_B,
+      key_value_seq_lengths=length_B, implementation="xla" if interpret else "cudnn")
+  return _rotate(o_BxTxHxh, -start_B).swapaxes(1, 2)
+
+
+_KERNELS = {"splash": _splash, "pallas_gpu": _pallas_gpu, "cudnn": _cudnn}
 
 
 def fused_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, valid_BxT, segment_ids_BxT,
@@ -134,6 +176,8 @@ def fused_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, valid_BxT, segment_ids_Bx
   `blocks` (queries, keys per tile) overrides the generation's."""
   b, t, kv_heads, g, hd = q_BxTxKxJxh.shape
   dtype = v_BxKxhxX.dtype
+  if kernel == "cudnn" and not cudnn_fits(segment_ids_BxT, dtype, hd, interpret):
+    kernel = "pallas_gpu"
   q_BxHxTxh = (q_BxTxKxJxh * (1.0 / math.sqrt(hd))).astype(dtype).reshape(
       b, t, kv_heads * g, hd).transpose(0, 2, 1, 3)
   v_BxKxXxh = v_BxKxhxX.swapaxes(2, 3)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1jax.core import attention
+from r1jax.core import attention, kernels
 from r1jax.core.attention import AttentionPlan
 from r1jax.core.config import ModelConfig
 
@@ -207,8 +207,9 @@ def _attention(x_BxTxD, lp, cos_BxTxR, sin_BxTxR, plan: AttentionPlan, kv, cfg):
   b, t, n, hd = q_BxTxHxh.shape
   g = n // cfg.kv_heads
   q_BxTxKxJxh = q_BxTxHxh.reshape(b, t, cfg.kv_heads, g, hd)
-  impl = cfg.attention if kv is None else "xla"  # decode against the cache: XLA's form
-  o_BxTxKxJxh = attention.attend(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, plan, impl)
+  if kv is not None and not plan.cached:  # a fresh cache's first chunk attends within itself
+    k_BxKxXxh, v_BxKxhxX = k_BxKxTxh, v_BxKxhxT
+  o_BxTxKxJxh = attention.attend(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, plan, cfg.attention)
   out_BxTxD = _mm("btnh,nhd->btd", o_BxTxKxJxh.reshape(b, t, n, hd), lp["o"])
   if cfg.out_bias:
     out_BxTxD = out_BxTxD + lp["o_bias"]
@@ -317,10 +318,13 @@ def hidden_states(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig,
 
 def hidden_states_cached(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig,
                          cache: KVCache, mask_BxT: jax.Array | None = None,
-                         positions_BxT: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+                         positions_BxT: jax.Array | None = None,
+                         fresh: bool = False) -> tuple[jax.Array, KVCache]:
   """Final-norm hidden states (B, T, D) of a chunk written at `cache.index`, each token
   attending to every valid earlier slot, and the updated cache. Positions default to the
-  count of real tokens before each one, the cached ones included.
+  count of real tokens before each one, the cached ones included. `fresh`: the cache holds
+  nothing yet (a prefill), so with a fused kernel the chunk attends within itself, as
+  uncached rows do (the same attention, by the kernel).
   """
   b, t = tokens_BxT.shape
   dtype = jnp.dtype(cfg.compute_dtype)
@@ -331,6 +335,8 @@ def hidden_states_cached(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig
   cos_BxTxR, sin_BxTxR = _rope_tables(positions_BxT, cfg)
   valid_BxX = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask_BxT, cache.index, axis=1)
   plan = attention.cached_plan(mask_BxT, valid_BxX, cache.index)
+  if fresh and kernels.choose(cfg.attention)[0] != "xla":
+    plan = attention.plan(mask_BxT)
   # The layers unroll over per-layer params and cache buffers: a scan would slice (copy)
   # every weight and the cache each step on backends that cannot fuse dynamic slices into
   # matmuls.

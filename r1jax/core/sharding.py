@@ -177,6 +177,31 @@ def tree_bytes(tree: Any) -> int:
   return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
 
 
+def _overlap(a: tuple[slice, ...], b: tuple[slice, ...], shape: Sequence[int]) -> int:
+  """Elements in both index boxes (slices as `devices_indices_map` gives them)."""
+  n = 1
+  for sa, sb, dim in zip(a, b, shape):
+    lo = max(sa.indices(dim)[0], sb.indices(dim)[0])
+    hi = min(sa.indices(dim)[1], sb.indices(dim)[1])
+    n *= max(0, hi - lo)
+  return n
+
+
+def reshard_bytes(shapes: Any, src: Any, dst: Any, itemsize: int | None = None) -> int:
+  """The most bytes any one device must receive to go from the `src` shardings to the `dst`
+  ones (trees alike, shardings over the same devices): the part of each new shard it did not
+  hold before, in `itemsize` bytes an element (default: each array's own)."""
+  per_device: dict[Any, int] = {}
+  for x, s, d in zip(jax.tree.leaves(shapes), jax.tree.leaves(src), jax.tree.leaves(dst)):
+    size = itemsize or np.dtype(x.dtype).itemsize
+    held, wanted = s.devices_indices_map(x.shape), d.devices_indices_map(x.shape)
+    for device, box in wanted.items():
+      new = math.prod(len(range(*b.indices(n))) for b, n in zip(box, x.shape))
+      mine = _overlap(held[device], box, x.shape) if device in held else 0
+      per_device[device] = per_device.get(device, 0) + (new - mine) * size
+  return max(per_device.values(), default=0)
+
+
 class MeshJit:
   """A jitted function traced, lowered and run with `mesh` as the context mesh: fused
   attention kernels (core/kernels.py) find there the mesh they shard_map over."""

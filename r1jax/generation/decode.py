@@ -121,7 +121,8 @@ def prefill(params, prompt_BxS, pmask_BxS, budget_N, *, cfg: ModelConfig, sp, gr
   b, s = prompt_BxS.shape
   n, t_max = b * group, sp.max_new_tokens
   pre = model_lib.init_cache(cfg, b, s)
-  h_BxSxD, pre = model_lib.hidden_states_cached(params, prompt_BxS, cfg, pre, pmask_BxS)
+  h_BxSxD, pre = model_lib.hidden_states_cached(params, prompt_BxS, cfg, pre, pmask_BxS,
+                                                 fresh=True)
   # Only the last position's logits: (B, S, V) of them would be the prefill's largest array.
   logits_BxV = model_lib.unembed(params, h_BxSxD[:, -1:], cfg)[:, 0]
   rep = lambda x: jnp.repeat(x, group, axis=0)

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -28,8 +29,9 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
+from r1jax.core import decode_attention
 from r1jax.core import model as model_lib
 from r1jax.core import sharding as sharding_lib
 from r1jax.core.config import ModelConfig
@@ -136,6 +138,12 @@ class Sampler:
     self.max_prompt_len, self.min_bucket = max_prompt_len, min_bucket
     self.window, self.min_rows = window, min_rows
     self._fns: dict = {}
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+      self._slot_multiple = decode_attention.slot_multiple(cfg.attention)
+
+  def _round(self, slots: int) -> int:
+    """A cache's slot count as the decode kernel reads it (whole blocks), else as is."""
+    return -(-slots // self._slot_multiple) * self._slot_multiple
 
   def _check(self, prompts, sp: SamplingParams) -> int:
     if not prompts:
@@ -173,17 +181,23 @@ class Sampler:
     return 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
   def decode_weights(self, params):
-    """The weights as this sampler's decode reads them: moved onto its mesh, where the
-    trainer's may group the same chips otherwise (`sharding.regroup`; inside one program XLA
-    drops a layout constraint that names another mesh), then `decode_layout`."""
-    if self.mesh is not None:
+    """The weights as this sampler's decode reads them (`decode_layout`). Params on the same
+    devices as its mesh, in any layout (the trainer's, where `sharding.regroup` groups the
+    chips otherwise), are moved and laid out by one program (`layout_program`); params
+    elsewhere (host arrays, other devices) are put on the mesh first."""
+    fuse = self.mesh is None or self.mesh.shape["tensor"] == 1
+    if self.mesh is None:
+      return self._jit(("fuse", fuse), lambda p: decode_layout(p, self.cfg, fuse),
+                       lay_out=False)(params)
+    devices = set(self.mesh.devices.flat)
+    if not all(isinstance(a, jax.Array) and a.sharding.device_set == devices
+               for a in jax.tree.leaves(params)):
       params = jax.device_put(params, sharding_lib.tree_shardings(
           model_lib.param_axes(self.cfg), params, self.mesh))
-    fuse = self.mesh is None or self.mesh.shape["tensor"] == 1
-    # A fresh function per sampler: jit caches are per function, and `compilations()`
-    # counts this sampler's programs only.
-    return self._jit(("fuse", fuse), lambda p: decode_layout(p, self.cfg, fuse),
-                     lay_out=False)(params)
+    # A fresh program per sampler: `compilations()` counts this sampler's programs only.
+    if ("layout", fuse) not in self._fns:
+      self._fns[("layout", fuse)] = layout_program(self.cfg, params, self.mesh)
+    return self._fns[("layout", fuse)](params)
 
   def generate(self, params, prompts: Sequence[Sequence[int]], sp: SamplingParams,
                key: jax.Array, group: int = 1,
@@ -202,7 +216,7 @@ class Sampler:
       budget = np.minimum(np.asarray(max_new_tokens, np.int32), sp.max_new_tokens)
     n, t_max, cfg = b * group, sp.max_new_tokens, self.cfg
     params = self.decode_weights(params)
-    slots = s + min(t_max, self.window)
+    slots = self._round(s + min(t_max, self.window))
     st = self._jit(("prefill", b, s, sp, group), functools.partial(
         decode.prefill, cfg=cfg, sp=sp, group=group, window=slots - s))(
             params, tokens, mask, np.repeat(budget, group))
@@ -218,6 +232,7 @@ class Sampler:
       if live == 0 or t >= t_max:
         return st.out
       new_rows, new_slots = decode.next_shape(live, t, rows, slots, s, buckets, self.window, t_max)
+      new_slots = self._round(new_slots)
       st = self._jit(("resize", rows, slots, new_rows, new_slots), functools.partial(
           decode.resize, rows=new_rows, slots=new_slots))(st)
       rows, slots = new_rows, new_slots
@@ -230,6 +245,27 @@ def decode_layout(params, cfg: ModelConfig, fuse: bool):
   mesh (each slice keeps its stacked array's layout)."""
   params = jax.tree.map(lambda a: a.astype(cfg.compute_dtype), params)
   return model_lib.fuse_projections(params) if fuse else model_lib.split_layers(params)
+
+
+def decode_axes(cfg: ModelConfig, fuse: bool):
+  """Logical axes of `decode_layout`'s output: one dict a layer, q|k|v and gate|up fused."""
+  axes = model_lib.param_axes(cfg)
+  layer = {name: P(*spec[1:]) for name, spec in axes["layers"].items()}
+  if fuse:  # a mesh without tensor parallelism: the fused axes stay whole
+    layer = {n: a for n, a in layer.items() if n not in ("q", "k", "v", "gate", "up")}
+    layer.update(qkv=P("embed", None), gate_up=P("embed", None))
+  return {**axes, "layers": (layer,) * cfg.layers}
+
+
+def layout_program(cfg: ModelConfig, params, mesh: Mesh):
+  """One jitted program from params in any layout on the mesh's devices (the trainer's) to
+  `decode_layout` on `mesh`, the sampler's: the reshard and the cast in one step. The
+  two meshes must order the same devices alike (`sharding.regroup` does)."""
+  fuse = mesh.shape["tensor"] == 1
+  layout = functools.partial(decode_layout, cfg=cfg, fuse=fuse)
+  out = sharding_lib.tree_shardings(decode_axes(cfg, fuse), jax.eval_shape(layout, params),
+                                    mesh)
+  return jax.jit(layout, out_shardings=out)
 
 
 def decode_shardings(shapes, mesh: Mesh):
@@ -247,7 +283,8 @@ def decode_shardings(shapes, mesh: Mesh):
 
 
 class _ShardedDecodeFn:
-  """jit with the DecodeState output laid out on the mesh (`decode_shardings`)."""
+  """jit with the DecodeState output laid out on the mesh (`decode_shardings`), run with the
+  mesh as context mesh: a fused attention kernel (prefill, decode steps) shard_maps over it."""
 
   def __init__(self, fn, mesh: Mesh, donate):
     self.fn, self.mesh, self.donate = fn, mesh, donate
@@ -257,9 +294,10 @@ class _ShardedDecodeFn:
     key = jax.tree.structure(args), tuple(getattr(a, "shape", None) for a in jax.tree.leaves(args))
     if key not in self._jitted:
       shapes = jax.eval_shape(self.fn, *args)
-      self._jitted[key] = jax.jit(self.fn, donate_argnums=self.donate,
-                                  out_shardings=decode_shardings(shapes, self.mesh))
+      self._jitted[key] = sharding_lib.MeshJit(jax.jit(
+          self.fn, donate_argnums=self.donate,
+          out_shardings=decode_shardings(shapes, self.mesh)), self.mesh)
     return self._jitted[key](*args)
 
   def _cache_size(self) -> int:
-    return sum(f._cache_size() for f in self._jitted.values())
+    return sum(f.jitted._cache_size() for f in self._jitted.values())

@@ -5,8 +5,12 @@ describes them: core/chips.py), then lowers and compiles, at the stage's real sh
 jitted program the stage runs, with the same functions the stage calls:
 - rl: the GRPO update (the reference's params in it, or its logprobs in the batch), the
   reference's logprobs beside the rollout and, on the sampler's mesh (`sampler.mesh`), the
-  decode layout of the weights, the prefill and the longest decode segment;
-- sft (and distillation): the update.
+  decode layout (one program from the trainer's layout; its report gives both layouts a chip
+  and the bytes a chip receives), the prefill and the longest decode segment;
+- sft (and distillation): the update;
+- reward_model: the Bradley–Terry update;
+- generate: the decode layout, the prefill and the longest decode segment.
+With `mesh.reward_devices`, the policy's programs get the devices the reward models leave.
 Nothing is allocated: every argument is a ShapeDtypeStruct with its sharding. Each program
 gives one report: per-chip argument / output / temporary bytes, plus what the stage keeps
 resident meanwhile (the train state and reference during a rollout), against the chip's HBM;
@@ -31,14 +35,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from r1jax.core import chips, checkpoint, sharding
+from r1jax.core import chips, checkpoint, decode_attention, sharding
+from r1jax.core import model as model_lib
 from r1jax.core.config import ModelConfig, grpo_config, opt_config
 from r1jax.core.weights import load_model
-from r1jax.stages import rl, sft
+from r1jax.stages import generate, rl, sft
 from r1jax.generation import decode
-from r1jax.generation.sampler import SamplingParams, decode_layout, decode_shardings
-from r1jax.train.batches import PackedRollout, SFTBatch
+from r1jax.generation.sampler import SamplingParams, decode_shardings, layout_program
+from r1jax.train import batches as batches_lib
+from r1jax.train.batches import PackedRollout, PairBatch, SFTBatch
 from r1jax.train.logprobs import LogProbs, RefSource, ref_source
+from r1jax.train.reward_model import RMTrainer
 from r1jax.train.trainer import SFTSettings, Trainer
 
 HBM_SHARE = 0.9  # a program fits when it needs at most this share of a chip's HBM
@@ -119,7 +126,7 @@ def rl_programs(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh) -> It
                       top_k=config.sampler.top_k, max_new_tokens=t, eos_id=0,
                       stop_ids=_stops(config.sampler.stop))
   decode_mesh = sharding.regroup(mesh, config.sampler.mesh) if config.sampler.get("mesh") else mesh
-  for p in sampler_programs(cfg, decode_mesh, b, grpo.group_size, s, t, sp):
+  for p in sampler_programs(cfg, decode_mesh, b, grpo.group_size, s, t, sp, mesh):
     yield dataclasses.replace(p, resident=held,
                               notes={**p.notes, "decode_mesh": dict(decode_mesh.shape)})
 
@@ -144,28 +151,37 @@ def _ref_beside_rollout(cfg, grpo, mesh, ref, b, s, t, held) -> Iterator[Program
 
 
 def sampler_programs(cfg: ModelConfig, mesh, b: int, group: int, s: int, t: int,
-                     sp: SamplingParams) -> Iterator[Program]:
-  """On the sampler's mesh: the decode layout of the weights (moved there from the trainer's
-  layout first: `reshard_gib` a chip at most), the prefill of B prompts, and the longest
-  decode segment, N = B·G rows over S + T cache slots for T steps."""
-  params = checkpoint.abstract_params(cfg, mesh)
-  layout = functools.partial(decode_layout, cfg=cfg, fuse=mesh.shape["tensor"] == 1)
-  layout_fn = sharding.MeshJit(jax.jit(layout), mesh)
-  moved = sum(_per_chip_bytes(x) for x in jax.tree.leaves(params)) / chips.GIB
+                     sp: SamplingParams, train_mesh=None) -> Iterator[Program]:
+  """On the sampler's mesh: the decode layout of the weights (one program from the trainer's
+  layout on `train_mesh`, the same chips grouped otherwise), the prefill of B prompts, and
+  the longest decode segment, N = B·G rows over S + T cache slots for T steps."""
+  params = checkpoint.abstract_params(cfg, train_mesh or mesh)
+  layout_fn = layout_program(cfg, params, mesh)
+  dtype_bytes = np.dtype(cfg.compute_dtype).itemsize
+  there = sharding.tree_shardings(model_lib.param_axes(cfg), params, mesh)
+  notes = {"train_layout_gib": sum(_per_chip_bytes(x) for x in jax.tree.leaves(params))
+           / chips.GIB,
+           "reshard_moved_gib": sharding.reshard_bytes(
+               params, [x.sharding for x in jax.tree.leaves(params)], jax.tree.leaves(there),
+               dtype_bytes) / chips.GIB}
   start = time.monotonic()
-  try:  # its output layout (XLA's choice) is the prefill's and the segments' input
+  try:  # its output layout is the prefill's and the segments' input
     compiled = (layout_fn.lower(params).compile(), time.monotonic() - start)
   except Exception:  # pylint: disable=broad-except  (compile_program reports it)
     compiled = None
-  yield Program("decode_layout", layout_fn, (params,), 0.0, notes={"reshard_gib": moved},
-                compiled=compiled)
   if compiled is None:
+    yield Program("decode_layout", layout_fn, (params,), 0.0, notes=notes)
     return
-  laid = _abstract(jax.eval_shape(layout, params), compiled[0].output_shardings)
+  laid = _abstract(jax.eval_shape(layout_fn, params), compiled[0].output_shardings)
+  notes["decode_layout_gib"] = sum(_per_chip_bytes(x) for x in jax.tree.leaves(laid)) / chips.GIB
+  yield Program("decode_layout", layout_fn, (params,), 0.0, notes=notes, compiled=compiled)
   rows = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
                                                    sharding=sharding.batch_sharding(mesh, shape))
   n = b * group
-  pre = functools.partial(decode.prefill, cfg=cfg, sp=sp, group=group, window=t)
+  with jax.set_mesh(mesh):  # the sampler's cache: whole blocks of the decode kernel's
+    m = decode_attention.slot_multiple(cfg.attention)
+  window = -(-(s + t) // m) * m - s
+  pre = functools.partial(decode.prefill, cfg=cfg, sp=sp, group=group, window=window)
   pre_args = (laid, rows((b, s), np.int32), rows((b, s), bool), rows((n,), np.int32))
   st_shape = jax.eval_shape(pre, *pre_args)
   st_shardings = decode_shardings(st_shape, mesh)
@@ -210,9 +226,35 @@ def sft_programs(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh) -> I
                 _update_flops(cfg, rows, width, 1))
 
 
+def reward_model_programs(config: ml_collections.ConfigDict, cfg: ModelConfig,
+                          mesh) -> Iterator[Program]:
+  """The reward_model stage's Bradley–Terry update: B pairs, both sides of `max_len` tokens."""
+  d = config.data
+  trainer = RMTrainer(cfg, opt_config(config.opt), mesh, config.microbatches)
+  side = lambda dtype: np.zeros((d.batch, d.max_len), dtype)
+  host = PairBatch(side(np.int32), side(bool), side(np.int32), side(bool))
+  batch = _abstract(host, batches_lib.batch_shardings(host, config.microbatches, mesh))
+  yield Program("rm_update", trainer.program(batch), (trainer.abstract_state, batch),
+                _update_flops(cfg, 2 * d.batch, d.max_len, 1))
+
+
+def generate_programs(config: ml_collections.ConfigDict, cfg: ModelConfig,
+                      mesh) -> Iterator[Program]:
+  """The generate stage's decode: `batch_prompts` prompts × k samples, prompts at their token
+  limit, every response at its budget; the weights laid out in place (one mesh)."""
+  s = config.sampler
+  sp = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                      max_new_tokens=s.max_new_tokens, eos_id=0, stop_ids=_stops(s.stop),
+                      record_top_k=config.output.top_k_logprobs)
+  yield from sampler_programs(cfg, mesh, config.batch_prompts, config.k,
+                              config.data.max_prompt_tokens, s.max_new_tokens, sp)
+
+
 # stage -> (its config check, its programs)
-PROGRAMS: dict[str, tuple[Callable, Callable]] = {"rl": (rl.validate, rl_programs),
-                                                  "sft": (sft.validate, sft_programs)}
+PROGRAMS: dict[str, tuple[Callable, Callable]] = {
+    "rl": (rl.validate, rl_programs), "sft": (sft.validate, sft_programs),
+    "reward_model": (lambda config: None, reward_model_programs),
+    "generate": (generate.validate, generate_programs)}
 
 
 def compile_program(p: Program, chip: chips.Chip, n_chips: int) -> dict[str, Any]:
@@ -260,10 +302,12 @@ def compile_stage(config: ml_collections.ConfigDict, topology: str, num_slices: 
   check(config)
   chip = chips.chip_of(topology)
   devices = chips.topology_devices(topology, num_slices)
-  mesh = sharding.make_mesh(config.mesh.shape, devices=devices)
+  mesh, _ = sharding.policy_and_reward_meshes(  # the reward models' own devices left out
+      config.mesh.shape, config.mesh.get("reward_devices", 0), devices)
   cfg, _ = load_model(config.model, mesh, abstract=True)
-  longest = (config.data.max_prompt_tokens + config.sampler.max_new_tokens if stage == "rl"
-             else config.data.seq_len)
+  longest = {"rl": lambda d: d.max_prompt_tokens + config.sampler.max_new_tokens,
+             "generate": lambda d: d.max_prompt_tokens + config.sampler.max_new_tokens,
+             "sft": lambda d: d.seq_len, "reward_model": lambda d: d.max_len}[stage](config.data)
   if longest > cfg.max_position:
     raise ValueError(f"aot: {longest} tokens a row exceed the model's max_position "
                      f"{cfg.max_position}")

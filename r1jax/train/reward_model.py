@@ -52,13 +52,17 @@ class RMTrainer:
   def step(self, state: TrainState, batch: PairBatch) -> tuple[TrainState, dict]:
     """One optimizer update on a placed PairBatch (the state is donated)."""
     batches_lib.check_batch(batch, self.microbatches)
+    return self.program(batch)(state, batch)
+
+  def program(self, batch: PairBatch) -> Callable:
+    """The jitted update for this batch's shapes (placed or abstract: the AOT tool lowers it)."""
     key = ("step", tuple(batch.chosen.shape))
     if key not in self._cache:
       self._cache[key] = jit_donated(
           self._update, self.state_shardings,
           (batches_lib.batch_shardings(batch, self.microbatches, self.mesh),),
           NamedSharding(self.mesh, PartitionSpec()))
-    return self._cache[key](state, batch)
+    return self._cache[key]
 
   def _update(self, state: TrainState, batch: PairBatch):
     a, pairs = self.microbatches, batch.chosen.shape[0]
