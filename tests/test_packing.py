@@ -12,7 +12,7 @@ from r1jax.core import attention, model
 from r1jax.core.config import GRPOConfig, ModelConfig
 from r1jax.train import losses
 from r1jax.train.batches import RolloutBatch
-from r1jax.train.packing import one_per_row, pack_rollout
+from r1jax.train.packing import one_per_row, pack_rollout, unpack_completions
 from test_losses import np_weights
 
 CFG = ModelConfig(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8,
@@ -221,3 +221,22 @@ def test_lane_slots_pair_rows_of_similar_length():
       steps = rows // lanes
       for rank, slot in enumerate(slots):  # step = offset in its block = rank // lanes
         assert slot % steps == rank // lanes and slot // steps == rank % lanes
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["own_prompts", "shared_prompts"])
+def test_the_index_puts_packed_values_back_in_place(share):
+  """`pack_rollout`'s index maps each packed completion column to its (sample, token): the
+  packed old logp and tokens, put back by it, are the batch's own at every completion token
+  and 0 elsewhere (what the reference's packed logprobs rely on)."""
+  g = GRPOConfig(minibatches=2, microbatches=2, share_prompts=share)
+  b = rollout(n=16, seed=2, group=4)
+  index: list = []
+  pk, _ = pack_rollout(b, g, row_len=24, rows_multiple=2, index=index)
+  (idx,) = index
+  assert idx.shape == pk.tokens.shape and idx.dtype == np.int64
+  comp = np.asarray(b.completion_mask)
+  assert np.array_equal(np.sort(idx[idx >= 0]), np.flatnonzero(comp.reshape(-1)))
+  back = unpack_completions(pk.old_logp, idx, *comp.shape)
+  np.testing.assert_array_equal(back, np.where(comp, b.old_logp, 0))
+  tokens = unpack_completions(pk.tokens.astype(np.float32), idx, *comp.shape)
+  np.testing.assert_array_equal(tokens[comp], np.asarray(b.tokens)[:, -comp.shape[1]:][comp])

@@ -15,6 +15,7 @@ from r1jax.generation import sampler
 from r1jax.core import sharding
 from r1jax.core.config import GRPOConfig
 from r1jax.generation.sampler import SamplingParams
+from r1jax.train.batches import RolloutBatch
 from r1jax.train.logprobs import LogProbs
 
 PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [200, 3], [9, 9, 9, 11, 250, 12, 13, 14, 15, 16, 1, 2, 3]]
@@ -183,8 +184,8 @@ def test_sharded_same_tokens_as_single_device(qwen):
 def test_decode_mesh_of_its_own_keeps_the_logprob_identity(qwen):
   """Weights on the trainer's (1, 4, 2) mesh, decoded on a (2, 1, 4) regrouping of the same
   chips (tensor-parallel groups of 4, rows over 2): the sampler's tokens are one device's, its
-  logprobs equal the trainer's teacher-forced ones, and the trainer's reference forward reads
-  the rollout where it lies."""
+  logprobs equal the trainer's teacher-forced ones and the reference path's on the trainer's
+  mesh (the samples packed)."""
   cfg, params = qwen
   prompts, key, group = PROMPTS * 2 + PROMPTS[:2], jax.random.key(3), 2
   sp = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=12, eos_id=3)
@@ -207,7 +208,11 @@ def test_decode_mesh_of_its_own_keeps_the_logprob_identity(qwen):
   want = teacher_forced_logp(params, cfg, out, group, 0.7)
   assert np.abs(np.asarray(out.logprobs) - want)[mask].max() <= 1e-5
   logp = LogProbs(cfg, GRPOConfig(group_size=group, temperature=0.7), train)
-  trainer_view = np.asarray(logp.of_rollout(placed, out, group))
+  host = jax.device_get(out)  # the RL loop's reference forward: the samples packed
+  batch = RolloutBatch(np.concatenate([np.repeat(host.prompt_tokens, group, 0), host.tokens], 1),
+                       np.concatenate([np.repeat(host.prompt_mask, group, 0), host.mask], 1),
+                       host.mask, host.logprobs, np.zeros(len(host.mask), np.float32))
+  trainer_view = logp.of_batch(placed, batch).get()
   assert np.abs(trainer_view - np.asarray(out.logprobs))[mask].max() <= 1e-5
 
 
@@ -329,7 +334,7 @@ def test_decode_plan_buckets():
   """Row buckets halve while they divide over the data shards; the cache doubles when
   full, capped at prompt + budget; a segment stops once live rows fit the next bucket."""
   from r1jax.generation import decode
-  assert decode.row_buckets(64, 2, 8) == (64, 32, 16, 8)
+  assert decode.row_buckets(64, 2, 8) == (64, 48, 32, 24, 16, 12, 8)
   assert decode.row_buckets(24, 4, 3) == (24, 12)  # 6 rows would not divide over 4 shards
   assert decode.row_buckets(6, 1, 8) == (6,)
   buckets = (64, 32, 16, 8)

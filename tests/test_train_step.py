@@ -12,7 +12,6 @@ from r1jax.core import attention, model, sharding
 from r1jax.core.config import GRPOConfig, ModelConfig, OptConfig, grpo_config, grpo_group
 from r1jax.train import advantages, losses
 from r1jax.train import trainer as ts
-from r1jax.generation.sampler import Rollout
 from r1jax.train.batches import RolloutBatch, SFTBatch
 from r1jax.train.logprobs import LogProbs
 from r1jax.train.state import init_state, lr_schedule, make_optimizer
@@ -52,13 +51,10 @@ def logp_of(tr) -> LogProbs:
   return _LOGP[id(tr)][1]
 
 
-def completion_logp(tr, params, b: RolloutBatch) -> jax.Array:
-  """(N, T) logp of a padded batch's completions, by the reference's path (`of_rollout`),
-  each row with its own prompt: a rollout of group 1."""
-  n, t = b.completion_mask.shape
-  rollout = Rollout(b.tokens[:, S:], b.mask[:, S:], np.zeros((n, t), np.float32),
-                    np.zeros(n, np.int32), b.tokens[:, :S], b.mask[:, :S], np.int32(t))
-  return logp_of(tr).of_rollout(params, rollout, 1)
+def completion_logp(tr, params, b: RolloutBatch) -> np.ndarray:
+  """(N, T) logp of a padded batch's completions, by the reference's path (`of_batch`: the
+  samples packed, then put back in place)."""
+  return logp_of(tr).of_batch(params, b).get()
 
 
 def host(tree):
@@ -279,11 +275,13 @@ def test_reference_survives_donation_and_resets(reference):
   ref = logp_of(tr).make_ref(state.params)
   s1, m1 = guarded_rl_step(tr, jax.tree.map(jnp.copy, state), tr.put_batch(b), ref)
   assert not ref["embed"].is_deleted()  # a copy, not the donated policy buffers
-  # Precomputed reference logprobs (the loop overlaps them with rewards): the same step.
+  # Precomputed reference logprobs (the loop overlaps them with rewards): the same step. They
+  # come from packed rows, the step's from one sequence a row: logp agree to f32 rounding
+  # (~1e-7), so a KL near 0 agrees to ~1e-9 in absolute terms.
   b2 = dataclasses.replace(b, ref_logp=np.asarray(completion_logp(tr, ref, b)))
   s2, m2 = guarded_rl_step(tr, state, tr.put_batch(b2), None)
   assert max_diff(s1.params, s2.params) <= 1e-6
-  np.testing.assert_allclose(m1["kl"], m2["kl"], rtol=1e-5)
+  np.testing.assert_allclose(m1["kl"], m2["kl"], rtol=1e-5, atol=1e-8)
   # A bf16 reference, replaced by the policy every 2 RL iterations.
   tr16 = single_device_trainer(dataclasses.replace(GRPO, ref_dtype="bfloat16",
                                                    ref_reset_every=2))
@@ -437,22 +435,23 @@ def test_sft_step_sharded_matches_and_memorises():
   assert float(metrics["loss"]) < 0.5 * want_loss
 
 
-def test_rollout_logprobs_equal_those_of_the_placed_batch(reference):
-  """The RL loop's reference forward on the sampler's device arrays = on the host-built batch."""
-  tr, b, g = reference["trainer"], reference["batch"], GRPO.group_size
-  prompt_BxS, pmask_BxS = b.tokens[::g, :S], b.mask[::g, :S]
-  rollout = Rollout(jnp.asarray(b.tokens[:, S:]), jnp.asarray(b.completion_mask),
-                    jnp.asarray(b.old_logp), jnp.zeros(N, jnp.int32), jnp.asarray(prompt_BxS),
-                    jnp.asarray(pmask_BxS), jnp.asarray(T))
-  same_prompts = RolloutBatch(
-      np.concatenate([np.repeat(prompt_BxS, g, 0), b.tokens[:, S:]], 1),
-      np.concatenate([np.repeat(pmask_BxS, g, 0), b.mask[:, S:]], 1),
-      b.completion_mask, b.old_logp, b.advantages)
+def test_reference_logprobs_of_packed_samples_equal_one_forward_per_row(reference):
+  """The RL loop's reference forward (the samples packed, the result put back to (N, T))
+  against the model's plain forward over each padded row, log-softmax at the temperature,
+  in float64: every completion token within 1e-5, and 0 past each completion's end."""
+  tr, b = reference["trainer"], reference["batch"]
   ref = logp_of(tr).make_ref(reference["ref"])
-  got = np.asarray(logp_of(tr).of_rollout(ref, rollout, g))
-  want = np.asarray(completion_logp(tr, ref, same_prompts))
-  assert got.shape == (N, T)
-  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+  got = completion_logp(tr, ref, b)
+  logits = np.asarray(model.forward(ref, jnp.asarray(b.tokens), CFG,
+                                    mask_BxT=jnp.asarray(b.mask)), np.float64)
+  z = logits[:, S - 1:-1] / GRPO.temperature  # column j predicts completion token j
+  logp = z - z.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  want = np.take_along_axis(logp, b.tokens[:, S:, None], -1)[..., 0]
+  comp = np.asarray(b.completion_mask)
+  assert got.shape == (N, T) and comp.any(axis=1).all() and not comp.all()
+  np.testing.assert_allclose(got[comp], want[comp], rtol=0, atol=1e-5)
+  assert (got[~comp] == 0).all()
 
 
 def test_an_update_that_is_not_finite_is_skipped_however_it_arises():

@@ -213,12 +213,16 @@ def resize(st: DecodeState, *, rows: int, slots: int) -> DecodeState:
 
 
 def row_buckets(n: int, shards: int, smallest: int) -> tuple[int, ...]:
-  """Slot counts decode may shrink through: n, n/2, n/4, ... while each stays a multiple
-  of `shards` (the data-parallel devices) and at least `smallest`."""
-  out = [n]
-  while out[-1] % 2 == 0 and (out[-1] // 2) % shards == 0 and out[-1] // 2 >= smallest:
-    out.append(out[-1] // 2)
-  return tuple(out)
+  """Slot counts decode may shrink through: n, then each halving of it and three quarters of
+  each halving (n, ¾n, ½n, ⅜n, ¼n, …), where one is a whole number, a multiple of `shards`
+  (the data-parallel devices) and at least `smallest`. The quarter steps keep a segment's
+  slots within a third of its live rows where halving alone would run up to twice as many."""
+  levels = [n]
+  while levels[-1] % 2 == 0 and levels[-1] // 2 >= smallest:
+    levels.append(levels[-1] // 2)
+  quarters = [3 * x // 4 for x in levels if (3 * x) % 4 == 0]
+  keep = {x for x in levels + quarters if x == n or (x % shards == 0 and x >= smallest)}
+  return tuple(sorted(keep, reverse=True))
 
 
 def next_shape(live: int, t: int, rows: int, slots: int, prompt: int, buckets: tuple[int, ...],

@@ -136,18 +136,15 @@ def _stops(stop: Any) -> tuple:
 
 
 def _ref_beside_rollout(cfg, grpo, mesh, ref, b, s, t, held) -> Iterator[Program]:
-  """The reference's logprobs of a rollout, run on the mesh while the host scores it."""
+  """The reference's logprobs of a rollout's samples, packed, run on the mesh while the host
+  scores them (worst case: one sequence a row)."""
   n = b * grpo.group_size
-  rows = lambda shape, dtype: jax.ShapeDtypeStruct(
-      shape, dtype, sharding=sharding.batch_sharding(mesh, shape) if shape else
-      sharding.replicated(mesh))
-  rollout = decode.Rollout(
-      tokens=rows((n, t), np.int32), mask=rows((n, t), bool), logprobs=rows((n, t), np.float32),
-      stop_reason=rows((n,), np.int32), prompt_tokens=rows((b, s), np.int32),
-      prompt_mask=rows((b, s), bool), steps=rows((), np.int32))
   logp = LogProbs(cfg, grpo, mesh)
-  yield Program("ref_logprobs", logp.rollout_program(rollout, grpo.group_size), (ref, rollout),
-                chips.forward_flops(cfg, n * (s + t), (s + t) / 2), resident=held)
+  width = grpo.pack_len or s + t
+  rows = {name: jax.ShapeDtypeStruct((n, width), np.int32, sharding=logp.row_sharding(n))
+          for name in ("tokens", "positions", "segment_ids")}
+  yield Program("ref_logprobs", logp.packed_program(rows), (ref, rows),
+                chips.forward_flops(cfg, n * width, width / 2), resident=held)
 
 
 def sampler_programs(cfg: ModelConfig, mesh, b: int, group: int, s: int, t: int,

@@ -255,15 +255,16 @@ def roll_out(rl: RLRun, params: Any, ref: Any, problems: list[dict], key: jax.Ar
   g, timer = rl.grpo.group_size, timer or rl.loop.timer
   with timer("rollout"):
     rollout = rl.engine.launch(params, [p["prompt_ids"] for p in problems], key, g)
-    # Dispatched asynchronously: the device works on it while the host scores.
-    ref_logp = rl.logp.of_rollout(ref, rollout, g) if ref is not None else None
     samples = rl.engine.collect(rollout, g)
+    # Dispatched asynchronously, on packed rows: the device works on it while the host scores.
+    ref_logp = None if ref is None else rl.logp.of_batch(
+        ref, batches_lib.rollout_batch(samples, np.zeros(len(samples.texts), np.float32)))
   if sampled is not None:
     sampled.set()
   with timer("reward"):
     rewards = rl.scorer.score(reward_inputs(problems, samples.texts, samples.lengths, g))
   with timer("rollout"):
-    ref_logp = None if ref_logp is None else np.asarray(ref_logp)
+    ref_logp = None if ref_logp is None else ref_logp.get()
   return ScoredRollout(
       problems, samples, rewards, ref_logp,
       adv_lib.rollout_advantages(rewards, rl.grpo, rl.scorer.components),

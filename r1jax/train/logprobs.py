@@ -2,8 +2,8 @@
 
 Where the reference's log-probs come from is decided once, at setup (`ref_source`):
 - NONE: β = 0. No reference exists; nothing runs.
-- ROLLOUT: right after each rollout is sampled, `LogProbs.of_rollout` runs the reference on
-  the device while the host scores, and the batch carries the result.
+- ROLLOUT: once each rollout's samples are on the host, `LogProbs.of_batch` runs the
+  reference on them, packed, on the device while the host scores; the batch carries the result.
 - UPDATE: the update runs the reference itself (`nograd_logprobs` inside `Trainer.rl_step`).
   With `grpo.overlap` a rollout is sampled one step ahead, and the reference may be reset
   before the update that consumes it.
@@ -12,19 +12,21 @@ Every batch here is packed rows (train/packing.py); a padded batch is one sequen
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from r1jax.core import checkpoint, model
 from r1jax.core.sharding import MeshJit
 from r1jax.core.config import GRPOConfig, ModelConfig
-from r1jax.generation.sampler import Rollout
 from r1jax.train import batches as batches_lib
-from r1jax.train import losses
+from r1jax.train import losses, packing
+from r1jax.train.batches import RolloutBatch
 
 
 class RefSource(enum.Enum):
@@ -58,6 +60,20 @@ def nograd_logprobs(params: model.Params, cfg: ModelConfig, grpo: GRPOConfig,
   return jax.lax.stop_gradient(logp.reshape(*ma, *logp.shape[1:]))
 
 
+@dataclasses.dataclass(frozen=True)
+class PendingLogp:
+  """Log-probs still being computed on packed rows, and how to put them back to (N, T)."""
+
+  packed: jax.Array  # (R, Q) every packed token's logp, on the mesh
+  index: np.ndarray  # (R, Q) the completion token each column holds (packing.pack_rollout)
+  n: int
+  t: int
+
+  def get(self) -> np.ndarray:
+    """Waits for the device; (N, T) f32, 0 past each completion's end."""
+    return packing.unpack_completions(np.asarray(self.packed), self.index, self.n, self.t)
+
+
 class LogProbs:
   """Jitted no-grad log-probs and the reference's copy and reset, for one model and mesh."""
 
@@ -67,7 +83,7 @@ class LogProbs:
                                         checkpoint.abstract_params(model_cfg, mesh))
     self._cache: dict[tuple, Callable] = {}
 
-  def _rows(self, rows: int) -> NamedSharding:
+  def row_sharding(self, rows: int) -> NamedSharding:
     m, a = self.grpo.minibatches, self.grpo.microbatches
     return NamedSharding(self.mesh, PartitionSpec(
         *batches_lib.row_axes(rows // (m * a), self.mesh), None))
@@ -100,30 +116,27 @@ class LogProbs:
     logp = nograd_logprobs(params, self.cfg, self.grpo, mb, self.mesh)
     return jnp.moveaxis(logp, 2, 0).reshape(rows["tokens"].shape)
 
-  def of_rollout(self, params: model.Params, rollout: Rollout, group: int) -> jax.Array:
-    """(N, T) logp of a sampler Rollout's completions (device arrays in, device array out).
+  def of_batch(self, params: model.Params, batch: RolloutBatch) -> PendingLogp:
+    """The (N, T) logp of a host batch's completions under `params`, dispatched: its samples
+    packed into rows as the update packs them (train/packing.py, whatever `grpo.pack` says:
+    the values do not depend on the layout, and padding would cost as much compute as the
+    tokens with R1's heavy-tailed lengths). The RL loop calls it for the reference once the
+    samples are on the host, so the device runs it while the host scores; `.get()` waits."""
+    index: list = []
+    packed, _ = packing.pack_rollout(batch, self.grpo, self.grpo.pack_len,
+                                     self.mesh.shape["data"] * self.mesh.shape["fsdp"], index)
+    rows = {"tokens": packed.tokens, "positions": packed.positions,
+            "segment_ids": packed.segment_ids, "sample_ids": packed.sample_ids}
+    rows = jax.device_put({k: v for k, v in rows.items() if v is not None},
+                          self.row_sharding(packed.tokens.shape[0]))
+    n, t = batch.completion_mask.shape
+    return PendingLogp(self.packed_program(rows)(params, rows), index[0], n, t)
 
-    The RL loop dispatches this for the reference right after sampling, so the device runs it
-    while the host scores; the rows never leave the mesh on the way.
-    """
-    return self.rollout_program(rollout, group)(params, rollout)
-
-  def rollout_program(self, rollout: Rollout, group: int) -> MeshJit:
-    """The jitted program `of_rollout` runs for this rollout's shapes (concrete or abstract:
-    an ahead-of-time compile lowers it)."""
-    n, t = rollout.tokens.shape
-    key = ("rollout", tuple(rollout.prompt_tokens.shape), n, t, group)
+  def packed_program(self, rows: dict[str, Any]) -> MeshJit:
+    """The jitted program `of_batch` runs for packed rows of these shapes (concrete or
+    abstract: an ahead-of-time compile lowers it): every token's logp, (R, Q)."""
+    key = ("packed", tuple(sorted((k, v.shape) for k, v in rows.items())))
     if key not in self._cache:
-      rows = self._rows(n)
-
-      def fn(p, r: Rollout):
-        tokens = jnp.concatenate([jnp.repeat(r.prompt_tokens, group, axis=0), r.tokens], axis=1)
-        mask = jnp.concatenate([jnp.repeat(r.prompt_mask, group, axis=0), r.mask], axis=1)
-        tokens, mask = (jax.lax.with_sharding_constraint(x, rows) for x in (tokens, mask))
-        # One sequence a row, as packing.one_per_row lays it; positions are the model's
-        # default for such rows (the count of real tokens before each one).
-        logp = self._split_logp(p, {"tokens": tokens, "segment_ids": mask.astype(jnp.int32)})
-        return logp[:, -t:]
-
-      self._cache[key] = MeshJit(jax.jit(fn, out_shardings=rows), self.mesh)
+      self._cache[key] = MeshJit(jax.jit(self._split_logp, out_shardings=self.row_sharding(
+          rows["tokens"].shape[0])), self.mesh)
     return self._cache[key]

@@ -142,10 +142,14 @@ def one_per_row(batch: RolloutBatch, cfg: GRPOConfig) -> PackedRollout:
 
 
 def pack_rollout(batch: RolloutBatch, cfg: GRPOConfig, row_len: int = 0,
-                 rows_multiple: int = 1) -> tuple[PackedRollout, dict[str, float]]:
+                 rows_multiple: int = 1, index: list | None = None
+                 ) -> tuple[PackedRollout, dict[str, float]]:
   """A host RolloutBatch packed for `cfg`'s mini/micro-batches; also packing stats.
 
   row_len: tokens per packed row (0: the padded row width S + T, so any sample fits).
+  index: a list to receive the (rows, row_len) int64 map from each packed column to the
+  completion token it holds, as i·T + j for sample i's token j (-1 elsewhere): per-token
+  values computed on the packed rows go back to (N, T) by it (`unpack_completions`).
   """
   tokens, mask = np.asarray(batch.tokens), np.asarray(batch.mask, bool)
   comp = np.asarray(batch.completion_mask, bool)
@@ -180,12 +184,16 @@ def pack_rollout(batch: RolloutBatch, cfg: GRPOConfig, row_len: int = 0,
       ("sample_ids", np.int32),
       ("loss_mask", bool), ("weights", np.float32), ("old_logp", np.float32),
       ("advantages", np.float32), ("ref_logp", np.float32))}
+  if index is not None:
+    out["index"] = np.full((r_total, row_len), -1, np.int64)
   for j in range(m_):
     for l in range(a_):
       for rank, runs in enumerate(layout[j][l]):
         k = _lane_slot(rank, per_micro, rows_multiple)
         r = k * m_ * a_ + j * a_ + l  # split_rows: row r -> mini-batch j, micro-batch l
         _place(out, r, runs, prompt, completion, comp, loss_mask, weight_i, batch)
+  if index is not None:
+    index.append(out.pop("index"))
   if batch.ref_logp is None:
     del out["ref_logp"]
   if not cfg.share_prompts:  # one sample per segment: the sample rule adds nothing to mask
@@ -227,4 +235,16 @@ def _place(out: dict, r: int, runs: list[list[int]], prompt: list, completion: l
       out["advantages"][r, c] = np.asarray(batch.advantages)[i]
       if batch.ref_logp is not None:
         out["ref_logp"][r, c] = np.asarray(batch.ref_logp)[i][real]
+      if "index" in out:
+        out["index"][r, c] = i * comp.shape[1] + np.flatnonzero(real)
       at += 1 + n_comp
+
+
+def unpack_completions(values_RxQ: np.ndarray, index_RxQ: np.ndarray, n: int,
+                       t: int) -> np.ndarray:
+  """(N, T) f32 per-completion-token values from packed columns (`pack_rollout`'s index);
+  0 where a sample has no token."""
+  out = np.zeros(n * t, np.float32)
+  at = index_RxQ >= 0
+  out[index_RxQ[at]] = np.asarray(values_RxQ)[at]
+  return out.reshape(n, t)
