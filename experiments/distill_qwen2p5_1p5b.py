@@ -6,6 +6,8 @@ another family and tokenizer than the teacher.
   python -m r1jax.main --config=experiments/distill_qwen2p5_1p5b.py \\
       --config.model.hf_dir=/data/Qwen2.5-1.5B --config.data.train=/data/r1_traces.jsonl \\
       --workdir=/data/runs/distill_1p5b --distributed
+Sized for a v5e-16 (`v5e:4x4`): the update needs 55 % of a chip's HBM there
+(`tools/aot_compile.py`, benchmarks/aot/).
 
 Trace file fields (one JSON object per line; data/sft_rows.py reads each):
   {"messages": [{"role": "user", "content": QUESTION},
@@ -36,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.shape = (1, -1, 1)  # FSDP over every chip of the slice / GPU of the host
   c.data.update(train="r1_traces.jsonl", batch=a.batch, seq_len=a.seq_len, template="chatml",
                 epochs=2)  # packed rows of 16k tokens; 2 passes over the traces
-  c.microbatches = 4  # 8 rows of 16k tokens per forward on each accumulation step
+  c.microbatches = 8  # 4 rows of 16k tokens per forward (at 4, v5e-16 needs 95 % of a chip)
   c.opt.update(lr=1e-5, warmup_steps=100, schedule="cosine", total_steps=a.steps,
                final_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0)
   c.ckpt.update(every=500, keep=2)

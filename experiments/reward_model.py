@@ -6,6 +6,8 @@
 Rows are {"prompt", "chosen", "rejected"}. The trained model is saved to
 WORKDIR/reward_model and plugs into RL via r1jax.rewards.reward_model.RewardModel.
 Re-running the same command resumes from WORKDIR/checkpoints.
+A 7B reward model (model=qwen2.5-7b, 32 pairs of 1,024 tokens a step) is sized for a v5p-8
+(`v5p:2x2x1`): its update needs 42 % of a chip's HBM there (benchmarks/aot/).
 """
 
 import ml_collections

@@ -7,6 +7,8 @@ blocks; the kept responses (with general data) are the next SFT stage's data.
       --config.model.init_from=/data/runs/r1z_7b/final --config.tokenizer=/data/Qwen2.5-7B \\
       --config.data.prompts=/data/math/train.jsonl --workdir=/data/runs/rs_7b --distributed
   ...:mode=cold_start  # R1-Zero outputs -> the readable cold-start format (see below)
+Sized for a v5p-8 (`v5p:2x2x1`): 16 prompts × k = 16 rows of 4,096 new tokens, the decode
+needs 26 % of a chip's HBM there (`tools/aot_compile.py`, benchmarks/aot/).
 
 Output (one file per host; a killed run re-run with the same command continues):
   samples-h*.jsonl    SFT-ready rows: the `sft` stage reads them with data.template=''

@@ -120,3 +120,28 @@ def test_tool_reports_a_program_that_does_not_fit(tmp_path):
     assert not reports[name].get("fits", False), reports[name]
     top = reports[name]["dominant_gib"][0]
     assert ".cache." in top[0] and top[1] > 1.0, reports[name]["dominant_gib"]
+
+
+def test_table_renders_reports_and_names_a_misfit(tmp_path):
+  """tools/aot_table.py: one row per program, the decode layout's line, a misfit's arrays."""
+  sys.path.insert(0, str(REPO / "tools"))
+  import aot_table  # pylint: disable=import-outside-toplevel
+  head = {"stage": "rl", "topology": "v5e:2x2", "chips": 4, "chip": "TPU v5e",
+          "mesh": {"data": 1, "fsdp": 4, "tensor": 1}, "params_b": 0.5, "hbm_gib": 16.0}
+  mem = dict(argument_gib=1.0, output_gib=0.5, temp_gib=2.0, resident_gib=0.0, compile_s=3.0,
+             tflops=12.0, roofline_s=0.25, bound_by="compute", mosaic_calls=2)
+  rows = [{**head, **mem, "program": "decode_layout", "total_gib": 1.5, "hbm_share": 0.094,
+           "fits": True, "decode_mesh": {"data": 2, "fsdp": 1, "tensor": 2},
+           "train_layout_gib": 0.25, "decode_layout_gib": 0.5, "reshard_moved_gib": 0.375},
+          {**head, **mem, "program": "prefill", "total_gib": 15.5, "hbm_share": 0.97,
+           "fits": False, "largest_part": "outputs",
+           "dominant_gib": [["['out'].cache.k[0]", 7.5], ["['out'].cache.v[0]", 7.5]]}]
+  path = tmp_path / "small_v5e-4.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  text = aot_table.table(path)
+  assert "### `small_v5e-4`: 0.50B params on v5e:2x2 (4 × TPU v5e, 16 GiB each)" in text
+  cells = "| 1.00 | 0.50 | 2.00 | 0.00 |"
+  assert f"| decode_layout (decode mesh (2, 1, 2)) {cells} **1.50** | 9 % | ✓" in text
+  assert f"| prefill {cells} **15.50** | 97 % | ✗ | 3 s | 12 | 0.25 s" in text
+  assert "the reshard brings 0.38 GiB to a chip" in text
+  assert "prefill does not fit (largest part: outputs)" in text and "cache.k[0]` 7.5" in text

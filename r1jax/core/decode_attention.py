@@ -10,8 +10,8 @@ slots up to the current one).
 
 Block: the largest of 512, 256, 128 slots that divides the cache. The sampler rounds its
 caches up to a multiple of 128 slots where the kernel runs (`slot_multiple`); a cache that is
-not (`fits`) keeps XLA's form. On a mesh the kernel runs under shard_map, rows and kv heads split as in
-core/kernels.py. On CPU it runs in Pallas interpret mode (tests).
+not (`fits`) keeps XLA's form. On a mesh the kernel runs under shard_map, rows and kv heads
+split as in core/kernels.py. On CPU it runs in Pallas interpret mode (tests).
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ padding before the prompt, right padding after the completion), and causal atten
 change when a row's tokens all move by one offset (the rotary positions are already applied).
 Packed rows (several sequences a row) and f32 go to the Pallas kernel.
 
-Kernels take uncached rows: the update, SFT, scoring, the reward models. A decode step against
-the KV cache keeps the XLA form. Who attends to whom goes to a kernel as segment ids, causal
-within a segment: packed rows' own ids; otherwise 1 for real tokens and 0 for padding, so
+Kernels take uncached rows: the update, SFT, scoring, the reward models, the sampler's prefill.
+A decode step against the KV cache runs core/decode_attention.py on TPU, XLA's form
+elsewhere. Who attends to whom goes to a kernel as segment ids, causal within a segment:
+packed rows' own ids; otherwise 1 for real tokens and 0 for padding, so
 left padding needs no mask. Padding queries then see padding keys; their outputs are never
 read, and no real query sees them. A plan with shared-prompt sample ids has no segment-id form
 and stays on XLA.
@@ -80,7 +81,8 @@ def cudnn_fits(segment_ids_BxT, dtype, head_dim: int, interpret: bool = False) -
   """Whether cuDNN's flash attention takes these rows (module doc); its XLA stand-in
   (`interpret`) takes any dtype."""
   half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-  return segment_ids_BxT is None and (interpret or half and head_dim % 8 == 0 and head_dim <= 128)
+  shape_ok = head_dim % 8 == 0 and head_dim <= 128
+  return segment_ids_BxT is None and (interpret or (half and shape_ok))
 
 
 def tpu_blocks(device_kind: str, t: int) -> tuple[int, int]:
