@@ -216,6 +216,27 @@ def test_decode_mesh_of_its_own_keeps_the_logprob_identity(qwen):
   assert np.abs(trainer_view - np.asarray(out.logprobs))[mask].max() <= 1e-5
 
 
+def test_decode_weights_from_another_device_order_or_the_host(qwen):
+  """One program needs the sampler's devices in its order: params on the same chips in
+  another order, or on the host, are put on the mesh first; every way gives the same decode
+  weights, laid out on the sampler's mesh."""
+  cfg, params = qwen
+  devices = jax.devices()
+  decode_mesh = sharding.make_mesh((2, 1, 4), devices=devices[::-1])
+  axes = model.param_axes(cfg)
+  reordered = jax.device_put(params, sharding.tree_shardings(
+      axes, params, sharding.make_mesh((1, 8, 1), devices=devices)))
+  in_order = jax.device_put(params, sharding.tree_shardings(
+      axes, params, sharding.regroup(decode_mesh, (1, 8, 1))))
+  outs = [sampler.Sampler(cfg, decode_mesh).decode_weights(p)
+          for p in (reordered, in_order, params)]
+  for got in outs:
+    q = got["layers"][0]["q"]
+    assert list(q.sharding.mesh.devices.flat) == devices[::-1]
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(outs[0])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.slow
 def test_compiles_once_per_bucket(qwen):
   cfg, params = qwen

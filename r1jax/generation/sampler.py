@@ -29,7 +29,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from r1jax.core import decode_attention
 from r1jax.core import model as model_lib
@@ -182,15 +182,17 @@ class Sampler:
 
   def decode_weights(self, params):
     """The weights as this sampler's decode reads them (`decode_layout`). Params on the same
-    devices as its mesh, in any layout (the trainer's, where `sharding.regroup` groups the
-    chips otherwise), are moved and laid out by one program (`layout_program`); params
-    elsewhere (host arrays, other devices) are put on the mesh first."""
+    devices as its mesh, in the same order, in any layout (the trainer's, where
+    `sharding.regroup` groups the chips otherwise), are moved and laid out by one program
+    (`layout_program`); params elsewhere (host arrays, other devices or order) are put on
+    the mesh first."""
     fuse = self.mesh is None or self.mesh.shape["tensor"] == 1
     if self.mesh is None:
       return self._jit(("fuse", fuse), lambda p: decode_layout(p, self.cfg, fuse),
                        lay_out=False)(params)
-    devices = set(self.mesh.devices.flat)
-    if not all(isinstance(a, jax.Array) and a.sharding.device_set == devices
+    order = list(self.mesh.devices.flat)  # one program needs the same devices, in order
+    if not all(isinstance(a, jax.Array) and isinstance(a.sharding, NamedSharding)
+               and list(a.sharding.mesh.devices.flat) == order
                for a in jax.tree.leaves(params)):
       params = jax.device_put(params, sharding_lib.tree_shardings(
           model_lib.param_axes(self.cfg), params, self.mesh))
