@@ -15,6 +15,8 @@ import pytest
 from r1jax.core import chips
 from r1jax.core.config import model_group
 from r1jax.stages import aot
+from r1jax.stages.generate import generate_config
+from r1jax.stages.reward_model import reward_model_config
 from r1jax.stages.rl import rl_config
 from r1jax.stages.sft import sft_config
 
@@ -79,6 +81,29 @@ def test_sft_update_compiles_with_the_kernel():
   (report,) = aot.compile_stage(c, "v5e:2x2")
   assert report["program"] == "sft_update" and report["fits"], report
   assert report["mosaic_calls"] >= 2
+
+
+@needs_libtpu
+def test_reward_model_and_generate_programs_compile():
+  """The reward_model stage's update (splash in its forward and backward) and the generate
+  stage's decode programs (the prefill by splash, each decode step by the decode kernel)."""
+  c = reward_model_config(steps=1)
+  c.model = model_group(**SMALL)
+  c.mesh.shape = (1, -1, 1)
+  c.data.batch, c.data.max_len = 4, 256
+  (report,) = aot.compile_stage(c, "v5e:2x2")
+  assert report["program"] == "rm_update" and report["fits"], report
+  assert report["mosaic_calls"] >= 2 and report["tflops"] > 0
+  g = generate_config()
+  g.model = model_group(**SMALL)
+  g.mesh.shape = (1, -1, 1)
+  g.data.max_prompt_tokens, g.sampler.max_new_tokens = 128, 256
+  g.k, g.batch_prompts = 2, 4
+  reports = {r["program"]: r for r in aot.compile_stage(g, "v5e:2x2")}
+  assert set(reports) == {"decode_layout", "prefill", "decode_segment"}
+  assert all(r["fits"] for r in reports.values()), reports
+  assert reports["decode_layout"]["reshard_moved_gib"] == 0  # one mesh: nothing moves
+  assert reports["prefill"]["mosaic_calls"] >= 1 and reports["decode_segment"]["mosaic_calls"] >= 1
 
 
 def test_chips_and_bad_requests():
