@@ -30,11 +30,16 @@ SMALL = dict(hidden=128, layers=2, heads=4, kv_heads=2, head_dim=64, mlp_dim=256
              compute_dtype="bfloat16")
 
 
-@pytest.fixture(scope="module")
-def rl_reports():
-  c = rl_config(steps=1)
+def _small(c):
+  """A stage config on the small model, FSDP over the slice."""
   c.model = model_group(**SMALL)
   c.mesh.shape = (1, -1, 1)
+  return c
+
+
+@pytest.fixture(scope="module")
+def rl_reports():
+  c = _small(rl_config(steps=1))
   c.data.batch, c.data.max_prompt_tokens = 4, 128
   c.sampler.max_new_tokens = 256
   c.grpo.update(group_size=4, minibatches=2, beta=0.01)
@@ -74,9 +79,7 @@ def test_rl_programs_compile_for_v5e_with_the_splash_kernel(rl_reports):
 
 @needs_libtpu
 def test_sft_update_compiles_with_the_kernel():
-  c = sft_config(steps=1)
-  c.model = model_group(**SMALL)
-  c.mesh.shape = (1, -1, 1)
+  c = _small(sft_config(steps=1))
   c.data.batch, c.data.seq_len = 4, 256
   (report,) = aot.compile_stage(c, "v5e:2x2")
   assert report["program"] == "sft_update" and report["fits"], report
@@ -87,16 +90,12 @@ def test_sft_update_compiles_with_the_kernel():
 def test_reward_model_and_generate_programs_compile():
   """The reward_model stage's update (splash in its forward and backward) and the generate
   stage's decode programs (the prefill by splash, each decode step by the decode kernel)."""
-  c = reward_model_config(steps=1)
-  c.model = model_group(**SMALL)
-  c.mesh.shape = (1, -1, 1)
+  c = _small(reward_model_config(steps=1))
   c.data.batch, c.data.max_len = 4, 256
   (report,) = aot.compile_stage(c, "v5e:2x2")
   assert report["program"] == "rm_update" and report["fits"], report
   assert report["mosaic_calls"] >= 2 and report["tflops"] > 0
-  g = generate_config()
-  g.model = model_group(**SMALL)
-  g.mesh.shape = (1, -1, 1)
+  g = _small(generate_config())
   g.data.max_prompt_tokens, g.sampler.max_new_tokens = 128, 256
   g.k, g.batch_prompts = 2, 4
   reports = {r["program"]: r for r in aot.compile_stage(g, "v5e:2x2")}

@@ -162,6 +162,8 @@ def test_decode_kernel_matches_xla(slots, index):
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
   assert decode_attention.block_for(slots) == {256: 256, 384: 128}[slots]
   assert not decode_attention.fits(144)  # a 16-token bucket + 128 slots: XLA's form
+  with pytest.raises(ValueError, match="one query a row"):
+    decode_attention.decode_attention(jnp.concatenate([q, q], 1), k, v, mask, True)
 
 
 def test_sampler_with_the_tpu_kernels_on_a_mesh():

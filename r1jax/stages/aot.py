@@ -302,9 +302,9 @@ def compile_stage(config: ml_collections.ConfigDict, topology: str, num_slices: 
   mesh, _ = sharding.policy_and_reward_meshes(  # the reward models' own devices left out
       config.mesh.shape, config.mesh.get("reward_devices", 0), devices)
   cfg, _ = load_model(config.model, mesh, abstract=True)
-  longest = {"rl": lambda d: d.max_prompt_tokens + config.sampler.max_new_tokens,
-             "generate": lambda d: d.max_prompt_tokens + config.sampler.max_new_tokens,
-             "sft": lambda d: d.seq_len, "reward_model": lambda d: d.max_len}[stage](config.data)
+  d = config.data
+  longest = (d.seq_len if stage == "sft" else d.max_len if stage == "reward_model"
+             else d.max_prompt_tokens + config.sampler.max_new_tokens)
   if longest > cfg.max_position:
     raise ValueError(f"aot: {longest} tokens a row exceed the model's max_position "
                      f"{cfg.max_position}")
