@@ -40,8 +40,8 @@ def _rows(layout: str, t: int, rng: np.random.Generator):
 def _qkv(t: int, seed: int):
   ks = jax.random.split(jax.random.key(seed), 4)
   q = jax.random.normal(ks[0], (B, t, K, J, HD))
-  k = jax.random.normal(ks[1], (B, K, t, HD))
-  v = jax.random.normal(ks[2], (B, K, HD, t))
+  k = jax.random.normal(ks[1], (B, K, HD, t))
+  v = jax.random.normal(ks[2], (B, K, t, HD))
   w = jax.random.normal(ks[3], (B, t, K, J, HD))
   return q, k, v, w
 
@@ -145,25 +145,53 @@ def test_model_on_a_mesh_with_kernel(kernel):
     np.testing.assert_allclose(g, r, atol=1e-4, rtol=0, err_msg=jax.tree_util.keystr(path))
 
 
+def _cache_reference(q, k, v, mask):
+  """float64 numpy: each query over its row's masked slots, cache layout (k: h x X, v: X x h)."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  s = np.einsum("btkgh,bkhx->bkgtx", q, k) / np.sqrt(q.shape[-1])
+  s = np.where(np.asarray(mask)[:, None, None], s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum("bkgtx,bkxh->btkgh", p, v)
+
+
 @pytest.mark.parametrize("slots, index", [(256, 200), (384, 383)])
 def test_decode_kernel_matches_xla(slots, index):
   """One decode step (T = 1) against a cache: left-padded rows, slots past the current one
-  empty, a row with a single valid slot; 2 blocks of 256 / 3 of 128 slots."""
+  empty, a row with a single valid slot; 2 blocks of 256 / 3 of 128 slots. The kernel and
+  XLA's form against a float64 restatement."""
   ks = jax.random.split(jax.random.key(slots), 3)
   q = jax.random.normal(ks[0], (B, 1, K, J, HD))
-  k = jax.random.normal(ks[1], (B, K, slots, HD))
-  v = jax.random.normal(ks[2], (B, K, HD, slots))
+  k = jax.random.normal(ks[1], (B, K, HD, slots))
+  v = jax.random.normal(ks[2], (B, K, slots, HD))
   x = np.arange(slots)[None]
   written = x >= np.array([0, 9, 130, index])[:, None]  # row 3: its own slot only
   mask = jnp.asarray(written & (x <= index))
   plan = attention.AttentionPlan(jnp.ones((B, 1), bool), mask_BxTxX=mask[:, None], cached=True)
+  ref = _cache_reference(q, k, v, mask[:, None])
   want = attention.attend(q, k, v, plan, "xla")
+  np.testing.assert_allclose(want, ref, atol=1e-5, rtol=0)
   got = jax.jit(lambda q, k, v: attention.attend(q, k, v, plan, "splash"))(q, k, v)
-  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
   assert decode_attention.block_for(slots) == {256: 256, 384: 128}[slots]
   assert not decode_attention.fits(144)  # a 16-token bucket + 128 slots: XLA's form
   with pytest.raises(ValueError, match="one query a row"):
     decode_attention.decode_attention(jnp.concatenate([q, q], 1), k, v, mask, True)
+
+
+def test_cache_attention_of_a_chunk():
+  """Several queries a row against a cache (a chunk after a prefill): causal within the
+  chunk, left padding and GQA, XLA's form against a float64 restatement."""
+  t, slots, index = 5, 40, 21
+  ks = jax.random.split(jax.random.key(7), 3)
+  q = jax.random.normal(ks[0], (B, t, K, J, HD))
+  k = jax.random.normal(ks[1], (B, K, HD, slots))
+  v = jax.random.normal(ks[2], (B, K, slots, HD))
+  x = np.arange(slots)[None, None]
+  query = index + np.arange(t)[None, :, None]
+  mask = (x >= np.array([0, 3, 10, 20])[:, None, None]) & (x <= query)
+  got = attention.softmax_attention(q, k, v, jnp.asarray(mask))
+  np.testing.assert_allclose(got, _cache_reference(q, k, v, mask), atol=1e-5, rtol=0)
 
 
 def test_sampler_with_the_tpu_kernels_on_a_mesh():

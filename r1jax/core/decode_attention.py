@@ -4,7 +4,7 @@ Each decode step attends one new query per row to every valid slot of the row's 
 step is bound by reading the cache, so the kernel reads each (row, kv head)'s keys and values
 once, in blocks of slots, and keeps the softmax online (running max, sum and weighted values
 in f32 scratch), with the kv head's J query heads (GQA) as the rows of one matmul. It reads
-the cache in the sampler's own layout (keys slot-major, values slot-minor: core/model.py
+the cache in the sampler's own layout (keys slot-minor, values slot-major: core/model.py
 KVCache), so nothing is transposed or copied per step, and the mask is the plan's (valid
 slots up to the current one).
 
@@ -59,7 +59,7 @@ def _kernel(mask_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc):
     acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
   q_Jxh = q_ref[0, 0]
-  s_JxS = jax.lax.dot_general(q_Jxh, k_ref[0, 0], (((1,), (1,)), ((), ())),
+  s_JxS = jax.lax.dot_general(q_Jxh, k_ref[0, 0], (((1,), (0,)), ((), ())),
                               preferred_element_type=jnp.float32)
   valid_1xS = mask_ref[0] > 0
   s_JxS = jnp.where(valid_1xS, s_JxS, _NEG)
@@ -68,8 +68,8 @@ def _kernel(mask_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc):
   p_JxS = jnp.where(valid_1xS, jnp.exp(s_JxS - m_new), 0.0)
   alpha = jnp.exp(m_prev - m_new)
   l_sc[...] = alpha * l_sc[...] + jnp.sum(p_JxS, axis=1, keepdims=True)
-  v_hxS = v_ref[0, 0]
-  pv_Jxh = jax.lax.dot_general(p_JxS.astype(v_hxS.dtype), v_hxS, (((1,), (1,)), ((), ())),
+  v_Sxh = v_ref[0, 0]
+  pv_Jxh = jax.lax.dot_general(p_JxS.astype(v_Sxh.dtype), v_Sxh, (((1,), (0,)), ((), ())),
                                preferred_element_type=jnp.float32)
   acc_sc[...] = alpha * acc_sc[...] + pv_Jxh
   m_sc[...] = m_new
@@ -79,10 +79,10 @@ def _kernel(mask_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc):
     o_ref[0, 0] = (acc_sc[...] / jnp.maximum(l_sc[...], 1e-30)).astype(o_ref.dtype)
 
 
-def _call(q_BxKxJxh, k_BxKxXxh, v_BxKxhxX, mask_Bx1xX, *, interpret: bool):
+def _call(q_BxKxJxh, k_BxKxhxX, v_BxKxXxh, mask_Bx1xX, *, interpret: bool):
   """The pallas_call on one device's rows and kv heads."""
   b, kv, j, hd = q_BxKxJxh.shape
-  slots = k_BxKxXxh.shape[2]
+  slots = k_BxKxhxX.shape[3]
   blk = block_for(slots)
   grid = (b, kv, slots // blk)
   return pl.pallas_call(
@@ -91,8 +91,8 @@ def _call(q_BxKxJxh, k_BxKxXxh, v_BxKxhxX, mask_Bx1xX, *, interpret: bool):
           num_scalar_prefetch=0, grid=grid,
           in_specs=[pl.BlockSpec((1, 1, blk), lambda r, h, s: (r, 0, s)),
                     pl.BlockSpec((1, 1, j, hd), lambda r, h, s: (r, h, 0, 0)),
-                    pl.BlockSpec((1, 1, blk, hd), lambda r, h, s: (r, h, s, 0)),
-                    pl.BlockSpec((1, 1, hd, blk), lambda r, h, s: (r, h, 0, s))],
+                    pl.BlockSpec((1, 1, hd, blk), lambda r, h, s: (r, h, 0, s)),
+                    pl.BlockSpec((1, 1, blk, hd), lambda r, h, s: (r, h, s, 0))],
           out_specs=pl.BlockSpec((1, 1, j, hd), lambda r, h, s: (r, h, 0, 0)),
           scratch_shapes=[pltpu.VMEM((j, 1), jnp.float32), pltpu.VMEM((j, 1), jnp.float32),
                           pltpu.VMEM((j, hd), jnp.float32)]),
@@ -100,15 +100,15 @@ def _call(q_BxKxJxh, k_BxKxXxh, v_BxKxhxX, mask_Bx1xX, *, interpret: bool):
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
-  )(mask_Bx1xX, q_BxKxJxh, k_BxKxXxh, v_BxKxhxX)
+  )(mask_Bx1xX, q_BxKxJxh, k_BxKxhxX, v_BxKxXxh)
 
 
-def decode_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, mask_BxX, interpret: bool):
+def decode_attention(q_BxTxKxJxh, k_BxKxhxX, v_BxKxXxh, mask_BxX, interpret: bool):
   """softmax(q·kᵀ/√h)·v of one query a row (T = 1) over the cache's masked slots."""
   b, t, kv, g, hd = q_BxTxKxJxh.shape
   if t != 1:
     raise ValueError(f"decode_attention takes one query a row, got {t}")
-  dtype = v_BxKxhxX.dtype
+  dtype = v_BxKxXxh.dtype
   j = -(-g // _SUBLANES) * _SUBLANES
   q_BxKxJxh = (q_BxTxKxJxh[:, 0] * (1.0 / math.sqrt(hd))).astype(dtype)
   q_BxKxJxh = jnp.pad(q_BxKxJxh, ((0, 0), (0, 0), (0, j - g), (0, 0)))
@@ -121,5 +121,5 @@ def decode_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, mask_BxX, interpret: boo
     spec = P(rows, heads, None, None)
     run = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, P(rows, None, None)),
                         out_specs=spec, check_vma=False)
-  o_BxKxJxh = run(q_BxKxJxh, k_BxKxXxh.astype(dtype), v_BxKxhxX.astype(dtype), mask_Bx1xX)
+  o_BxKxJxh = run(q_BxKxJxh, k_BxKxhxX.astype(dtype), v_BxKxXxh.astype(dtype), mask_Bx1xX)
   return o_BxKxJxh[:, None, :, :g]

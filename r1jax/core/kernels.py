@@ -170,19 +170,19 @@ def _cudnn(q_BxHxTxh, k_BxKxTxh, v_BxKxTxh, seg_BxT, *, interpret: bool, kind: s
 _KERNELS = {"splash": _splash, "pallas_gpu": _pallas_gpu, "cudnn": _cudnn}
 
 
-def fused_attention(q_BxTxKxJxh, k_BxKxXxh, v_BxKxhxX, valid_BxT, segment_ids_BxT,
+def fused_attention(q_BxTxKxJxh, k_BxKxhxX, v_BxKxXxh, valid_BxT, segment_ids_BxT,
                     kernel: str, interpret: bool, blocks: tuple[int, int] | None = None):
   """softmax(q·kᵀ/√h)·v of uncached rows by a fused kernel, causal within the segments.
 
   Same layouts as `attention.attend`; on a context mesh, under shard_map (module doc).
   `blocks` (queries, keys per tile) overrides the generation's."""
   b, t, kv_heads, g, hd = q_BxTxKxJxh.shape
-  dtype = v_BxKxhxX.dtype
+  dtype = v_BxKxXxh.dtype
   if kernel == "cudnn" and not cudnn_fits(segment_ids_BxT, dtype, hd, interpret):
     kernel = "pallas_gpu"
   q_BxHxTxh = (q_BxTxKxJxh * (1.0 / math.sqrt(hd))).astype(dtype).reshape(
       b, t, kv_heads * g, hd).transpose(0, 2, 1, 3)
-  v_BxKxXxh = v_BxKxhxX.swapaxes(2, 3)
+  k_BxKxXxh = k_BxKxhxX.swapaxes(2, 3)
   seg_BxT = kernel_segments(valid_BxT, segment_ids_BxT)
   _, kind = _platform_and_kind()
   run = functools.partial(_KERNELS[kernel], interpret=interpret, kind=kind, blocks=blocks)

@@ -151,7 +151,7 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
 
 def cache_shardings(cache: Any, mesh: Mesh) -> Any:
   """KV cache: batch over (data, fsdp), kv heads over tensor where they divide."""
-  # k is (B, K, S, h) and v (B, K, h, S): the same spec fits both.
+  # k is (B, K, h, S) and v (B, K, S, h): the same spec fits both.
   k = NamedSharding(mesh, logical_to_spec(("batch", "kv", None, None), cache.k[0].shape, mesh))
   valid = NamedSharding(mesh, logical_to_spec(("batch", None), cache.valid.shape, mesh))
   layers = len(cache.k)

@@ -128,8 +128,8 @@ def prefill(params, prompt_BxS, pmask_BxS, budget_N, *, cfg: ModelConfig, sp, gr
   rep = lambda x: jnp.repeat(x, group, axis=0)
   grow = lambda x, axis: jnp.pad(rep(x), [(0, window if a == axis else 0)
                                           for a in range(x.ndim)])
-  cache = model_lib.KVCache(k=tuple(grow(k, 2) for k in pre.k),
-                            v=tuple(grow(v, 3) for v in pre.v),
+  cache = model_lib.KVCache(k=tuple(grow(k, 3) for k in pre.k),
+                            v=tuple(grow(v, 2) for v in pre.v),
                             valid=grow(pmask_BxS, 1), index=jnp.asarray(s, jnp.int32))
   k_rec = sp.record_top_k
   top = ((jnp.full((n, t_max, k_rec), sp.pad_id, jnp.int32),
@@ -206,7 +206,7 @@ def resize(st: DecodeState, *, rows: int, slots: int) -> DecodeState:
   grow = lambda x, axis: jnp.pad(take(x), [(0, slots - x.shape[axis] if a == axis else 0)
                                            for a in range(x.ndim)])
   c = st.cache
-  cache = model_lib.KVCache(k=tuple(grow(k, 2) for k in c.k), v=tuple(grow(v, 3) for v in c.v),
+  cache = model_lib.KVCache(k=tuple(grow(k, 3) for k in c.k), v=tuple(grow(v, 2) for v in c.v),
                             valid=grow(c.valid, 1), index=c.index)
   return DecodeState(st.t, cache, take(st.logits_OxV), take(st.row_O), take(st.done_O),
                      take(st.budget_O), take(st.recent), st.out)
