@@ -15,6 +15,7 @@ training, 73 workdir held by another run, 74 a checkpoint save failed; 1 any oth
 from __future__ import annotations
 
 import atexit
+import difflib
 import os
 import sys
 import threading
@@ -56,10 +57,50 @@ def _config_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[s
   return out
 
 
-def check_argv(argv: list[str]) -> str | None:
-  """A clear message for a missing config file or an override under the wrong group, else None.
+def _close(a: str, b: str) -> float:
+  """How alike two field names are (1.0: the same)."""
+  return 1.0 if a == b else difflib.SequenceMatcher(None, a, b).ratio()
 
-  absl reports both with a traceback whose last line hides the cause; this runs first.
+
+def override_problem(config: ml_collections.ConfigDict, field: str, label: str) -> str | None:
+  """One or two plain lines for an override of a field the config does not have, else None.
+
+  Line one names the field and, where one exists, where it lives: the same path under
+  another group (a pipeline's stage groups), or a near spelling of each part. Where nothing
+  is near, line two lists what the deepest group that does exist holds (for a pipeline's
+  top level: its stage groups)."""
+  parts = field.split(".")
+  node, depth = config, 0
+  while depth < len(parts) and isinstance(node, ml_collections.ConfigDict) and parts[depth] in node:
+    node, depth = node[parts[depth]], depth + 1
+  if depth == len(parts):
+    return None
+  head = f"--config.{field}: {label} has no field {field!r}"
+  if not isinstance(node, ml_collections.ConfigDict):
+    return f"{head}; --config.{'.'.join(parts[:depth])} is a value, not a group"
+  paths = _config_paths(config)
+  homes = sorted(p for p in paths if p.endswith("." + field))
+  if homes:
+    return head + "; it lives at " + " or ".join(f"--config.{h}" for h in homes)
+  near = []
+  for p in paths:
+    tail = p.split(".")[-len(parts):]
+    if len(tail) == len(parts) and p.count(".") + 1 >= len(parts):
+      score = min(_close(a, b) for a, b in zip(tail, parts))
+      if score >= 0.75:
+        near.append((-score, p.count("."), p))
+  if near:
+    best = [f"--config.{p}" for *_, p in sorted(near)[:4]]
+    return f"{head}; did you mean {' or '.join(best)}?"
+  group = f"--config.{'.'.join(parts[:depth])}" if depth else "the top level"
+  keys = sorted(node.keys())
+  shown = ", ".join(keys[:16]) + (", …" if len(keys) > 16 else "")
+  return f"{head}\n{group} holds: {shown}"
+
+
+def check_argv(argv: list[str]) -> str | None:
+  """A clear message for a missing config file or an override the config does not have, else
+  None. absl reports both with a traceback whose last line hides the cause; this runs first.
   """
   spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if spec is None:
@@ -68,17 +109,11 @@ def check_argv(argv: list[str]) -> str | None:
   if not Path(path).is_file():
     return f"no such config file: {path}"
   config = config_from_file(path, arg or None)
-  paths = set(_config_paths(config))
   for a in argv:
-    if not a.startswith("--config."):
-      continue
-    field = a[len("--config."):].split("=", 1)[0]
-    if field in paths:
-      continue
-    homes = sorted(p for p in paths if p.endswith("." + field))
-    if homes:
-      return (f"--config.{field}: {path} has no field {field!r}; it lives at "
-              + " or ".join(f"--config.{h}" for h in homes))
+    if a.startswith("--config."):
+      problem = override_problem(config, a[len("--config."):].split("=", 1)[0], path)
+      if problem:
+        return problem
   return None
 
 

@@ -15,7 +15,8 @@ import pytest
 
 from r1jax.core import model
 from r1jax.core import sharding
-from r1jax.core.config import model_config, model_group, non_finite_fields, parse_arg
+from r1jax.core.config import (config_from_file, model_config, model_group,
+                               non_finite_fields, parse_arg)
 from r1jax.core.errors import ConfigError
 
 import main_runs
@@ -134,10 +135,39 @@ def test_main_cpu_devices_flag_sets_the_mesh(tmp_path):
 
 
 def test_main_rejects_override_typo(tmp_path):
+  """A typo in an override: one plain line naming the field and its near spelling, no
+  traceback, before any work; on a pipeline, the stage groups that hold the field."""
   out = _main("--config=experiments/tiny.py", f"--workdir={tmp_path}", "--config.model.hiden=3")
   assert out.returncode != 0
-  assert "hiden" in out.stderr and 'Did you mean "hidden"' in out.stderr
+  assert out.stderr.strip().splitlines() == [
+      "--config.model.hiden: experiments/tiny.py has no field 'model.hiden'; did you mean "
+      "--config.model.hidden?"]
   assert not (tmp_path / "config.json").exists()  # failed before doing any work
+  out = _main("--config=experiments/tiny_zero.py:quick", f"--workdir={tmp_path}",
+              "--config.model.hiden=3")
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines() == [
+      "--config.model.hiden: experiments/tiny_zero.py has no field 'model.hiden'; did you mean "
+      "--config.base.model.hidden or --config.rl.model.hidden?"]
+  assert not (tmp_path / "config.json").exists()
+
+
+def test_override_problems_name_the_field_and_where_it_could_be():
+  """Each kind of override mistake, on a pipeline's config: one or two plain lines."""
+  from r1jax.main import override_problem
+  c = config_from_file(str(REPO / "experiments" / "tiny_zero.py"), "quick")
+  say = lambda field: override_problem(c, field, "tz.py")
+  assert say("rl.model.hidden") is None and say("rl.grpo.beta") is None
+  assert say("rl.model.hiden") == ("--config.rl.model.hiden: tz.py has no field "
+                                   "'rl.model.hiden'; did you mean --config.rl.model.hidden?")
+  assert say("rl.gpro.beta").endswith("did you mean --config.rl.grpo.beta?")
+  assert say("grpo.beta").endswith("; it lives at --config.rl.grpo.beta")
+  assert say("rl.grpo.beta.x").endswith("; --config.rl.grpo.beta is a value, not a group")
+  assert say("foo.bar").splitlines() == [
+      "--config.foo.bar: tz.py has no field 'foo.bar'",
+      "the top level holds: " + ", ".join(sorted(c.keys()))]
+  lines = say("rl.zzz").splitlines()
+  assert len(lines) == 2 and lines[1].startswith("--config.rl holds: ckpt, data, ")
 
 
 @pytest.mark.slow

@@ -47,6 +47,26 @@ def test_wall_time_cadence(tmp_path, monkeypatch):
   assert saved_steps(tmp_path, cfg, clock, monkeypatch) == [3, 6, 7, 10, 13, 14]
 
 
+def test_progress_line_has_the_step_of_the_total_and_an_eta(tmp_path, monkeypatch, capsys):
+  """The ETA is the pace since the run's first step (which compiles): a first step of 100 s
+  and then 2 s a step leaves 14 s at step 3 of 10."""
+  now = [0.0]
+  cfg = config(10, every=0, every_minutes=0)
+  cfg.log_every = 1
+  with loop_lib.TrainLoop(cfg, tmp_path, "t") as loop:
+    monkeypatch.setattr(loop_lib.time, "monotonic", lambda: now[0])
+
+    def one(step, carry):
+      if step > 3:
+        return None
+      now[0] = 98.0 + 2.0 * step
+      return carry, {"loss": 1.0}, {}
+    loop.run({"w": jnp.zeros(3)}, 0, one)
+  lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[t] ")]
+  assert lines == ["[t] step 1/10 | loss 1", "[t] step 2/10 | loss 1 | ETA 16s",
+                   "[t] step 3/10 | loss 1 | ETA 14s"]
+
+
 def test_final_weights_are_refused_without_an_update(tmp_path):
   untrained = TrainState({"w": jnp.zeros(2)}, (), jnp.zeros((), jnp.int32))
   with pytest.raises(RuntimeError, match="no optimizer update was applied"):

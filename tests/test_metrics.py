@@ -140,6 +140,20 @@ def test_progress_line():
   assert "kl nan" in metrics.progress_line(1, {"kl": float("nan")})
 
 
+def test_progress_line_stays_one_short_line():
+  """Per-task reward means (all-scenario RL: every task's every component) stay in the
+  metrics, not on the console line; the line carries the step of the total and the ETA."""
+  m = {"reward/total": 0.75, "reward/device_s": 0.37, "reward/masked_samples": 0.0,
+       "reward/accuracy": 0.958, "reward/helpful": -0.551}
+  for task in ("general", "math", "unsafe"):
+    m.update({f"reward/{task}/total": 1.0, f"reward/{task}/samples": 24.0,
+              f"reward/{task}/accuracy": 0.9, f"reward/{task}/helpful": 0.1})
+  line = metrics.progress_line(3, m, total=300, eta_s=1234.0)
+  assert line == "step 3/300 | reward 0.75 (accuracy 0.958, helpful -0.551) | ETA 21 min"
+  assert metrics.progress_line(3, {}, 300, 42.0) == "step 3/300 | ETA 42s"
+  assert metrics.progress_line(3, {}, 300, 3.6e4).endswith("ETA 10.0 h")
+
+
 def _png_ok(path) -> bool:
   data = path.read_bytes()
   return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000

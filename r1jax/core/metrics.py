@@ -184,20 +184,31 @@ def _fmt(x: float) -> str:
   return f"{x:.1e}"
 
 
-_SKIP_REWARD_KEYS = ("total", "seconds", "pool_cpu_s")
+_SKIP_REWARD_KEYS = ("total", "seconds", "pool_cpu_s", "device_s", "masked_samples")
 
 
-def progress_line(step: int, metrics: Mapping[str, Any]) -> str:
-  """One compact console line with whichever of the conventional keys are present."""
+def _eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  if seconds < 90:
+    return f"{seconds:.0f}s"
+  return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def progress_line(step: int, metrics: Mapping[str, Any], total: int | None = None,
+                  eta_s: float | None = None) -> str:
+  """One compact console line with whichever of the conventional keys are present: the
+  step (of `total`), the reward and each component's mean over the batch (per-task means
+  stay in the metrics files and TensorBoard, so the line stays one line), and the ETA."""
   m = {k: to_float(v) for k, v in metrics.items()
        if isinstance(v, (int, float, np.number, np.ndarray)) or hasattr(v, "dtype")}
-  parts = [f"step {step}"]
+  parts = [f"step {step}" + (f"/{total}" if total else "")]
   components = [f"{k[7:]} {_fmt(v)}" for k, v in m.items()
-                if k.startswith("reward/") and not k.endswith("_failures")
+                if k.startswith("reward/") and k.count("/") == 1 and not k.endswith("_failures")
                 and k[7:] not in _SKIP_REWARD_KEYS]
   if "reward/total" in m or components:
-    total = _fmt(m["reward/total"]) if "reward/total" in m else "-"
-    parts.append(f"reward {total}" + (f" ({', '.join(components)})" if components else ""))
+    total_r = _fmt(m["reward/total"]) if "reward/total" in m else "-"
+    parts.append(f"reward {total_r}" + (f" ({', '.join(components)})" if components else ""))
   for key, label in (("accuracy", "acc"), ("kl", "kl"), ("entropy", "ent"), ("loss", "loss")):
     if key in m:
       parts.append(f"{label} {_fmt(m[key])}")
@@ -218,4 +229,6 @@ def progress_line(step: int, metrics: Mapping[str, Any]) -> str:
     total = times.pop("step", sum(times.values()))
     split = " ".join(f"{k} {v:.1f}" for k, v in times.items())
     parts.append(f"{total:.1f}s" + (f" ({split})" if split else ""))
+  if eta_s is not None:
+    parts.append(f"ETA {_eta(eta_s)}")
   return " | ".join(parts)

@@ -53,6 +53,7 @@ class TrainLoop:
     self.last_metrics: dict[str, float] = {}
     self.timer = metrics_lib.StepTimer()
     self._skipped_run = 0  # non-finite updates skipped in a row
+    self._pace: tuple[float, int] | None = None  # (time, step) after the first step
 
   def __enter__(self) -> TrainLoop:
     self.preemption = ckpt_lib.Preemption().__enter__()
@@ -101,6 +102,7 @@ class TrainLoop:
     the carry being what a checkpoint holds, or None when the data ended before that step.
     Returns the last carry and the last step taken; stops early on SIGTERM."""
     step = start
+    self._pace = None
     for step in range(start + 1, self.config.steps + 1):
       out = step_fn(step, carry)
       if out is None:
@@ -129,8 +131,10 @@ class TrainLoop:
     self.writer.write(step, metrics)
     self.last_metrics, self.summary["step"] = metrics, step
     self._check_skipped(step, int(metrics.get("skipped", 0)))
+    eta = self._eta(step)
     if (c.log_every and step % c.log_every == 0) or step == c.steps:
-      print(f"[{self.stage}] " + metrics_lib.progress_line(step, metrics), flush=True)
+      print(f"[{self.stage}] " + metrics_lib.progress_line(step, metrics, c.steps, eta),
+            flush=True)
     stop = _any_host(self.preemption.requested)
     saved = False
     if stop or self.save_due(step):
@@ -141,6 +145,16 @@ class TrainLoop:
                   "checkpoint saved" if saved else "NO checkpoint (state not finite)")
       self.summary["preempted"] = True
     return stop
+
+  def _eta(self, step: int) -> float | None:
+    """Seconds left at the pace of the steps since this run's first one (which compiles),
+    None until there is one."""
+    now = time.monotonic()
+    if self._pace is None:
+      self._pace = (now, step)
+      return None
+    t0, s0 = self._pace
+    return (now - t0) / max(step - s0, 1) * (self.config.steps - step)
 
   def _check_skipped(self, step: int, skipped: int) -> None:
     """Counts non-finite updates skipped in a row (a step that skipped none resets it)."""
