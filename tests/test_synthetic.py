@@ -74,3 +74,96 @@ def test_written_dataset_loads_with_the_generic_adapter(tmp_path):
       " ", 1)[1])) for r in rows)
   texts = [json.loads(l)["text"] for l in paths["corpus"].open()]
   assert len(texts) == 50 and all(texts)
+
+
+def test_the_default_world_is_unchanged_draw_for_draw():
+  """No World: the corpus and both splits are the ones every committed tiny run trained on
+  (their digest, taken before World existed)."""
+  import hashlib
+  h = hashlib.sha256()
+  for doc in synthetic.corpus(2000, seed=0):
+    h.update(doc.encode())
+  for split in ("train", "held_out"):
+    for p in synthetic.problems(split, 300, seed=0):
+      h.update(p.expression.encode())
+  assert h.hexdigest() == "7fe95d21737403e5f2caba49e79a88732b77db5071f7c501df422346eea46a03"
+
+
+WORLD = synthetic.World(min_ops=2, max_ops=6, second_language=0.3, self_check=0.2)
+_HAN = re.compile("[\u4e00-\u9fff]")
+_CORRECTION = re.compile(r"(\d+) ([+-]) (\d+) = (\d+)[.。] (?:Wait, |等等，)\1 \2 \3 (?:is|是) "
+                         r"(\d+)(?:, not |，不是 )\4[.。]")
+
+
+def test_world_levels_take_equal_shares_with_right_golds_and_clean_splits():
+  train = synthetic.problems("train", 500, seed=0, world=WORLD)
+  held = synthetic.problems("held_out", 100, seed=0, world=WORLD)
+  for ps in (train, held):
+    counts = {k: sum(len(p.ops) == k for p in ps) for k in WORLD.levels}
+    assert set(counts) == {2, 3, 4, 5, 6} and max(counts.values()) - min(counts.values()) <= 1
+    for p in ps:
+      assert p.answer == _independent_value(p.expression)
+      assert all(0 <= s[3] <= synthetic.MAX_VALUE for s in p.steps())
+  assert not {p.expression for p in train} & {p.expression for p in held}
+  docs = list(synthetic.corpus(1500, seed=0, world=WORLD))
+  held_all = {p.expression for p in synthetic.problems("held_out", 400, seed=0, world=WORLD)}
+  for doc in docs:
+    for e in re.findall(r"\d+(?: [+-] \d+){2,6}", doc):
+      assert e not in held_all, e
+
+
+def test_world_corpus_mixes_languages_and_corrects_its_slips():
+  """Shares near the World's; every correction names the wrong value and the right one; the
+  answers stay right; the language reward and the reflection counter see what RL will."""
+  from r1jax.core.metrics import reflection_counts
+  from r1jax.rewards.language import language_consistency_reward
+  docs = list(synthetic.corpus(3000, seed=1, world=WORLD))
+  zh = [d for d in docs if _HAN.search(d)]
+  checked = [d for d in docs if "Wait, " in d or "等等，" in d]
+  assert abs(len(zh) / len(docs) - 0.3) < 0.04 and abs(len(checked) / len(docs) - 0.2) < 0.04
+  for doc in checked:
+    (a, op, b, wrong, right), = _CORRECTION.findall(doc)
+    assert int(right) == (int(a) + int(b) if op == "+" else int(a) - int(b)) != int(wrong)
+  import random
+  rng = random.Random(0)
+  for p in synthetic.problems("train", 200, seed=4, world=WORLD):
+    for lang in ("en", "zh"):
+      sol = synthetic._solution(p, rng, lang, check=True)  # pylint: disable=protected-access
+      if extract_answer(sol) is not None:
+        assert accuracy_reward(sol, str(p.answer)) == 1.0, sol
+      if lang == "zh":
+        assert language_consistency_reward(sol, "en") < 1.0 < 1.0 + language_consistency_reward(
+            sol, "zh"), sol
+  assert reflection_counts([d for d in checked if "Wait, " in d])["reflect/total"] >= 1.0
+  assert reflection_counts([d for d in docs if d not in checked])["reflect/wait"] == 0.0
+
+
+def test_world_refuses_bad_settings():
+  import pytest
+  with pytest.raises(ValueError, match="min_ops <= max_ops"):
+    synthetic.World(min_ops=4, max_ops=3)
+  with pytest.raises(ValueError, match="second_language must be a share"):
+    synthetic.World(second_language=1.5)
+
+
+def test_a_pipeline_builds_its_data_in_the_world_it_names(tmp_path):
+  """The pipeline's `synthetic.world` group reaches the data (levels, Chinese), the tokenizer
+  learns the second language's words, and a re-run with another world is refused."""
+  import ml_collections
+  import pytest
+  from r1jax.core.tokenizer import load_tokenizer
+  from r1jax.stages.pipeline import prepare_data
+  s = ml_collections.ConfigDict(dict(corpus_docs=300, train_problems=40, held_out_problems=10,
+                                     vocab_size=384, world=dict(min_ops=2, max_ops=5,
+                                                                second_language=0.5)))
+  paths = prepare_data(s, tmp_path, seed=0)
+  rows = [json.loads(line) for line in open(paths["rl_train"])]
+  assert sorted({r["level"] for r in rows}) == [2, 3, 4, 5]
+  texts = [json.loads(line)["text"] for line in open(paths["corpus"])]
+  assert 0.35 < sum(bool(_HAN.search(t)) for t in texts) / len(texts) < 0.65
+  tok = load_tokenizer(paths["tokenizer"])
+  assert tok.decode(tok.encode("然后 12 - 9 = 3。")) == "然后 12 - 9 = 3。"
+  assert len(tok.encode("然后")) < len("然后".encode())  # pieces, not 6 byte fallbacks
+  s.world.max_ops = 6
+  with pytest.raises(ValueError, match="generated with other settings"):
+    prepare_data(s, tmp_path, seed=0)

@@ -11,6 +11,13 @@ LaTeX `\\boxed{}` answers, terse one-liners, and a minority of pages that use
 `<think>…</think> <answer>…</answer>` tags), plus plain English filler. It never contains the
 R1-Zero instruction template. The base therefore has weak but real arithmetic ability and has
 seen the tags, yet does not follow the template: that is what RL has to teach it (R1-Zero §2.2).
+
+A `World` widens it for the whole R1 recipe: chains of `min_ops`–`max_ops` operations in equal
+shares per level (so length and accuracy can be read per difficulty), a share of solutions
+worked in Chinese (the base, and R1-Zero from it, then mix languages in their reasoning), and
+a share that writes one step wrong and corrects it ("Wait, 7 + 5 is 12, not 13"): the shallow
+self-checking base models already show. Without a World (None) the world is exactly the
+original one, draw for draw.
 """
 
 from __future__ import annotations
@@ -27,6 +34,27 @@ from r1jax.core import tokenizer as tok_lib
 MIN_OPERAND, MAX_OPERAND = 1, 9
 MAX_VALUE = 40
 HELD_OUT_BUCKETS = 10  # 1 in 10 expressions is held out
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+  """What the generated world holds beyond R1-Zero's (module doc)."""
+
+  min_ops: int = 2  # easiest level: operations per chain
+  max_ops: int = 3  # hardest level
+  second_language: float = 0.0  # share of corpus solutions worked in Chinese
+  self_check: float = 0.0  # share of corpus solutions with one wrong step, then corrected
+
+  def __post_init__(self):
+    if not 1 <= self.min_ops <= self.max_ops <= 8:
+      raise ValueError(f"need 1 <= min_ops <= max_ops <= 8, got {self.min_ops}, {self.max_ops}")
+    for name in ("second_language", "self_check"):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise ValueError(f"World.{name} must be a share in [0, 1], got {getattr(self, name)}")
+
+  @property
+  def levels(self) -> tuple[int, ...]:
+    return tuple(range(self.min_ops, self.max_ops + 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,13 +101,24 @@ def random_problem(rng: random.Random, min_ops: int = 2, max_ops: int = 3) -> Pr
       return p
 
 
-def problems(split: str, count: int, seed: int) -> list[Problem]:
-  """`count` distinct problems of one split ("train" or "held_out"), deterministic in seed."""
+def chain(rng: random.Random, ops: int) -> Problem:
+  """A chain of exactly `ops` operations whose every running value stays in [0, MAX_VALUE]."""
+  while True:
+    p = Problem(tuple(rng.randint(MIN_OPERAND, MAX_OPERAND) for _ in range(ops + 1)),
+                tuple(rng.choice("+-") for _ in range(ops)))
+    if all(0 <= s[3] <= MAX_VALUE for s in p.steps()):
+      return p
+
+
+def problems(split: str, count: int, seed: int, world: World | None = None) -> list[Problem]:
+  """`count` distinct problems of one split ("train" or "held_out"), deterministic in seed.
+  With a `world`, its levels take turns, so each holds an equal share (±1)."""
   if split not in ("train", "held_out"):
     raise ValueError(f"split must be 'train' or 'held_out', got {split!r}")
   rng, seen, out = random.Random(f"{split}-{seed}"), set(), []
   while len(out) < count:
-    p = random_problem(rng)
+    p = (random_problem(rng) if world is None
+         else chain(rng, world.levels[len(out) % len(world.levels)]))
     if p.held_out == (split == "held_out") and p.expression not in seen:
       seen.add(p.expression)
       out.append(p)
@@ -96,23 +135,47 @@ def question(p: Problem, rng: random.Random | None = None) -> str:
 # ------------------------------------------------------------------------- the web corpus
 
 
-def _working(p: Problem, rng: random.Random) -> str:
-  """Step-by-step arithmetic, in one of a few phrasings."""
+# Connectives of the worked steps, per language: (first, then, step i, end of a sentence, the
+# answer is, a correction "wait, X is c, not w").
+_PHRASES = {
+    "en": ("First, ", "Then ", "Step {i}: ", ".", "The answer is {a}.",
+           "Wait, {x} is {c}, not {w}."),
+    "zh": ("首先，", "然后 ", "第{i}步：", "。", "答案是 {a}。", "等等，{x} 是 {c}，不是 {w}。"),
+}
+
+
+def _slip(c: int, rng: random.Random) -> int:
+  """A wrong result near c (off by 1 or 2, never negative)."""
+  return rng.choice([w for w in (c - 2, c - 1, c + 1, c + 2) if w >= 0])
+
+
+def _working(p: Problem, rng: random.Random, lang: str = "en", check: bool = False) -> str:
+  """Step-by-step arithmetic, in one of a few phrasings. `check`: one step is first written
+  with a wrong result, then corrected in the next sentence (the rest goes on from the right
+  value)."""
+  first, then, step_i, stop, _, fix = _PHRASES[lang]
   steps = [f"{a} {op} {b} = {c}" for a, op, b, c in p.steps()]
-  style = rng.randrange(3)
+  if check:
+    j = rng.randrange(len(steps))
+    a, op, b, c = p.steps()[j]
+    x, w = f"{a} {op} {b}", _slip(c, rng)
+    steps[j] = f"{x} = {w}{stop} " + fix.format(x=x, c=c, w=w)[:-len(stop)]
+  style = rng.randrange(3) if lang == "en" else rng.randrange(1, 3)  # zh: in words
   if style == 0:
-    return ". ".join(steps) + "."
+    return f"{stop} ".join(steps) + stop
   if style == 1:
-    return "First, " + steps[0] + ". " + " ".join(f"Then {s}." for s in steps[1:])
-  return " ".join(f"Step {i + 1}: {s}." for i, s in enumerate(steps))
+    return first + steps[0] + stop + " " + " ".join(f"{then}{s}{stop}" for s in steps[1:])
+  return " ".join(f"{step_i.format(i=i + 1)}{s}{stop}" for i, s in enumerate(steps))
 
 
-def _solution(p: Problem, rng: random.Random) -> str:
+def _solution(p: Problem, rng: random.Random, lang: str = "en", check: bool = False) -> str:
   """One solution page body in a random house style."""
-  a, work = p.answer, _working(p, rng)
+  a, work = p.answer, _working(p, rng, lang, check)
   style = rng.choices(("plain", "gsm8k", "boxed", "tags", "terse"), (32, 20, 20, 8, 20))[0]
+  if style == "terse" and (check or lang != "en"):
+    style = "plain"  # a one-liner has no steps to correct, nor words of a language
   if style == "plain":
-    return f"{work} The answer is {a}."
+    return f"{work} {_PHRASES[lang][4].format(a=a)}"
   if style == "gsm8k":
     return f"{work}\n#### {a}"
   if style == "boxed":
@@ -122,9 +185,9 @@ def _solution(p: Problem, rng: random.Random) -> str:
   return f"{p.expression} = {a}."
 
 
-def _page(p: Problem, rng: random.Random) -> str:
+def _page(p: Problem, rng: random.Random, lang: str = "en", check: bool = False) -> str:
   """A problem with its solution, wrapped like a Q&A page, a worksheet or a forum dialogue."""
-  q, sol = question(p, rng), _solution(p, rng)
+  q, sol = question(p, rng), _solution(p, rng, lang, check)
   wrap = rng.randrange(5)
   if wrap == 0:
     return f"Question: {q}?\nAnswer: {sol}"
@@ -174,14 +237,22 @@ def _filler(rng: random.Random) -> str:
   return " ".join(out)
 
 
-def corpus(num_docs: int, seed: int) -> Iterator[str]:
-  """Pretraining documents: worked problems of the train split, half led by prose."""
+def corpus(num_docs: int, seed: int, world: World | None = None) -> Iterator[str]:
+  """Pretraining documents: worked problems of the train split, half led by prose. With a
+  `world`: its levels in equal shares, and its shares of Chinese and self-checked solutions
+  (the question stays English, as the prompts are)."""
   rng = random.Random(f"corpus-{seed}")
-  for _ in range(num_docs):
-    p = random_problem(rng)
+  for i in range(num_docs):
+    draw = (random_problem if world is None
+            else lambda r: chain(r, world.levels[i % len(world.levels)]))
+    p = draw(rng)
     while p.held_out:
-      p = random_problem(rng)
-    doc = _page(p, rng)
+      p = draw(rng)
+    lang, check = "en", False
+    if world is not None:
+      lang = "zh" if rng.random() < world.second_language else "en"
+      check = rng.random() < world.self_check
+    doc = _page(p, rng, lang, check)
     if rng.random() < 0.5:
       doc = f"{_filler(rng)}{rng.choice((' ', chr(10)))}{doc}"
     yield doc
@@ -203,15 +274,17 @@ def problem_rows(ps: list[Problem], prefix: str) -> list[dict]:
 
 
 def write_dataset(out_dir: str | Path, *, corpus_docs: int, train_problems: int,
-                  held_out_problems: int, seed: int = 0) -> dict[str, Path]:
+                  held_out_problems: int, seed: int = 0,
+                  world: World | None = None) -> dict[str, Path]:
   """Writes corpus.jsonl ({"text"}), rl_train.jsonl and held_out.jsonl; returns their paths."""
   out = Path(out_dir)
+  docs = ({"text": d} for d in corpus(corpus_docs, seed, world))
   paths = {
-      "corpus": write_jsonl(out / "corpus.jsonl", ({"text": d} for d in corpus(corpus_docs, seed))),
-      "rl_train": write_jsonl(out / "rl_train.jsonl",
-                              problem_rows(problems("train", train_problems, seed), "train")),
-      "held_out": write_jsonl(out / "held_out.jsonl",
-                              problem_rows(problems("held_out", held_out_problems, seed), "test")),
+      "corpus": write_jsonl(out / "corpus.jsonl", docs),
+      "rl_train": write_jsonl(out / "rl_train.jsonl", problem_rows(
+          problems("train", train_problems, seed, world), "train")),
+      "held_out": write_jsonl(out / "held_out.jsonl", problem_rows(
+          problems("held_out", held_out_problems, seed, world), "test")),
   }
   return paths
 

@@ -5,6 +5,11 @@ one English word; each Han character is one Chinese word (Chinese has no spaces,
 on whitespace would score a Chinese CoT as one giant word or zero). Math ($…$, \\(…\\), \\[…\\],
 LaTeX commands), code (fenced or inline), numbers, URLs and single-letter variables are
 neutral: they count for no language, so a formula-heavy CoT is not punished.
+
+One Han character is one word, so Chinese weighs about double in a mixed CoT: a Chinese word
+is mostly two characters ("然后", "then", counts 2 against 1). R1 measures the share of target-
+language words the same way; the synthetic world's mixed solutions (data/synthetic.py World)
+are scored as written, and the report states the reward, not a share of meaning.
 """
 
 from __future__ import annotations

@@ -90,12 +90,16 @@ def _prepare_once(out_dir: Path, settings: dict, make) -> dict[str, str]:
 
 
 def prepare_data(s: ml_collections.ConfigDict, out_dir: Path, seed: int) -> dict[str, str]:
-  """Synthetic problems, corpus and tokenizer in out_dir (skipped when already there)."""
+  """Synthetic problems, corpus and tokenizer in out_dir (skipped when already there). An
+  optional `world` group holds `synthetic.World`'s fields (levels, Chinese and self-checked
+  shares); without it, R1-Zero's original world."""
 
   def make():
+    world = synthetic.World(**s.world.to_dict()) if "world" in s else None
     paths = synthetic.write_dataset(out_dir, corpus_docs=s.corpus_docs,
                                     train_problems=s.train_problems,
-                                    held_out_problems=s.held_out_problems, seed=seed)
+                                    held_out_problems=s.held_out_problems, seed=seed,
+                                    world=world)
     model = train_sentencepiece(synthetic.tokenizer_texts(paths["corpus"]),
                                 out_dir / "tokenizer", s.vocab_size)
     return {**paths, "tokenizer": model}
