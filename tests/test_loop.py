@@ -67,6 +67,17 @@ def test_progress_line_has_the_step_of_the_total_and_an_eta(tmp_path, monkeypatc
                    "[t] step 3/10 | loss 1 | ETA 14s"]
 
 
+def test_the_summary_reports_each_held_out_curves_worst_drop(tmp_path):
+  with loop_lib.TrainLoop(config(3, every=0, every_minutes=0), tmp_path, "t") as loop:
+    for step, v in ((1, 0.5), (2, 0.25), (3, 0.75)):
+      loop.end_step(step, {"eval/held_out/pass@1": v}, {"w": jnp.zeros(3)}, {})
+    summary = loop.finish(3)
+  assert summary["eval_worst_drop"]["eval/held_out/pass@1"] == {
+      "drop": 0.25, "peak_step": 1, "trough_step": 2, "best": 0.75, "best_step": 3, "final": 0.75}
+  assert json.loads((tmp_path / "summary.json").read_text())["eval_worst_drop"] == \
+      summary["eval_worst_drop"]
+
+
 def test_final_weights_are_refused_without_an_update(tmp_path):
   untrained = TrainState({"w": jnp.zeros(2)}, (), jnp.zeros((), jnp.int32))
   with pytest.raises(RuntimeError, match="no optimizer update was applied"):

@@ -199,3 +199,20 @@ def test_plot_metrics_tool(tmp_path):
   bad = subprocess.run([sys.executable, "tools/plot_metrics.py", "--metrics=missing.jsonl",
                         f"--out={tmp_path / 'x'}"], capture_output=True, text=True)
   assert bad.returncode != 0 and "missing.jsonl does not exist" in bad.stderr
+
+
+def test_worst_drop_of_a_held_out_curve(tmp_path):
+  """A curve logged across a resume (steps 150 and 200 twice: the newer values count) and a
+  NaN eval: the worst fall below an earlier peak, where it was, the best and the final."""
+  path = tmp_path / "metrics.jsonl"
+  with metrics.MetricsWriter(tmp_path, tensorboard=False, process_index=0) as w:
+    for step, v in ((0, 0.2), (50, 0.6), (100, 0.9), (150, 0.3), (200, float("nan"))):
+      w.write(step, {"eval/held_out/pass@1": v, "loss": 1.0})
+    for step, v in ((150, 0.8), (200, 0.5), (250, 0.85)):  # resumed from step 100
+      w.write(step, {"eval/held_out/pass@1": v, "eval/held_out/cons@k": 0.1})
+  drops = metrics.worst_drops(metrics.read_metrics(path))
+  assert drops == {"eval/held_out/pass@1": {
+      "drop": pytest.approx(0.4), "peak_step": 100, "trough_step": 200, "best": 0.9,
+      "best_step": 100, "final": 0.85}}
+  assert metrics.worst_drops([{"step": 0, "eval/x/pass@1": 0.5}])["eval/x/pass@1"]["drop"] == 0
+  assert metrics.worst_drops([{"step": 0, "loss": 1.0}]) == {}

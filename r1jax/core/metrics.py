@@ -127,6 +127,31 @@ def read_metrics(path: str | Path, merge: bool = True) -> list[dict[str, Any]]:
   return [by_step[s] for s in sorted(by_step)]
 
 
+def worst_drops(records: Sequence[Mapping[str, Any]], suffix: str = "/pass@1"
+                ) -> dict[str, dict[str, float]]:
+  """Each held-out curve's (`eval/…<suffix>`) worst mid-run drop: the largest fall below an
+  earlier peak, with the peak's and the trough's steps, and its best and final values. A
+  stable RL stage keeps `drop` small; `best - final` is what best-checkpoint selection
+  would win back. `records`: `read_metrics`' merged ones (a resumed step's newest value)."""
+  out = {}
+  keys = sorted({k for r in records for k in r if k.startswith("eval/") and k.endswith(suffix)})
+  for key in keys:
+    curve = [(r["step"], float(r[key])) for r in records
+             if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    if not curve:
+      continue
+    peak = curve[0]
+    worst = {"drop": 0.0, "peak_step": curve[0][0], "trough_step": curve[0][0]}
+    for step, v in curve:
+      if v > peak[1]:
+        peak = (step, v)
+      if peak[1] - v > worst["drop"]:
+        worst = {"drop": peak[1] - v, "peak_step": peak[0], "trough_step": step}
+    best = max(curve, key=lambda sv: sv[1])
+    out[key] = {**worst, "best": best[1], "best_step": best[0], "final": curve[-1][1]}
+  return out
+
+
 def reflection_counts(texts: Sequence[str], prefix: str = "reflect/") -> dict[str, float]:
   """Mean occurrences per response of each reflective word (whole words, any case), + total."""
   counts = collections.Counter()

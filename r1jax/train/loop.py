@@ -179,9 +179,14 @@ class TrainLoop:
     return bool(minutes) and time.monotonic() - self._last_save >= 60.0 * minutes
 
   def finish(self, step: int) -> dict:
-    """Writes summary.json (last step's metrics included) and returns it."""
+    """Writes summary.json (last step's metrics included, and each held-out curve's worst
+    mid-run drop: `metrics.worst_drops`) and returns it."""
     self.summary["step"] = step
     self.summary.update(self.last_metrics)
+    if self.writer.active and self.writer.path.exists():
+      drops = metrics_lib.worst_drops(metrics_lib.read_metrics(self.writer.path))
+      if drops:
+        self.summary["eval_worst_drop"] = drops
     (self.workdir / "summary.json").write_text(
         json.dumps(self.summary, indent=2, default=float))
     return self.summary
