@@ -207,11 +207,17 @@ def test_main_uses_one_cpu_device_per_core_by_default(tmp_path):
 
 
 def test_an_accelerator_host_gets_no_cpu_mesh_by_default(monkeypatch):
+  """libtpu installed: a host with a TPU's device files keeps JAX's one CPU device; one
+  without them (libtpu there for AOT compiles) is a CPU host, one device per core."""
   import importlib.util as iu
   real = iu.find_spec
   monkeypatch.delenv("JAX_PLATFORMS", raising=False)
   monkeypatch.setattr(iu, "find_spec", lambda name, *a: object() if name == "libtpu"
                       else real(name, *a))
+  monkeypatch.setattr(sharding.glob, "glob", lambda pattern: [])
+  assert sharding.cpu_devices_to_request(-1, "") == len(os.sched_getaffinity(0))
+  monkeypatch.setattr(sharding.glob, "glob",
+                      lambda pattern: ["/dev/vfio/0"] if pattern.startswith("/dev/vfio") else [])
   assert sharding.cpu_devices_to_request(-1, "") == 0
   assert sharding.cpu_devices_to_request(2, "") == 2  # an explicit count is still honoured
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # forced CPU: one device per core again

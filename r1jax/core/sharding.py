@@ -9,6 +9,7 @@ the explicit in/out shardings of each jitted function decides the rest.
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import math
 import os
@@ -35,12 +36,21 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
 
 
 
+# Each accelerator plugin of JAX, and the device files its hardware shows on a host.
+_DEVICE_FILES = {"libtpu": ("/dev/accel*", "/dev/vfio/[0-9]*"),
+                 "jax_cuda12_plugin": ("/dev/nvidia[0-9]*",),
+                 "jax_cuda13_plugin": ("/dev/nvidia[0-9]*",),
+                 "jax_rocm7_plugin": ("/dev/kfd",)}
+
+
 def _accelerator_plugin() -> bool:
-  """Whether a GPU / TPU backend for JAX is installed (checked without starting JAX)."""
+  """Whether a GPU / TPU backend for JAX is installed and its device is there (checked
+  without starting JAX). A plugin without its device (libtpu installed for ahead-of-time
+  compiles on a CPU machine) leaves a CPU host, which still gets one device per core."""
   if os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
     return False
-  return any(importlib.util.find_spec(m) is not None for m in (
-      "libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin"))
+  return any(importlib.util.find_spec(m) is not None and any(glob.glob(f) for f in files)
+             for m, files in _DEVICE_FILES.items())
 
 
 def cpu_devices_to_request(flag: int, xla_flags: str, env_count: str = "") -> int:
