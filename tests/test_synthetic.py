@@ -142,6 +142,10 @@ def test_world_refuses_bad_settings():
   import pytest
   with pytest.raises(ValueError, match="min_ops <= max_ops"):
     synthetic.World(min_ops=4, max_ops=3)
+  with pytest.raises(ValueError, match="2 <= min_ops"):
+    synthetic.World(min_ops=1, max_ops=3)
+  with pytest.raises(ValueError, match="too few distinct problems for 3000"):
+    synthetic.problems("held_out", 3000, seed=0, world=synthetic.World(2, 2))
   with pytest.raises(ValueError, match="second_language must be a share"):
     synthetic.World(second_language=1.5)
 

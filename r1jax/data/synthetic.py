@@ -46,8 +46,8 @@ class World:
   self_check: float = 0.0  # share of corpus solutions with one wrong step, then corrected
 
   def __post_init__(self):
-    if not 1 <= self.min_ops <= self.max_ops <= 8:
-      raise ValueError(f"need 1 <= min_ops <= max_ops <= 8, got {self.min_ops}, {self.max_ops}")
+    if not 2 <= self.min_ops <= self.max_ops <= 8:  # one operation: ~120 problems in all
+      raise ValueError(f"need 2 <= min_ops <= max_ops <= 8, got {self.min_ops}, {self.max_ops}")
     for name in ("second_language", "self_check"):
       if not 0.0 <= getattr(self, name) <= 1.0:
         raise ValueError(f"World.{name} must be a share in [0, 1], got {getattr(self, name)}")
@@ -115,13 +115,17 @@ def problems(split: str, count: int, seed: int, world: World | None = None) -> l
   With a `world`, its levels take turns, so each holds an equal share (±1)."""
   if split not in ("train", "held_out"):
     raise ValueError(f"split must be 'train' or 'held_out', got {split!r}")
-  rng, seen, out = random.Random(f"{split}-{seed}"), set(), []
+  rng, seen, out, misses = random.Random(f"{split}-{seed}"), set(), [], 0
   while len(out) < count:
     p = (random_problem(rng) if world is None
          else chain(rng, world.levels[len(out) % len(world.levels)]))
     if p.held_out == (split == "held_out") and p.expression not in seen:
       seen.add(p.expression)
       out.append(p)
+      misses = 0
+    elif (misses := misses + 1) > 200_000:
+      raise ValueError(f"the {split} split has too few distinct problems for {count} "
+                       f"(found {len(out)}); ask for fewer or widen the levels")
   return out
 
 
