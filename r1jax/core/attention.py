@@ -115,7 +115,7 @@ def softmax_attention(q_BxTxKxJxh, k_BxKxhxX, v_BxKxXxh, mask_BxTxX):
   """softmax(q·kᵀ/√h, masked)·v for one block of queries against every key. Each kv head's
   T·J queries (TJ) are the rows of two plain matmuls, (TJ, h)·(h, X) and (TJ, X)·(X, h):
   on XLA:CPU 1.8x faster than contracting h and X as the minor dims of both operands, forward
-  and backward, at 256 queries x 1,024 keys, and 2-3x at a decode step (model.KVCache)."""
+  and backward, at 256 queries x 1,024 keys, and 1.5-2x at a decode step (model.KVCache)."""
   b, t, kv, g, hd = q_BxTxKxJxh.shape
   q_BxKxTJxh = q_BxTxKxJxh.transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, hd)
   s_BxKxTJxX = jnp.einsum("bkqh,bkhs->bkqs", q_BxKxTJxh, k_BxKxhxX,
