@@ -85,7 +85,7 @@ def override_problem(config: ml_collections.ConfigDict, field: str, label: str) 
   near = []
   for p in paths:
     tail = p.split(".")[-len(parts):]
-    if len(tail) == len(parts) and p.count(".") + 1 >= len(parts):
+    if len(tail) == len(parts):
       score = min(_close(a, b) for a, b in zip(tail, parts))
       if score >= 0.75:
         near.append((-score, p.count("."), p))

@@ -27,7 +27,7 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from r1jax.core import tokenizer as tok_lib
 
@@ -139,12 +139,21 @@ def question(p: Problem, rng: random.Random | None = None) -> str:
 # ------------------------------------------------------------------------- the web corpus
 
 
-# Connectives of the worked steps, per language: (first, then, step i, end of a sentence, the
-# answer is, a correction "wait, X is c, not w").
+class _Phrases(NamedTuple):
+  """A language's connectives for worked steps."""
+
+  first: str
+  then: str
+  step: str  # "Step {i}: "
+  stop: str  # the end of a sentence
+  answer: str  # "The answer is {a}."
+  fix: str  # a correction: "Wait, {x} is {c}, not {w}."
+
+
 _PHRASES = {
-    "en": ("First, ", "Then ", "Step {i}: ", ".", "The answer is {a}.",
-           "Wait, {x} is {c}, not {w}."),
-    "zh": ("首先，", "然后 ", "第{i}步：", "。", "答案是 {a}。", "等等，{x} 是 {c}，不是 {w}。"),
+    "en": _Phrases("First, ", "Then ", "Step {i}: ", ".", "The answer is {a}.",
+                   "Wait, {x} is {c}, not {w}."),
+    "zh": _Phrases("首先，", "然后 ", "第{i}步：", "。", "答案是 {a}。", "等等，{x} 是 {c}，不是 {w}。"),
 }
 
 
@@ -179,7 +188,7 @@ def _solution(p: Problem, rng: random.Random, lang: str = "en", check: bool = Fa
   if style == "terse" and (check or lang != "en"):
     style = "plain"  # a one-liner has no steps to correct, nor words of a language
   if style == "plain":
-    return f"{work} {_PHRASES[lang][4].format(a=a)}"
+    return f"{work} {_PHRASES[lang].answer.format(a=a)}"
   if style == "gsm8k":
     return f"{work}\n#### {a}"
   if style == "boxed":
