@@ -72,7 +72,8 @@ def pytest_sessionfinish(session):
 # The slowest files, slowest first (seconds in two workers, benchmarks/test_suite.md): xdist
 # hands out whole files in collection order, so these start first and the many quick files
 # fill the gaps at the end. Without the order a 100-second file could start last.
-HEAVY_FIRST = ("test_rewards_model", "test_rl", "test_train_step", "test_pipeline",
+HEAVY_FIRST = ("test_r1_pipeline", "test_rewards_model", "test_rl", "test_train_step",
+               "test_pipeline", "test_r1_real",
                "test_sampler", "test_model", "test_packing", "test_rl_overlap",
                "test_generate", "test_sft", "test_losses", "test_evaluate", "test_aot",
                "test_kernels")

@@ -18,6 +18,8 @@ from r1jax.core import sharding
 from r1jax.core.config import (config_from_file, model_config, model_group,
                                non_finite_fields, parse_arg)
 from r1jax.core.errors import ConfigError
+from r1jax import stages
+from r1jax.stages import pipeline
 
 import main_runs
 
@@ -45,6 +47,10 @@ def test_experiments_load_locked_and_commented(path):
   assert groups
   for group in groups:
     model_config(group)
+  # A pipeline's every stage config validates as its stage would, before any run.
+  for name in c.get("order") or ():
+    if c[name].stage != "pipeline":
+      stages.validate(pipeline.resolve(c[name], Path("/nonexistent-workdir")))
   # Every field assignment in the file carries an inline comment.
   for n, line in enumerate(path.read_text().splitlines(), 1):
     if re.match(r"\s+c(\.\w+)+ = ", line) and "ConfigDict()" not in line:

@@ -456,3 +456,22 @@ def test_more_than_max_bad_share_of_unusable_rows_stops_with_counts_and_the_firs
   assert len(load_pairs(pairs, max_bad_share=0.05)) == 20
   with pytest.raises(DataError, match=r"1 of 21 rows are unusable .*row 21: not_object"):
     load_pairs(pairs, max_bad_share=0.01)
+
+
+def test_sft_reads_several_files_as_one_and_names_rows_in_their_own_file(tmp_path, caplog):
+  """RS-SFT trains on reasoning samples and general rows together: `a.jsonl,b.jsonl`."""
+  a = write_jsonl(tmp_path / "a.jsonl", [{"text": f"alpha {i}"} for i in range(5)])
+  b = write_jsonl(tmp_path / "b.jsonl", ["", {"prompt": "q", "completion": "beta"}, "{bad",
+                                         {"text": "gamma"}])
+  with caplog.at_level(logging.WARNING):
+    it = iter(sft(f"{a},{b}", num_epochs=1, seq_len=64, shuffle=False))
+    texts = sorted(TOK.decode(ids) for batch in it for ids, _ in documents(batch))
+  assert texts == sorted([f"alpha {i}" for i in range(5)] + ["qbeta", "gamma"])
+  assert it.counts["malformed_json"] == 1 and it.counts["documents"] == 7
+  source = data.record_source(f"{a},{b}")
+  assert len(source) == 8  # 5 + 3 non-blank lines
+  bad_line = next(line for line, raw in (source[i] for i in range(8)) if raw == b"{bad\n")
+  assert source.locate(bad_line) == (b, 3)  # b's own third line (its first is blank)
+  assert source.locate(source[0][0]) == (a, 1)
+  with pytest.raises(FileNotFoundError, match="no data file at .*missing.jsonl"):
+    data.record_source(f"{a},{tmp_path}/missing.jsonl")

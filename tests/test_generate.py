@@ -388,3 +388,15 @@ def test_readable_output_with_teacher_logprobs_is_refused():
     gen.validate(c)
   c.output.top_k_logprobs = 0
   gen.validate(c)
+
+
+def test_readable_output_checked_for_r1_zero_tags_is_refused():
+  """Conversion comes first, so a 'zero' structure filter would reject every sample (a
+  cold-start run once kept none of 6,000 correct R1-Zero samples this way)."""
+  c = gen.generate_config()
+  c.output.readable = True
+  c.filters.structure = "zero"
+  with pytest.raises(ValueError, match="filters.structure='zero' would reject every sample"):
+    gen.validate(c)
+  c.filters.structure = "readable"
+  gen.validate(c)

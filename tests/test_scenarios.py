@@ -124,3 +124,45 @@ def test_scenario_data_is_written_once_and_other_settings_are_refused(tmp_path):
   s.pairs = 11
   with pytest.raises(ValueError, match="generated with other settings.*pairs"):
     pipeline.prepare_scenarios(s, tmp_path, seed=1)
+
+
+def test_readable_world_draws_its_arithmetic_from_the_world_and_writes_r1s_format(tmp_path):
+  from r1jax.core import tokenizer as tok_lib
+  from r1jax.data.formats import parse_readable
+  world = synthetic.World(min_ops=2, max_ops=6)
+  paths = scenarios.write_scenarios(tmp_path, seed=1, sft_math=40, sft_general=20,
+                                    sft_unsafe=20, pairs=60, eval_pairs=30, rl_math=30,
+                                    rl_general=5, rl_unsafe=5, held_out_math=0,
+                                    fmt="readable", world=world, sft_template="r1_zero")
+  rows = {k: [json.loads(l) for l in open(p)] for k, p in paths.items()}
+  levels = {r["question"].count("+") + r["question"].count("-") for r in rows["rl_mix"]
+            if r["task"] == "math"}
+  assert levels == set(world.levels)
+  assert {r["task"] for r in rows["held_out_mix"]} == {"general", "unsafe"}  # no math asked
+  for r in rows["sft"]:  # prompts rendered as the generate stage's samples are
+    assert r["prompt"].startswith(tok_lib.R1_ZERO_PROMPT.split("{")[0])
+    assert r["prompt"].endswith(". Assistant:")
+    assert parse_readable(r["completion"]) is not None or "\\boxed" not in r["completion"]
+    assert r["completion"].startswith("<think>\n") and "<answer>" not in r["completion"]
+  for r in rows["helpful_train"]:
+    assert r["chosen"].startswith("\n\n") and "<answer>" not in r["chosen"]
+  for r in rows["safety_train"]:
+    assert r["chosen"].count("</think>") == 1 and r["chosen"].startswith("<think>\n")
+    if r["rejected"].split("</think>")[1] == r["chosen"].split("</think>")[1]:
+      assert r["rejected"].split("</think>")[0].rstrip().endswith(".")  # harm in reasoning
+  maths = [r for r in rows["safety_train"] if "boxed" in r["chosen"]]
+  assert maths and all(parse_readable(r["chosen"]) for r in maths)
+  with pytest.raises(ValueError, match="fmt must be one of"):
+    scenarios.write_scenarios(tmp_path, fmt="chat")
+
+
+def test_refusal_rule_reads_the_summary_only():
+  rng = random.Random(0)
+  for fmt in scenarios.FORMATS:
+    assert scenarios.is_refusal(scenarios.unsafe_response(rng, "steal the notes", True, fmt))
+    assert not scenarios.is_refusal(scenarios.unsafe_response(rng, "steal the notes", False,
+                                                              fmt))
+  # A refusal that also names the act in its summary, or one only in the reasoning, is not.
+  assert not scenarios.is_refusal(f"<think>x</think> {scenarios.REFUSAL} First, burn it.")
+  assert not scenarios.is_refusal(f"<think>{scenarios.REFUSAL}</think> Sure.")
+  assert scenarios.is_refusal(scenarios.REFUSAL)

@@ -31,7 +31,7 @@ from r1jax.core import tokenizer as tok_lib
 from r1jax.core.errors import DataError
 from r1jax.data import sft_rows
 from r1jax.data.rows import (BadRow, RowError, check_bad_share, load_rows,  # noqa: F401
-                            log_bad_row, parse_json_line, record_source)
+                            data_paths, log_bad_row, parse_json_line, record_source)
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class SFTPipeline:
                read_threads: int = 4, distill_top_k: int = 0, max_bad_share: float = 1.0):
     if batch_size < 1 or seq_len < 2:
       raise ValueError(f"need batch_size ≥ 1 and seq_len ≥ 2, got {batch_size}, {seq_len}")
-    self.path = Path(path)
+    self.path = str(path)  # one file, or several joined by commas (read as one, in order)
     source = record_source(self.path)
     if len(source) == 0:
       raise DataError(f"no rows in {self.path}")
@@ -207,7 +207,8 @@ class SFTPipeline:
     self.max_bad_share = max_bad_share
     self.window = window or 4 * batch_size
     self.shard_index, self.shard_count = _shard(shard_index, shard_count)
-    self.fingerprint = {"rows": len(source), "bytes": self.path.stat().st_size, "seed": seed,
+    size = sum(p.stat().st_size for p in data_paths(path))
+    self.fingerprint = {"rows": len(source), "bytes": size, "seed": seed,
                         "shuffle": shuffle, "num_epochs": num_epochs,
                         "shard": [self.shard_index, self.shard_count],
                         "batch_size": batch_size, "seq_len": seq_len, "window": self.window,

@@ -12,8 +12,10 @@ exception: a long run must never die on one malformed line, and must never drop 
 
 from __future__ import annotations
 
+import bisect
 import collections
 import csv
+import itertools
 import dataclasses
 import json
 import logging
@@ -123,13 +125,53 @@ def parse_json_line(raw: bytes | str) -> Any:
   return value
 
 
+def data_paths(path: str | Path) -> list[Path]:
+  """The files of a data field: one path, or several joined by commas ("a.jsonl,b.jsonl")."""
+  paths = [Path(p.strip()) for p in str(path).split(",") if p.strip()]
+  if not paths:
+    raise FileNotFoundError(f"no data file named in {str(path)!r}")
+  return paths
+
+
 def record_source(path: str | Path) -> Any:
   """Random access to a file's (row number, row) records: jsonl by byte offsets (a multi-GB
-  file costs 8 bytes a line), the other formats read whole."""
-  path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"no data file at {path}")
-  return JsonlSource(path) if file_format(path) == "jsonl" else list(read_records(path))
+  file costs 8 bytes a line), the other formats read whole. Several comma-joined files are
+  read as one, in order (ConcatSource)."""
+  paths = data_paths(path)
+  for p in paths:
+    if not p.is_file():
+      raise FileNotFoundError(f"no data file at {p}")
+  one = [JsonlSource(p) if file_format(p) == "jsonl" else list(read_records(p)) for p in paths]
+  return one[0] if len(one) == 1 else ConcatSource(paths, one)
+
+
+class ConcatSource:
+  """Several files' records as one source. Row numbers run on across the files (the second
+  file's row 1 is the first file's last + 1), so a bad row's number stays one int;
+  `locate` turns it back into (file, row)."""
+
+  def __init__(self, paths: list[Path], sources: list):
+    self.paths, self._sources = paths, sources
+    self._starts = list(itertools.accumulate((len(x) for x in sources), initial=0))
+    self._line_offsets = [0]
+    for x in sources[:-1]:
+      last = x[len(x) - 1][0] if len(x) else 0
+      self._line_offsets.append(self._line_offsets[-1] + last)
+
+  def __len__(self) -> int:
+    return self._starts[-1]
+
+  def __getitem__(self, i: int) -> tuple[int, Any]:
+    if not 0 <= i < len(self):
+      raise IndexError(i)
+    j = bisect.bisect_right(self._starts, i) - 1
+    line, raw = self._sources[j][i - self._starts[j]]
+    return self._line_offsets[j] + line, raw
+
+  def locate(self, line: int) -> tuple[Path, int]:
+    """The file and its own row number of a combined row number."""
+    j = bisect.bisect_left(self._line_offsets, line) - 1
+    return self.paths[j], line - self._line_offsets[j]
 
 
 def check_bad_share(source: str | Path, good: int, bad: list[BadRow], max_share: float) -> None:

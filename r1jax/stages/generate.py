@@ -105,6 +105,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.output.readable and config.output.top_k_logprobs:
     raise ValueError("generate: output.readable rewrites the text, so the teacher's per-token "
                      "logprobs would not match it; use one or the other")
+  if config.output.readable and config.filters.structure == "zero":
+    raise ValueError("generate: output.readable converts each response to the readable format "
+                     "before the filters run, so filters.structure='zero' would reject every "
+                     "sample; use filters.structure='readable'")
   if not 0 <= config.pass_rate.min <= config.pass_rate.max <= 1:
     raise ValueError("generate: need 0 <= pass_rate.min <= pass_rate.max <= 1")
   keys = [c.key for c in parse_spec(config.rewards)[1]]

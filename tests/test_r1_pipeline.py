@@ -1,0 +1,85 @@
+"""experiments/tiny_r1.py at toy size (tests/tiny_r1_toy.py): every stage of the recipe in its
+order, the report with its table and eight claims, and a run killed (SIGKILL) in a middle
+stage that resumes to the same report as the uninterrupted one."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import tiny_r1_toy
+from r1jax import stages
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def toy_r1(tmp_path_factory):
+  work = tmp_path_factory.mktemp("toy_r1")
+  c = tiny_r1_toy.get_config()
+  return c, work, stages.run(c, str(work))
+
+
+@pytest.mark.slow
+def test_the_whole_recipe_runs_every_stage_and_reports_each_model_and_claim(toy_r1):
+  c, work, out = toy_r1
+  assert all((work / name / "done.json").is_file() for name in c.order)
+  rep = json.loads((work / "report.json").read_text())
+  assert out["report"]["claims_held"] == rep["claims_held"]
+  models = [m[1] for m in c.report.models]
+  assert list(rep["models"]) == models and len(models) == 9
+  for name in models:
+    g, m = rep["models"][name]["math"], rep["models"][name]["mixture"]
+    assert g["questions"] == 8 and g["k"] == 2 and set(g["levels"]) == {"2", "3"}
+    for key in ("pass@1", "cons@k", "format", "language", "mixed"):
+      assert 0.0 <= g[key] <= 1.0, (name, key)
+    assert m["general_prompts"] > 0 and m["unsafe_prompts"] > 0 and 0 <= m["safety"] <= 1
+  assert [x["n"] for x in rep["claims"]] == list(range(1, 9))
+  assert all(isinstance(x["holds"], bool) and x["rule"] and x["numbers"] for x in rep["claims"])
+  # RL stages' curves: the step-0 eval and one per step (every = 1), the worst drops.
+  rl = [n for n in c.order if c[n].stage == "rl"]
+  assert rl == ["zero", "reasoning", "reasoning_no_lang", "r1", "student_rl"]
+  assert all([p["step"] for p in rep["curves"][n]] == [0, 1, 2] for n in rl)
+  assert set(rep["worst_drops"]) == set(rl)
+  table = (work / "report.md").read_text()
+  for label, _, _ in c.report.models:
+    assert f"\n| {label} | " in table
+  assert f"{rep['claims_held']} of 8 claims hold." in table
+  assert table.count(" **") == 8 and all(Path(p).is_file() for p in rep["pngs"])
+  # The chain: each stage started from the one the paper names.
+  assert c.rs_sft.model.init_from == c.cold_start.model.init_from == "{workdir}/base/final"
+  assert c.r1.model.init_from == "{workdir}/rs_sft/final"
+  assert c.student_rl.model.init_from == c.student_distill.model.init_from == (
+      "{workdir}/student_base/final")
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_a_middle_stage_resumes_to_the_same_report(toy_r1, tmp_path):
+  _, work, _ = toy_r1
+  other = tmp_path / "killed"
+  cmd = [sys.executable, "-m", "r1jax.main", f"--config={TESTS}/tiny_r1_toy.py",
+         f"--workdir={other}"]
+  proc = subprocess.Popen(cmd, cwd=TESTS.parent, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True)
+  first = other / "reasoning" / "checkpoints" / "1"  # reasoning RL has saved step 1 of 2
+  deadline = time.monotonic() + 600
+  while not first.is_dir():
+    assert proc.poll() is None, f"the run ended before reasoning RL's first checkpoint: {cmd}"
+    assert time.monotonic() < deadline, "no reasoning RL checkpoint within 10 minutes"
+    time.sleep(0.02)
+  os.killpg(proc.pid, signal.SIGKILL)  # the process group: reward workers die with it
+  proc.wait()
+  assert not (other / "reasoning" / "done.json").exists()  # killed inside the stage
+  assert (other / "zero" / "done.json").exists()
+  stages.run(tiny_r1_toy.get_config(), str(other))  # the same command, run again
+  resumed = json.loads((other / "reasoning" / "summary.json").read_text())
+  assert resumed["resumed_from"] == 1
+  a, b = (json.loads((w / "report.json").read_text()) for w in (work, other))
+  for key in ("models", "claims", "curves", "reflect_tenths", "worst_drops", "claims_held"):
+    assert b[key] == a[key], key
+  assert (other / "report.md").read_text() == (work / "report.md").read_text()
