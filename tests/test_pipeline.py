@@ -37,8 +37,7 @@ def _toy(c):
 
 @pytest.fixture(scope="module")
 def toy_zero(tmp_path_factory):
-  """One toy tiny_zero pipeline run: its own test re-runs it; the all-scenario test reads it
-  as its teacher (read only: the R1-Zero policy, data and tokenizer)."""
+  """One toy tiny_zero pipeline run, which its test re-runs."""
   workdir = tmp_path_factory.mktemp("toy_zero")
   c = _toy(_tiny_zero())
   return c, workdir, stages.run(c, str(workdir))
@@ -122,47 +121,3 @@ def test_settings_added_by_a_later_version_are_not_changes():
   assert pipeline.config_changes(old, new) == ["g.y: None -> 0", "h: None -> {'z': 0}"]
   # A changed or a removed field still is one.
   assert pipeline.config_changes(old, {"a": 2}, added_ok=True) == ["a: 1 -> 2", "g: {'x': 1} -> None"]
-
-
-@pytest.mark.slow
-def test_all_scenario_pipeline_end_to_end_at_toy_size(toy_zero, tmp_path):
-  """experiments/tiny_all_scenario.py on a toy teacher: scenario data, two RMs, stage-3 SFT,
-  both RL runs, evals, reward evals and the report (every task, every RM)."""
-  _, teacher, _ = toy_zero
-  c = config_from_file(f"{REPO_EXPERIMENTS}/tiny_all_scenario.py",
-                       f"teacher={teacher},quick=True")
-  c.unlock()
-  c.scenarios.update(sft_math=32, sft_general=8, sft_unsafe=8, pairs=64, eval_pairs=32,
-                     rl_math=8, rl_general=4, rl_unsafe=4, held_out_math=4)
-  shape = {**MODEL, "vocab_size": 400, "max_position": 512}
-  for name in c.order:
-    s = c[name]
-    if s.stage != "reward_model":  # the policy has the toy teacher's shape
-      s.model.update(shape)
-    if s.stage in ("reward_model", "sft", "rl"):
-      s.steps = 2
-    if s.stage == "reward_model":
-      s.update(eval_every=2)
-      s.data.batch = 8
-    if s.stage == "sft":
-      s.opt.update(total_steps=2, warmup_steps=1)
-      s.data.update(batch=4, seq_len=256)
-    if s.stage == "rl":
-      s.data.batch, s.grpo.group_size, s.sampler.max_new_tokens = 4, 2, 8
-      s.data.max_prompt_tokens = 200
-    if s.stage == "eval":
-      s.eval.update(k=2, max_new_tokens=8, batch_size=8, max_prompt_tokens=200)
-    if s.stage == "generate":
-      s.k, s.sampler.max_new_tokens, s.data.max_prompt_tokens = 2, 8, 200
-  c.lock()
-  out = stages.run(c, str(tmp_path / "all"))
-  rewards = out["report"]["rewards"]
-  assert set(rewards["means"]) == {"rewards_start", "rewards_rl", "rewards_rl_no_lang"}
-  judged = {task: set(keys) for task, keys in rewards["means"]["rewards_rl"].items()}
-  assert judged == {"math": {"accuracy", "format", "language", "safety"},  # guards: format
-                    "general": {"helpful", "safety", "format"}, "unsafe": {"safety", "format"}}
-  assert set(rewards["reward_models"]) == {"rm_helpful", "rm_safety"}
-  assert {"eval_start", "eval_rl", "eval_rl_no_lang", "eval_teacher"} <= set(
-      out["report"]["held_out"])
-  table = (tmp_path / "all" / "report.md").read_text()
-  assert "| unsafe | safety |" in table and "| rm_safety |" in table

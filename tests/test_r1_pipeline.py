@@ -14,6 +14,7 @@ import pytest
 
 import tiny_r1_toy
 from r1jax import stages
+from r1jax.stages import pipeline
 
 TESTS = Path(__file__).resolve().parent
 
@@ -41,10 +42,13 @@ def test_the_whole_recipe_runs_every_stage_and_reports_each_model_and_claim(toy_
     assert m["general_prompts"] > 0 and m["unsafe_prompts"] > 0 and 0 <= m["safety"] <= 1
   assert [x["n"] for x in rep["claims"]] == list(range(1, 9))
   assert all(isinstance(x["holds"], bool) and x["rule"] and x["numbers"] for x in rep["claims"])
-  # RL stages' curves: the step-0 eval and one per step (every = 1), the worst drops.
+  # RL stages' curves: the step-0 eval and the last (every = 0), the worst drops.
   rl = [n for n in c.order if c[n].stage == "rl"]
   assert rl == ["zero", "reasoning", "reasoning_no_lang", "r1", "student_rl"]
-  assert all([p["step"] for p in rep["curves"][n]] == [0, 1, 2] for n in rl)
+  assert all([p["step"] for p in rep["curves"][n]] == [0, 2] for n in rl)
+  # Each task of the held-out mixture is judged by the rewards routed to it.
+  judged = {task: set(keys) for task, keys in pipeline.reward_means(work / "mix_r1").items()}
+  assert judged == {"general": {"helpful", "safety", "format"}, "unsafe": {"safety", "format"}}
   assert set(rep["worst_drops"]) == set(rl)
   table = (work / "report.md").read_text()
   for label, _, _ in c.report.models:

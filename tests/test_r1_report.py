@@ -91,9 +91,11 @@ def test_rows_are_read_from_the_eval_and_mixture_files(tmp_path):
   assert r1_report.math_row(path, "zero")["format"] == 0.5  # the other one, R1-Zero's tags
   mix = tmp_path / "mix"
   mix.mkdir()
-  samples = [{"id": "g1", "task": "general", "rewards": {"helpful": 1.0}, "completion": ""},
-             {"id": "g1", "task": "general", "rewards": {"helpful": 0.0}, "completion": ""},
-             {"id": "g2", "task": "general", "rewards": {"helpful": 2.0}, "completion": ""},
+  g = lambda i, h, text: {"id": i, "task": "general", "rewards": {"helpful": h},
+                         "question": "Describe the notes", "completion": text}
+  samples = [g("g1", 1.0, "<think>the notes</think>\n\nThe class read the notes."),
+             g("g1", 0.0, f"<think>the notes</think>\n\n{scenarios.REFUSAL}"),  # refuses
+             g("g2", 2.0, "<think>the notes</think>\n\nThe class read the lesson."),
              {"id": "u1", "task": "unsafe", "rewards": {},
               "completion": f"<think>no</think>\n\n{scenarios.REFUSAL}"},
              {"id": "u2", "task": "unsafe", "rewards": {},
@@ -102,6 +104,7 @@ def test_rows_are_read_from_the_eval_and_mixture_files(tmp_path):
   m = r1_report.mixture_row(mix)
   assert m["helpful"] == pytest.approx(1.25) and m["general_prompts"] == 2
   assert m["safety"] == 0.5 and m["unsafe_prompts"] == 2
+  assert m["on_topic"] == pytest.approx(0.25)  # g1: one of two on topic; g2: off topic
 
 
 def test_a_stage_on_an_empty_generate_output_stops_with_the_counts(tmp_path):

@@ -166,3 +166,14 @@ def test_refusal_rule_reads_the_summary_only():
   assert not scenarios.is_refusal(f"<think>x</think> {scenarios.REFUSAL} First, burn it.")
   assert not scenarios.is_refusal(f"<think>{scenarios.REFUSAL}</think> Sure.")
   assert scenarios.is_refusal(scenarios.REFUSAL)
+
+
+def test_on_topic_rule_reads_the_summary_and_refuses_refusals():
+  rng = random.Random(0)
+  for fmt in scenarios.FORMATS:
+    assert scenarios.is_on_topic("Describe the notes",
+                                 scenarios.general_response(rng, "the notes", True, fmt))
+  assert not scenarios.is_on_topic("Describe the notes", "<think>the notes</think> 12")
+  assert not scenarios.is_on_topic(  # on the topic, but a refusal is no answer
+      "Describe the notes", f"<think>x</think> {scenarios.REFUSAL} About the notes.")
+  assert not scenarios.is_on_topic("Add 2 and 3", "<think>x</think> the notes")  # no topic

@@ -41,7 +41,7 @@ def shrink(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       s.data.update(batch=4, max_prompt_tokens=200)
       s.grpo.group_size = 2
       s.sampler.max_new_tokens = 8
-      s.eval.update(k=2, max_new_tokens=8, batch_size=8, max_prompt_tokens=200, every=1)
+      s.eval.update(k=2, max_new_tokens=8, batch_size=8, max_prompt_tokens=200, every=0)
       for m in s.rewards.get("models") or ():
         m.update(max_len=64, batch_size=8)
     if s.stage == "eval":

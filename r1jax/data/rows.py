@@ -15,8 +15,8 @@ from __future__ import annotations
 import bisect
 import collections
 import csv
-import itertools
 import dataclasses
+import itertools
 import json
 import logging
 import os

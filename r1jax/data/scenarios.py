@@ -114,6 +114,14 @@ def is_refusal(completion: str) -> bool:
   return REFUSAL[:-1] in summary and not any(h in summary for h in harms)
 
 
+def is_on_topic(question: str, completion: str) -> bool:
+  """A rule for general prompts, independent of the helpfulness RM: the summary (after the
+  last </think>) names the thing asked about and is no refusal."""
+  topic = next((t for t in THINGS if question.endswith(t)), None)
+  summary = completion.rpartition("</think>")[2]
+  return topic is not None and topic in summary and REFUSAL[:-1] not in summary
+
+
 def math_response(p: synthetic.Problem, mixed: bool = False, fmt: str = "zero") -> str:
   """Worked steps in the policy's own style; `mixed` writes the connective in Chinese."""
   then = _ZH_THEN if mixed else "Then"

@@ -26,7 +26,7 @@ import numpy as np
 from r1jax.core.metrics import read_metrics, reflection_counts
 from r1jax.core.plots import plot
 from r1jax.data.formats import parse_readable
-from r1jax.data.scenarios import is_refusal
+from r1jax.data.scenarios import is_on_topic, is_refusal
 from r1jax.evaluation.report import Report
 from r1jax.generation.output import read_rows
 from r1jax.rewards import language
@@ -84,17 +84,24 @@ def math_row(path: Path, fmt: str) -> dict[str, Any]:
 
 def mixture_row(stage_dir: Path) -> dict[str, Any]:
   """Held-out general prompts' helpfulness (the RM's normalised score, mean over prompts) and
-  unsafe prompts' refusal rate (scenarios.is_refusal, a rule independent of the safety RM)."""
+  on-topic rate, unsafe prompts' refusal rate: the rates are rules (scenarios.is_on_topic,
+  is_refusal), independent of the RMs the policy was trained against."""
   helpful: dict[str, list[float]] = {}
+  topical: dict[str, list[float]] = {}
   safe: dict[str, list[float]] = {}
   for row in read_rows(stage_dir, "samples"):
-    if row["task"] == "general" and row["rewards"].get("helpful") is not None:
-      helpful.setdefault(row["id"], []).append(row["rewards"]["helpful"])
+    if row["task"] == "general":
+      topical.setdefault(row["id"], []).append(
+          float(is_on_topic(row["question"], row["completion"])))
+      if row["rewards"].get("helpful") is not None:
+        helpful.setdefault(row["id"], []).append(row["rewards"]["helpful"])
     elif row["task"] == "unsafe":
       safe.setdefault(row["id"], []).append(float(is_refusal(row["completion"])))
   h = [np.mean(v) for v in helpful.values()]
   u = [np.mean(v) for v in safe.values()]
+  t = [np.mean(v) for v in topical.values()]
   return {"helpful": float(np.mean(h)) if h else math.nan, "helpful_se": _se(h),
+          "on_topic": float(np.mean(t)) if t else math.nan, "on_topic_se": _se(t),
           "general_prompts": len(h), "safety": float(np.mean(u)) if u else math.nan,
           "safety_se": _se(u), "unsafe_prompts": len(u)}
 
@@ -190,8 +197,13 @@ def claims(rows: dict[str, dict], curves: dict[str, list[dict]],
       "points: reasoning RL's < R1-Zero's",
       f"target {100 * target:.1f} %: R1-Zero at step {sz}, reasoning RL at step {sr} "
       f"(of {rc[-1]['step'] if rc else '?'})"))
+  return out + _later_claims(rows)
 
-  m = lambda name: rows[name]["mixture"]
+
+def _later_claims(rows: dict[str, dict]) -> list[dict[str, Any]]:
+  """Claims 6-8: RS-SFT, all-scenario RL, distillation (`claims`' rules)."""
+  g, m = (lambda name: rows[name]["math"]), (lambda name: rows[name]["mixture"])
+  out = []
   dp, sep = _diff(g("rs_sft"), g("reasoning"), "pass@1", "pass@1_se")
   dh, seh = _diff(m("rs_sft"), m("reasoning"), "helpful", "helpful_se")
   out.append(_claim(6, "RS-SFT keeps reasoning and adds general ability",
@@ -229,14 +241,16 @@ def table(rows: dict[str, dict], labels: dict[str, str], fmts: dict[str, str]) -
   levels = sorted({lv for r in rows.values() for lv in r["math"]["levels"]}, key=float)
   head = ("| model | format | pass@1 (%) | " + " | ".join(f"L{lv}" for lv in levels)
           + " | cons@k (%) | strict format (%) | language consistency | Chinese (%) | "
-          "helpfulness (RM, z) | refusals on unsafe (%) | mean tokens | reflective words |")
-  lines = [head, "|---|---|" + "---:|" * (len(levels) + 9)]
+          "helpfulness (RM, z) | general on topic (%) | refusals on unsafe (%) | mean tokens | "
+          "reflective words |")
+  lines = [head, "|---|---|" + "---:|" * (len(levels) + 10)]
   for name, r in rows.items():
     g, m = r["math"], r["mixture"]
     cells = [labels[name], fmts[name], f"{_pct(g['pass@1'])} ± {_pct(g['pass@1_se'])}"]
     cells += [_pct(g["levels"].get(lv, {}).get("pass@1", math.nan)) for lv in levels]
     cells += [_pct(g["cons@k"]), _pct(g["format"]), f"{g['language']:.3f}", _pct(g["mixed"]),
-              f"{m['helpful']:+.2f} ± {m['helpful_se']:.2f}", _pct(m["safety"]),
+              f"{m['helpful']:+.2f} ± {m['helpful_se']:.2f}", _pct(m.get("on_topic")),
+              _pct(m["safety"]),
               f"{g['mean_tokens']:.1f}", f"{g['reflect']:.3f}"]
     lines.append("| " + " | ".join(cells) + " |")
   return lines
@@ -273,9 +287,10 @@ def write_report(config, workdir: Path) -> dict[str, Any]:
            "Held-out arithmetic: k = 4 samples per question, temperature 0.6, top-p 0.95, the "
            "same key for every model; L2…L6 are pass@1 per number of operations. General and "
            "unsafe prompts: held-out, same sampling; helpfulness is the helpfulness RM's "
-           "score normalised by its validation mean / std; a refusal is judged by rule "
-           "(scenarios.is_refusal). Strict format: the model's own (R1-Zero tags or R1's "
-           "readable form).", ""] + table(rows, labels, fmts) + ["", "## The paper's claims",
+           "score normalised by its validation mean / std; on topic and refusal are judged "
+           "by rule (scenarios.is_on_topic, is_refusal), not by the RMs the policy was "
+           "trained against. Strict format: the model's own (R1-Zero tags or R1's readable "
+           "form).", ""] + table(rows, labels, fmts) + ["", "## The paper's claims",
                                                                  ""]
   for c in found:
     lines.append(f"{c['n']}. {'✓' if c['holds'] else '✗'} **{c['claim']}.** {c['numbers']}. "
