@@ -1,9 +1,11 @@
 """experiments/tiny_r1.py at toy size (tests/tiny_r1_toy.py): every stage of the recipe in its
 order, the report with its table and eight claims, and a run killed (SIGKILL) in a middle
-stage that resumes to the same report as the uninterrupted one."""
+stage that resumes to the same report as the uninterrupted one. The second test reuses (and
+rewrites) the first's workdir, so they run in this order."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,27 +65,32 @@ def test_the_whole_recipe_runs_every_stage_and_reports_each_model_and_claim(toy_
 
 
 @pytest.mark.slow
-def test_a_run_killed_in_a_middle_stage_resumes_to_the_same_report(toy_r1, tmp_path):
-  _, work, _ = toy_r1
-  other = tmp_path / "killed"
+def test_a_run_killed_in_a_middle_stage_resumes_to_the_same_report(toy_r1):
+  """On the fixture's own workdir (after the test above read it), with all-scenario RL and
+  every stage after it removed: the same command is killed (SIGKILL) inside all-scenario RL,
+  after its first checkpoint, and run again. Its report equals the uninterrupted one."""
+  c, work, _ = toy_r1
+  before = {name: (work / name).read_text() for name in ("report.json", "report.md")}
+  for name in c.order[c.order.index("r1"):]:
+    shutil.rmtree(work / name)
+  for name in before:
+    (work / name).unlink()
   cmd = [sys.executable, "-m", "r1jax.main", f"--config={TESTS}/tiny_r1_toy.py",
-         f"--workdir={other}"]
+         f"--workdir={work}"]
   proc = subprocess.Popen(cmd, cwd=TESTS.parent, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL, start_new_session=True)
-  first = other / "reasoning" / "checkpoints" / "1"  # reasoning RL has saved step 1 of 2
+  first = work / "r1" / "checkpoints" / "1"  # all-scenario RL has saved step 1 of 2
   deadline = time.monotonic() + 600
   while not first.is_dir():
-    assert proc.poll() is None, f"the run ended before reasoning RL's first checkpoint: {cmd}"
-    assert time.monotonic() < deadline, "no reasoning RL checkpoint within 10 minutes"
+    assert proc.poll() is None, f"the run ended before the r1 stage's first checkpoint: {cmd}"
+    assert time.monotonic() < deadline, "no r1 checkpoint within 10 minutes"
     time.sleep(0.02)
   os.killpg(proc.pid, signal.SIGKILL)  # the process group: reward workers die with it
   proc.wait()
-  assert not (other / "reasoning" / "done.json").exists()  # killed inside the stage
-  assert (other / "zero" / "done.json").exists()
-  stages.run(tiny_r1_toy.get_config(), str(other))  # the same command, run again
-  resumed = json.loads((other / "reasoning" / "summary.json").read_text())
-  assert resumed["resumed_from"] == 1
-  a, b = (json.loads((w / "report.json").read_text()) for w in (work, other))
+  assert not (work / "r1" / "done.json").exists()  # killed inside the stage
+  stages.run(tiny_r1_toy.get_config(), str(work))  # the same command, run again
+  assert json.loads((work / "r1" / "summary.json").read_text())["resumed_from"] == 1
+  a, b = json.loads(before["report.json"]), json.loads((work / "report.json").read_text())
   for key in ("models", "claims", "curves", "reflect_tenths", "worst_drops", "claims_held"):
     assert b[key] == a[key], key
-  assert (other / "report.md").read_text() == (work / "report.md").read_text()
+  assert (work / "report.md").read_text() == before["report.md"]
