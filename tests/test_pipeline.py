@@ -121,3 +121,6 @@ def test_settings_added_by_a_later_version_are_not_changes():
   assert pipeline.config_changes(old, new) == ["g.y: None -> 0", "h: None -> {'z': 0}"]
   # A changed or a removed field still is one.
   assert pipeline.config_changes(old, {"a": 2}, added_ok=True) == ["a: 1 -> 2", "g: {'x': 1} -> None"]
+  # JSON has no tuples: a tuple setting read back from a run's record is the same setting.
+  assert pipeline.config_changes({"t": ["a", ["b"]]}, {"t": ("a", ("b",))}) == []
+  assert pipeline.config_changes({"t": ["a"]}, {"t": ("b",)}) == ["t: ['a'] -> ('b',)"]

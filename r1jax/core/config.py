@@ -420,4 +420,13 @@ def config_changes(old: Any, new: Any, prefix: str = "", added_ok: bool = False)
             for change in config_changes(old.get(key, _ABSENT), new.get(key, _ABSENT),
                                          f"{prefix}{key}.", added_ok)]
   shown = lambda x: None if x is _ABSENT else x
-  return [] if old == new else [f"{prefix[:-1]}: {shown(old)!r} -> {shown(new)!r}"]
+  return [] if _as_json(old) == _as_json(new) else [
+      f"{prefix[:-1]}: {shown(old)!r} -> {shown(new)!r}"]
+
+
+def _as_json(x: Any) -> Any:
+  """Tuples as lists, as JSON records them: a setting read back from a run's config.json
+  equals the same setting in a config file."""
+  if isinstance(x, (list, tuple)):
+    return [_as_json(v) for v in x]
+  return {k: _as_json(v) for k, v in x.items()} if isinstance(x, dict) else x
