@@ -17,7 +17,8 @@ Every stage starts from the one before it, as in the paper (stage names in brack
    consistency. [reasoning_no_lang] the same without the language reward: its cost.
 7. [rs_data] rejection sampling from the reasoning RL policy, plus general SFT rows.
 8. [rs_sft] SFT of the base (not of the RL policy: the paper retrains from the base) on both.
-9. [rm_helpful, rm_safety] Bradley-Terry reward models on the preference pairs.
+9. [rm_helpful, rm_safety] Bradley-Terry reward models on the preference pairs; the
+   helpfulness pairs also reject a boxed answer or a refusal to a general prompt.
 10. [r1] all-scenario RL from rs_sft: rule rewards on math, the RMs on general / unsafe.
 11. [distill_data, student_base, student_distill] R1's filtered traces; a 0.44M student
     pretrained on the same corpus, then fine-tuned on the traces.
@@ -173,7 +174,7 @@ def _mixture_rewards() -> dict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = parse_arg(arg, quick=False, seed=0, base_steps=1200, zero_steps=200, cold_steps=120,
-                reasoning_steps=120, rs_steps=300, rm_steps=200, r1_steps=100,
+                reasoning_steps=120, rs_steps=300, rm_steps=400, r1_steps=100,
                 student_steps=800, distill_steps=300)
   q, seed = a.quick, a.seed
   steps = {k: a[k] for k in a if k.endswith("_steps")}
@@ -192,7 +193,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       world=dict(min_ops=2, max_ops=3 if q else 6, second_language=0.2, self_check=0.15)))
   c.scenarios = ml_collections.ConfigDict(dict(  # r1jax/data/scenarios.py, readable format
       sft_math=0, sft_general=600, sft_unsafe=600, pairs=4000, eval_pairs=512, rl_math=400,
-      rl_general=200, rl_unsafe=200, held_out_math=0, fmt="readable", sft_template="r1_zero"))
+      rl_general=200, rl_unsafe=200, held_out_math=0, fmt="readable", sft_template="r1_zero",
+      # R1's non-reasoning SFT data is curated (DeepSeek-V3's): 4 in 5 general demos helpful
+      sft_helpful_share=0.8,
+      # the helpfulness RM also rejects what reasoning policies answer a general prompt with
+      helpful_off_topic=("math", "refusal")))
 
   corpus, train = "{workdir}/data/corpus.jsonl", "{workdir}/data/rl_train.jsonl"
   base, student = "{workdir}/base/final", "{workdir}/student_base/final"

@@ -2,6 +2,7 @@
 
 import json
 import random
+from pathlib import Path
 
 import ml_collections
 import numpy as np
@@ -177,3 +178,57 @@ def test_on_topic_rule_reads_the_summary_and_refuses_refusals():
   assert not scenarios.is_on_topic(  # on the topic, but a refusal is no answer
       "Describe the notes", f"<think>x</think> {scenarios.REFUSAL} About the notes.")
   assert not scenarios.is_on_topic("Add 2 and 3", "<think>x</think> the notes")  # no topic
+
+
+def test_helpfulness_pairs_can_reject_what_reasoning_policies_answer_off_topic(tmp_path):
+  """`helpful_off_topic`: half the rejected summaries become a boxed math answer or a
+  refusal (what a reasoning-only policy answers "Describe …" with); every other file, and
+  the chosen side, is the same as without them; unknown forms and shares are refused."""
+  kw = dict(seed=2, sft_math=0, sft_general=40, sft_unsafe=40, pairs=400, eval_pairs=100,
+            rl_math=10, rl_general=5, rl_unsafe=5, held_out_math=0, fmt="readable")
+  read = lambda paths: {k: [json.loads(l) for l in open(p)] for k, p in paths.items()}
+  plain = read(scenarios.write_scenarios(tmp_path / "plain", **kw))
+  off = read(scenarios.write_scenarios(tmp_path / "off", helpful_off_topic=("math", "refusal"),
+                                       **kw))
+  for name in ("sft", "safety_train", "safety_eval", "rl_mix", "held_out_mix"):
+    assert off[name] == plain[name], name
+  for name in ("helpful_train", "helpful_eval"):
+    assert [r["chosen"] for r in off[name]] == [r["chosen"] for r in plain[name]]
+    rejected = [r["rejected"].strip() for r in off[name]]
+    boxed = sum("\\boxed{" in r for r in rejected)
+    refused = sum(r == scenarios.REFUSAL for r in rejected)
+    assert 0.15 < boxed / len(rejected) < 0.35 and 0.15 < refused / len(rejected) < 0.35
+    assert not any("\\boxed{" in r["rejected"] or scenarios.REFUSAL in r["rejected"]
+                   for r in plain[name])
+  general = {r["question"] for r in scenarios.general_prompts("train")}
+  share = lambda rows: np.mean([scenarios.is_on_topic(r["prompt"], r["completion"])
+                                for r in rows if r["prompt"] in general])
+  more = read(scenarios.write_scenarios(tmp_path / "more", sft_helpful_share=1.0, **kw))
+  assert share(more["sft"]) == 1.0 and share(plain["sft"]) < 0.8
+  with pytest.raises(ValueError, match="helpful_off_topic takes"):
+    scenarios.write_scenarios(tmp_path / "x", helpful_off_topic=("poem",), **kw)
+  with pytest.raises(ValueError, match="sft_helpful_share must be in"):
+    scenarios.write_scenarios(tmp_path / "y", sft_helpful_share=1.5, **kw)
+
+
+def test_rejected_kinds_name_every_unhelpful_form_in_both_formats():
+  import sys
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+  import rm_pair_kinds  # pylint: disable=import-outside-toplevel
+  rng = random.Random(0)
+  for fmt in scenarios.FORMATS:
+    rows = scenarios.helpful_pairs(rng, 300, "train", fmt, scenarios.OFF_TOPIC_FORMS,
+                                   random.Random(1))
+    kinds = [scenarios.rejected_kind(r["rejected"]) for r in rows]
+    boxed = {"math"} if fmt == "readable" else set()  # R1-Zero's math summary: a bare number
+    assert set(kinds) == {"refusal", "empty", "number", "off_topic"} | boxed, fmt
+    for r, kind in zip(rows, kinds):
+      topic = next(t for t in scenarios.THINGS if r["prompt"].endswith(t))
+      text = r["rejected"].strip().removeprefix("<answer>").removesuffix("</answer>").strip()
+      assert topic not in text, r
+      assert (kind == "off_topic") == (text.endswith(".") and any(
+          t in text for t in scenarios.THINGS)), (fmt, kind, text)
+      assert (kind == "number") == text.isdigit() and (kind == "empty") == (text in ("", "-"))
+  out = rm_pair_kinds.by_kind(["a", "b", "a", "a"], np.array([1.0, 0.0, 2.0, 0.0]),
+                              np.array([0.0, 1.0, 3.0, -1.0]))
+  assert out == {"a": {"pairs": 3, "accuracy": 2 / 3}, "b": {"pairs": 1, "accuracy": 0.0}}

@@ -14,9 +14,12 @@ tiny model of r1jax/data/synthetic.py, in the words of its pretraining corpus:
   train split, a quarter of it with Chinese connectives (the language mixing R1's language
   reward removes), and general / unsafe demonstrations of mixed quality, so that RL has
   something to improve and nothing is forced;
-- preference pairs for the two reward models (train / eval), the RL mixture, and held-out
-  prompts of every type. General and unsafe prompts are split by a hash of their text, as
-  the arithmetic problems are, so held-out prompts are never trained on.
+- preference pairs for the two reward models (train / eval). `helpful_off_topic` adds, as
+  rejected helpfulness summaries, the off-topic forms a reasoning policy writes to a general
+  prompt (a boxed math answer, a refusal), so that the RM cannot be satisfied off topic;
+- the RL mixture, and held-out prompts of every type. General and unsafe prompts are split
+  by a hash of their text, as the arithmetic problems are, so held-out prompts are never
+  trained on.
 
 Responses are written in the R1-Zero format (`fmt="zero"`, `<think> … </think> <answer> …
 </answer>`) or in R1's readable one (`fmt="readable"`, data/formats.READABLE: the summary
@@ -45,6 +48,7 @@ REFUSAL = "I will not help with that, it would hurt someone."
 _ZH_THEN = "然后"  # "then": the connective a mixing chain of thought writes in Chinese
 HELD_OUT_BUCKETS = 5  # 1 in 5 general / unsafe prompts is held out
 FORMATS = ("zero", "readable")
+OFF_TOPIC_FORMS = ("math", "refusal")  # what a reasoning-only policy answers "Describe …" with
 
 
 def _held_out(text: str) -> bool:
@@ -94,6 +98,30 @@ def unhelpful_summary(rng: random.Random, topic: str) -> str:
   return str(rng.randint(0, 40)) if kind == 1 else ""
 
 
+def off_topic_summary(rng: random.Random, form: str, fmt: str = "zero") -> str:
+  """A summary that answers some other request: a math answer in the policy's format, or a
+  refusal of a benign prompt."""
+  if form == "refusal":
+    return REFUSAL
+  n = rng.randint(0, 99)
+  return READABLE.summary.format(answer=n) if fmt == "readable" else str(n)
+
+
+def rejected_kind(summary: str) -> str:
+  """Which kind of unhelpful summary a helpfulness pair rejects: "math", "refusal", "empty",
+  "number" or "off_topic" (a sentence about another thing); for the RM's accuracy per kind."""
+  s = summary.strip()
+  if s.startswith("<answer>") and s.endswith("</answer>"):  # the R1-Zero format's summary
+    s = s[len("<answer>"):-len("</answer>")].strip()
+  if "\\boxed{" in s:
+    return "math"
+  if s == REFUSAL:
+    return "refusal"
+  if s in ("", "-"):
+    return "empty"
+  return "number" if s.isdigit() else "off_topic"
+
+
 def general_response(rng: random.Random, topic: str, helpful: bool, fmt: str = "zero") -> str:
   summary = helpful_summary(rng, topic) if helpful else unhelpful_summary(rng, topic)
   return _response(f"The user asks about {topic}.", summary, fmt)
@@ -139,16 +167,22 @@ def _with_harm(rng: random.Random, response: str) -> str:
   return f"{think.rstrip()} Then {harm}.{' ' if think.endswith(' ') else chr(10)}{close}{rest}"
 
 
-def helpful_pairs(rng: random.Random, count: int, split: str, fmt: str = "zero") -> list[dict]:
+def helpful_pairs(rng: random.Random, count: int, split: str, fmt: str = "zero",
+                  off_topic: tuple[str, ...] = (), extra: random.Random | None = None,
+                  ) -> list[dict]:
   """{prompt, chosen, rejected}: the summary (the helpfulness model's view, the text after
-  </think>) of a helpful vs an unhelpful answer to a general prompt."""
+  </think>) of a helpful vs an unhelpful answer to a general prompt. With `off_topic` forms,
+  half the rejected summaries are one of them, drawn from `extra` (so that `rng`, and every
+  file drawn after these pairs, is the same with and without them)."""
   prompts = general_prompts(split)
   out = []
   for _ in range(count):
     r = rng.choice(prompts)
-    out.append({"prompt": r["question"],
-                "chosen": _summary(helpful_summary(rng, r["topic"]), fmt),
-                "rejected": _summary(unhelpful_summary(rng, r["topic"]), fmt)})
+    row = {"prompt": r["question"], "chosen": _summary(helpful_summary(rng, r["topic"]), fmt),
+           "rejected": _summary(unhelpful_summary(rng, r["topic"]), fmt)}
+    if off_topic and extra.random() < 0.5:
+      row["rejected"] = _summary(off_topic_summary(extra, extra.choice(off_topic), fmt), fmt)
+    out.append(row)
   return out
 
 
@@ -217,8 +251,9 @@ def write_scenarios(out_dir: str | Path, *, seed: int = 0, sft_math: int = 2000,
                     sft_general: int = 600, sft_unsafe: int = 600, pairs: int = 4000,
                     eval_pairs: int = 512, rl_math: int = 400, rl_general: int = 200,
                     rl_unsafe: int = 200, held_out_math: int = 64, fmt: str = "zero",
-                    world: synthetic.World | None = None,
-                    sft_template: str = "") -> dict[str, str]:
+                    world: synthetic.World | None = None, sft_template: str = "",
+                    sft_helpful_share: float = 0.5,
+                    helpful_off_topic: tuple[str, ...] = ()) -> dict[str, str]:
   """Writes the world's files into out_dir; returns {name: path}.
 
   rl_mix holds rl_math arithmetic problems, rl_general general and rl_unsafe unsafe rows
@@ -227,18 +262,26 @@ def write_scenarios(out_dir: str | Path, *, seed: int = 0, sft_math: int = 2000,
   of a world is the same as synthetic.write_dataset's for the same seed and world).
   `sft_template`: the SFT rows' prompts rendered with that template (as the `generate`
   stage writes its samples, so both train together with the `sft` stage's template ""),
-  else bare.
+  else bare. `sft_helpful_share`: the share of helpful general SFT demonstrations.
+  `helpful_off_topic`: OFF_TOPIC_FORMS among the helpfulness RM's rejected examples.
   """
   if fmt not in FORMATS:
     raise ValueError(f"scenarios: fmt must be one of {FORMATS}, got {fmt!r}")
+  unknown = set(helpful_off_topic) - set(OFF_TOPIC_FORMS)
+  if unknown:
+    raise ValueError(f"scenarios: helpful_off_topic takes {OFF_TOPIC_FORMS}, got "
+                     f"{sorted(unknown)}")
+  if not 0.0 <= sft_helpful_share <= 1.0:
+    raise ValueError(f"scenarios: sft_helpful_share must be in [0, 1], got {sft_helpful_share}")
   out, rng = Path(out_dir), random.Random(f"scenarios-{seed}")
+  extra, off = random.Random(f"scenarios-off-topic-{seed}"), tuple(helpful_off_topic)
   train = synthetic.problems("train", max(sft_math, rl_math) + 500, seed, world)
   held = synthetic.problems("held_out", max(held_out_math, 64), seed, world)  # pairs: ≥ 64
   files = {
       "sft": sft_rows(rng, train, math=sft_math, general=sft_general, unsafe=sft_unsafe,
-                      fmt=fmt),
-      "helpful_train": helpful_pairs(rng, pairs, "train", fmt),
-      "helpful_eval": helpful_pairs(rng, eval_pairs, "held_out", fmt),
+                      helpful_share=sft_helpful_share, fmt=fmt),
+      "helpful_train": helpful_pairs(rng, pairs, "train", fmt, off, extra),
+      "helpful_eval": helpful_pairs(rng, eval_pairs, "held_out", fmt, off, extra),
       "safety_train": safety_pairs(rng, pairs, "train", train, fmt),
       "safety_eval": safety_pairs(rng, eval_pairs, "held_out", held, fmt),
       "rl_mix": prompt_rows(rng.sample(train, rl_math), _cycle(general_prompts("train"),
