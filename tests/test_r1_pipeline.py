@@ -64,14 +64,28 @@ def test_the_whole_recipe_runs_every_stage_and_reports_each_model_and_claim(toy_
       "{workdir}/student_base/final")
 
 
+def _readers(c, first: str) -> list[str]:
+  """`first` and every later stage that reads its outputs, directly or through another."""
+  out = [first]
+  for name in c.order[c.order.index(first) + 1:]:
+    text = c[name].to_json_best_effort()
+    if any(f"{{workdir}}/{d}/" in text for d in out):
+      out.append(name)
+  return out
+
+
 @pytest.mark.slow
 def test_a_run_killed_in_a_middle_stage_resumes_to_the_same_report(toy_r1):
   """On the fixture's own workdir (after the test above read it), with all-scenario RL and
-  every stage after it removed: the same command is killed (SIGKILL) inside all-scenario RL,
-  after its first checkpoint, and run again. Its report equals the uninterrupted one."""
+  every stage that reads its output removed: the same command is killed (SIGKILL) inside
+  all-scenario RL, after its first checkpoint, and run again. Its report equals the
+  uninterrupted one."""
   c, work, _ = toy_r1
   before = {name: (work / name).read_text() for name in ("report.json", "report.md")}
-  for name in c.order[c.order.index("r1"):]:
+  removed = _readers(c, "r1")
+  assert removed == ["r1", "distill_data", "student_distill", "eval_r1", "mix_r1",
+                     "eval_student_distill", "mix_student_distill"]
+  for name in removed:
     shutil.rmtree(work / name)
   for name in before:
     (work / name).unlink()
