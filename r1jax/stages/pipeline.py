@@ -179,6 +179,18 @@ def _order(config) -> tuple[str, ...]:
   return tuple(config.get("order") or _R1_ZERO)
 
 
+def _input_paths(config) -> list[tuple[str, str]]:
+  """(field, path) for each input file a stage config names (a field may join several with
+  commas, as an SFT stage's data.train does)."""
+  out = []
+  for field in _PATH_FIELDS:
+    group, _, key = field.rpartition(".")
+    section = config.get(group) if group else config
+    value = section.get(key, "") if section else ""
+    out += [(field, p.strip()) for p in str(value).split(",") if p.strip()]
+  return out
+
+
 def validate(config) -> None:
   """Every stage config resolves and type-checks before the first stage runs; input files
   that no earlier stage writes (no `{workdir}` in them) must exist."""
@@ -186,31 +198,24 @@ def validate(config) -> None:
     if name not in config:
       raise ValueError(f"pipeline: order names {name!r}, which the config does not define")
     stages.validate(resolve(config[name], Path("/nonexistent-workdir")))
-    for field in _PATH_FIELDS:
-      group, _, key = field.rpartition(".")
-      section = config[name].get(group) if group else config[name]
-      value = section.get(key, "") if section else ""
-      for path in filter(None, (p.strip() for p in str(value).split(","))):
-        if "{workdir}" not in path and not Path(path).exists():
-          raise FileNotFoundError(f"{name}.{field}: {path} does not exist")
+    for field, path in _input_paths(config[name]):
+      if "{workdir}" not in path and not Path(path).exists():
+        raise FileNotFoundError(f"{name}.{field}: {path} does not exist")
 
 
 def _check_samples(name: str, config, workdir: Path, summary: dict) -> None:
   """DataError before a stage that trains on an earlier generate stage's samples when that
   stage kept none: the counts and what rejected them, not a missing-file error later."""
-  for field in _PATH_FIELDS:
-    group, _, key = field.rpartition(".")
-    section = config.get(group) if group else config
-    for path in str(section.get(key, "") if section else "").split(","):
-      p = Path(path.strip())
-      producer = p.parent.name if p.parent.parent == workdir else ""
-      made = summary.get(producer) or {}
-      if made.get("stage") == "generate" and not made.get("selected") and not p.exists():
-        reasons = {k: v for k, v in (made.get("rejected_by") or {}).items() if v}
-        raise DataError(
-            f"pipeline: {name} trains on {producer}'s samples, but {producer} kept none of "
-            f"its {made.get('samples')} samples (rejected by: {reasons}). The model it sampled "
-            "from is too weak for the filters: train it longer, or relax its filters.")
+  for _, path in _input_paths(config):
+    p = Path(path)
+    producer = p.parent.name if p.parent.parent == workdir else ""
+    made = summary.get(producer) or {}
+    if made.get("stage") == "generate" and not made.get("selected") and not p.exists():
+      reasons = {k: v for k, v in (made.get("rejected_by") or {}).items() if v}
+      raise DataError(
+          f"pipeline: {name} trains on {producer}'s samples, but {producer} kept none of "
+          f"its {made.get('samples')} samples (rejected by: {reasons}). The model it sampled "
+          "from is too weak for the filters: train it longer, or relax its filters.")
 
 
 def _run_chain(config, workdir: Path, allowed: set[str]) -> dict:
