@@ -190,7 +190,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.synthetic = ml_collections.ConfigDict(dict(  # the arithmetic world
       corpus_docs=20000 if q else 120000, train_problems=2000 if q else 4000,
       held_out_problems=64 if q else 300, vocab_size=POLICY["vocab_size"],
-      world=dict(min_ops=2, max_ops=3 if q else 6, second_language=0.2, self_check=0.15)))
+      # tags / newline: the base has worked in R1-Zero's tags and after "<think>\n" often
+      # enough to copy and add there as well as elsewhere (a 2nd seed's cold start did not)
+      world=dict(min_ops=2, max_ops=3 if q else 6, second_language=0.2, self_check=0.15,
+                 tags=0.16, newline=0.25)))
   c.scenarios = ml_collections.ConfigDict(dict(  # r1jax/data/scenarios.py, readable format
       sft_math=0, sft_general=600, sft_unsafe=600, pairs=4000, eval_pairs=512, rl_math=400,
       rl_general=200, rl_unsafe=200, held_out_math=0, fmt="readable", sft_template="r1_zero",
@@ -211,7 +214,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                       seed, lr=5e-4)
   for name, language in (("reasoning", 0.5), ("reasoning_no_lang", 0.0)):  # 6.
     c[name] = _rl("{workdir}/cold_start/final", steps["reasoning_steps"], POLICY, seed,
-                  "readable", language, every=every, lr=5e-5)  # from SFT: R1-Zero's 2e-4 fell
+                  "readable", language, every=every if language else 2 * every,  # a drop only
+                  lr=5e-5)  # from SFT: R1-Zero's 2e-4 fell
   c.rs_data = _generate("{workdir}/reasoning/final", seed, prompts=train, limit=n,  # 7.
                         fmt="readable", readable=False)
   c.rs_sft = _sft(base, samples("rs_data") + ",{workdir}/scenarios/sft.jsonl",  # 8.
@@ -232,7 +236,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.student_distill = _sft(student, samples("distill_data"), steps["distill_steps"],  # 11.
                            STUDENT, seed, lr=5e-4)
   c.student_rl = _rl(student, steps["zero_steps"], STUDENT, seed, "zero", 0.0,  # 12.
-                     every=every)
+                     every=2 * every)  # its curve feeds no claim, only the worst drop
   order = ["base", "zero", "cold_start_data", "cold_start", "reasoning", "reasoning_no_lang",
            "rs_data", "rs_sft", "rm_helpful", "rm_safety", "r1", "distill_data",
            "student_base", "student_distill", "student_rl"]

@@ -138,6 +138,31 @@ def test_world_corpus_mixes_languages_and_corrects_its_slips():
   assert reflection_counts([d for d in docs if d not in checked])["reflect/wait"] == 0.0
 
 
+def test_world_sets_its_shares_of_tag_solutions_and_of_working_on_a_new_line():
+  """The tag style's share moves with `tags`; with `newline`, a share of pages start their
+  working on its own line, tags on their own lines too, and the first operand is right there."""
+  import random
+  lay = synthetic.World(min_ops=2, max_ops=6, tags=0.3, newline=0.4)
+  assert abs(sum(lay.style_weights) - 1.0) < 1e-9 and synthetic.World().style_weights[3] == 0.08
+  docs = list(synthetic.corpus(3000, seed=2, world=lay))
+  tagged = [d for d in docs if re.search(r"<answer> \d+ </answer>\Z", d)]
+  labelled = [re.search(r"(?:Answer|A|Assistant|Solution):(\s)", d) for d in docs]
+  labelled = [m.group(1) for m in labelled if m]  # 4 of the 5 wraps name the answer
+  assert abs(len(tagged) / len(docs) - 0.3) < 0.04, len(tagged)
+  assert abs(labelled.count("\n") / len(labelled) - 0.4) < 0.05, labelled.count("\n")
+  own_line = [d for d in tagged if "<think>\n" in d]
+  assert own_line and all(re.search(r"<think>\n.*\n</think> <answer> \d+ </answer>\Z", d, re.S)
+                          for d in own_line)
+  assert all("<think>\n" not in d for d in synthetic.corpus(500, seed=2, world=WORLD))
+  rng = random.Random(0)
+  for p in synthetic.problems("train", 50, seed=1, world=lay):
+    page = synthetic._page(p, rng, world=lay)  # pylint: disable=protected-access
+    if "<think>\n" in page:
+      lead = r"<think>\n(?:First, |Step 1: |首先，|第1步：)?"
+      assert re.search(lead + re.escape(f"{p.numbers[0]} {p.ops[0]} {p.numbers[1]} = "),
+                       page), page
+
+
 def test_world_refuses_bad_settings():
   import pytest
   with pytest.raises(ValueError, match="min_ops <= max_ops"):
@@ -148,6 +173,10 @@ def test_world_refuses_bad_settings():
     synthetic.problems("held_out", 3000, seed=0, world=synthetic.World(2, 2))
   with pytest.raises(ValueError, match="second_language must be a share"):
     synthetic.World(second_language=1.5)
+  with pytest.raises(ValueError, match="newline must be a share"):
+    synthetic.World(newline=-0.1)
+  with pytest.raises(ValueError, match="tags must be a share"):
+    synthetic.World(tags=2.0)
 
 
 def test_a_pipeline_builds_its_data_in_the_world_it_names(tmp_path):

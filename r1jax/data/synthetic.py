@@ -16,8 +16,10 @@ A `World` widens it for the whole R1 recipe: chains of `min_ops`–`max_ops` ope
 shares per level (so length and accuracy can be read per difficulty), a share of solutions
 worked in Chinese (the base, and R1-Zero from it, then mix languages in their reasoning), and
 a share that writes one step wrong and corrects it ("Wait, 7 + 5 is 12, not 13"): the shallow
-self-checking base models already show. Without a World (None) the world is exactly the
-original one, draw for draw.
+self-checking base models already show. It also sets the share of tag-style solutions and of
+pages whose working starts on its own line (`<think>\n7 + 5 = 12`…, as in R1's readable
+format): a context the base has never seen before a copied operand is one it copies badly.
+Without a World (None) the world is exactly the original one, draw for draw.
 """
 
 from __future__ import annotations
@@ -44,17 +46,26 @@ class World:
   max_ops: int = 3  # hardest level
   second_language: float = 0.0  # share of corpus solutions worked in Chinese
   self_check: float = 0.0  # share of corpus solutions with one wrong step, then corrected
+  tags: float = 0.08  # share of corpus solutions in `<think> … </think> <answer> … </answer>`
+  newline: float = 0.0  # share of pages whose working starts on its own line (tags too)
 
   def __post_init__(self):
     if not 2 <= self.min_ops <= self.max_ops <= 8:  # one operation: ~120 problems in all
       raise ValueError(f"need 2 <= min_ops <= max_ops <= 8, got {self.min_ops}, {self.max_ops}")
-    for name in ("second_language", "self_check"):
+    for name in ("second_language", "self_check", "tags", "newline"):
       if not 0.0 <= getattr(self, name) <= 1.0:
         raise ValueError(f"World.{name} must be a share in [0, 1], got {getattr(self, name)}")
 
   @property
   def levels(self) -> tuple[int, ...]:
     return tuple(range(self.min_ops, self.max_ops + 1))
+
+  @property
+  def style_weights(self) -> tuple[float, ...]:
+    """`_STYLES`' weights: `tags` for the tag style, the others in their original ratio."""
+    rest = sum(w for s, w in zip(_STYLES, _STYLE_WEIGHTS) if s != "tags")
+    return tuple(self.tags if s == "tags" else w / rest * (1.0 - self.tags)
+                 for s, w in zip(_STYLES, _STYLE_WEIGHTS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,10 +192,16 @@ def _working(p: Problem, rng: random.Random, lang: str = "en", check: bool = Fal
   return " ".join(f"{step_i.format(i=i + 1)}{s}{stop}" for i, s in enumerate(steps))
 
 
-def _solution(p: Problem, rng: random.Random, lang: str = "en", check: bool = False) -> str:
-  """One solution page body in a random house style."""
+_STYLES = ("plain", "gsm8k", "boxed", "tags", "terse")
+_STYLE_WEIGHTS = (32, 20, 20, 8, 20)
+
+
+def _solution(p: Problem, rng: random.Random, lang: str = "en", check: bool = False,
+              weights: tuple[float, ...] = _STYLE_WEIGHTS, newline: bool = False) -> str:
+  """One solution page body in a random house style (`weights` over `_STYLES`). `newline`:
+  the tag style puts its tags on their own lines, as R1's readable format does."""
   a, work = p.answer, _working(p, rng, lang, check)
-  style = rng.choices(("plain", "gsm8k", "boxed", "tags", "terse"), (32, 20, 20, 8, 20))[0]
+  style = rng.choices(_STYLES, weights)[0]
   if style == "terse" and (check or lang != "en"):
     style = "plain"  # a one-liner has no steps to correct, nor words of a language
   if style == "plain":
@@ -194,23 +211,32 @@ def _solution(p: Problem, rng: random.Random, lang: str = "en", check: bool = Fa
   if style == "boxed":
     return f"{work} So the result is $\\boxed{{{a}}}$."
   if style == "tags":
-    return f"<think> {work} </think> <answer> {a} </answer>"
+    sep = "\n" if newline else " "
+    return f"<think>{sep}{work}{sep}</think> <answer> {a} </answer>"
   return f"{p.expression} = {a}."
 
 
-def _page(p: Problem, rng: random.Random, lang: str = "en", check: bool = False) -> str:
-  """A problem with its solution, wrapped like a Q&A page, a worksheet or a forum dialogue."""
-  q, sol = question(p, rng), _solution(p, rng, lang, check)
+def _page(p: Problem, rng: random.Random, lang: str = "en", check: bool = False,
+          world: World | None = None) -> str:
+  """A problem with its solution, wrapped like a Q&A page, a worksheet or a forum dialogue.
+  With a `world`, its share of pages starts the working on a new line, and its share of tag
+  solutions; without one, the original draws."""
+  q = question(p, rng)
+  if world is None:
+    sol, sep = _solution(p, rng, lang, check), " "
+  else:
+    nl = rng.random() < world.newline
+    sol, sep = _solution(p, rng, lang, check, world.style_weights, nl), "\n" if nl else " "
   wrap = rng.randrange(5)
   if wrap == 0:
-    return f"Question: {q}?\nAnswer: {sol}"
+    return f"Question: {q}?\nAnswer:{sep}{sol}"
   if wrap == 1:
-    return f"Q: {q}. A: {sol}"
+    return f"Q: {q}. A:{sep}{sol}"
   if wrap == 2:
-    return f"User: {q}. Assistant: {sol}"
+    return f"User: {q}. Assistant:{sep}{sol}"
   if wrap == 3:
-    return f"Problem: {q}.\nSolution: {sol}"
-  return f"{q}. {sol}"
+    return f"Problem: {q}.\nSolution:{sep}{sol}"
+  return f"{q}.{sep}{sol}"
 
 
 ROLES = ("the teacher", "a student", "my friend", "the class", "our team", "the author",
@@ -265,7 +291,7 @@ def corpus(num_docs: int, seed: int, world: World | None = None) -> Iterator[str
     if world is not None:
       lang = "zh" if rng.random() < world.second_language else "en"
       check = rng.random() < world.self_check
-    doc = _page(p, rng, lang, check)
+    doc = _page(p, rng, lang, check, world)
     if rng.random() < 0.5:
       doc = f"{_filler(rng)}{rng.choice((' ', chr(10)))}{doc}"
     yield doc
