@@ -6,8 +6,9 @@
 Every stage starts from the one before it, as in the paper (stage names in brackets):
 1. data: a synthetic world (r1jax/data/synthetic.py World): chains of 2-6 operations in equal
    shares, a fifth of the corpus's solutions worked in Chinese, some with a slipped step
-   corrected ("Wait, …"); general and unsafe prompts with preference pairs
-   (r1jax/data/scenarios.py, R1's readable format).
+   corrected ("Wait, …"), 16 % in R1-Zero's tags and a quarter worked from a line's start;
+   general and unsafe prompts with preference pairs (r1jax/data/scenarios.py, R1's
+   readable format).
 2. [base] a 0.92M Qwen2-shaped base pretrained on the corpus.
 3. [zero] R1-Zero: GRPO from the base, accuracy + format rewards (language logged only).
 4. [cold_start_data] R1-Zero samples on train prompts, kept when correct, well-formed, in
