@@ -213,9 +213,11 @@ Runner = Callable[[Sequence[str]], int]
 
 
 def execute(phases, keep: bool, run: Runner = lambda argv: subprocess.call(list(argv)),
-            start: Callable = subprocess.Popen, wait_s: float = 30.0) -> int:
+            start: Callable = subprocess.Popen, wait_s: float = 30.0,
+            grace_s: float = 5.0) -> int:
   """Runs the plan; on a failure, skips to the delete phase (unless `keep`). The exit
-  status of the first failed command, else 0."""
+  status of the first failed command, else 0. A phase's background stream gets `grace_s`
+  after the phase to print the log's last lines, then is stopped."""
   import time
   status, background = 0, []
   for name, steps in phases:
@@ -241,7 +243,10 @@ def execute(phases, keep: bool, run: Runner = lambda argv: subprocess.call(list(
         if name != "delete":
           break
     for p in background:
-      p.terminate()
+      try:
+        p.wait(timeout=grace_s)
+      except subprocess.TimeoutExpired:
+        p.terminate()
     background = []
   if status and keep:
     print("[tpu_vm] the slice is kept (--keep): delete it yourself", file=sys.stderr)
