@@ -29,7 +29,7 @@ def _fake_tools(tmp_path: Path, fail_on: str = "") -> tuple[str, Path]:
   """A PATH whose `gcloud` and `git` append their argv (JSON) to calls.jsonl; `gcloud` says a
   queued resource is ACTIVE, and exits 3 when its argv holds `fail_on`."""
   bin_dir, calls = tmp_path / "bin", tmp_path / "calls.jsonl"
-  bin_dir.mkdir()
+  bin_dir.mkdir(parents=True)
   for tool in ("gcloud", "git"):
     script = bin_dir / tool
     script.write_text(f"""#!{sys.executable}
@@ -128,7 +128,15 @@ def test_a_run_goes_through_every_phase_and_a_failure_still_deletes_the_slice(tm
   got = [" ".join(json.loads(l)) for l in calls.read_text().splitlines()]
   assert not any("r1jax.main" in c or "storage cp" in c for c in got)  # no run, no fetch
   assert "queued-resources delete r1-qr" in got[-1]
-  calls.unlink()
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  path, calls = _fake_tools(broken, fail_on="r1jax.main")  # the run fails: logs still come
+  out = _launcher(*args, path=path)
+  got = [" ".join(json.loads(l)) for l in calls.read_text().splitlines()]
+  assert out.returncode == 3 and "run failed (3)" in out.stderr
+  assert sum("r1jax_run.log" in c and "scp" in c for c in got) == 4 and "storage cp" in got[-6]
+  assert "queued-resources delete r1-qr" in got[-1]
+  path, calls = _fake_tools(failing / "k", fail_on="pip install")
   out = _launcher(*args, "--keep", path=path)
   assert out.returncode == 3 and "--keep" in out.stderr
   assert not any("delete" in l for l in calls.read_text().splitlines())

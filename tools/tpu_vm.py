@@ -10,7 +10,8 @@ delete the slice.
 
 `--dry_run` prints every gcloud command, in order, and runs none. Without it the launcher
 needs `gcloud` (authenticated) and runs them: a failed step stops the run and, unless
-`--keep`, still deletes the slice, so a crash never leaves chips billing.
+`--keep`, still deletes the slice, so a crash never leaves chips billing; a failed run
+still has its workdir and logs fetched first.
 
 A slice of several hosts runs one process per host (v4-16 and up, v5e-16 and up, v5p-16 and
 up): every worker gets the same command at the same time (`--worker=all`), and
@@ -215,13 +216,14 @@ Runner = Callable[[Sequence[str]], int]
 def execute(phases, keep: bool, run: Runner = lambda argv: subprocess.call(list(argv)),
             start: Callable = subprocess.Popen, wait_s: float = 30.0,
             grace_s: float = 5.0) -> int:
-  """Runs the plan; on a failure, skips to the delete phase (unless `keep`). The exit
-  status of the first failed command, else 0. A phase's background stream gets `grace_s`
-  after the phase to print the log's last lines, then is stopped."""
+  """Runs the plan; on a failure, skips to the delete phase (unless `keep`), fetching first
+  when the run itself failed (its logs say why). The exit status of the first failed
+  command, else 0. A phase's background stream gets `grace_s` after the phase to print the
+  log's last lines, then is stopped."""
   import time
-  status, background = 0, []
+  status, failed_in, background = 0, "", []
   for name, steps in phases:
-    if status and name != "delete":
+    if status and name != "delete" and not (name == "fetch" and failed_in == "run"):
       continue
     for argv in steps:
       if argv[0] == "WAIT_ACTIVE":
@@ -239,7 +241,7 @@ def execute(phases, keep: bool, run: Runner = lambda argv: subprocess.call(list(
       code = run(argv)
       if code and not status:
         print(f"[tpu_vm] {name} failed ({code}): {shlex.join(argv)}", file=sys.stderr)
-        status = code
+        status, failed_in = code, name
         if name != "delete":
           break
     for p in background:
