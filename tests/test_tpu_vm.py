@@ -54,7 +54,7 @@ def test_accelerator_types_give_chips_hosts_and_images():
                  "v4-32": (16, 4, "tpu-ubuntu2204-base"), "v4-8": (4, 1, "tpu-ubuntu2204-base"),
                  "v5p-16": (8, 2, "v2-alpha-tpuv5"), "v6e-64": (64, 16, "v2-alpha-tpuv6e")}
   assert tpu_vm.slice_of("v4-32", "my-image").runtime_version == "my-image"
-  for bad in ("v9-8", "v4-7", "v5e-16", "v4-"):
+  for bad in ("v9-8", "v4-7", "v5e-16", "v4-", "v6e-0"):
     with pytest.raises(ValueError, match="accelerator type"):
       tpu_vm.slice_of(bad)
 

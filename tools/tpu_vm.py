@@ -30,8 +30,8 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Callable, Sequence
 
 from absl import app, flags
 
@@ -70,9 +70,11 @@ def slice_of(accelerator_type: str, runtime_version: str = "") -> Slice:
   image, unit, single_host_chips, per_host = _GENERATIONS[m.group(1)]
   n = int(m.group(2))
   chips = n // 2 if unit == "cores" else n
-  if chips < 1 or (unit == "cores" and n % 2):
+  if unit == "cores" and n % 2:
     raise ValueError(f"accelerator type {accelerator_type!r}: {m.group(1)} counts TensorCores, "
                      "two a chip, so N must be even")
+  if chips < 1:
+    raise ValueError(f"accelerator type {accelerator_type!r}: no chips")
   hosts = 1 if chips <= single_host_chips else -(-chips // per_host)
   return Slice(accelerator_type, runtime_version or image, chips, hosts)
 
@@ -210,17 +212,11 @@ def render(phases: list[tuple[str, list[list[str]]]]) -> str:
   return "\n".join(lines)
 
 
-Runner = Callable[[Sequence[str]], int]
-
-
-def execute(phases, keep: bool, run: Runner = lambda argv: subprocess.call(list(argv)),
-            start: Callable = subprocess.Popen, wait_s: float = 30.0,
-            grace_s: float = 5.0) -> int:
+def execute(phases, keep: bool, wait_s: float = 30.0, grace_s: float = 5.0) -> int:
   """Runs the plan; on a failure, skips to the delete phase (unless `keep`), fetching first
   when the run itself failed (its logs say why). The exit status of the first failed
   command, else 0. A phase's background stream gets `grace_s` after the phase to print the
   log's last lines, then is stopped."""
-  import time
   status, failed_in, background = 0, "", []
   for name, steps in phases:
     if status and name != "delete" and not (name == "fetch" and failed_in == "run"):
@@ -236,9 +232,9 @@ def execute(phases, keep: bool, run: Runner = lambda argv: subprocess.call(list(
           time.sleep(wait_s)
         continue
       if argv[0] == "STREAM":
-        background.append(start(list(argv[1:])))
+        background.append(subprocess.Popen(argv[1:]))
         continue
-      code = run(argv)
+      code = subprocess.call(argv)
       if code and not status:
         print(f"[tpu_vm] {name} failed ({code}): {shlex.join(argv)}", file=sys.stderr)
         status, failed_in = code, name
