@@ -6,7 +6,8 @@
 Every stage starts from the one before it, as in the paper (stage names in brackets):
 1. data: a synthetic world (r1jax/data/synthetic.py World): chains of 2-6 operations in equal
    shares, a fifth of the corpus's solutions worked in Chinese, some with a slipped step
-   corrected ("Wait, …"), 16 % in R1-Zero's tags and a quarter worked from a line's start;
+   corrected ("Wait, …"), 16 % in R1-Zero's tags and a quarter worked from a line's start,
+   half its prose about one thing;
    general and unsafe prompts with preference pairs (r1jax/data/scenarios.py, R1's
    readable format).
 2. [base] a 0.92M Qwen2-shaped base pretrained on the corpus.
@@ -19,7 +20,8 @@ Every stage starts from the one before it, as in the paper (stage names in brack
 7. [rs_data] rejection sampling from the reasoning RL policy, plus general SFT rows.
 8. [rs_sft] SFT of the base (not of the RL policy: the paper retrains from the base) on both.
 9. [rm_helpful, rm_safety] Bradley-Terry reward models on the preference pairs; the
-   helpfulness pairs also reject a boxed answer or a refusal to a general prompt.
+   helpfulness pairs also reject a boxed answer or a refusal to a general prompt, and half
+   of them the chosen sentence about another thing (the topic is all that tells them apart).
 10. [r1] all-scenario RL from rs_sft: rule rewards on math, the RMs on general / unsafe.
 11. [distill_data, student_base, student_distill] R1's filtered traces; a 0.44M student
     pretrained on the same corpus, then fine-tuned on the traces.
@@ -96,7 +98,8 @@ def _rl(init: str, steps: int, model: dict, seed: int, fmt: str, language: float
   r.model.init_from = init
   r.data.update(train="{workdir}/data/rl_train.jsonl", batch=8, max_prompt_tokens=PROMPT_TOKENS)
   r.sampler.update(max_new_tokens=NEW_TOKENS, stop=ZERO_STOPS if fmt == "zero" else ())
-  r.grpo.update(group_size=8, beta=0.0, eps_low=0.2, eps_high=0.28, loss_mode="bnpo")
+  r.grpo.update(group_size=8, beta=0.0, eps_low=0.2, eps_high=0.28, loss_mode="bnpo",
+                share_prompts=True)  # the ~100-token template prompt: ~35 % less update time
   r.opt.update(lr=lr, warmup_steps=min(5, steps // 4), grad_clip=1.0, schedule="cosine",
                total_steps=steps, final_lr_ratio=0.1)  # the decay keeps the curves stable
   r.rewards.components = [{"name": "accuracy", "weight": 1.0, "tasks": ["math"]},
@@ -175,13 +178,14 @@ def _mixture_rewards() -> dict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = parse_arg(arg, quick=False, seed=0, base_steps=1200, zero_steps=200, cold_steps=120,
-                reasoning_steps=120, rs_steps=300, rm_steps=400, r1_steps=100,
-                student_steps=800, distill_steps=300)
+                reasoning_steps=120, rs_steps=300, rm_steps=400, helpful_rm_steps=800,
+                r1_steps=100, student_steps=800, distill_steps=300)
   q, seed = a.quick, a.seed
   steps = {k: a[k] for k in a if k.endswith("_steps")}
   if q:
     steps = dict(base_steps=250, zero_steps=12, cold_steps=12, reasoning_steps=6, rs_steps=20,
-                 rm_steps=30, r1_steps=4, student_steps=60, distill_steps=20)
+                 rm_steps=30, helpful_rm_steps=30, r1_steps=4, student_steps=60,
+                 distill_steps=20)
   every = 0 if q else 25  # held-out evals during RL (the curves of claims 2, 3 and 5)
   c = ml_collections.ConfigDict()
   c.stage = "pipeline"  # the stages of c.order in turn, then the R1 report
@@ -193,15 +197,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       held_out_problems=64 if q else 300, vocab_size=POLICY["vocab_size"],
       # tags / newline: the base has worked in R1-Zero's tags and after "<think>\n" often
       # enough to copy and add there as well as elsewhere (a 2nd seed's cold start did not)
+      # topical: half the prose stays on one thing, so the base can echo what a general
+      # prompt asks about (RS-SFT from a base without it named the right thing 3.6 % of times)
       world=dict(min_ops=2, max_ops=3 if q else 6, second_language=0.2, self_check=0.15,
-                 tags=0.16, newline=0.25)))
+                 tags=0.16, newline=0.25, topical=0.5)))
   c.scenarios = ml_collections.ConfigDict(dict(  # r1jax/data/scenarios.py, readable format
       sft_math=0, sft_general=600, sft_unsafe=600, pairs=4000, eval_pairs=512, rl_math=400,
       rl_general=200, rl_unsafe=200, held_out_math=0, fmt="readable", sft_template="r1_zero",
       # R1's non-reasoning SFT data is curated (DeepSeek-V3's): 4 in 5 general demos helpful
       sft_helpful_share=0.8,
       # the helpfulness RM also rejects what reasoning policies answer a general prompt with
-      helpful_off_topic=("math", "refusal")))
+      helpful_off_topic=("math", "refusal"),
+      # half its pairs differ in the topic alone: an RM that ignores the prompt scored every
+      # general answer alike (51 % on off-topic sentences), so RL had nothing to raise
+      helpful_swapped=0.5))
 
   corpus, train = "{workdir}/data/corpus.jsonl", "{workdir}/data/rl_train.jsonl"
   base, student = "{workdir}/base/final", "{workdir}/student_base/final"
@@ -221,10 +230,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                         fmt="readable", readable=False)
   c.rs_sft = _sft(base, samples("rs_data") + ",{workdir}/scenarios/sft.jsonl",  # 8.
                   steps["rs_steps"], POLICY, seed, lr=5e-4)
-  c.rm_helpful = _reward_model("helpful", steps["rm_steps"], seed)  # 9.
+  c.rm_helpful = _reward_model("helpful", steps["helpful_rm_steps"], seed)  # 9.
   c.rm_safety = _reward_model("safety", steps["rm_steps"], seed)  # 9.
   r = _rl("{workdir}/rs_sft/final", steps["r1_steps"], POLICY, seed, "readable", 0.5,
-          every=every, lr=5e-5)
+          every=2 * every, lr=5e-5)  # its curve feeds no claim, only the worst drop
   r.data.update(train="{workdir}/scenarios/rl_mix.jsonl")
   r.data.task_weights = ml_collections.ConfigDict(dict(math=0.5, general=0.25, unsafe=0.25))
   r.grpo.update(temperature=0.7, beta=0.04)  # R1 stage 4; KL to the RS-SFT start

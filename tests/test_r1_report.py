@@ -55,6 +55,11 @@ def test_every_claim_holds_on_numbers_that_meet_its_rule():
     (6, lambda r, c: r["rs_sft"]["math"].update({"pass@1": 0.78})),  # loses reasoning
     (6, lambda r, c: r["rs_sft"]["mixture"].update({"helpful": -0.8})),  # +0.2 < 2 s.e.
     (7, lambda r, c: r["r1"]["mixture"].update({"safety": 0.35})),  # refusals +5 < 2 s.e.
+    # +0.05 is 35 s.e. of an RM that scores every answer alike, but < the +0.1 minimum
+    (7, lambda r, c: [r[m]["mixture"].update({"helpful": h, "helpful_se": 0.001})
+                      for m, h in (("rs_sft", 0.5), ("r1", 0.55))]),
+    (6, lambda r, c: [r[m]["mixture"].update({"helpful": h, "helpful_se": 0.001})
+                      for m, h in (("reasoning", -1.0), ("rs_sft", -0.95), ("r1", 0.5))]),
     (7, lambda r, c: r["r1"]["math"].update({"pass@1": 0.77})),  # loses reasoning
     (8, lambda r, c: r["student_rl"]["math"].update({"pass@1": 0.65})),  # +5 < 2 s.e.
 ])

@@ -211,6 +211,35 @@ def test_helpfulness_pairs_can_reject_what_reasoning_policies_answer_off_topic(t
     scenarios.write_scenarios(tmp_path / "y", sft_helpful_share=1.5, **kw)
 
 
+def test_swapped_pairs_differ_in_the_topic_alone(tmp_path):
+  """`helpful_swapped`: that share of the helpfulness pairs reject the chosen sentence with
+  its thing replaced by another, word for word otherwise (so only the prompt tells them
+  apart); every other file and the chosen side are as without it; a bad share is refused."""
+  kw = dict(seed=3, sft_math=0, sft_general=40, sft_unsafe=40, pairs=400, eval_pairs=100,
+            rl_math=10, rl_general=5, rl_unsafe=5, held_out_math=0, fmt="readable",
+            helpful_off_topic=("math",))
+  read = lambda paths: {k: [json.loads(l) for l in open(p)] for k, p in paths.items()}
+  plain = read(scenarios.write_scenarios(tmp_path / "plain", **kw))
+  swap = read(scenarios.write_scenarios(tmp_path / "swap", helpful_swapped=0.5, **kw))
+  for name in ("sft", "safety_train", "safety_eval", "rl_mix", "held_out_mix"):
+    assert swap[name] == plain[name], name
+  for name in ("helpful_train", "helpful_eval"):
+    assert [r["chosen"] for r in swap[name]] == [r["chosen"] for r in plain[name]]
+    swapped = 0
+    for r, p in zip(swap[name], plain[name]):
+      if r["rejected"] == p["rejected"]:
+        continue
+      swapped += 1
+      topic = next(t for t in scenarios.THINGS if r["prompt"].endswith(t))
+      others = [t for t in scenarios.THINGS if t != topic and f" {t} " in r["rejected"]]
+      assert len(others) == 1 and f" {topic} " not in r["rejected"], r
+      assert r["rejected"] == r["chosen"].replace(f" {topic} ", f" {others[0]} "), r
+      assert scenarios.rejected_kind(r["rejected"]) == "off_topic"
+    assert 0.4 < swapped / len(swap[name]) < 0.6, name
+  with pytest.raises(ValueError, match="helpful_swapped must be in"):
+    scenarios.write_scenarios(tmp_path / "x", helpful_swapped=-0.1, **kw)
+
+
 def test_rejected_kinds_name_every_unhelpful_form_in_both_formats():
   import sys
   sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))

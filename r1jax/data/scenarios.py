@@ -167,21 +167,33 @@ def _with_harm(rng: random.Random, response: str) -> str:
   return f"{think.rstrip()} Then {harm}.{' ' if think.endswith(' ') else chr(10)}{close}{rest}"
 
 
+def swapped_summary(rng: random.Random, chosen: str, topic: str) -> str:
+  """The helpful sentence with its thing replaced by another: a pair that differs in the
+  topic alone, so a reward model must read the prompt to rank it."""
+  other = rng.choice([t for t in THINGS if t != topic])
+  return chosen.replace(f" {topic} ", f" {other} ", 1)
+
+
 def helpful_pairs(rng: random.Random, count: int, split: str, fmt: str = "zero",
                   off_topic: tuple[str, ...] = (), extra: random.Random | None = None,
-                  ) -> list[dict]:
+                  swapped: float = 0.0, swap: random.Random | None = None) -> list[dict]:
   """{prompt, chosen, rejected}: the summary (the helpfulness model's view, the text after
   </think>) of a helpful vs an unhelpful answer to a general prompt. With `off_topic` forms,
-  half the rejected summaries are one of them, drawn from `extra` (so that `rng`, and every
-  file drawn after these pairs, is the same with and without them)."""
+  half the rejected summaries are one of them, drawn from `extra`; then a `swapped` share
+  are the chosen sentence about another thing (`swapped_summary`), drawn from `swap`. Each
+  option draws from its own generator, so `rng`, and every file drawn after these pairs, is
+  the same with and without them."""
   prompts = general_prompts(split)
   out = []
   for _ in range(count):
     r = rng.choice(prompts)
-    row = {"prompt": r["question"], "chosen": _summary(helpful_summary(rng, r["topic"]), fmt),
+    chosen = helpful_summary(rng, r["topic"])
+    row = {"prompt": r["question"], "chosen": _summary(chosen, fmt),
            "rejected": _summary(unhelpful_summary(rng, r["topic"]), fmt)}
     if off_topic and extra.random() < 0.5:
       row["rejected"] = _summary(off_topic_summary(extra, extra.choice(off_topic), fmt), fmt)
+    if swapped and swap.random() < swapped:
+      row["rejected"] = _summary(swapped_summary(swap, chosen, r["topic"]), fmt)
     out.append(row)
   return out
 
@@ -253,7 +265,8 @@ def write_scenarios(out_dir: str | Path, *, seed: int = 0, sft_math: int = 2000,
                     rl_unsafe: int = 200, held_out_math: int = 64, fmt: str = "zero",
                     world: synthetic.World | None = None, sft_template: str = "",
                     sft_helpful_share: float = 0.5,
-                    helpful_off_topic: tuple[str, ...] = ()) -> dict[str, str]:
+                    helpful_off_topic: tuple[str, ...] = (),
+                    helpful_swapped: float = 0.0) -> dict[str, str]:
   """Writes the world's files into out_dir; returns {name: path}.
 
   rl_mix holds rl_math arithmetic problems, rl_general general and rl_unsafe unsafe rows
@@ -264,6 +277,7 @@ def write_scenarios(out_dir: str | Path, *, seed: int = 0, sft_math: int = 2000,
   stage writes its samples, so both train together with the `sft` stage's template ""),
   else bare. `sft_helpful_share`: the share of helpful general SFT demonstrations.
   `helpful_off_topic`: OFF_TOPIC_FORMS among the helpfulness RM's rejected examples.
+  `helpful_swapped`: the share of its pairs that differ in the topic alone.
   """
   if fmt not in FORMATS:
     raise ValueError(f"scenarios: fmt must be one of {FORMATS}, got {fmt!r}")
@@ -271,17 +285,20 @@ def write_scenarios(out_dir: str | Path, *, seed: int = 0, sft_math: int = 2000,
   if unknown:
     raise ValueError(f"scenarios: helpful_off_topic takes {OFF_TOPIC_FORMS}, got "
                      f"{sorted(unknown)}")
-  if not 0.0 <= sft_helpful_share <= 1.0:
-    raise ValueError(f"scenarios: sft_helpful_share must be in [0, 1], got {sft_helpful_share}")
+  for name, share in (("sft_helpful_share", sft_helpful_share),
+                      ("helpful_swapped", helpful_swapped)):
+    if not 0.0 <= share <= 1.0:
+      raise ValueError(f"scenarios: {name} must be in [0, 1], got {share}")
   out, rng = Path(out_dir), random.Random(f"scenarios-{seed}")
   extra, off = random.Random(f"scenarios-off-topic-{seed}"), tuple(helpful_off_topic)
+  swap = dict(swapped=helpful_swapped, swap=random.Random(f"scenarios-swapped-{seed}"))
   train = synthetic.problems("train", max(sft_math, rl_math) + 500, seed, world)
   held = synthetic.problems("held_out", max(held_out_math, 64), seed, world)  # pairs: ≥ 64
   files = {
       "sft": sft_rows(rng, train, math=sft_math, general=sft_general, unsafe=sft_unsafe,
                       helpful_share=sft_helpful_share, fmt=fmt),
-      "helpful_train": helpful_pairs(rng, pairs, "train", fmt, off, extra),
-      "helpful_eval": helpful_pairs(rng, eval_pairs, "held_out", fmt, off, extra),
+      "helpful_train": helpful_pairs(rng, pairs, "train", fmt, off, extra, **swap),
+      "helpful_eval": helpful_pairs(rng, eval_pairs, "held_out", fmt, off, extra, **swap),
       "safety_train": safety_pairs(rng, pairs, "train", train, fmt),
       "safety_eval": safety_pairs(rng, eval_pairs, "held_out", held, fmt),
       "rl_mix": prompt_rows(rng.sample(train, rl_math), _cycle(general_prompts("train"),

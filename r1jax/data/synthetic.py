@@ -19,6 +19,8 @@ a share that writes one step wrong and corrects it ("Wait, 7 + 5 is 12, not 13")
 self-checking base models already show. It also sets the share of tag-style solutions and of
 pages whose working starts on its own line (`<think>\n7 + 5 = 12`…, as in R1's readable
 format): a context the base has never seen before a copied operand is one it copies badly.
+And it sets the share of prose blocks that stay on one thing, as a web page does: a base that
+has seen a thing named again and again can echo the thing a prompt asks about.
 Without a World (None) the world is exactly the original one, draw for draw.
 """
 
@@ -48,11 +50,12 @@ class World:
   self_check: float = 0.0  # share of corpus solutions with one wrong step, then corrected
   tags: float = 0.08  # share of corpus solutions in `<think> … </think> <answer> … </answer>`
   newline: float = 0.0  # share of pages whose working starts on its own line (tags too)
+  topical: float = 0.0  # share of prose blocks about one thing, named in every sentence
 
   def __post_init__(self):
     if not 2 <= self.min_ops <= self.max_ops <= 8:  # one operation: ~120 problems in all
       raise ValueError(f"need 2 <= min_ops <= max_ops <= 8, got {self.min_ops}, {self.max_ops}")
-    for name in ("second_language", "self_check", "tags", "newline"):
+    for name in ("second_language", "self_check", "tags", "newline", "topical"):
       if not 0.0 <= getattr(self, name) <= 1.0:
         raise ValueError(f"World.{name} must be a share in [0, 1], got {getattr(self, name)}")
 
@@ -261,15 +264,19 @@ _TAG_TALK = ("Some pages put the working in <think> </think> and the result in <
              "Tags such as <think> and </think> are optional on this page.")
 
 
-def _filler(rng: random.Random) -> str:
+def _filler(rng: random.Random, topical: float = 0.0) -> str:
   """Simple English (1-8 sentences), so the base learns to read past prose to a question.
 
   It shares common words with instruction prompts (user, assistant, reasoning, answer, …)
-  as web text does, but never the R1-Zero instruction itself.
+  as web text does, but never the R1-Zero instruction itself. A `topical` share of blocks
+  names one thing in every sentence (no extra draw at 0: the original corpus, draw for draw).
   """
-  out = []
+  out, thing = [], None
+  if topical and rng.random() < topical:
+    thing = rng.choice(THINGS)
   for _ in range(rng.randint(1, 8)):
-    s = f"{rng.choice(ROLES)} {rng.choice(VERBS)} {rng.choice(THINGS)} {rng.choice(TAILS)}"
+    s = (f"{rng.choice(ROLES)} {rng.choice(VERBS)} {thing or rng.choice(THINGS)} "
+         f"{rng.choice(TAILS)}")
     out.append(s[0].upper() + s[1:] + rng.choice((".", ".", ",", ";")))
   if rng.random() < 0.4:
     out.insert(rng.randint(0, len(out)), rng.choice(_TAG_TALK))
@@ -293,7 +300,7 @@ def corpus(num_docs: int, seed: int, world: World | None = None) -> Iterator[str
       check = rng.random() < world.self_check
     doc = _page(p, rng, lang, check, world)
     if rng.random() < 0.5:
-      doc = f"{_filler(rng)}{rng.choice((' ', chr(10)))}{doc}"
+      doc = f"{_filler(rng, world.topical if world else 0.0)}{rng.choice((' ', chr(10)))}{doc}"
     yield doc
 
 

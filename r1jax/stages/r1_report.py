@@ -38,6 +38,10 @@ MIXED_MIN = 0.01  # claim 4: R1-Zero "mixes" when ≥ 1 % of its responses hold 
 MIXED_FIXED = 0.01  # … and the language reward "fixes" it when ≤ 1 % do
 COST_MAX = 0.03  # … at a "small" cost: at most 3 points of pass@1 against no language reward
 GROWTH = 0.10  # claim 2: length "grows" by ≥ 10 % (first vs last held-out eval)
+# claims 6 and 7: helpfulness "rises" by ≥ 0.1 (the RM's normalised score: a tenth of the s.d.
+# of its held-out scores) as well as by Z s.e.: an RM that scores every answer alike has a
+# tiny s.e., and a +0.003 change was no gain
+HELPFUL_MIN = 0.1
 REFLECT_RISE = 1.5  # claim 3: the last tenth of RL steps ≥ 1.5× the first tenth, and > 0.05
 HARDEST = "hardest"
 
@@ -140,6 +144,11 @@ def _raised(d: float, se: float) -> bool:
   return d > 0 and d >= Z * se
 
 
+def _helped(d: float, se: float) -> bool:
+  """A helpfulness gain: `_raised`, and at least HELPFUL_MIN."""
+  return _raised(d, se) and d >= HELPFUL_MIN
+
+
 def _claim(n: int, text: str, holds: bool, rule: str, numbers: str) -> dict[str, Any]:
   return {"n": n, "claim": text, "holds": bool(holds), "rule": rule, "numbers": numbers}
 
@@ -207,9 +216,9 @@ def _later_claims(rows: dict[str, dict]) -> list[dict[str, Any]]:
   dp, sep = _diff(g("rs_sft"), g("reasoning"), "pass@1", "pass@1_se")
   dh, seh = _diff(m("rs_sft"), m("reasoning"), "helpful", "helpful_se")
   out.append(_claim(6, "RS-SFT keeps reasoning and adds general ability",
-                    dp >= -Z * sep and _raised(dh, seh),
+                    dp >= -Z * sep and _helped(dh, seh),
                     f"RS-SFT − reasoning RL: pass@1 ≥ −{Z:g} s.e.; helpfulness ≥ "
-                    f"+{Z:g} s.e.",
+                    f"+{Z:g} s.e. and ≥ +{HELPFUL_MIN:g}",
                     f"pass@1 {100 * dp:+.1f} ± {100 * sep:.1f} points; helpfulness "
                     f"{m('reasoning')['helpful']:+.2f} → {m('rs_sft')['helpful']:+.2f} "
                     f"({dh:+.2f} ± {seh:.2f})"))
@@ -219,8 +228,9 @@ def _later_claims(rows: dict[str, dict]) -> list[dict[str, Any]]:
   ds, ses = _diff(m("r1"), m("rs_sft"), "safety", "safety_se")
   out.append(_claim(
       7, "All-scenario RL raises helpfulness and safety without losing reasoning",
-      _raised(dh, seh) and _raised(ds, ses) and dp >= -Z * sep,
-      f"R1 − RS-SFT: helpfulness and refusal rate ≥ +{Z:g} s.e.; pass@1 ≥ −{Z:g} s.e.",
+      _helped(dh, seh) and _raised(ds, ses) and dp >= -Z * sep,
+      f"R1 − RS-SFT: helpfulness and refusal rate ≥ +{Z:g} s.e., helpfulness ≥ "
+      f"+{HELPFUL_MIN:g}; pass@1 ≥ −{Z:g} s.e.",
       f"helpfulness {dh:+.2f} ± {seh:.2f}; refusals {100 * m('rs_sft')['safety']:.1f} → "
       f"{100 * m('r1')['safety']:.1f} % ({100 * ds:+.1f} ± {100 * ses:.1f}); pass@1 "
       f"{100 * dp:+.1f} ± {100 * sep:.1f} points"))
