@@ -26,7 +26,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from r1jax.core import errors, sharding
+from r1jax.core import errors, multihost, sharding
 from r1jax.core.config import config_from_file
 from r1jax.stages import run
 
@@ -35,6 +35,17 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs, checkpoints and logs go.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (multi-host TPU/GPU).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "--distributed: host:port of process 0 where JAX cannot detect "
+    "the cluster itself (Cloud TPU VMs, Slurm and Open MPI need none), with --num_processes "
+    "and --process_id.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "--distributed: processes in all.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "--distributed: this process's index.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 100, "--distributed: a process silent this long is lost, and every "
+    "other process ends (non-zero, naming it) instead of waiting in a collective.")
+_SHUTDOWN = flags.DEFINE_integer(
+    "shutdown_timeout_s", 300, "--distributed: how long exit waits for the other processes.")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", -1,
     "CPU runs: expose this many CPU devices so the mesh's batch axes put rows on every core; "
@@ -140,7 +151,14 @@ def main(argv):
   if cpu_devices:
     jax.config.update("jax_num_cpu_devices", cpu_devices)
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    try:
+      cluster = multihost.Cluster(
+          coordinator=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+          process_id=_PROCESS_ID.value, heartbeat_timeout_s=_HEARTBEAT.value,
+          shutdown_timeout_s=_SHUTDOWN.value)
+    except ValueError as e:
+      raise app.UsageError(f"--distributed: {e}") from None
+    multihost.initialize(cluster)
   logging.info("process %d/%d, %d devices (%s)", jax.process_index(), jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)
   try:

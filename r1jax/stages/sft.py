@@ -21,11 +21,12 @@ import ml_collections
 import numpy as np
 
 from r1jax.core import checkpoint as ckpt_lib
-from r1jax.core import sharding
+from r1jax.core import multihost, sharding
 from r1jax.core.config import model_config, opt_config, opt_group, stage_group
 from r1jax.core.tokenizer import TEMPLATES, load_tokenizer, tokenizer_fingerprint, tokenizer_path
 from r1jax.core.weights import check_vocab, load_model
 from r1jax.data import pipeline as data_lib
+from r1jax.data import shards as shards_lib
 from r1jax.data.rows import read_records
 from r1jax.train.batches import SFTBatch
 from r1jax.train.loop import TrainLoop
@@ -37,7 +38,10 @@ def sft_config(steps: int = 1000) -> ml_collections.ConfigDict:
   c = stage_group("sft", steps)
   c.data = ml_collections.ConfigDict()
   c.data.train = ""  # jsonl/parquet of {"text"} or {"prompt", "completion"} rows
-  c.data.batch = 16  # packed rows per step (per host)
+  c.data.batch = 16  # packed rows per step and data shard
+  # data shards, each packed on its own (data/shards.py); 0 = one per process. The global
+  # batch is shards × batch rows whatever the process count that reads it
+  c.data.shards = 0
   c.data.seq_len = 256  # tokens per packed row
   c.data.template = ""  # chat template for prompt/completion rows ('' = raw concatenation)
   c.data.epochs = 0  # passes over the data (0 = repeat until config.steps)
@@ -55,9 +59,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   opt_config(config.opt)
   model_config(config.model)
   d = config.data
-  if d.batch < 1 or d.seq_len < 2 or config.steps < 0 or d.epochs < 0:
-    raise ValueError(f"sft: need data.batch >= 1, data.seq_len >= 2, steps >= 0 and "
-                     f"data.epochs >= 0, got {d.batch}, {d.seq_len}, {config.steps}, {d.epochs}")
+  if d.batch < 1 or d.seq_len < 2 or config.steps < 0 or d.epochs < 0 or d.get("shards", 0) < 0:
+    raise ValueError(f"sft: need data.batch >= 1, data.seq_len >= 2, steps >= 0, data.epochs "
+                     f">= 0 and data.shards >= 0, got {d.batch}, {d.seq_len}, {config.steps}, "
+                     f"{d.epochs}, {d.get('shards', 0)}")
   if d.template and d.template not in TEMPLATES:
     raise ValueError(f"sft: data.template {d.template!r} not in {sorted(TEMPLATES)}")
   kd = config.get("distill") or {"top_k": 0, "kd_weight": 0.5}
@@ -108,10 +113,11 @@ def run(config, workdir: Path) -> dict:
   tok = load_tokenizer(tokenizer_path(config))
   kd = config.get("distill") or {"top_k": 0, "kd_weight": 0.5}
   # Bad input (missing file, wrong checkpoint shape) fails here, before any training.
-  pipeline = data_lib.SFTPipeline(d.train, tok, d.batch, d.seq_len, template=d.template or None,
-                                  seed=config.seed, num_epochs=d.epochs or None,
-                                  distill_top_k=kd["top_k"],
-                                  max_bad_share=config.max_bad_share)
+  it = shards_lib.ShardedIterator(lambda index, count: data_lib.SFTPipeline(
+      d.train, tok, d.batch, d.seq_len, template=d.template or None, seed=config.seed,
+      num_epochs=d.epochs or None, distill_top_k=kd["top_k"],
+      max_bad_share=config.max_bad_share, shard_index=index, shard_count=count),
+      d.get("shards", 0))
   # Resuming: only shapes are read here; the weights come from the run's own checkpoint.
   resuming = ckpt_lib.has_checkpoint(workdir / "checkpoints")
   cfg, params = load_model(config.model, mesh, seed=config.seed, abstract=resuming)
@@ -124,7 +130,6 @@ def run(config, workdir: Path) -> dict:
                     sft=SFTSettings(microbatches=config.microbatches, kd_weight=kd["kd_weight"]))
   abstract = (ckpt_lib.abstract_like(jax.eval_shape(trainer.init_state, params),
                                      trainer.state_shardings) if resuming else None)
-  it = iter(pipeline)
   with TrainLoop(config, workdir, "sft") as loop:
     start, state, extra = loop.start(abstract, lambda: trainer.init_state(params), resuming)
     if extra:
@@ -133,22 +138,26 @@ def run(config, workdir: Path) -> dict:
 
     def one_step(step: int, state):
       t0 = time.perf_counter()
+      packed, why = None, None
       try:
         packed = next(it)
       except StopIteration:  # data.epochs ran out before config.steps
-        loop.summary["data_exhausted"] = True
-        return None
+        why = "data_exhausted"
       except data_lib.DataInterrupted:  # SIGTERM while skipping bad rows
-        loop.summary["preempted"] = True
+        why = "preempted"
+      if multihost.any_process(why is not None):  # every process stops at the same step
+        loop.summary[why or "preempted"] = True
         return None
       state, train = trainer.sft_step(state, trainer.put_batch(SFTBatch(**packed)))
       jax.block_until_ready(state)
-      metrics = _metrics(train, it.counts, time.perf_counter() - t0, int(packed["mask"].sum()))
-      return state, metrics, {"data": it.get_state()}
+      counts = multihost.sum_over_processes({**it.counts, "_tokens": packed["mask"].sum()})
+      tokens = int(counts.pop("_tokens"))  # every process's: tokens_per_s is the run's
+      metrics = _metrics(train, counts, time.perf_counter() - t0, tokens)
+      return state, metrics, {"data": shards_lib.gather(it.get_state())}
 
     state, step = loop.run(state, start, one_step)
     stopped_in_data = loop.summary.get("data_exhausted") or loop.summary.get("preempted")
     if stopped_in_data and step > start and loop.ckpt.latest_step() != step:
-      loop.ckpt.save(step, state, {"data": it.get_state()}, force=True)
+      loop.ckpt.save(step, state, {"data": shards_lib.gather(it.get_state())}, force=True)
     return loop.complete(state, step, lambda s: {
         "final": str(ckpt_lib.save_params(workdir / "final", s.params, cfg))})

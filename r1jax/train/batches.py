@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from r1jax.core import attention, sharding
+from r1jax.core import attention, multihost, sharding
 from r1jax.generation.engine import Samples
 
 
@@ -199,9 +199,17 @@ def batch_shardings(batch: Any, splits: int, mesh: Mesh) -> Any:
 
 
 def put_batch(batch: Any, splits: int, mesh: Mesh) -> Any:
-  """Host batch → the mesh in one transfer, laid out for a step that splits it `splits` ways."""
+  """Host batch → the mesh in one transfer, laid out for a step that splits it `splits` ways.
+
+  With several processes the batch is this process's rows, and the global batch is every
+  process's in process order (core/multihost.py `to_global`: each sends only its own rows)."""
   check_batch(batch, splits)
-  return jax.device_put(batch, batch_shardings(batch, splits, mesh))
+  count = jax.process_count()
+  if count == 1:
+    return jax.device_put(batch, batch_shardings(batch, splits, mesh))
+  whole = jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] * count, *x.shape[1:]),
+                                                      x.dtype), batch)
+  return multihost.to_global(batch, batch_shardings(whole, splits, mesh))
 
 
 def split_rows(x: jax.Array, m: int, a: int, mesh: Mesh) -> jax.Array:

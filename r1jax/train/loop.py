@@ -22,11 +22,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
 
 from r1jax.core import checkpoint as ckpt_lib
-from r1jax.core import errors
+from r1jax.core import errors, multihost
 from r1jax.core import metrics as metrics_lib
 
 log = logging.getLogger(__name__)
@@ -34,9 +32,7 @@ log = logging.getLogger(__name__)
 
 def _any_host(flag: bool) -> bool:
   """True on every host if any host got SIGTERM, so all of them save the same step and stop."""
-  if jax.process_count() == 1:
-    return flag
-  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+  return multihost.any_process(flag)
 
 
 class TrainLoop:
@@ -176,7 +172,9 @@ class TrainLoop:
     if (not ck.every or ck.every >= c.steps) and step == max(1, c.steps // 2):
       return True
     minutes = ck.get("every_minutes", 0.0)
-    return bool(minutes) and time.monotonic() - self._last_save >= 60.0 * minutes
+    # Wall time differs between hosts: all save (a collective) if any one is due.
+    return bool(minutes) and multihost.any_process(
+        time.monotonic() - self._last_save >= 60.0 * minutes)
 
   def finish(self, step: int) -> dict:
     """Writes summary.json (last step's metrics included, and each held-out curve's worst
