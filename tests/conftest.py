@@ -75,7 +75,8 @@ def pytest_sessionfinish(session):
 HEAVY_FIRST = ("test_r1_pipeline", "test_rewards_model", "test_rl", "test_train_step",
                "test_pipeline", "test_r1_real",
                "test_sampler", "test_model", "test_packing", "test_rl_overlap",
-               "test_generate", "test_sft", "test_losses", "test_evaluate", "test_aot",
+               "test_generate", "test_multihost", "test_sft", "test_losses", "test_evaluate",
+               "test_aot",
                "test_kernels")
 
 

@@ -1,7 +1,5 @@
 """Random tiny HF Qwen2 / Llama models for parity tests (built with transformers, no download)."""
 
-import torch
-import transformers
 
 QWEN = dict(arch="Qwen2", vocab_size=256, hidden_size=64, intermediate_size=96,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -18,6 +16,8 @@ LLAMA = dict(arch="Llama", vocab_size=256, hidden_size=64, intermediate_size=128
 
 def make_hf_model(spec: dict, seed: int = 0):
   """A transformers model with every weight (norms, biases too) random and non-trivial."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
   torch.manual_seed(seed)
   spec = dict(spec)
   arch = spec.pop("arch")

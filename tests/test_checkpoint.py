@@ -11,8 +11,6 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-import torch
-import transformers
 
 import main_runs
 from hf_models import QWEN, make_hf_model
@@ -42,6 +40,8 @@ def _tool(*args):
 
 @pytest.mark.slow
 def test_convert_tool_round_trip(hf_dir, tmp_path):
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
   out = _tool(f"--hf_dir={hf_dir}", f"--out={tmp_path / 'ckpt'}")
   assert out.returncode == 0, out.stderr[-3000:]
   out = _tool(f"--ckpt={tmp_path / 'ckpt'}", f"--out_hf={tmp_path / 'back'}")

@@ -6,8 +6,6 @@ import shutil
 import jax
 import numpy as np
 import pytest
-import torch
-import transformers
 from safetensors.numpy import load_file, save_file
 
 from hf_models import LLAMA, QWEN, make_hf_model
@@ -33,6 +31,7 @@ def left_padded_batch(vocab, lengths=(11, 7, 3, 1), t=11, seed=0):
 
 
 def hf_logits(m, tokens, mask):
+  import torch  # pylint: disable=import-outside-toplevel
   positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
   with torch.no_grad():
     out = m(input_ids=torch.tensor(tokens, dtype=torch.long),
@@ -57,6 +56,8 @@ def test_logits_parity_left_padded(checkpoint):
 
 
 def test_save_reload_identical(checkpoint, tmp_path):
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
   _, m, path = checkpoint
   cfg, params = hf.load_pretrained(path)
   out = hf.save_pretrained(cfg, params, tmp_path / "export")
@@ -71,6 +72,7 @@ def test_save_reload_identical(checkpoint, tmp_path):
 
 
 def test_multi_shard_with_index(checkpoint, tmp_path):
+  import transformers  # pylint: disable=import-outside-toplevel
   name, m, _ = checkpoint
   m.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
   index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())

@@ -1,7 +1,6 @@
 """Multi-process runs (r1jax/core/multihost.py), as 2 real processes on this machine:
 `jax.distributed` on localhost, 2 CPU devices each (tests/multihost_worker.py)."""
 
-import copy
 import json
 import os
 import re
@@ -48,6 +47,7 @@ def _launch(scenario: str, out: Path, heartbeat: int = 30, timeout: float = 180.
   return results
 
 
+@pytest.mark.slow
 def test_one_time_work_shares_its_result_and_its_failure(tmp_path):
   """`run_once`: process 0's result reaches process 1 (and gather, any, sum and mean agree
   across processes); when it raises a DataError, both processes stop with exit status 65,
@@ -110,49 +110,63 @@ def _finish(procs, timeout: float = 300.0) -> list[str]:
   return outs
 
 
+STEPS = 24  # enough for a SIGTERM to land before the end; each step takes milliseconds
+
+
 @pytest.fixture(scope="module")
 def sft_runs(tmp_path_factory):
   """An SFT stage with 2 data shards: as 2 processes, and as 1 process on as many devices."""
   from tiny_world import make_world, sft_test_config  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp("multihost_sft")
-  c = sft_test_config(make_world(root / "world"), steps=4)
+  c = sft_test_config(make_world(root / "world"), steps=STEPS)
   c.data.update(batch=4, shards=2)  # 8 rows in all, 4 per shard
-  c.ckpt.update(every=2)
+  c.ckpt.update(every=4)
   args = [f"--config={main_runs.config_file(c, root / 'exp.py')}"]
   two, one = root / "two", root / "one"
   _finish(_pair(args + [f"--workdir={two}"]))
   _finish([_main(args + [f"--workdir={one}"], 4)])
-  return args, two, one, c
+  return args, two, one
 
 
+@pytest.mark.slow
 def test_an_sft_stage_as_two_processes_equals_one_and_writes_once(sft_runs):
   """2 processes, each packing its own data shard, train as 1 process reading both shards
   on as many devices (params ≤ 1e-6 apart); metrics, config and final params are written
   once; the checkpoint holds both shards' data states."""
-  from r1jax.core import checkpoint  # pylint: disable=import-outside-toplevel
-  _, two, one, _ = sft_runs
-  a, b = checkpoint.load_params(two / "final")[1], checkpoint.load_params(one / "final")[1]
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6,
-                               err_msg=jax.tree_util.keystr(path))
+  _, two, one = sft_runs
+  _same_params(two, one)
   lines = (two / "metrics.jsonl").read_text().splitlines()
-  assert [json.loads(l)["step"] for l in lines] == [1, 2, 3, 4]
+  assert [json.loads(l)["step"] for l in lines] == list(range(1, STEPS + 1))
   assert sorted(p.name for p in two.glob(".r1jax-run-*.lock")) == [".r1jax-run-0.lock",
                                                                     ".r1jax-run-1.lock"]
-  extra = json.loads((two / "checkpoints" / "4" / "extra" / "metadata").read_text())
+  extra = json.loads((two / "checkpoints" / str(STEPS) / "extra" / "metadata").read_text())
   assert set(extra["data"]) == {"0", "1"}  # each process's shard state, gathered
 
 
-def test_a_lost_process_stops_the_other_and_a_relaunch_resumes_to_the_same_params(sft_runs,
-                                                                                tmp_path):
-  """Process 1 is killed after checkpoint 2: process 0 exits non-zero within the heartbeat
-  timeout, naming the lost task; relaunching both resumes from checkpoint 2 and ends with
-  the uninterrupted 2-process run's params."""
+
+
+def _same_params(a_dir: Path, b_dir: Path) -> None:
   from r1jax.core import checkpoint  # pylint: disable=import-outside-toplevel
-  args, two, _, _ = sft_runs
+  a, b = checkpoint.load_params(a_dir / "final")[1], checkpoint.load_params(b_dir / "final")[1]
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.slow
+def test_a_lost_process_and_a_sigterm_each_stop_both_and_a_relaunch_finishes_alike(sft_runs,
+                                                                                   tmp_path):
+  """One run, three launches of both processes:
+  1. process 1 is killed (SIGKILL) after checkpoint 4: process 0 exits non-zero within the
+     5 s heartbeat timeout (plus a margin), its error naming the lost task;
+  2. the relaunch resumes; SIGTERM reaches process 1 only, after checkpoint 8: both agree on
+     the step, checkpoint it and exit 75;
+  3. the next relaunch finishes, with the uninterrupted 2-process run's params (≤ 1e-6)."""
+  args, two, _ = sft_runs
   run = tmp_path / "run"
-  procs = _pair(args + [f"--workdir={run}"], heartbeat=5)
-  main_runs.wait_for_checkpoint(procs[0], run, 2)
+  args = args + [f"--workdir={run}"]
+  procs = _pair(args, heartbeat=5)
+  main_runs.wait_for_checkpoint(procs[0], run, 4)
   procs[1].kill()
   killed = time.monotonic()
   out0 = procs[0].communicate(timeout=120)[0]
@@ -160,29 +174,16 @@ def test_a_lost_process_stops_the_other_and_a_relaunch_resumes_to_the_same_param
   assert procs[0].returncode != 0 and time.monotonic() - killed < 60, out0[-3000:]
   assert re.search(r"[Tt]ask:? ?1 heartbeat timeout|stopped sending heartbeats\):\s*\S*1\b",
                    out0), out0[-3000:]
-  outs = _finish(_pair(args + [f"--workdir={run}"]))
-  assert "resum" in outs[0].lower(), outs[0][-3000:]
-  a, b = checkpoint.load_params(run / "final")[1], checkpoint.load_params(two / "final")[1]
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6,
-                               err_msg=jax.tree_util.keystr(path))
 
-
-def test_sigterm_to_one_process_checkpoints_both_at_the_same_step_and_exits_75(sft_runs,
-                                                                              tmp_path):
-  """SIGTERM reaches process 1 only: both processes agree on the step, save it, and exit 75
-  (EX_TEMPFAIL, "run again"), before the last step."""
-  _, _, _, c = sft_runs
-  c = copy.deepcopy(c)
-  c.steps = 40
-  args = [f"--config={main_runs.config_file(c, tmp_path / 'exp.py')}",
-          f"--workdir={tmp_path / 'run'}"]
   procs = _pair(args)
-  main_runs.wait_for_checkpoint(procs[0], tmp_path / "run", 2)
+  main_runs.wait_for_checkpoint(procs[0], run, 8)
   procs[1].send_signal(signal.SIGTERM)
   outs = [p.communicate(timeout=120)[0] for p in procs]
   assert [p.returncode for p in procs] == [75, 75], [o[-3000:] for o in outs]
   stops = [re.findall(r"SIGTERM at step (\d+)", o) for o in outs]
   assert stops[0] == stops[1] and len(stops[0]) == 1, stops
   step = int(stops[0][0])
-  assert 2 < step < 40 and step in main_runs.saved_steps(tmp_path / "run"), step
+  assert 8 <= step < STEPS and step in main_runs.saved_steps(run), step
+
+  _finish(_pair(args))
+  _same_params(run, two)

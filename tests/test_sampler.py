@@ -6,7 +6,6 @@ import jax
 import numpy as np
 import pytest
 import scipy.stats
-import torch
 
 from hf_models import LLAMA, QWEN, make_hf_model
 from r1jax.core import hf
@@ -41,6 +40,7 @@ def qwen(tmp_path_factory):
 
 @pytest.mark.slow
 def test_greedy_matches_hf_generate(pair):
+  import torch  # pylint: disable=import-outside-toplevel
   m, cfg, params = pair
   eos = 7
   sp = SamplingParams(temperature=0.0, max_new_tokens=24, eos_id=eos, pad_id=0)
