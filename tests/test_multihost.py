@@ -49,7 +49,7 @@ def _launch(scenario: str, out: Path, heartbeat: int = 30, timeout: float = 180.
 
 @pytest.mark.slow
 def test_one_time_work_shares_its_result_and_its_failure(tmp_path):
-  """`run_once`: process 0's result reaches process 1 (and gather, any, sum and mean agree
+  """`run_once`: process 0's result reaches process 1 (and gather, any and sum agree
   across processes); when it raises a DataError, both processes stop with exit status 65,
   process 1 naming process 0's error; neither goes on."""
   results = _launch("once", tmp_path)
@@ -187,3 +187,49 @@ def test_a_lost_process_and_a_sigterm_each_stop_both_and_a_relaunch_finishes_ali
 
   _finish(_pair(args))
   _same_params(run, two)
+
+
+def test_data_shards_refuse_a_split_they_cannot_make_or_a_state_of_other_shards(monkeypatch):
+  """`data.shards` must split over the processes; a checkpoint's data state must hold the
+  shards this run reads (clear errors, before any training); shards < 0 is a config error;
+  a state saved before shards existed resumes as shard 0 of 1."""
+  from r1jax.data import shards
+  from r1jax.stages.sft import sft_config, validate
+  from tiny_world import MODEL  # pylint: disable=import-outside-toplevel
+
+  class Fake:  # a pipeline's iterator: just a state
+    def __init__(self, i):
+      self.state, self.counts, self.should_stop = {"i": i}, {}, None
+
+    def get_state(self):
+      return self.state
+
+    def set_state(self, state):
+      self.state = state
+
+    def __iter__(self):
+      return self
+
+    def __next__(self):
+      raise StopIteration
+
+  made = lambda i, n: Fake(i)
+  it = shards.ShardedIterator(made, 2)  # 1 process reads both
+  assert it.get_state() == {"0": {"i": 0}, "1": {"i": 1}} == shards.gather(it.get_state())
+  with pytest.raises(ValueError, match=r"has shards \['0', '1', '2'\], this run reads 2"):
+    it.set_state({"0": {}, "1": {}, "2": {}})
+  old = shards.ShardedIterator(made, 1)
+  old.set_state({"i": 7})  # a pre-shards checkpoint: one iterator's own state
+  assert old.get_state() == {"0": {"i": 7}}
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  assert shards.owned(4) == (range(2, 4), 4) and shards.owned(0) == (range(1, 2), 2)
+  with pytest.raises(ValueError, match="data.shards=3 do not split over 2 processes"):
+    shards.owned(3)
+  monkeypatch.undo()
+  from r1jax.core.config import model_group  # pylint: disable=import-outside-toplevel
+  c = sft_config(steps=2)
+  c.model = model_group(**MODEL)
+  c.data.shards = -1
+  with pytest.raises(ValueError, match="data.shards >= 0"):
+    validate(c)

@@ -197,14 +197,3 @@ def sum_over_processes(counts: dict[str, float]) -> dict[str, float]:
     for k, v in part.items():
       out[k] = out.get(k, 0.0) + v
   return out
-
-
-def mean_over_processes(metrics: dict[str, float]) -> dict[str, float]:
-  """Host-side scalars (rewards, lengths, timings of this host's rows) averaged over
-  processes, so every process logs the same line; processes hold equal row counts."""
-  if jax.process_count() == 1 or not metrics:
-    return dict(metrics)
-  keys = sorted(metrics)
-  values = np.asarray([float(metrics[k]) for k in keys], np.float32)
-  every = np.asarray(multihost_utils.process_allgather(values))
-  return dict(zip(keys, (float(v) for v in every.reshape(-1, len(keys)).mean(axis=0))))

@@ -30,11 +30,6 @@ from r1jax.core import metrics as metrics_lib
 log = logging.getLogger(__name__)
 
 
-def _any_host(flag: bool) -> bool:
-  """True on every host if any host got SIGTERM, so all of them save the same step and stop."""
-  return multihost.any_process(flag)
-
-
 class TrainLoop:
   """Context manager around a loop of `config.steps` steps in `workdir`."""
 
@@ -131,7 +126,7 @@ class TrainLoop:
     if (c.log_every and step % c.log_every == 0) or step == c.steps:
       print(f"[{self.stage}] " + metrics_lib.progress_line(step, metrics, c.steps, eta),
             flush=True)
-    stop = _any_host(self.preemption.requested)
+    stop = multihost.any_process(self.preemption.requested)  # all save this step and stop
     saved = False
     if stop or self.save_due(step):
       saved = self.ckpt.save(step, state, extra, metrics=metrics, force=stop)
