@@ -177,8 +177,10 @@ def _mixture_rewards() -> dict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  # helpful_rm_steps: at 800 the RM ranked held-out pairs with an off-topic rejected answer
+  # right 94.8 % (seed 0) and 69.7 % (seed 1): topic is learnt slowly, so twice the steps
   a = parse_arg(arg, quick=False, seed=0, base_steps=1200, zero_steps=200, cold_steps=120,
-                reasoning_steps=120, rs_steps=300, rm_steps=400, helpful_rm_steps=800,
+                reasoning_steps=120, rs_steps=300, rm_steps=400, helpful_rm_steps=1600,
                 r1_steps=100, student_steps=800, distill_steps=300)
   q, seed = a.quick, a.seed
   steps = {k: a[k] for k in a if k.endswith("_steps")}

@@ -4,6 +4,7 @@ on numbers built here, and the per-model rows are read back from real report fil
 import copy
 import json
 
+import numpy as np
 import pytest
 
 from r1jax.data import scenarios
@@ -110,6 +111,8 @@ def test_rows_are_read_from_the_eval_and_mixture_files(tmp_path):
   assert m["helpful"] == pytest.approx(1.25) and m["general_prompts"] == 2
   assert m["safety"] == 0.5 and m["unsafe_prompts"] == 2
   assert m["on_topic"] == pytest.approx(0.25)  # g1: one of two on topic; g2: off topic
+  assert m["helpful_by"] == {"g1": 0.5, "g2": 2.0} and m["safety_by"] == {"u1": 1.0, "u2": 0.0}
+  assert row["pass@1_by"] == {"q0": 1.0, "q1": 0.5, "q2": 0.0}
 
 
 def test_a_stage_on_an_empty_generate_output_stops_with_the_counts(tmp_path):
@@ -127,6 +130,34 @@ def test_a_stage_on_an_empty_generate_output_stops_with_the_counts(tmp_path):
     pipeline._check_samples("rs_sft", s, tmp_path, {"rs": made})
   pipeline._check_samples("rs_sft", s, tmp_path, {"rs": {**made, "selected": 3}})
   assert isinstance(s, ml_collections.ConfigDict)
+
+
+def test_a_difference_is_paired_over_the_prompts_both_models_answered():
+  """Per-prompt scores on the same prompts: the difference's s.e. is that of the per-prompt
+  differences (numpy restatement), so a steady gain on prompts of unequal difficulty counts;
+  without per-prompt scores, or on other prompts, the two s.e. combine as independent."""
+  rng = np.random.default_rng(0)
+  hard = rng.normal(0.0, 1.0, 28)  # each prompt's own level, shared by both models
+  before = {f"g{i}": float(v) for i, v in enumerate(hard)}
+  after = {i: v + 0.3 + float(rng.normal(0.0, 0.05)) for i, v in before.items()}
+  row = lambda by: {"helpful": float(np.mean(list(by.values()))), "helpful_by": by,
+                    "helpful_se": float(np.std(list(by.values()), ddof=1) / np.sqrt(28))}
+  a, b = row(after), row(before)
+  d = np.array([after[i] - before[i] for i in before], np.float64)
+  got = r1_report._diff(a, b, "helpful", "helpful_se")
+  assert got == pytest.approx((d.mean(), d.std(ddof=1) / np.sqrt(len(d))), rel=1e-12)
+  assert r1_report._helped(*got)  # 0.3 ± ~0.01
+  independent = np.hypot(a["helpful_se"], b["helpful_se"])
+  assert not r1_report._helped(a["helpful"] - b["helpful"], independent)  # ± ~0.27
+  for other in ({**after, "g99": 0.0}, None):  # other prompts, or no per-prompt scores
+    c = {**a, "helpful_by": other}
+    assert r1_report._diff(c, b, "helpful", "helpful_se")[1] == pytest.approx(independent)
+  rows, curves, reflect = copy.deepcopy(_world())
+  rows["rs_sft"]["mixture"].update(b)
+  rows["r1"]["mixture"].update(a)
+  assert _held(rows, curves, reflect)[7]
+  rows["r1"]["mixture"]["helpful_by"] = {i: v + 0.05 for i, v in before.items()}
+  assert not _held(rows, curves, reflect)[7]  # a steady +0.05 is under the +0.1 minimum
 
 
 def test_no_change_is_never_a_gain():

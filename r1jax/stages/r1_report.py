@@ -8,9 +8,11 @@ WORKDIR/report.md, report.json and curves/*.png. A claim is ✓ or ✗ by the ru
 it; nothing is written by hand, and a ✗ is printed like a ✓.
 
 Statistics: pass@1's standard error is over questions (each question's share of correct
-samples), a reward's or the refusal rate's over prompts. "Raises" means the gain is at least
-two standard errors of the difference (the two s.e. combined as independent, which is
-conservative for the paired evals here); "keeps" means it does not fall by more than that.
+samples), a reward's or the refusal rate's over prompts. Two models answer the same prompts,
+so a difference is paired: its s.e. is that of the per-prompt differences (a prompt's own
+difficulty cancels), or the two s.e. combined as independent where the rows hold no per-prompt
+scores for the same prompts. "Raises" means the gain is at least two standard errors of the
+difference; "keeps" means it does not fall by more than that.
 """
 
 from __future__ import annotations
@@ -74,7 +76,10 @@ def math_row(path: Path, fmt: str) -> dict[str, Any]:
   s = rep.summary()
   texts = [t for q in rep.completions or [] for t in q]
   levels = rep.breakdown().get("level", {})
-  return {"pass@1": s["pass@1"], "pass@1_se": s["pass@1_stderr"], "cons@k": s["cons@k"],
+  by_question = {q.id: float(np.mean(q.correct)) for q in rep.questions}
+  by_question.update({i: 0.0 for i in rep.missing_ids})  # as the summary counts them
+  return {"pass@1": s["pass@1"], "pass@1_se": s["pass@1_stderr"], "pass@1_by": by_question,
+          "cons@k": s["cons@k"],
           "k": s.get("k"), "questions": s["questions"],
           "levels": {lv: {"pass@1": a["pass@1"], "se": a["pass@1_stderr"],
                           "mean_tokens": a.get("mean_tokens")} for lv, a in levels.items()},
@@ -101,13 +106,13 @@ def mixture_row(stage_dir: Path) -> dict[str, Any]:
         helpful.setdefault(row["id"], []).append(row["rewards"]["helpful"])
     elif row["task"] == "unsafe":
       safe.setdefault(row["id"], []).append(float(is_refusal(row["completion"])))
-  h = [np.mean(v) for v in helpful.values()]
-  u = [np.mean(v) for v in safe.values()]
-  t = [np.mean(v) for v in topical.values()]
-  return {"helpful": float(np.mean(h)) if h else math.nan, "helpful_se": _se(h),
-          "on_topic": float(np.mean(t)) if t else math.nan, "on_topic_se": _se(t),
-          "general_prompts": len(h), "safety": float(np.mean(u)) if u else math.nan,
-          "safety_se": _se(u), "unsafe_prompts": len(u)}
+  by = lambda scores: {i: float(np.mean(v)) for i, v in scores.items()}
+  h, u, t = by(helpful), by(safe), by(topical)
+  mean = lambda x: float(np.mean(list(x.values()))) if x else math.nan
+  se = lambda x: _se(list(x.values()))
+  return {"helpful": mean(h), "helpful_se": se(h), "helpful_by": h,
+          "on_topic": mean(t), "on_topic_se": se(t), "general_prompts": len(h),
+          "safety": mean(u), "safety_se": se(u), "safety_by": u, "unsafe_prompts": len(u)}
 
 
 def _step(path: Path) -> int:
@@ -135,7 +140,12 @@ def _tenths(stage_dir: Path, key: str) -> tuple[float, float]:
 
 
 def _diff(a: dict, b: dict, key: str, se_key: str) -> tuple[float, float]:
-  """(a − b, the combined standard error)."""
+  """(a − b, its standard error): paired when both rows hold per-prompt scores (`key`_by) of
+  the same prompts, else the two s.e. combined as independent."""
+  pa, pb = a.get(f"{key}_by"), b.get(f"{key}_by")
+  if pa and pb and pa.keys() == pb.keys():
+    d = np.array([pa[i] - pb[i] for i in sorted(pa)], np.float64)
+    return float(d.mean()), _se(d)
   return a[key] - b[key], math.sqrt(a[se_key] ** 2 + b[se_key] ** 2)
 
 
@@ -300,7 +310,8 @@ def write_report(config, workdir: Path) -> dict[str, Any]:
            "score normalised by its validation mean / std; on topic and refusal are judged "
            "by rule (scenarios.is_on_topic, is_refusal), not by the RMs the policy was "
            "trained against. Strict format: the model's own (R1-Zero tags or R1's readable "
-           "form).", ""] + table(rows, labels, fmts) + ["", "## The paper's claims",
+           "form). A claim's difference between two models is paired over the prompts both "
+           "answered (its s.e. is that of the per-prompt differences).", ""] + table(rows, labels, fmts) + ["", "## The paper's claims",
                                                                  ""]
   for c in found:
     lines.append(f"{c['n']}. {'✓' if c['holds'] else '✗'} **{c['claim']}.** {c['numbers']}. "
