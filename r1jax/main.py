@@ -128,6 +128,9 @@ def check_argv(argv: list[str]) -> str | None:
   return None
 
 
+FAILED_ALIKE_WAIT_S = 10.0  # how long a failed process waits to see the others fail too
+
+
 def _exit(code: int) -> None:
   """sys.exit, unless a thread that is not a daemon is still alive: after a failed save,
   orbax's signalling threads wait minutes for a signal that never comes, and would hold the
@@ -135,11 +138,31 @@ def _exit(code: int) -> None:
   main_thread = threading.main_thread()
   if any(t.is_alive() and not t.daemon and t is not main_thread for t in threading.enumerate()):
     atexit._run_exitfuncs()  # pylint: disable=protected-access  (os._exit skips them)
-    logging.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    _now(code)
   sys.exit(code)
+
+
+def _now(code: int) -> None:
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
+def _fail(code: int) -> None:
+  """A failed run's exit. With several processes that all failed alike (an error every one
+  raised: bad data, a failed one-time step) they meet at a barrier and exit normally. A
+  process that failed alone would wait at JAX's shutdown barrier while the others wait in a
+  collective (both for minutes): it exits at once instead, without the shutdown, so the
+  coordination service stops hearing it and ends the others after the heartbeat timeout."""
+  if jax.process_count() > 1:
+    try:
+      multihost.barrier("failed", timeout_s=FAILED_ALIKE_WAIT_S)
+    except multihost.BarrierTimeout:
+      logging.error("process %d failed alone; exiting now, the others stop within the "
+                    "heartbeat timeout", jax.process_index())
+      _now(code)
+  _exit(code)
 
 
 def main(argv):
@@ -165,7 +188,12 @@ def main(argv):
     summary = run(_CONFIG.value, _WORKDIR.value)
   except errors.RunError as e:
     logging.exception("%s (exit %d): %s", type(e).__name__, e.exit_code, e)
-    _exit(e.exit_code)
+    _fail(e.exit_code)
+  except Exception:  # pylint: disable=broad-except
+    if jax.process_count() == 1:
+      raise
+    logging.exception("process %d failed", jax.process_index())
+    _fail(1)
   if isinstance(summary, dict) and summary.get("preempted"):
     logging.warning("preempted: checkpoint saved; exiting %d so the run is restarted",
                     EXIT_PREEMPTED)

@@ -1,6 +1,7 @@
 """Multi-process runs (r1jax/core/multihost.py), as 2 real processes on this machine:
 `jax.distributed` on localhost, 2 CPU devices each (tests/multihost_worker.py)."""
 
+import concurrent.futures
 import json
 import os
 import re
@@ -85,6 +86,70 @@ def test_rows_that_would_land_elsewhere_or_replicate_are_refused(monkeypatch):
     multihost.Cluster(heartbeat_timeout_s=0)
 
 
+def test_rows_the_devices_do_not_divide_are_logged_once(caplog):
+  """One process: a micro-batch of 6 rows on a mesh of 8 data devices is not split at all,
+  each row computed on all 8: a warning naming the counts, once per shape (8 rows: none)."""
+  from r1jax.core import sharding
+  from r1jax.train import batches
+  mesh = sharding.make_mesh((-1, 1, 1))
+  rows = lambda n: batches.SFTBatch(np.zeros((n, 4), np.int32), np.ones((n, 4), bool),
+                                    np.ones((n, 4), bool))
+  with caplog.at_level("WARNING", logger=batches.__name__):
+    for n in (12, 12, 16):
+      batches.put_batch(rows(n), 2, mesh)
+  said = [r.getMessage() for r in caplog.records if "do not divide" in r.getMessage()]
+  assert said == ["6 rows per micro-batch do not divide over the 8 devices of the batch axes: "
+                  "they spread over 1, each row computed 8 times; use a multiple of 8 rows"]
+
+
+def test_step_metrics_combine_over_processes_by_kind(monkeypatch):
+  """`reduce_metrics`: counts add, maxima and seconds take the largest, minima the smallest,
+  means average (equal rows per process)."""
+  from r1jax.core import multihost
+  parts = [{"reward/total": 1.0, "reward/accuracy_failures": 1.0, "response_length/max": 9.0,
+            "response_length/min": 3.0, "time/rollout": 2.0, "tokens_per_s": 100.0,
+            "reward/seconds": 0.5},
+           {"reward/total": 0.0, "reward/accuracy_failures": 2.0, "response_length/max": 7.0,
+            "response_length/min": 1.0, "time/rollout": 3.0, "tokens_per_s": 50.0,
+            "reward/seconds": 0.25}]
+  assert multihost.reduce_metrics(parts[0]) == parts[0]  # one process: as is
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost, "gather_json", lambda value: parts)
+  assert multihost.reduce_metrics(parts[0]) == {
+      "reward/total": 0.5, "reward/accuracy_failures": 3.0, "response_length/max": 9.0,
+      "response_length/min": 1.0, "time/rollout": 3.0, "tokens_per_s": 150.0,
+      "reward/seconds": 0.5}
+
+
+def test_each_process_takes_its_block_of_every_batch(monkeypatch):
+  """`host_share` / `host_indices`: with 2 processes, batches of 8 split 4 + 4, the short
+  last batch padded with its first entry (the global batch one process would feed), its
+  real entries all process 0's; a batch that does not split is refused; stages not written
+  for several processes refuse them."""
+  from r1jax.core import errors, multihost
+  items = list(range(20))
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  for pid, want in ((0, [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19]),
+                    (1, [4, 5, 6, 7, 12, 13, 14, 15])):
+    monkeypatch.setattr(jax, "process_index", lambda pid=pid: pid)
+    assert multihost.host_indices(20, 8) == want
+    shares = [multihost.host_share(items[lo:lo + 8], 8) for lo in (0, 8, 16)]
+    assert [x for chunk, real in shares for x in chunk[:real]] == want
+    assert shares[2] == (([16, 17, 18, 19], 4) if pid == 0 else ([16, 16, 16, 16], 0))
+  with pytest.raises(ValueError, match="a batch of 7 does not split over 2 processes"):
+    multihost.host_share(items[:7], 7)
+  with pytest.raises(errors.ConfigError, match="the reward_model stage runs in one process"):
+    multihost.single_process_only("reward_model")
+  with pytest.raises(errors.ConfigError, match="generate: reward models"):
+    multihost.no_reward_models("generate", {"models": [{"name": "helpful"}]})
+  multihost.no_reward_models("generate", {"models": []})
+  monkeypatch.undo()
+  assert multihost.host_indices(20, 8) == items and multihost.host_share(items[16:], 8) == (
+      [16, 17, 18, 19, 16, 16, 16, 16], 4)
+  multihost.single_process_only("reward_model")
+  multihost.no_reward_models("generate", {"models": [{"name": "helpful"}]})
+
+
 # --------------------------------------------------------------------------- whole stages
 
 
@@ -104,8 +169,15 @@ def _pair(args: list[str], heartbeat: int = 30) -> list[subprocess.Popen]:
           for i in range(2)]
 
 
+def _outputs(procs, timeout: float) -> list[str]:
+  """Each process's output once all ended, read side by side: a process whose pipe nobody
+  reads blocks once it is full, and its peers with it, in a collective."""
+  with concurrent.futures.ThreadPoolExecutor(len(procs)) as pool:
+    return list(pool.map(lambda p: p.communicate(timeout=timeout)[0], procs))
+
+
 def _finish(procs, timeout: float = 300.0) -> list[str]:
-  outs = [p.communicate(timeout=timeout)[0] for p in procs]
+  outs = _outputs(procs, timeout)
   assert [p.returncode for p in procs] == [0] * len(procs), [o[-3000:] for o in outs]
   return outs
 
@@ -145,6 +217,97 @@ def test_an_sft_stage_as_two_processes_equals_one_and_writes_once(sft_runs):
 
 
 
+@pytest.fixture(scope="module")
+def sampling_runs(tmp_path_factory):
+  """A pipeline of a generate stage (20 prompts in batches of 8: the last one's 4 all fall
+  to process 0), an eval stage and two RL stages (4 steps, evals at 0, 2 and 4; 3 steps one
+  step off policy), as 2 processes of 2 devices and as 1 process of 4."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from tiny_world import (  # pylint: disable=import-outside-toplevel
+      MODEL, make_world, rl_test_config)
+  from r1jax.core.config import eval_group, model_group
+  from r1jax.stages.eval import eval_config
+  from r1jax.stages.generate import generate_config
+  root = tmp_path_factory.mktemp("multihost_sampling")
+  world = make_world(root / "world")
+  g = generate_config()
+  g.tokenizer, g.model = world["tokenizer"], model_group(**MODEL)
+  g.data.update(prompts=world["rl_train"], template="plain", max_prompt_tokens=32, limit=20)
+  g.sampler.update(max_new_tokens=10, temperature=1.0, top_p=1.0)
+  g.k, g.batch_prompts, g.progress, g.tensorboard = 2, 8, False, False
+  g.rewards.num_workers = 1
+  g.filters.update(verifier="", truncated=False)
+  g.select.per_prompt = 1
+  e = eval_config()
+  e.tokenizer, e.model = world["tokenizer"], model_group(**MODEL)
+  e.eval = eval_group(benchmarks=world["held_out"], k=2, max_new_tokens=10, batch_size=8,
+                      template="plain", max_prompt_tokens=32)
+  e.tensorboard = False
+  r = rl_test_config(world, steps=4)  # β > 0: the reference's log-probs beside each rollout
+  r.eval.update(benchmarks=world["held_out"], every=2)
+  o = rl_test_config(world, steps=3)
+  o.grpo.overlap = "rewards"  # step n + 1 sampled before, and scored during, update n
+  c = ml_collections.ConfigDict(dict(stage="pipeline", seed=0, allow_changes="",
+                                     order=("generate", "eval", "rl", "rl_overlap"),
+                                     generate=g, eval=e, rl=r, rl_overlap=o))
+  args = [f"--config={main_runs.config_file(c, root / 'exp.py')}"]
+  two, one = root / "two", root / "one"
+  per_host = [f"--config.{name}.data.batch=2" for name in ("rl", "rl_overlap")]  # 2 + 2 = 4
+  _finish(_pair(args + [f"--workdir={two}"] + per_host))
+  _finish([_main(args + [f"--workdir={one}"], 4)])
+  return two, one
+
+
+@pytest.mark.slow
+def test_generate_as_two_processes_equals_one_and_writes_summary_once(sampling_runs):
+  """Each process feeds its half of every batch and writes its own rows: the two files hold
+  exactly the 1-process run's rows (same samples, rewards and selections); summary.json's
+  counts are the 1-process run's."""
+  from r1jax.generation.output import read_rows  # pylint: disable=import-outside-toplevel
+  two, one = (d / "generate" for d in sampling_runs)
+  assert sorted(p.name for p in two.glob("samples-h*.jsonl")) == [
+      "samples-h00000.jsonl", "samples-h00001.jsonl"]
+  for name in ("samples", "stats"):
+    key = lambda r: json.dumps(r, sort_keys=True)
+    rows2, rows1 = sorted(read_rows(two, name), key=key), sorted(read_rows(one, name), key=key)
+    assert rows2 == rows1 and len(rows1) >= (20 if name == "stats" else 1), name
+  counts = lambda d: {k: v for k, v in json.loads((d / "summary.json").read_text()).items()
+                      if k in ("prompts", "samples", "accepted", "selected", "tokens")}
+  assert counts(two) == counts(one) and counts(one)["prompts"] == 20
+
+
+@pytest.mark.slow
+def test_eval_as_two_processes_equals_one(sampling_runs):
+  """Each process samples and grades its half of the benchmark; the merged report (every
+  question, in benchmark order, with its completions) is the 1-process run's."""
+  two, one = (d / "eval" for d in sampling_runs)
+  read = lambda d: json.loads((d / "eval" / "held_out.json").read_text())
+  r2, r1 = read(two), read(one)
+  assert r2["questions"] == r1["questions"] and len(r1["questions"]) == 8
+  assert r2["summary"] == r1["summary"]
+  completions = lambda d: (d / "eval" / "held_out.completions.jsonl").read_text()
+  assert completions(two) == completions(one)
+
+
+@pytest.mark.slow
+def test_rl_as_two_processes_equals_one(sampling_runs):
+  """GRPO with each process sampling, scoring and packing its half of the prompts (and the
+  reference's log-probs of its rows) trains as 1 process on 4 devices: params ≤ 1e-6 apart
+  after 4 steps; the metrics, written once, agree (held-out evals included). One step off
+  policy (grpo.overlap="rewards", the reference inside the update) as well."""
+  _same_params(*(d / "rl_overlap" for d in sampling_runs))
+  two, one = (d / "rl" for d in sampling_runs)
+  _same_params(two, one)
+  read = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+  m2, m1 = read(two), read(one)
+  assert [m["step"] for m in m2] == [m["step"] for m in m1] == [0, 1, 2, 3, 4]
+  for a, b in zip(m2, m1):
+    for key in ("reward/total", "reward/accuracy", "response_length/mean", "loss",
+                "eval/held_out/pass@1", "eval/held_out/mean_tokens"):
+      if key in b:
+        assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+
+
 def _same_params(a_dir: Path, b_dir: Path) -> None:
   from r1jax.core import checkpoint  # pylint: disable=import-outside-toplevel
   a, b = checkpoint.load_params(a_dir / "final")[1], checkpoint.load_params(b_dir / "final")[1]
@@ -178,7 +341,7 @@ def test_a_lost_process_and_a_sigterm_each_stop_both_and_a_relaunch_finishes_ali
   procs = _pair(args)
   main_runs.wait_for_checkpoint(procs[0], run, 8)
   procs[1].send_signal(signal.SIGTERM)
-  outs = [p.communicate(timeout=120)[0] for p in procs]
+  outs = _outputs(procs, 120)
   assert [p.returncode for p in procs] == [75, 75], [o[-3000:] for o in outs]
   stops = [re.findall(r"SIGTERM at step (\d+)", o) for o in outs]
   assert stops[0] == stops[1] and len(stops[0]) == 1, stops

@@ -10,11 +10,13 @@ stops hearing its heartbeat, and after `heartbeat_timeout_s` every other process
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import logging
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -26,7 +28,28 @@ from r1jax.core import errors
 log = logging.getLogger(__name__)
 
 _KEY_PREFIX = "r1jax"
-_counter = itertools.count()  # every process makes the same calls in the same order
+# Keys of the coordination service's store: every process makes the same calls in the same
+# order within a thread's namespace (`namespace`: a background thread has its own sequence).
+_counters: dict[str, Iterator[int]] = {}
+_thread = threading.local()
+
+
+@contextlib.contextmanager
+def namespace(name: str):
+  """This thread's agreement calls (gather, barrier, run_once) numbered apart from other
+  threads': a background rollout's calls interleave with the main thread's in any order,
+  and each thread's sequence is the same on every process."""
+  before = getattr(_thread, "namespace", "main")
+  _thread.namespace = name
+  try:
+    yield
+  finally:
+    _thread.namespace = before
+
+
+def _key(kind: str) -> str:
+  ns = getattr(_thread, "namespace", "main")
+  return f"{_KEY_PREFIX}/{ns}/{kind}/{next(_counters.setdefault(ns, itertools.count()))}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +112,7 @@ def barrier(name: str, timeout_s: float = 600.0) -> None:
   """Every process waits here until all arrive; BarrierTimeout after `timeout_s`."""
   if jax.process_count() == 1:
     return
-  key = f"{_KEY_PREFIX}/barrier/{name}/{next(_counter)}"
+  key = _key(f"barrier/{name}")
   try:
     _client().wait_at_barrier(key, int(timeout_s * 1000))
   except Exception as e:  # the client raises its runtime's error type
@@ -104,7 +127,7 @@ def run_once(name: str, fn: Callable[[], Any], timeout_s: float = 3600.0) -> Any
   failed. The result must be JSON-serialisable (paths, counts) or None."""
   if jax.process_count() == 1:
     return fn()
-  client, key = _client(), f"{_KEY_PREFIX}/once/{name}/{next(_counter)}"
+  client, key = _client(), _key(f"once/{name}")
   if jax.process_index() == 0:
     try:
       value = fn()
@@ -130,7 +153,7 @@ def gather_json(value: Any, timeout_s: float = 600.0) -> list[Any]:
   the coordination service's key-value store: no device collective)."""
   if jax.process_count() == 1:
     return [value]
-  client, key = _client(), f"{_KEY_PREFIX}/gather/{next(_counter)}"
+  client, key = _client(), _key("gather")
   client.key_value_set(f"{key}/{jax.process_index()}", json.dumps(value))
   try:
     return [json.loads(client.blocking_key_value_get(f"{key}/{i}", int(timeout_s * 1000)))
@@ -187,6 +210,116 @@ def _check_rows(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> None
     raise ValueError(f"process {jax.process_index()}'s devices hold rows {sorted(held)[:8]}… "
                      f"of {shape[0]}, not its block [{want.start}, {want.stop}): the rows must "
                      "split over the mesh's batch axes, whose devices go process by process")
+
+
+def single_process_only(stage: str) -> None:
+  """A stage not yet written for several processes refuses them (ConfigError) rather than
+  feed every host's copy of the batch as rows of one global batch."""
+  if jax.process_count() > 1:
+    raise errors.ConfigError(f"the {stage} stage runs in one process only so far; run it "
+                             "without --distributed (sft, generate and eval run in several)")
+
+
+def no_reward_models(stage: str, rewards: Any) -> None:
+  """Reward models score each host's rows with a forward on host-local inputs, which in
+  several processes would run as one global batch: refused (ConfigError) until they do."""
+  if jax.process_count() > 1 and rewards.get("models"):
+    raise errors.ConfigError(f"{stage}: reward models (rewards.models) do not run in several "
+                             "processes yet; score by rules, or run in one process")
+
+
+def host_share(chunk: list, per: int) -> tuple[list, int]:
+  """(this process's `per / processes` entries of a global batch, how many are real): the
+  batch padded to `per` with its first entry (one shape for every batch), each process
+  taking its block of positions. The global batch is then the one a single process feeds."""
+  count, index = jax.process_count(), jax.process_index()
+  if per % count:
+    raise ValueError(f"a batch of {per} does not split over {count} processes; use a "
+                     f"multiple of {count}")
+  q = per // count
+  padded = (list(chunk) + [chunk[0]] * (per - len(chunk)))[index * q:(index + 1) * q]
+  return padded, min(max(len(chunk) - index * q, 0), q)
+
+
+def host_indices(n: int, per: int) -> list[int]:
+  """The indices of n entries, fed in batches of `per`, that are this process's real ones
+  (`host_share` of each batch), in order."""
+  q = per // jax.process_count()
+  return [i for lo in range(0, n, per)
+          for i in range(lo + jax.process_index() * q, min(lo + (jax.process_index() + 1) * q, n))]
+
+
+def host_rows(tree: Any) -> Any:
+  """A pytree of global arrays → numpy on this host: each row-sharded array's rows on this
+  process's devices (its `local_rows` block, in order), a replicated one whole. A plain
+  device_get of an array other processes hold parts of would fail (tunix#698)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+
+  def one(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return np.asarray(x)
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    want, parts = local_rows(x.shape[0]), {}
+    for shard in x.addressable_shards:
+      parts.setdefault(shard.index[0].indices(x.shape[0])[0], shard)
+    starts = sorted(parts)
+    got = [r for i in starts for r in range(*parts[i].index[0].indices(x.shape[0]))]
+    if got != list(range(want.start, want.stop)) or any(
+        idx != slice(None) for idx in parts[starts[0]].index[1:]):
+      raise ValueError(f"process {jax.process_index()} holds rows {got[:4]}… of a "
+                       f"{x.shape} array, not its whole-row block [{want.start}, {want.stop})")
+    return np.concatenate([np.asarray(parts[i].data) for i in starts])
+
+  return jax.tree.map(one, tree)
+
+
+def same_shape_everywhere(what: str, values: tuple[int, ...]) -> None:
+  """Every process must run a collective on the same shapes, or all would wait in it
+  forever: `values` (this process's rows, lengths) checked equal over processes, a
+  ValueError naming them on every process if not."""
+  if jax.process_count() == 1:
+    return
+  every = [tuple(v) for v in gather_json(list(values))]
+  if len(set(every)) > 1:
+    raise ValueError(f"{what} differ across processes: {every} (process order); every "
+                     "process must feed the same number of rows of the same width")
+
+
+def max_over_processes(value: int) -> int:
+  """The largest of every process's `value` (a prompt bucket every process pads to)."""
+  return value if jax.process_count() == 1 else max(gather_json(int(value)))
+
+
+# How a host metric combines over processes: counts and rates add, extremes and seconds take
+# the worst, the rest average (each process has as many rows, so a mean of means is the
+# global mean; a reward that applies to some tasks only is averaged per process first).
+SUMMED = ("reward/masked_samples", "dynamic/informative_groups", "tokens_per_s", "pack/rows",
+          "pack/shared_prompt_tokens")
+SUMMED_ENDINGS = ("_failures", "/samples")
+SECONDS = ("reward/seconds", "reward/pool_cpu_s", "reward/device_s")
+
+
+def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
+  """One step's host metrics over every process (the same dict on each): counts summed
+  (`SUMMED`, `SUMMED_ENDINGS`), `*/max`, `time/*` and `SECONDS` the largest, `*/min` the
+  smallest, others the mean."""
+  if jax.process_count() == 1:
+    return dict(metrics)
+  every = gather_json({k: float(v) for k, v in metrics.items()})
+  out = {}
+  for k in every[0]:
+    values = [part[k] for part in every if k in part]
+    if k in SUMMED or k.endswith(SUMMED_ENDINGS):
+      out[k] = float(sum(values))
+    elif k.endswith("/max") or k.startswith("time/") or k in SECONDS:
+      out[k] = max(values)
+    elif k.endswith("/min"):
+      out[k] = min(values)
+    else:
+      out[k] = float(np.mean(values))
+  return out
 
 
 def sum_over_processes(counts: dict[str, float]) -> dict[str, float]:

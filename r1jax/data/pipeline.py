@@ -120,8 +120,11 @@ class PromptPipeline:
         raise ValueError(f"{len(ds)} prompts over {num_epochs} epochs is less than one global "
                          f"batch of {self.global_batch}")
       ds = ds.slice(slice(0, usable))
-    ds = ds.slice(slice(self.shard_index, None, self.shard_count))
-    self._ds = ds.map(_copy_item).batch(batch_size, drop_remainder=True, batch_fn=list)
+    # Host h takes the h-th block of each global batch: the hosts' batches, in host order,
+    # are the global batch one host would read (rows in the same order, so the same samples).
+    lo = self.shard_index * batch_size
+    ds = ds.batch(self.global_batch, drop_remainder=True, batch_fn=list)
+    self._ds = ds.map(lambda batch: [_copy_item(x) for x in batch[lo:lo + batch_size]])
 
   def __len__(self) -> int:
     """Batches per host (huge when repeating forever)."""

@@ -21,13 +21,16 @@ evaluation/suite.py runs a config's benchmarks for the `rl` and `eval` stages.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Sequence
 
+import jax
 
+from r1jax.core import multihost
 from r1jax.core.weights import check_vocab
 from r1jax.data.pipeline import prepare_prompts
 from r1jax.evaluation.report import BREAKDOWN_FIELDS, QuestionResult, Report
@@ -171,18 +174,32 @@ def evaluate(params, engine: Engine, rows: Sequence[dict], *, key, k: int = 4,
   if not items:
     log.warning("%s: no usable prompts (%d skipped)", benchmark or "rows", len(bad))
     return Report(benchmark, [], settings, skipped=len(bad), completions=[])
-  t0 = time.perf_counter()
+  t0, batch = time.perf_counter(), min(batch_size, len(items))
   samples = engine.sample_many(params, [it["prompt_ids"] for it in items], key, k,
-                               batch_size=min(batch_size, len(items)), progress=progress)
+                               batch_size=batch, progress=progress)
   t1 = time.perf_counter()
+  order = multihost.host_indices(len(items), batch)  # all of them in one process
+  mine = [items[i] for i in order]
   texts = samples.by_prompt(samples.texts)
-  report = score_completions(items, texts, benchmark=benchmark, pool=pool,
-                             lengths=samples.by_prompt(samples.lengths), settings=settings,
-                             truncated=samples.by_prompt(samples.truncated))
+  report = (score_completions(mine, texts, benchmark=benchmark, pool=pool,
+                              lengths=samples.by_prompt(samples.lengths), settings=settings,
+                              truncated=samples.by_prompt(samples.truncated))
+            if mine else Report(benchmark, [], dict(settings)))
   log.info("%s: %d completions (%d tokens) sampled in %.1fs, graded in %.1fs", benchmark,
            len(samples.texts), int(samples.lengths.sum()), t1 - t0, time.perf_counter() - t1)
   report.skipped, report.completions = len(bad), texts
-  return report
+  return _merged(report, order) if jax.process_count() > 1 else report
+
+
+def _merged(report: Report, order: list[int]) -> Report:
+  """Every process's graded share of a benchmark (`order`: its prompts' benchmark indices),
+  joined in benchmark order, the same report on every process."""
+  parts = multihost.gather_json({"order": order, "completions": report.completions,
+                                 "questions": [dataclasses.asdict(q) for q in report.questions]})
+  joined = sorted((i, QuestionResult(**q), c) for part in parts
+                  for i, q, c in zip(part["order"], part["questions"], part["completions"]))
+  return dataclasses.replace(report, questions=[q for _, q, _ in joined],
+                             completions=[c for _, _, c in joined])
 
 
 def summary_metrics(report: Report, prefix: str | None = None) -> dict[str, float]:

@@ -3,7 +3,8 @@
 The engine is the one front end to the jitted sampler for every stage that samples: RL
 rollouts, held-out evaluation, and the `generate` stage (rejection sampling, distillation
 data). It fixes the sampling settings and the tokenizer once, runs the sampler on the mesh,
-brings the result to the host in one transfer and detokenises it. Rows are grouped [prompt0 × k, prompt1 × k, …].
+brings the result to the host in one transfer and detokenises it. Rows are grouped
+[prompt0 × k, prompt1 × k, …]. With several processes, each host gets its own prompts' rows.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from r1jax.core import multihost
 from r1jax.core.config import ModelConfig
 from r1jax.core.tokenizer import Tokenizer
 from r1jax.generation.sampler import (STOP_LENGTH, Rollout, Sampler, SamplingParams,
@@ -107,17 +109,20 @@ class Engine:
 
     prompts: keep only the first `prompts` prompts' rows (a padded batch's real ones).
     """
-    host = jax.device_get(rollout)
+    host = multihost.host_rows(rollout)  # with several processes, this host's rows
     return self._samples(host if prompts is None else keep_rows(host, prompts, k), k)
 
   def sample_many(self, params, prompts: Sequence[Sequence[int]], key: jax.Array, k: int,
                   batch_size: int, progress: bool = False) -> Samples:
-    """k completions of each prompt, in fixed-size batches (the last one padded)."""
+    """k completions of each prompt, in fixed-size batches (the last one padded). With
+    several processes, every process passes all the prompts: each batch is decoded by all
+    together, each feeding and getting back its share (`multihost.host_share`), so the
+    result holds this process's prompts, `multihost.host_indices(len(prompts), batch_size)`."""
     parts, start, batches = [], time.perf_counter(), range(0, len(prompts), batch_size)
     for i, lo in enumerate(batches):
-      chunk = prompts[lo:lo + batch_size]
-      parts.append(self.collect(self.launch(params, chunk, jax.random.fold_in(key, i), k,
-                                            pad_to=batch_size), k, prompts=len(chunk)))
+      chunk, real = multihost.host_share(prompts[lo:lo + batch_size], batch_size)
+      parts.append(self.collect(self.launch(params, chunk, jax.random.fold_in(key, i), k), k,
+                                prompts=real))
       if progress:
         tokens = sum(int(p.lengths.sum()) for p in parts)
         print(f"\rsampling: batch {i + 1}/{len(batches)}, {tokens} tokens, "

@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from r1jax.core import decode_attention
 from r1jax.core import model as model_lib
+from r1jax.core import multihost
 from r1jax.core import sharding as sharding_lib
 from r1jax.core.config import ModelConfig
 from r1jax.generation import decode
@@ -177,6 +178,18 @@ class Sampler:
     """Executables compiled so far (tests check that buckets bound this)."""
     return sum(fn._cache_size() for fn in self._fns.values())
 
+  def _global_rows(self, inputs: tuple, prompts: int) -> tuple:
+    """Several processes: each feeds its own prompts, the rows of the global batch on its
+    devices (multihost.to_global); the output rows stay where their prompts were, so each
+    host reads back its own samples (`multihost.host_rows`)."""
+    if self.mesh is None:
+      raise ValueError("sampling in several processes needs a mesh over their devices")
+    multihost.same_shape_everywhere("prompts per process", (prompts,))
+    count = jax.process_count()
+    return multihost.to_global(inputs, tuple(
+        sharding_lib.batch_sharding(self.mesh, (x.shape[0] * count, *x.shape[1:]))
+        for x in inputs))
+
   def _row_shards(self) -> int:
     return 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
@@ -208,7 +221,7 @@ class Sampler:
 
     `max_new_tokens` optionally gives each prompt its own budget (<= sp.max_new_tokens).
     """
-    s = self._check(prompts, sp)
+    s = multihost.max_over_processes(self._check(prompts, sp))
     b = len(prompts)
     tokens, mask = left_pad(prompts, s, sp.pad_id)
     budget = np.full((b,), sp.max_new_tokens, np.int32)
@@ -216,12 +229,14 @@ class Sampler:
       if len(max_new_tokens) != b:
         raise ValueError(f"{len(max_new_tokens)} budgets for {b} prompts")
       budget = np.minimum(np.asarray(max_new_tokens, np.int32), sp.max_new_tokens)
+    inputs = (tokens, mask, np.repeat(budget, group))
+    if jax.process_count() > 1:  # this host's prompts: its block of the global batch
+      inputs, b = self._global_rows(inputs, b), b * jax.process_count()
     n, t_max, cfg = b * group, sp.max_new_tokens, self.cfg
     params = self.decode_weights(params)
     slots = self._round(s + min(t_max, self.window))
     st = self._jit(("prefill", b, s, sp, group), functools.partial(
-        decode.prefill, cfg=cfg, sp=sp, group=group, window=slots - s))(
-            params, tokens, mask, np.repeat(budget, group))
+        decode.prefill, cfg=cfg, sp=sp, group=group, window=slots - s))(params, *inputs)
     buckets = (decode.row_buckets(n, self._row_shards(), self.min_rows) if self.min_rows
                else (n,))
     rows = n

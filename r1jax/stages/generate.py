@@ -3,8 +3,10 @@
 R1's cold start, rejection sampling + SFT and distillation are all "sample many, keep the good
 ones, train on them"; this stage is the first half, the `sft` stage the second.
 1. Prompts (any format data/rows.py reads) are rendered with a template and split into
-   batches of `batch_prompts`; host h takes every H-th batch. Batch b samples with
-   fold_in(seed, b), so its samples never depend on which batches ran before (resume).
+   batches of `batch_prompts`; with H processes, host h feeds the h-th H-th of every batch
+   (all decode it together on the global mesh, each reading back its own rows). Batch b
+   samples with fold_in(seed, b), so its samples never depend on which batches ran before
+   (resume), nor on the process count.
 2. The engine decodes batch b+1 on the mesh while the host grades batch b with the reward
    spec RL uses (pool workers, hard timeouts), then applies the filters (rewards/filters.py)
    and selects up to `select.per_prompt` accepted samples per prompt.
@@ -39,6 +41,7 @@ import numpy as np
 
 from r1jax import stages
 from r1jax.core import checkpoint as ckpt_lib
+from r1jax.core import multihost
 from r1jax.core import sharding
 from r1jax.core.config import stage_group
 from r1jax.core.errors import DataError
@@ -310,15 +313,26 @@ def summarize(out_dir: Path, wall_s: float | None = None) -> dict[str, Any]:
           **({"wall_s": wall_s} if wall_s is not None else {})}
 
 
-def _batches(n_items: int, per: int, host: int, hosts: int) -> list[int]:
-  """This host's global batch indices: every hosts-th batch, starting at `host`."""
-  return list(range(host, -(-n_items // per), hosts))
+def _host_slice(items: list, b: int, per: int) -> tuple[list, int]:
+  """This host's share of global batch b (`multihost.host_share`) and its real count."""
+  return multihost.host_share(items[b * per:(b + 1) * per], per)
+
+
+def _agreed_todo(n_batches: int, done: set[int]) -> list[int]:
+  """The global batches some host has not committed: every host decodes them together (a
+  collective); a host that already has one keeps its committed rows."""
+  every = multihost.gather_json(sorted(done))
+  return [b for b in range(n_batches) if any(b not in set(d) for d in every)]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
   """Generates, grades, filters and writes config.data.prompts' dataset into workdir."""
   validate(config)
   workdir, t_start = Path(workdir), time.perf_counter()
+  multihost.no_reward_models("generate", config.rewards)
+  if config.batch_prompts % jax.process_count():
+    raise ValueError(f"generate: batch_prompts={config.batch_prompts} does not split over "
+                     f"{jax.process_count()} processes; use a multiple of them")
   f = filters_lib.Filters.from_config(config.filters)
   tok = load_tokenizer(tokenizer_path(config))
   s = config.sampler
@@ -332,15 +346,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
       item["index"] = index
     cfg, _ = load_model(config.model, mesh, seed=config.seed, abstract=True)
     check_vocab(tok, cfg)  # before the weights are read or any output written
-    resumed = claim_folder(workdir, _manifest(config, _file_sha1(config.data.prompts)),
-                           OUTPUTS)
+    manifest = _manifest(config, _file_sha1(config.data.prompts))
+    resumed = multihost.run_once("generate-claim",
+                                 lambda: claim_folder(workdir, manifest, OUTPUTS))
     stages.record_config(config, workdir)
     writer = ShardWriter(workdir, jax.process_index(), OUTPUTS)
     per = config.batch_prompts
-    todo = [b for b in _batches(len(items), per, jax.process_index(), jax.process_count())
-            if b not in writer.done]
-    mine = sum(len(items[b * per:(b + 1) * per])
-               for b in _batches(len(items), per, jax.process_index(), jax.process_count()))
+    n_batches = -(-len(items) // per)
+    todo = _agreed_todo(n_batches, writer.done)
+    mine = sum(_host_slice(items, b, per)[1] for b in range(n_batches))
     done_prompts = sum(r["counts"]["prompts"] for r in writer.committed)
     progress = _Progress(mine, done_prompts, sum(r["counts"]["accepted"]
                                                  for r in writer.committed),
@@ -358,6 +372,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
                                 progress, stop)
     if progress.enabled and progress.tty and todo:
       print(file=sys.stderr, flush=True)
+  multihost.barrier("generate-committed")  # every host's last batch, before the totals
   summary = summarize(workdir, time.perf_counter() - t_start)
   summary.update(resumed=resumed, skipped_rows=skipped, prompts_total=len(items),
                  preempted=preempted)
@@ -385,26 +400,42 @@ def _decode_all(config, engine: Engine, params, items, todo: list[int], writer: 
   graded, last = None, time.perf_counter()  # graded: Pending (batch, rows, counts)
   for pos in range(len(todo) + 1):
     launched = None
-    if pos < len(todo) and not stop.requested:
+    # every host launches the same batches: a SIGTERM to one stops all at the same batch
+    if pos < len(todo) and not multihost.any_process(stop.requested):
       b = todo[pos]
-      chunk = items[b * per:(b + 1) * per]
-      launched = (b, chunk, engine.launch(params, [it["prompt_ids"] for it in chunk],
-                                          jax.random.fold_in(key, b), k, pad_to=per))
+      mine, real = _host_slice(items, b, per)
+      launched = (b, mine[:real], engine.launch(params, [it["prompt_ids"] for it in mine],
+                                                jax.random.fold_in(key, b), k))
     if graded is not None:  # the previous batch, graded in the pool during this decode
       b0, rows, counts = graded.result()
       now = time.perf_counter()
-      writer.commit(b0, rows, {"counts": counts, "seconds": now - last,
-                               "device_wait_s": counts.pop("device_wait_s")})
+      if b0 not in writer.done:  # else this host committed it before a resume
+        writer.commit(b0, rows, {"counts": counts, "seconds": now - last,
+                                 "device_wait_s": counts.pop("device_wait_s")})
+        progress.update(counts["prompts"], counts["accepted"], counts["tokens"])
       last = now
-      progress.update(counts["prompts"], counts["accepted"], counts["tokens"])
       graded = None
     if launched is None:
       return pos < len(todo)
     b, chunk, rollout = launched
     t0 = time.perf_counter()
     samples = engine.collect(rollout, k, prompts=len(chunk))
+    if not chunk:  # a short last batch held none of this host's prompts: only filler rows
+      graded = _Ready((b, {}, {"prompts": 0, "samples": 0, "accepted": 0, "tokens": 0,
+                               "device_wait_s": time.perf_counter() - t0}))
+      continue
     texts, converted = _texts(samples, config.output.readable)
     wait_s = time.perf_counter() - t0
     graded = scorer.submit(reward_inputs(chunk, texts, samples.lengths, k)).then(
         functools.partial(_graded, config, b, chunk, samples, texts, converted, f, fp, wait_s))
   return False
+
+
+class _Ready:
+  """A batch's (b, rows, counts) known at once, in place of a pending grading."""
+
+  def __init__(self, value):
+    self.value = value
+
+  def result(self):
+    return self.value

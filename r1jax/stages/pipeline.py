@@ -32,6 +32,7 @@ import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
 
 from r1jax import stages
+from r1jax.core import multihost
 from r1jax.core.config import config_changes
 from r1jax.core.errors import DataError
 from r1jax.core.metrics import read_metrics
@@ -225,12 +226,15 @@ def _run_chain(config, workdir: Path, allowed: set[str]) -> dict:
            for name, c in resolved.items()}
   stages.record_config(config, workdir)
   summary: dict[str, Any] = {"stage": "pipeline"}
+  # One-time work on process 0; its failure stops every process alike (multihost.run_once).
   if "synthetic" in config:
-    summary["data"] = prepare_data(config.synthetic, workdir / "data", config.seed)
+    summary["data"] = multihost.run_once("pipeline-data", lambda: prepare_data(
+        config.synthetic, workdir / "data", config.seed))
   if "scenarios" in config:
     world = config.synthetic.get("world") if "synthetic" in config else None
-    summary["scenarios"] = prepare_scenarios(config.scenarios, workdir / "scenarios",
-                                             config.seed, world)
+    summary["scenarios"] = multihost.run_once("pipeline-scenarios", lambda: prepare_scenarios(
+        config.scenarios, workdir / "scenarios", config.seed, world))
+  lead = jax.process_index() == 0
   for name, c in resolved.items():
     done = workdir / name / "done.json"
     if done.exists() and not rerun[name]:
@@ -240,11 +244,13 @@ def _run_chain(config, workdir: Path, allowed: set[str]) -> dict:
     out = _run_stage(name, c, workdir / name)
     if out.get("preempted"):
       return {**summary, "preempted": True}
-    done.write_text(json.dumps(out, indent=2, default=str))
+    multihost.barrier(f"pipeline-{name}")  # every host's share of the stage is written
+    if lead:
+      done.write_text(json.dumps(out, indent=2, default=str))
     summary[name] = out
-  if config.get("report", {}).get("kind") == "r1":
+  if lead and config.get("report", {}).get("kind") == "r1":
     summary["report"] = r1_report.write_report(config, workdir)
-  elif config.get("report"):
+  elif lead and config.get("report"):
     summary["report"] = compare_evals(config, workdir)
   return summary
 

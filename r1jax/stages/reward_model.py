@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from r1jax.core import checkpoint, sharding
+from r1jax.core import checkpoint, multihost, sharding
 from r1jax.core.config import opt_config, opt_group, stage_group
 from r1jax.core.tokenizer import load_tokenizer, tokenizer_path
 from r1jax.core.weights import check_vocab, load_model
@@ -65,6 +65,7 @@ def _rows(train: list[dict], order: np.ndarray, step: int, batch: int) -> list[d
 def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   """Bradley–Terry training on preference pairs in a TrainLoop, then WORKDIR/reward_model."""
   d, workdir = config.data, Path(workdir)
+  multihost.single_process_only("reward_model")
   # Bad input fails here, before any device work.
   train = load_pairs(d.train, config.max_bad_share)
   held_out = load_pairs(d.eval, config.max_bad_share) if d.eval else []

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from r1jax.core import checkpoint, sharding
+from r1jax.core import checkpoint, errors, multihost, sharding
 from r1jax.core import metrics as metrics_lib
 from r1jax.core.config import (GRPOConfig, ModelConfig, eval_group, grpo_config, grpo_group,
                                model_config, opt_config, opt_group, stage_group)
@@ -175,6 +175,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def setup(config: ml_collections.ConfigDict, workdir: Path) -> RLRun:
   """Everything one run holds fixed. Bad input fails here, before any device work."""
   validate(config)
+  multihost.no_reward_models("rl", config.rewards)
+  if jax.process_count() > 1 and (config.grpo.overlap == "rollout" or (
+      config.grpo.overlap and config.dynamic_sampling)):
+    raise errors.ConfigError(
+        "rl: in several processes grpo.overlap='rollout', or an overlap with dynamic_sampling "
+        "(its refill samples during the update), would interleave the sampler's collectives "
+        "with the update's in a different order on each process; use grpo.overlap='rewards' "
+        "without dynamic_sampling, or ''")
   grpo = grpo_config(config.grpo)
   mesh, rm_mesh = sharding.policy_and_reward_meshes(config.mesh.shape,
                                                     config.mesh.get("reward_devices", 0))
@@ -277,10 +285,10 @@ def collect(rl: RLRun, params: Any, ref: Any, step_key: jax.Array,
   """Rollouts for one update: one, or (DAPO) more until B informative groups or the bound."""
   b, parts, informative = rl.config.data.batch, [], 0
   while True:
-    parts.append(roll_out(rl, params, ref, next(rl.data),
+    parts.append(roll_out(rl, params, ref, next(rl.data),  # this host's block of prompts
                           jax.random.fold_in(step_key, len(parts)), timer, sampled))
-    informative += int(parts[-1].keep.sum())
-    if informative >= b or len(parts) > rl.config.max_refill:
+    informative += int(multihost.sum_over_processes({"n": parts[-1].keep.sum()})["n"])
+    if informative >= b * jax.process_count() or len(parts) > rl.config.max_refill:
       return parts
 
 
@@ -367,7 +375,7 @@ def iteration(rl: RLRun, state: TrainState, ref: Any, step: int,
   except BaseException:
     rl_ahead.finish(nxt)  # not left running into a closed reward pool
     raise
-  metrics = step_metrics(rl, parts, update, train_metrics)
+  metrics = multihost.reduce_metrics(step_metrics(rl, parts, update, train_metrics))
   return state, ref, {**metrics, **(ahead.metrics() if ahead else {})}, nxt
 
 
@@ -375,7 +383,7 @@ def _update(rl: RLRun, state: TrainState, ref: Any, step: int, parts: list[Score
   """(state, reference, train metrics, update batch): the update of `step` on `parts`."""
   with rl.loop.timer("update"):
     update = assemble(rl, parts)
-    if update.live:
+    if multihost.any_process(update.live > 0):  # all run the update, or none
       host, pack_stats = rl.trainer.pack(update.batch)
       batch = rl.trainer.put_batch(host)  # the one host → mesh transfer
       state, train_metrics = rl.trainer.rl_step(

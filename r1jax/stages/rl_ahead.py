@@ -15,6 +15,11 @@ Two modes:
   sandboxes, math-verify, reward models' host side). The devices never run both (but for
   DAPO's refill rollouts, which sample again after the first batch is scored).
 
+With several processes only "rewards" without DAPO's refill runs: every process must
+dispatch its device programs (and their collectives) in the same order, which holds when
+the devices never run both; the background thread's agreement calls (the sampler's shapes,
+the informative count) are numbered in a namespace of their own (`multihost.namespace`).
+
 What it costs:
 - one more copy of the params on the devices (the update donates its state) and in each
   checkpoint (`behaviour`), so that a resumed run samples step n + 1 exactly as the
@@ -33,6 +38,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from r1jax.core import multihost
 from r1jax.core.background import Pending, in_thread
 from r1jax.core.metrics import StepTimer
 
@@ -70,7 +76,8 @@ def start(collect: Collect, params: Any, data: Any, copy: bool = True) -> Ahead:
 
   def run() -> list:
     try:
-      return collect(behaviour, timer, sampled)
+      with multihost.namespace("rl-ahead"):  # its agreement calls apart from the main thread's
+        return collect(behaviour, timer, sampled)
     finally:
       sampled.set()  # a failed rollout must not leave the main thread waiting
 

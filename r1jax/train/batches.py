@@ -10,6 +10,7 @@ data between devices. Dimension letters: see r1jax/__init__.py.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import jax
@@ -19,6 +20,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from r1jax.core import attention, multihost, sharding
 from r1jax.generation.engine import Samples
+
+log = logging.getLogger(__name__)
+_WARNED: set = set()  # (rows, devices) already logged
 
 
 @jax.tree_util.register_dataclass
@@ -206,10 +210,24 @@ def put_batch(batch: Any, splits: int, mesh: Mesh) -> Any:
   check_batch(batch, splits)
   count = jax.process_count()
   if count == 1:
+    _warn_if_replicated(batch.tokens.shape[0] // splits, mesh)
     return jax.device_put(batch, batch_shardings(batch, splits, mesh))
   whole = jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] * count, *x.shape[1:]),
                                                       x.dtype), batch)
   return multihost.to_global(batch, batch_shardings(whole, splits, mesh))
+
+
+def _warn_if_replicated(rows: int, mesh: Mesh) -> None:
+  """Rows of a micro-batch that the batch axes do not divide run on fewer lanes, each row
+  computed on several devices: logged once per shape, never silent (with several processes
+  it is an error: multihost.to_global)."""
+  devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  lanes = _row_lanes(rows, mesh)
+  if lanes < devices and (rows, devices) not in _WARNED:
+    _WARNED.add((rows, devices))
+    log.warning("%d rows per micro-batch do not divide over the %d devices of the batch axes: "
+                "they spread over %d, each row computed %d times; use a multiple of %d rows",
+                rows, devices, lanes, devices // lanes, devices)
 
 
 def split_rows(x: jax.Array, m: int, a: int, mesh: Mesh) -> jax.Array:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from r1jax.core import checkpoint, model
+from r1jax.core import checkpoint, model, multihost
 from r1jax.core.sharding import MeshJit
 from r1jax.core.config import GRPOConfig, ModelConfig
 from r1jax.train import batches as batches_lib
@@ -71,7 +71,8 @@ class PendingLogp:
 
   def get(self) -> np.ndarray:
     """Waits for the device; (N, T) f32, 0 past each completion's end."""
-    return packing.unpack_completions(np.asarray(self.packed), self.index, self.n, self.t)
+    return packing.unpack_completions(multihost.host_rows(self.packed), self.index, self.n,
+                                      self.t)
 
 
 class LogProbs:
@@ -127,8 +128,9 @@ class LogProbs:
                                      self.mesh.shape["data"] * self.mesh.shape["fsdp"], index)
     rows = {"tokens": packed.tokens, "positions": packed.positions,
             "segment_ids": packed.segment_ids, "sample_ids": packed.sample_ids}
-    rows = jax.device_put({k: v for k, v in rows.items() if v is not None},
-                          self.row_sharding(packed.tokens.shape[0]))
+    rows = {k: v for k, v in rows.items() if v is not None}
+    whole = packed.tokens.shape[0] * jax.process_count()  # this process's rows: its block
+    rows = multihost.to_global(rows, jax.tree.map(lambda _: self.row_sharding(whole), rows))
     n, t = batch.completion_mask.shape
     return PendingLogp(self.packed_program(rows)(params, rows), index[0], n, t)
 

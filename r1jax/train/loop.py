@@ -123,7 +123,7 @@ class TrainLoop:
     self.last_metrics, self.summary["step"] = metrics, step
     self._check_skipped(step, int(metrics.get("skipped", 0)))
     eta = self._eta(step)
-    if (c.log_every and step % c.log_every == 0) or step == c.steps:
+    if ((c.log_every and step % c.log_every == 0) or step == c.steps) and self.writer.active:
       print(f"[{self.stage}] " + metrics_lib.progress_line(step, metrics, c.steps, eta),
             flush=True)
     stop = multihost.any_process(self.preemption.requested)  # all save this step and stop

@@ -22,26 +22,44 @@ significant bits, so rows divide over the mesh and few shapes ever compile (`_bu
 Row r of the result belongs to mini-batch (r // A) mod M, micro-batch r mod A, as
 `split_rows` expects; within a micro-batch, rows of similar length share a lane step
 (`_lane_slot`).
+
+With several processes each packs its own samples (its block of the global batch): the
+weights' denominators are summed over processes, and all agree on the rows per micro-batch,
+so the global batch is every process's rows in process order, with the same loss.
 """
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
+from r1jax.core import multihost
 from r1jax.core.config import GRPOConfig
 from r1jax.train.batches import PackedRollout, RolloutBatch, check_batch
 
 
-def _weights(lengths: np.ndarray, mode: str, width: int) -> np.ndarray:
-  """Per-sample token weight of one mini-batch (float64): the loss-mode switch, the only one."""
-  has = lengths > 0
+def _weights(lengths: np.ndarray, mode: str, width: int,
+             totals: tuple[int, int, int]) -> np.ndarray:
+  """Per-sample token weight of one mini-batch (float64): the loss-mode switch, the only one.
+  `totals`: the whole mini-batch's (samples with tokens, tokens, samples), over processes."""
+  has_count, tokens, samples = totals
   if mode == "grpo":
-    return np.where(has, 1.0 / np.maximum(lengths, 1) / max(int(has.sum()), 1), 0.0)
+    return np.where(lengths > 0, 1.0 / np.maximum(lengths, 1) / max(has_count, 1), 0.0)
   if mode == "bnpo":
-    return np.full(lengths.shape, 1.0 / max(int(lengths.sum()), 1))
+    return np.full(lengths.shape, 1.0 / max(tokens, 1))
   if mode == "dr_grpo":
-    return np.full(lengths.shape, 1.0 / (lengths.size * width))
+    return np.full(lengths.shape, 1.0 / (samples * width))
   raise ValueError(f"unknown loss mode {mode!r}")
+
+
+def _totals(lengths: np.ndarray, groups: list[np.ndarray]) -> list[tuple[int, int, int]]:
+  """Each mini-batch's (samples with tokens, tokens, samples), summed over processes."""
+  local = [[int((lengths[g] > 0).sum()), int(lengths[g].sum()), int(g.sum())] for g in groups]
+  if jax.process_count() == 1:
+    return [tuple(x) for x in local]
+  every = multihost.gather_json(local)
+  return [tuple(sum(part[j][f] for part in every) for f in range(3))
+          for j in range(len(groups))]
 
 
 def _bucket(rows: int, multiple: int) -> int:
@@ -109,10 +127,10 @@ def _sample_weights(loss_mask: np.ndarray, cfg: GRPOConfig) -> np.ndarray:
   m_, a_ = cfg.minibatches, cfg.microbatches
   if n % (m_ * a_):
     raise ValueError(f"{n} samples do not split into {m_} mini-batches × {a_} micro-batches")
-  weight_i = np.zeros(n)
-  for j in range(m_):
-    members = (np.arange(n) // a_) % m_ == j
-    weight_i[members] = _weights(loss_mask[members].sum(1), cfg.loss_mode, t)
+  weight_i, lengths = np.zeros(n), loss_mask.sum(1)
+  groups = [(np.arange(n) // a_) % m_ == j for j in range(m_)]
+  for members, totals in zip(groups, _totals(lengths, groups)):
+    weight_i[members] = _weights(lengths[members], cfg.loss_mode, t, totals)
   return weight_i
 
 
@@ -177,7 +195,12 @@ def pack_rollout(batch: RolloutBatch, cfg: GRPOConfig, row_len: int = 0,
                       [key[i] for i in members], row_len, cfg.share_prompts)
     for k, row in enumerate(rows):
       layout[j][k % a_].append([[members[i] for i in run] for run in row])
-  per_micro = _bucket(max(len(rows) for mini in layout for rows in mini), rows_multiple)
+  # Several processes: the rows of a micro-batch spread over every process's devices, each
+  # process's over its own (`rows_multiple` / processes), the same count on each.
+  count = jax.process_count()
+  lanes = rows_multiple // count if rows_multiple % count == 0 else rows_multiple
+  per_micro = multihost.max_over_processes(
+      _bucket(max(len(rows) for mini in layout for rows in mini), lanes))
   r_total = per_micro * m_ * a_
   out = {name: np.zeros((r_total, row_len), dtype) for name, dtype in (
       ("tokens", np.int32), ("positions", np.int32), ("segment_ids", np.int32),
@@ -189,7 +212,7 @@ def pack_rollout(batch: RolloutBatch, cfg: GRPOConfig, row_len: int = 0,
   for j in range(m_):
     for l in range(a_):
       for rank, runs in enumerate(layout[j][l]):
-        k = _lane_slot(rank, per_micro, rows_multiple)
+        k = _lane_slot(rank, per_micro, lanes)
         r = k * m_ * a_ + j * a_ + l  # split_rows: row r -> mini-batch j, micro-batch l
         _place(out, r, runs, prompt, completion, comp, loss_mask, weight_i, batch)
   if index is not None:
