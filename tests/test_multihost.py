@@ -27,14 +27,15 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(scenario: str, out: Path, heartbeat: int = 30, timeout: float = 180.0):
+def _launch(scenario: str, out: Path, heartbeat: int = 30, timeout: float = 180.0,
+            shutdown: int = 10):
   """Both processes of `scenario`; [(exit status, stderr, seconds)] per process."""
   env = dict(os.environ)  # each process has 2 devices of its own, not the suite's 8
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                               if "device_count" not in f)
   port, start = _free_port(), time.monotonic()
   procs = [subprocess.Popen([sys.executable, str(WORKER), scenario, str(port), str(i), str(out),
-                             str(heartbeat)], env=env, stdout=subprocess.DEVNULL,
+                             str(heartbeat), str(shutdown)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True) for i in range(2)]
   results = []
   for p in procs:
@@ -58,6 +59,18 @@ def test_one_time_work_shares_its_result_and_its_failure(tmp_path):
   assert "DataError (exit 65): data: row 7" in results[0][1]
   assert ("ProcessFailed (exit 65): 'bad-data' failed on process 0: DataError: data: row 7"
           in results[1][1])
+  assert not list(tmp_path.glob("went-on-*"))
+
+
+@pytest.mark.slow
+def test_a_process_that_fails_alone_ends_both_within_the_heartbeat(tmp_path):
+  """Process 1 fails where process 0 cannot see it (process 0 waits in a collective): it
+  does not wait minutes at JAX's shutdown barrier (120 s here) but exits at once after a
+  short wait for the others to fail alike (10 s), and the heartbeat timeout (5 s) ends
+  process 0; neither goes on."""
+  results = _launch("alone", tmp_path, heartbeat=5, timeout=90.0, shutdown=120)
+  assert results[1][0] == 1 and "process 1 failed alone" in results[1][1], results[1][1][-2000:]
+  assert results[0][0] != 0 and max(r[2] for r in results) < 60, [r[1][-2000:] for r in results]
   assert not list(tmp_path.glob("went-on-*"))
 
 
