@@ -217,7 +217,7 @@ def single_process_only(stage: str) -> None:
   feed every host's copy of the batch as rows of one global batch."""
   if jax.process_count() > 1:
     raise errors.ConfigError(f"the {stage} stage runs in one process only so far; run it "
-                             "without --distributed (sft, generate and eval run in several)")
+                             "without --distributed (sft, generate, eval and rl run in several)")
 
 
 def no_reward_models(stage: str, rewards: Any) -> None:
