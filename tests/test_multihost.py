@@ -99,11 +99,12 @@ def test_rows_that_would_land_elsewhere_or_replicate_are_refused(monkeypatch):
     multihost.Cluster(heartbeat_timeout_s=0)
 
 
-def test_rows_the_devices_do_not_divide_are_logged_once(caplog):
+def test_rows_the_devices_do_not_divide_are_logged_once(caplog, monkeypatch):
   """One process: a micro-batch of 6 rows on a mesh of 8 data devices is not split at all,
   each row computed on all 8: a warning naming the counts, once per shape (8 rows: none)."""
   from r1jax.core import sharding
   from r1jax.train import batches
+  monkeypatch.setattr(batches, "_WARNED", set())  # whatever ran before in this process
   mesh = sharding.make_mesh((-1, 1, 1))
   rows = lambda n: batches.SFTBatch(np.zeros((n, 4), np.int32), np.ones((n, 4), bool),
                                     np.ones((n, 4), bool))
