@@ -158,9 +158,13 @@ def _fail(code: int) -> None:
   if jax.process_count() > 1:
     try:
       multihost.barrier("failed", timeout_s=FAILED_ALIKE_WAIT_S)
-    except multihost.BarrierTimeout:
-      logging.error("process %d failed alone; exiting now, the others stop within the "
-                    "heartbeat timeout", jax.process_index())
+    except multihost.BarrierTimeout as e:
+      if e.lost:  # its error came from a peer that died (a collective's connection reset)
+        logging.error("process %d stops: lost process %s (its heartbeat lapsed)",
+                      jax.process_index(), ", ".join(map(str, e.lost)))
+      else:
+        logging.error("process %d failed alone; exiting now, the others stop within the "
+                      "heartbeat timeout (%s)", jax.process_index(), e)
       _now(code)
   _exit(code)
 

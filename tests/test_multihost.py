@@ -62,6 +62,47 @@ def test_one_time_work_shares_its_result_and_its_failure(tmp_path):
   assert not list(tmp_path.glob("went-on-*"))
 
 
+# The coordination service's error when a barrier's peer died (jaxlib 0.10, one line).
+PEER_DIED = ("INTERNAL: Barrier failed because: task is set to ERROR: UNAVAILABLE: Task 1 "
+             "heartbeat timeout. This indicates that the remote task has failed, got preempted,"
+             " or crashed unexpectedly. Barrier Id: r1jax/main/barrier/failed/0::0, Task: 1")
+
+
+def test_a_process_whose_collective_broke_names_the_lost_peer(monkeypatch, caplog):
+  """A peer killed mid-collective can reset the connection before its heartbeat lapses: the
+  survivor fails first, its 'failed alike' barrier then fails with the service's verdict,
+  and it exits naming the lost process rather than claiming it failed alone."""
+  from r1jax import main as r1jax_main  # pylint: disable=import-outside-toplevel
+  from r1jax.core import multihost  # pylint: disable=import-outside-toplevel
+
+  class Client:
+    def __init__(self, error):
+      self.error = error
+
+    def wait_at_barrier(self, key, timeout_ms):
+      del key, timeout_ms
+      raise RuntimeError(self.error)
+
+  class Exited(Exception):
+    pass
+
+  def now(code):  # os._exit, as the process would
+    raise Exited(code)
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(r1jax_main, "_now", now)
+  for error, said in ((PEER_DIED, "process 0 stops: lost process 1 (its heartbeat lapsed)"),
+                      ("DEADLINE_EXCEEDED: Barrier timed out", "process 0 failed alone")):
+    monkeypatch.setattr(multihost, "_client", lambda e=error: Client(e))
+    with pytest.raises(multihost.BarrierTimeout) as raised:
+      multihost.barrier("failed", timeout_s=1)
+    assert raised.value.lost == ((1,) if error is PEER_DIED else ())
+    caplog.clear()
+    with pytest.raises(Exited, match="3"):
+      r1jax_main._fail(3)  # pylint: disable=protected-access
+    assert said in caplog.text, caplog.text
+
+
 @pytest.mark.slow
 def test_a_process_that_fails_alone_ends_both_within_the_heartbeat(tmp_path):
   """Process 1 fails where process 0 cannot see it (process 0 waits in a collective): it
@@ -349,8 +390,8 @@ def test_a_lost_process_and_a_sigterm_each_stop_both_and_a_relaunch_finishes_ali
   out0 = procs[0].communicate(timeout=120)[0]
   procs[1].communicate(timeout=30)
   assert procs[0].returncode != 0 and time.monotonic() - killed < 60, out0[-3000:]
-  assert re.search(r"[Tt]ask:? ?1 heartbeat timeout|stopped sending heartbeats\):\s*\S*1\b",
-                   out0), out0[-3000:]
+  assert re.search(r"[Tt]ask:? ?1 heartbeat timeout|stopped sending heartbeats\):\s*\S*1\b|"
+                   r"lost process 1\b", out0), out0[-3000:]
 
   procs = _pair(args)
   main_runs.wait_for_checkpoint(procs[0], run, 8)

@@ -278,9 +278,17 @@ def test_reference_survives_donation_and_resets(reference):
   assert not ref["embed"].is_deleted()  # a copy, not the donated policy buffers
   # Precomputed reference logprobs (the loop overlaps them with rewards): the same step.
   b2 = dataclasses.replace(b, ref_logp=np.asarray(completion_logp(tr, ref, b)))
+  start = jax.tree.map(np.asarray, state.params)  # before s2's step donates it
   s2, m2 = guarded_rl_step(tr, state, packed(b2), None)
-  assert max_diff(s1.params, s2.params) <= 1e-6
-  np.testing.assert_allclose(m1["kl"], m2["kl"], rtol=1e-5)
+  # Two programs (the reference inside the update, or beforehand) round differently, and
+  # AdamW's m/√v scales a gradient's last bits up where its terms nearly cancel: the
+  # params agree to 0.5 % of the largest update (measured 0.16 %; under 0.03 % with XLA:CPU's
+  # other fusion emitters). The reference's log-probs are checked through the KL: a KL of
+  # 2e-5 (the second update's) is a difference of near-equal log-probs, exact to ~2e-9.
+  moved = max_diff(s1.params, start)
+  assert moved > 1e-3 and max_diff(s1.params, s2.params) <= 0.005 * moved
+  assert np.asarray(m1["kl"]).max() > 1e-3
+  np.testing.assert_allclose(m1["kl"], m2["kl"], rtol=1e-5, atol=1e-8)
   # A bf16 reference, replaced by the policy every 2 RL iterations.
   tr16 = single_device_trainer(dataclasses.replace(GRPO, ref_dtype="bfloat16",
                                                    ref_reset_every=2))

@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import re
 import threading
 from typing import Any, Callable, Iterator
 
@@ -105,7 +106,12 @@ class ProcessFailed(errors.RunError, RuntimeError):
 
 
 class BarrierTimeout(errors.RunError, RuntimeError):
-  """Not every process reached a barrier in time."""
+  """Not every process reached a barrier in time; `lost`: the processes the coordination
+  service declared dead meanwhile (their heartbeat lapsed), if it said so."""
+
+  def __init__(self, message: str, lost: tuple[int, ...] = ()):
+    super().__init__(message)
+    self.lost = lost
 
 
 def barrier(name: str, timeout_s: float = 600.0) -> None:
@@ -116,8 +122,9 @@ def barrier(name: str, timeout_s: float = 600.0) -> None:
   try:
     _client().wait_at_barrier(key, int(timeout_s * 1000))
   except Exception as e:  # the client raises its runtime's error type
+    lost = tuple(sorted({int(t) for t in re.findall(r"Task (\d+) heartbeat timeout", str(e))}))
     raise BarrierTimeout(f"barrier {name!r}: not every process arrived within {timeout_s:g} s "
-                         f"({str(e).splitlines()[0]})") from e
+                         f"({str(e).splitlines()[0]})", lost) from e
 
 
 def run_once(name: str, fn: Callable[[], Any], timeout_s: float = 3600.0) -> Any:
