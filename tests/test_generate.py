@@ -402,17 +402,18 @@ def test_readable_output_checked_for_r1_zero_tags_is_refused():
   gen.validate(c)
 
 
-def test_several_processes_refuse_a_batch_they_cannot_split_or_reward_models(world, tmp_path,
-                                                                             monkeypatch):
-  """With 2 processes: batch_prompts must split over them, and reward models are refused
-  (their forward would see each host's rows as one global batch): clear errors, before any
-  prompt is read or file written."""
+def test_several_processes_refuse_a_batch_they_cannot_split_or_reward_devices(world, tmp_path,
+                                                                              monkeypatch):
+  """With 2 processes: batch_prompts must split over them, and reward models on devices of
+  their own are refused (the last devices are one process's, the forward needs every
+  process's): clear errors, before any prompt is read or file written."""
   from r1jax.core import errors
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   with pytest.raises(ValueError, match="batch_prompts=3 does not split over 2 processes"):
     gen.run(gen_config(world, batch_prompts=3), tmp_path / "a")
   c = gen_config(world)
   c.rewards.models = [{"name": "helpful", "path": "x", "tokenizer": world["tokenizer"]}]
-  with pytest.raises(errors.ConfigError, match="generate: reward models"):
+  c.mesh.reward_devices = 2
+  with pytest.raises(errors.ConfigError, match="generate: mesh.reward_devices gives"):
     gen.run(c, tmp_path / "b")
   assert not list(tmp_path.iterdir())

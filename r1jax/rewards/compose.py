@@ -85,6 +85,12 @@ def _check_finite(value: Any, key: str) -> float:
   return float(value)
 
 
+def _every_process(c: Component) -> bool:
+  """A device reward every process must launch and collect, rows or none (a reward model in
+  several processes: its forward is one program over all of their rows)."""
+  return bool(getattr(c.reward.fn, "every_process", False))
+
+
 def _call_reward(fn, text: str, kwargs: dict[str, Any], key: str) -> float:
   """Runs one per-sample reward (in a worker or inline) and checks that it returned a number."""
   return _check_finite(fn(text, **kwargs), key)
@@ -244,8 +250,8 @@ class PendingRewards(Pending[RewardBatch]):
         idx = self._applicable(c)
         texts, columns = self._columns(c, idx)
         try:
-          self._device[ci] = (idx, c.reward.fn.launch(texts, **columns, **c.kwargs) if idx
-                                   else None)
+          self._device[ci] = (idx, c.reward.fn.launch(texts, **columns, **c.kwargs)
+                              if idx or _every_process(c) else None)
         except Exception as e:  # pylint: disable=broad-except
           self._device[ci] = (idx, e)
     self._device_s = time.monotonic() - t0
@@ -277,12 +283,12 @@ class PendingRewards(Pending[RewardBatch]):
     and given the fallback: RL masks such samples out of the update."""
     c = self._scorer.components[ci]
     idx, launched = self._device[ci]
-    if not idx:
+    if not idx and launched is None:
       return
     try:
       if isinstance(launched, Exception):
         raise launched
-      out = np.asarray(launched.result(), np.float64)
+      out = np.asarray(launched.result(), np.float64)  # every process's part, when launched
       if out.shape != (len(idx),):
         raise ValueError(f"returned {out.shape} rewards for {len(idx)} samples")
     except Exception as e:  # pylint: disable=broad-except
@@ -293,7 +299,7 @@ class PendingRewards(Pending[RewardBatch]):
     if bad.any():
       _log.warning("device reward %s: %d non-finite scores masked", c.key, int(bad.sum()))
     values[idx] = np.where(bad, c.fallback, out)
-    failed[np.asarray(idx)[bad]] = True
+    failed[np.asarray(idx, np.int64)[bad]] = True
 
   def _run_batch(self, c: Component, idx: list[int], values, failed) -> None:
     texts, columns = self._columns(c, idx)
@@ -360,6 +366,12 @@ class RewardScorer:
     self.pool = pool if pool is not None or not needs_pool else pool_lib.RewardPool(
         num_workers=self.settings["num_workers"], timeout_s=self.settings["timeout_s"],
         fallback=self.settings["fallback"], memory_mb=self.settings["worker_memory_mb"])
+
+  @property
+  def every_process(self) -> bool:
+    """Whether every process must submit each batch, samples or none (a reward model's
+    forward over all of their rows, in several processes)."""
+    return any(_every_process(c) for c in self.components)
 
   def arguments(self, c: Component, sample: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """The text and keyword arguments component c gets for one sample."""

@@ -8,7 +8,7 @@ Plain data and numpy (no JAX): reward workers import the spec code, and they mus
             "tokenizer": "/models/Qwen2.5-1.5B",       # its tokenizer (file or HF folder)
             "template": "chatml",                     # the chat template it was trained with
             "view": "summary",                        # full | summary | reasoning
-            "max_len": 1024, "batch_size": 32,
+            "max_len": 1024, "batch_size": 32,      # rows a forward (all processes')
             "norm": "validation",                     # none | running | validation |
                                                       #   {"mean": m, "std": s}
             "scale": 1.0}]
@@ -36,8 +36,9 @@ class RewardNorm:
 
   mode "none": raw scores. "affine": a fixed mean / std, e.g. the RM's scores on its
   held-out responses (the reward_model stage's norm.json). "running": the mean / std of every score
-  seen so far in this process (Welford; the current batch included), for an RM whose scale
-  on the policy's responses is unknown in advance; it restarts with the process.
+  seen so far in this run (Welford; the current batch included; in several processes every
+  process's scores, in process order), for an RM whose scale on the policy's responses is
+  unknown in advance; it restarts with the process.
   """
 
   mode: str = "none"
@@ -53,17 +54,22 @@ class RewardNorm:
       raise ValueError(f"affine normalisation needs std > 0, got {self.std}")
 
   def __call__(self, scores: np.ndarray) -> np.ndarray:
-    x = np.asarray(scores, np.float64)
-    if self.mode == "none":
-      return x
+    self.update(scores)
+    return self.apply(scores)
+
+  def update(self, scores: np.ndarray) -> None:
+    """Running mode: adds the finite scores to the statistics, in order (the others: none)."""
     if self.mode == "running":
-      for v in x[np.isfinite(x)]:
+      for v in np.asarray(scores, np.float64)[np.isfinite(scores)]:
         self.count += 1
         delta = v - self.mean
         self.mean += delta / self.count
         self._m2 += delta * (v - self.mean)
       self.std = float(np.sqrt(self._m2 / (self.count - 1))) if self.count > 1 else 1.0
-    return (x - self.mean) / max(self.std, 1e-6)
+
+  def apply(self, scores: np.ndarray) -> np.ndarray:
+    x = np.asarray(scores, np.float64)
+    return x if self.mode == "none" else (x - self.mean) / max(self.std, 1e-6)
 
 
 def norm_from(value: Any, folder: str | Path | None = None,

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from r1jax.core import attention, checkpoint
+from r1jax.core import attention, checkpoint, multihost
 from r1jax.core import model as model_lib
 from r1jax.core import sharding as sharding_lib
 from r1jax.core.config import ModelConfig
@@ -90,13 +90,14 @@ def load_rm(path: str | Path, mesh: Mesh | None = None):
 
 
 class _Launched:
-  """Scores dispatched to the device; `result()` brings them to the host once."""
+  """Scores dispatched to the device; `result()` brings this host's rows back once."""
 
   def __init__(self, parts: list, n: int, finish):
     self._parts, self._n, self._finish = parts, n, finish
 
   def result(self) -> list[float]:
-    raw = np.concatenate([np.asarray(jax.device_get(p)) for p in self._parts])[:self._n]
+    raw = [np.asarray(multihost.host_rows(p)) for p in self._parts]
+    raw = np.concatenate(raw)[:self._n] if raw else np.zeros((0,), np.float32)
     return [float(v) for v in self._finish(raw)]
 
 
@@ -111,11 +112,17 @@ class RewardModel:
 
   def __init__(self, params, cfg: ModelConfig, tokenizer, *, template: str = "chatml",
                max_len: int = 512, batch_size: int = 32, scale: float = 1.0,
-               norm: RewardNorm | None = None):
+               norm: RewardNorm | None = None, mesh: Mesh | None = None):
     check_template(tokenizer, template, "reward model")
-    self.params, self.cfg, self.tok = params, cfg, tokenizer
+    self.params, self.cfg, self.tok, self.mesh = params, cfg, tokenizer, mesh
     self.template, self.max_len, self.batch_size, self.scale = template, max_len, batch_size, scale
     self.norm = norm or RewardNorm()
+
+  @property
+  def every_process(self) -> bool:
+    """In several processes every one launches and collects each batch, rows or none: the
+    forward is one program over all of their rows."""
+    return jax.process_count() > 1
 
   @classmethod
   def load(cls, path: str | Path, tokenizer, mesh: Mesh | None = None, **kwargs) -> RewardModel:
@@ -124,30 +131,51 @@ class RewardModel:
     if tokenizer.vocab_size > cfg.vocab_size:
       raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} ids, the RM only "
                        f"{cfg.vocab_size}")
-    return cls(params, cfg, tokenizer, **kwargs)
+    return cls(params, cfg, tokenizer, mesh=mesh, **kwargs)
 
   def _dispatch(self, texts: Sequence[str], prompt: Sequence[str] | None) -> list:
-    """Encodes on the host and dispatches the scoring, batch by batch: device arrays."""
+    """Encodes on the host and dispatches the scoring, batch by batch: device arrays. In
+    several processes a batch is global, one program whatever their number: each process
+    adds `batch_size / processes` rows (padded alike) on its own devices, for as many
+    batches as the process with the most rows needs."""
     prompts = list(prompt) if prompt is not None else [""] * len(texts)
     if len(prompts) != len(texts):
       raise ValueError(f"{len(texts)} responses but {len(prompts)} prompts")
+    rows = [{"prompt": p, "chosen": t, "rejected": ""} for p, t in zip(prompts, texts)]
+    per = self.batch_size // jax.process_count()
+    batches = -(-len(rows) // per)
+    if self.every_process:
+      if self.mesh is None or self.batch_size % jax.process_count():
+        raise ValueError(f"a reward model in {jax.process_count()} processes needs a mesh over "
+                         f"their devices and a batch_size ({self.batch_size}) they split")
+      batches = multihost.max_over_processes(batches)
     parts = []
-    for lo in range(0, len(texts), self.batch_size):
-      rows = [{"prompt": p, "chosen": t, "rejected": ""}
-              for p, t in zip(prompts[lo:lo + self.batch_size], texts[lo:lo + self.batch_size])]
-      rows += [rows[0]] * (self.batch_size - len(rows))  # one compiled shape
-      tokens, mask = encode_pairs(self.tok, rows, self.template, self.max_len)["chosen"]
-      parts.append(_score(self.params, tokens, mask, self.cfg))
+    for lo in range(0, batches * per, per):
+      chunk = rows[lo:lo + per] or [{"prompt": "", "chosen": "", "rejected": ""}]
+      chunk += [chunk[0]] * (per - len(chunk))  # one compiled shape
+      inputs = encode_pairs(self.tok, chunk, self.template, self.max_len)["chosen"]
+      if self.every_process:
+        shape = (self.batch_size, self.max_len)
+        inputs = multihost.to_global(inputs, (sharding_lib.batch_sharding(self.mesh, shape),) * 2)
+      parts.append(_score(self.params, *inputs, self.cfg))
     return parts
+
+  def _finish(self, raw: np.ndarray) -> np.ndarray:
+    """Scaled, normalised scores of this host's rows; a running normalisation counts every
+    process's scores, in process order (as one process holding all the rows would)."""
+    if self.norm.mode == "running" and self.every_process:
+      every = multihost.gather_json([float(v) for v in raw])
+      self.norm.update(np.asarray([v for part in every for v in part], np.float64))
+      return self.scale * self.norm.apply(raw)
+    return self.scale * self.norm(raw)
 
   def launch(self, texts: Sequence[str], prompt: Sequence[str] | None = None,
              **_) -> _Launched:
-    return _Launched(self._dispatch(texts, prompt), len(texts),
-                     lambda raw: self.scale * self.norm(raw))
+    return _Launched(self._dispatch(texts, prompt), len(texts), self._finish)
 
   def __call__(self, texts: Sequence[str], prompt: Sequence[str] | None = None,
                **_) -> list[float]:
-    return self.launch(texts, prompt).result() if len(texts) else []
+    return self.launch(texts, prompt).result() if len(texts) or self.every_process else []
 
 
 # ------------------------------------------------------------------ from a reward spec

@@ -329,7 +329,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
   """Generates, grades, filters and writes config.data.prompts' dataset into workdir."""
   validate(config)
   workdir, t_start = Path(workdir), time.perf_counter()
-  multihost.no_reward_models("generate", config.rewards)
+  multihost.reward_models_fit("generate", config)
   if config.batch_prompts % jax.process_count():
     raise ValueError(f"generate: batch_prompts={config.batch_prompts} does not split over "
                      f"{jax.process_count()} processes; use a multiple of them")
@@ -421,8 +421,11 @@ def _decode_all(config, engine: Engine, params, items, todo: list[int], writer: 
     t0 = time.perf_counter()
     samples = engine.collect(rollout, k, prompts=len(chunk))
     if not chunk:  # a short last batch held none of this host's prompts: only filler rows
-      graded = _Ready((b, {}, {"prompts": 0, "samples": 0, "accepted": 0, "tokens": 0,
-                               "device_wait_s": time.perf_counter() - t0}))
+      none = (b, {}, {"prompts": 0, "samples": 0, "accepted": 0, "tokens": 0,
+                      "device_wait_s": time.perf_counter() - t0})
+      # a reward model's forward still needs this host: it scores no rows of its own
+      graded = (scorer.submit([]).then(lambda _, none=none: none) if scorer.every_process
+                else _Ready(none))
       continue
     texts, converted = _texts(samples, config.output.readable)
     wait_s = time.perf_counter() - t0

@@ -175,7 +175,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def setup(config: ml_collections.ConfigDict, workdir: Path) -> RLRun:
   """Everything one run holds fixed. Bad input fails here, before any device work."""
   validate(config)
-  multihost.no_reward_models("rl", config.rewards)
+  multihost.reward_models_fit("rl", config)
   if jax.process_count() > 1 and (config.grpo.overlap == "rollout" or (
       config.grpo.overlap and config.dynamic_sampling)):
     raise errors.ConfigError(
