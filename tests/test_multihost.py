@@ -297,8 +297,8 @@ def _random_rm(path: Path) -> str:
 @pytest.fixture(scope="module")
 def sampling_runs(tmp_path_factory):
   """A pipeline of a generate stage (20 prompts in batches of 8: the last one's 4 all fall
-  to process 0; a reward model among its rewards), an eval stage and two RL stages (4 steps,
-  evals at 0, 2 and 4; 3 steps one step off policy, a reward model among its rewards), as
+  to process 0; a reward model among its rewards), an eval stage and two RL stages (2 steps,
+  evals at 0 and 2; 2 steps one step off policy, a reward model among its rewards), as
   2 processes of 2 devices and as 1 process of 4."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   from tiny_world import (  # pylint: disable=import-outside-toplevel
@@ -326,9 +326,9 @@ def sampling_runs(tmp_path_factory):
   e.eval = eval_group(benchmarks=world["held_out"], k=2, max_new_tokens=10, batch_size=8,
                       template="plain", max_prompt_tokens=32)
   e.tensorboard = False
-  r = rl_test_config(world, steps=4)  # β > 0: the reference's log-probs beside each rollout
+  r = rl_test_config(world, steps=2)  # β > 0: the reference's log-probs beside each rollout
   r.eval.update(benchmarks=world["held_out"], every=2)
-  o = rl_test_config(world, steps=3)
+  o = rl_test_config(world, steps=2)
   o.grpo.overlap = "rewards"  # step n + 1 sampled before, and scored during, update n
   # …and scored by a reward model too (random head), normalised by its running statistics.
   o.rewards.models = [dict(judge, norm="running")]
@@ -386,13 +386,13 @@ def test_eval_as_two_processes_equals_one(sampling_runs):
 def test_rl_as_two_processes_equals_one(sampling_runs):
   """GRPO with each process sampling, scoring and packing its half of the prompts (and the
   reference's log-probs of its rows) trains as 1 process on 4 devices: params ≤ 1e-6 apart
-  after 4 steps; the metrics, written once, agree (held-out evals included). One step off
+  after 2 steps; the metrics, written once, agree (held-out evals included). One step off
   policy (grpo.overlap="rewards", the reference inside the update) as well, with a reward
   model scoring every process's rows in one forward and normalising them by the running
   statistics of all of them (params ≤ 1e-5 apart: its scores agree to float32 rounding)."""
   read = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
-  for stage, steps, keys in (("rl", range(5), ()),
-                             ("rl_overlap", range(1, 4), ("reward/judge",))):
+  for stage, steps, keys in (("rl", range(3), ()),
+                             ("rl_overlap", range(1, 3), ("reward/judge",))):
     two, one = (d / stage for d in sampling_runs)
     # the reward model's scores agree to float32 rounding (see the generate test); AdamW
     # scales those last bits up where a gradient's terms nearly cancel (measured 1.7e-6)
