@@ -142,12 +142,12 @@ class RewardModel:
     if len(prompts) != len(texts):
       raise ValueError(f"{len(texts)} responses but {len(prompts)} prompts")
     rows = [{"prompt": p, "chosen": t, "rejected": ""} for p, t in zip(prompts, texts)]
+    if self.every_process and (self.mesh is None or self.batch_size % jax.process_count()):
+      raise ValueError(f"a reward model in {jax.process_count()} processes needs a mesh over "
+                       f"their devices and a batch_size ({self.batch_size}) they split")
     per = self.batch_size // jax.process_count()
     batches = -(-len(rows) // per)
     if self.every_process:
-      if self.mesh is None or self.batch_size % jax.process_count():
-        raise ValueError(f"a reward model in {jax.process_count()} processes needs a mesh over "
-                         f"their devices and a batch_size ({self.batch_size}) they split")
       batches = multihost.max_over_processes(batches)
     parts = []
     for lo in range(0, batches * per, per):
