@@ -184,6 +184,7 @@ def test_each_process_takes_its_block_of_every_batch(monkeypatch):
   import copy  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
   from r1jax.core import errors, multihost
+  from r1jax.rewards.reward_model import check_processes
   items = list(range(20))
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   for pid, want in ((0, [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19]),
@@ -200,18 +201,18 @@ def test_each_process_takes_its_block_of_every_batch(monkeypatch):
   own = ml_collections.ConfigDict({"rewards": {"models": [{"name": "helpful"}]},
                                     "mesh": {"reward_devices": 2}})
   with pytest.raises(errors.ConfigError, match="generate: mesh.reward_devices gives"):
-    multihost.reward_models_fit("generate", own)
+    check_processes("generate", own)
   shared = copy.deepcopy(own)
   shared.mesh.reward_devices = 0
-  multihost.reward_models_fit("generate", shared)  # 32 rows a forward: 16 from each
+  check_processes("generate", shared)  # 32 rows a forward: 16 from each
   shared.rewards.models = [{"name": "helpful", "batch_size": 3}]
   with pytest.raises(errors.ConfigError, match="'helpful' has batch_size 3, which 2 processes"):
-    multihost.reward_models_fit("generate", shared)
+    check_processes("generate", shared)
   monkeypatch.undo()
   assert multihost.host_indices(20, 8) == items and multihost.host_share(items[16:], 8) == (
       [16, 17, 18, 19, 16, 16, 16, 16], 4)
   multihost.single_process_only("reward_model")
-  multihost.reward_models_fit("generate", own)
+  check_processes("generate", own)
 
 
 # --------------------------------------------------------------------------- whole stages

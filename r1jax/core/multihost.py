@@ -227,25 +227,6 @@ def single_process_only(stage: str) -> None:
                              "without --distributed (sft, generate, eval and rl run in several)")
 
 
-def reward_models_fit(stage: str, config: Any) -> None:
-  """Reward models run in several processes on the policy's mesh, a forward of `batch_size`
-  rows taking an equal share from each process: devices of their own (`mesh.reward_devices`,
-  the last devices, which are one process's) and a batch_size the processes do not split
-  are refused (ConfigError)."""
-  count, models = jax.process_count(), config.rewards.get("models") or []
-  if count == 1 or not models:
-    return
-  if config.mesh.get("reward_devices", 0):
-    raise errors.ConfigError(f"{stage}: mesh.reward_devices gives the reward models devices of "
-                             "their own, which in several processes are not every process's; "
-                             "set it to 0 (they then share the policy's mesh)")
-  for m in models:
-    if int(m.get("batch_size", 32)) % count:
-      raise errors.ConfigError(f"{stage}: reward model {m.get('name')!r} has batch_size "
-                               f"{m.get('batch_size', 32)}, which {count} processes do not "
-                               "split (each feeds an equal share of every forward)")
-
-
 def host_share(chunk: list, per: int) -> tuple[list, int]:
   """(this process's `per / processes` entries of a global batch, how many are real): the
   batch padded to `per` with its first entry (one shape for every batch), each process

@@ -367,12 +367,6 @@ class RewardScorer:
         num_workers=self.settings["num_workers"], timeout_s=self.settings["timeout_s"],
         fallback=self.settings["fallback"], memory_mb=self.settings["worker_memory_mb"])
 
-  @property
-  def every_process(self) -> bool:
-    """Whether every process must submit each batch, samples or none (a reward model's
-    forward over all of their rows, in several processes)."""
-    return any(_every_process(c) for c in self.components)
-
   def arguments(self, c: Component, sample: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """The text and keyword arguments component c gets for one sample."""
     kwargs = dict(c.kwargs)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from r1jax.core import attention, checkpoint, multihost
+from r1jax.core import attention, checkpoint, errors, multihost
 from r1jax.core import model as model_lib
 from r1jax.core import sharding as sharding_lib
 from r1jax.core.config import ModelConfig
@@ -60,6 +60,7 @@ def score(params, tokens_NxT: jax.Array, mask_NxT: jax.Array, cfg: ModelConfig) 
 
 
 _score = jax.jit(score, static_argnames="cfg")  # compiled once per model shape and batch
+BATCH_SIZE = 32  # rows a forward when a spec does not say (all processes' together)
 
 
 def bradley_terry(r_chosen_B: jax.Array, r_rejected_B: jax.Array):
@@ -111,7 +112,7 @@ class RewardModel:
   """
 
   def __init__(self, params, cfg: ModelConfig, tokenizer, *, template: str = "chatml",
-               max_len: int = 512, batch_size: int = 32, scale: float = 1.0,
+               max_len: int = 512, batch_size: int = BATCH_SIZE, scale: float = 1.0,
                norm: RewardNorm | None = None, mesh: Mesh | None = None):
     check_template(tokenizer, template, "reward model")
     self.params, self.cfg, self.tok, self.mesh = params, cfg, tokenizer, mesh
@@ -192,9 +193,28 @@ def load_models(specs: Any, mesh: Mesh | None = None) -> dict[str, registry.Rewa
   for m in check_model_specs(specs):
     model_ = RewardModel.load(
         m["path"], load_tokenizer(m["tokenizer"]), mesh, template=m.get("template", "chatml"),
-        max_len=int(m.get("max_len", 1024)), batch_size=int(m.get("batch_size", 32)),
+        max_len=int(m.get("max_len", 1024)), batch_size=int(m.get("batch_size", BATCH_SIZE)),
         scale=float(m.get("scale", 1.0)),
         norm=norm_from(m.get("norm", "none"), m["path"],
                        {"template": m.get("template", "chatml")}))
     out[m["name"]] = registry.RewardDef(model_, ("prompt",), "device", m.get("view", "full"))
   return out
+
+
+def check_processes(stage: str, config: Any) -> None:
+  """Reward models run in several processes on the policy's mesh, a forward of `batch_size`
+  rows taking an equal share from each process: devices of their own (`mesh.reward_devices`,
+  the last devices, which are one process's) and a batch_size the processes do not split
+  are refused (ConfigError), before any work."""
+  count, models = jax.process_count(), config.rewards.get("models") or []
+  if count == 1 or not models:
+    return
+  if config.mesh.get("reward_devices", 0):
+    raise errors.ConfigError(f"{stage}: mesh.reward_devices gives the reward models devices of "
+                             "their own, which in several processes are not every process's; "
+                             "set it to 0 (they then share the policy's mesh)")
+  for m in models:
+    if int(m.get("batch_size", BATCH_SIZE)) % count:
+      raise errors.ConfigError(f"{stage}: reward model {m.get('name')!r} has batch_size "
+                               f"{m.get('batch_size', BATCH_SIZE)}, which {count} processes "
+                               "do not split (each feeds an equal share of every forward)")

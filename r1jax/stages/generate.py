@@ -56,7 +56,7 @@ from r1jax.generation.output import ShardWriter, claim_folder, read_progress
 from r1jax.generation.sampler import STOP_REASONS, stop_token_ids
 from r1jax.rewards import filters as filters_lib
 from r1jax.rewards.compose import RewardScorer, parse_spec, reward_inputs
-from r1jax.rewards.reward_model import load_models
+from r1jax.rewards.reward_model import check_processes, load_models
 
 # stages.run must not overwrite WORKDIR/config.json before the folder is claimed for this run.
 RECORDS_OWN_CONFIG = True
@@ -329,7 +329,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
   """Generates, grades, filters and writes config.data.prompts' dataset into workdir."""
   validate(config)
   workdir, t_start = Path(workdir), time.perf_counter()
-  multihost.reward_models_fit("generate", config)
+  check_processes("generate", config)
   if config.batch_prompts % jax.process_count():
     raise ValueError(f"generate: batch_prompts={config.batch_prompts} does not split over "
                      f"{jax.process_count()} processes; use a multiple of them")
@@ -423,9 +423,8 @@ def _decode_all(config, engine: Engine, params, items, todo: list[int], writer: 
     if not chunk:  # a short last batch held none of this host's prompts: only filler rows
       none = (b, {}, {"prompts": 0, "samples": 0, "accepted": 0, "tokens": 0,
                       "device_wait_s": time.perf_counter() - t0})
-      # a reward model's forward still needs this host: it scores no rows of its own
-      graded = (scorer.submit([]).then(lambda _, none=none: none) if scorer.every_process
-                else _Ready(none))
+      # scored all the same: a reward model's forward in several processes needs this host
+      graded = scorer.submit([]).then(lambda _, none=none: none)
       continue
     texts, converted = _texts(samples, config.output.readable)
     wait_s = time.perf_counter() - t0
@@ -433,12 +432,3 @@ def _decode_all(config, engine: Engine, params, items, todo: list[int], writer: 
         functools.partial(_graded, config, b, chunk, samples, texts, converted, f, fp, wait_s))
   return False
 
-
-class _Ready:
-  """A batch's (b, rows, counts) known at once, in place of a pending grading."""
-
-  def __init__(self, value):
-    self.value = value
-
-  def result(self):
-    return self.value

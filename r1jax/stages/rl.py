@@ -45,7 +45,7 @@ from r1jax.evaluation import suite as suite_lib
 from r1jax.generation.engine import Engine, Samples
 from r1jax.generation.sampler import STOP_REASONS, SamplingParams
 from r1jax.rewards.compose import RewardBatch, RewardScorer, parse_spec, reward_inputs
-from r1jax.rewards.reward_model import load_models
+from r1jax.rewards.reward_model import check_processes, load_models
 from r1jax.stages import rl_ahead
 from r1jax.train import advantages as adv_lib
 from r1jax.train import batches as batches_lib
@@ -175,7 +175,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def setup(config: ml_collections.ConfigDict, workdir: Path) -> RLRun:
   """Everything one run holds fixed. Bad input fails here, before any device work."""
   validate(config)
-  multihost.reward_models_fit("rl", config)
+  check_processes("rl", config)
   if jax.process_count() > 1 and (config.grpo.overlap == "rollout" or (
       config.grpo.overlap and config.dynamic_sampling)):
     raise errors.ConfigError(
