@@ -53,7 +53,7 @@ def shrink(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       for m in s.rewards.get("models") or ():
         m.update(max_len=64, batch_size=8)
   # One optimizer per stage kind: the learning rate is a constant of the compiled update, so
-  # the chain's own rates (2e-3, 5e-4, 2e-4, 5e-5) would compile each update again.
+  # the chain's own rates (2e-3, 5e-4, 1e-4, 5e-5, 2.5e-5) would compile each update again.
   for kind in ("sft", "rl"):
     names = [n for n in c.order if c[n].stage == kind]
     for name in names[1:]:
