@@ -62,47 +62,6 @@ def test_one_time_work_shares_its_result_and_its_failure(tmp_path):
   assert not list(tmp_path.glob("went-on-*"))
 
 
-# The coordination service's error when a barrier's peer died (jaxlib 0.10, one line).
-PEER_DIED = ("INTERNAL: Barrier failed because: task is set to ERROR: UNAVAILABLE: Task 1 "
-             "heartbeat timeout. This indicates that the remote task has failed, got preempted,"
-             " or crashed unexpectedly. Barrier Id: r1jax/main/barrier/failed/0::0, Task: 1")
-
-
-def test_a_process_whose_collective_broke_names_the_lost_peer(monkeypatch, caplog):
-  """A peer killed mid-collective can reset the connection before its heartbeat lapses: the
-  survivor fails first, its 'failed alike' barrier then fails with the service's verdict,
-  and it exits naming the lost process rather than claiming it failed alone."""
-  from r1jax import main as r1jax_main  # pylint: disable=import-outside-toplevel
-  from r1jax.core import multihost  # pylint: disable=import-outside-toplevel
-
-  class Client:
-    def __init__(self, error):
-      self.error = error
-
-    def wait_at_barrier(self, key, timeout_ms):
-      del key, timeout_ms
-      raise RuntimeError(self.error)
-
-  class Exited(Exception):
-    pass
-
-  def now(code):  # os._exit, as the process would
-    raise Exited(code)
-
-  monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(r1jax_main, "_now", now)
-  for error, said in ((PEER_DIED, "process 0 stops: lost process 1 (its heartbeat lapsed)"),
-                      ("DEADLINE_EXCEEDED: Barrier timed out", "process 0 failed alone")):
-    monkeypatch.setattr(multihost, "_client", lambda e=error: Client(e))
-    with pytest.raises(multihost.BarrierTimeout) as raised:
-      multihost.barrier("failed", timeout_s=1)
-    assert raised.value.lost == ((1,) if error is PEER_DIED else ())
-    caplog.clear()
-    with pytest.raises(Exited, match="3"):
-      r1jax_main._fail(3)  # pylint: disable=protected-access
-    assert said in caplog.text, caplog.text
-
-
 @pytest.mark.slow
 def test_a_process_that_fails_alone_ends_both_within_the_heartbeat(tmp_path):
   """Process 1 fails where process 0 cannot see it (process 0 waits in a collective): it
@@ -113,106 +72,6 @@ def test_a_process_that_fails_alone_ends_both_within_the_heartbeat(tmp_path):
   assert results[1][0] == 1 and "process 1 failed alone" in results[1][1], results[1][1][-2000:]
   assert results[0][0] != 0 and max(r[2] for r in results) < 60, [r[1][-2000:] for r in results]
   assert not list(tmp_path.glob("went-on-*"))
-
-
-def test_rows_that_would_land_elsewhere_or_replicate_are_refused(monkeypatch):
-  """`to_global` checks that this process's devices hold exactly its block of rows: rows
-  replicated over devices (a batch the batch axes do not divide) or another process's block
-  are a clear error, never silently wrong rows. Also the cluster settings' own checks."""
-  from jax.sharding import NamedSharding, PartitionSpec
-  from r1jax.core import multihost, sharding
-  mesh = sharding.make_mesh((-1, 1, 1))  # 8 devices, all this process's
-  rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-  check = multihost._check_rows  # pylint: disable=protected-access
-  check(rows, (16, 4))  # 1 process: all rows are its own
-  monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(jax, "process_index", lambda: 1)
-  assert multihost.local_rows(16) == slice(8, 16)
-  with pytest.raises(ValueError, match=r"hold rows \[0, 1, .* not its block \[8, 16\)"):
-    check(rows, (16, 4))
-  with pytest.raises(ValueError, match="not its block"):  # replicated rows
-    check(NamedSharding(mesh, PartitionSpec()), (16, 4))
-  with pytest.raises(ValueError, match="15 rows do not split over 2 processes"):
-    multihost.local_rows(15)
-  with pytest.raises(ValueError, match="needs num_processes >= 1"):
-    multihost.Cluster(coordinator="localhost:1234")
-  with pytest.raises(ValueError, match="heartbeat_timeout_s must be >= 1"):
-    multihost.Cluster(heartbeat_timeout_s=0)
-
-
-def test_rows_the_devices_do_not_divide_are_logged_once(caplog, monkeypatch):
-  """One process: a micro-batch of 6 rows on a mesh of 8 data devices is not split at all,
-  each row computed on all 8: a warning naming the counts, once per shape (8 rows: none)."""
-  from r1jax.core import sharding
-  from r1jax.train import batches
-  monkeypatch.setattr(batches, "_WARNED", set())  # whatever ran before in this process
-  mesh = sharding.make_mesh((-1, 1, 1))
-  rows = lambda n: batches.SFTBatch(np.zeros((n, 4), np.int32), np.ones((n, 4), bool),
-                                    np.ones((n, 4), bool))
-  with caplog.at_level("WARNING", logger=batches.__name__):
-    for n in (12, 12, 16):
-      batches.put_batch(rows(n), 2, mesh)
-  said = [r.getMessage() for r in caplog.records if "do not divide" in r.getMessage()]
-  assert said == ["6 rows per micro-batch do not divide over the 8 devices of the batch axes: "
-                  "they spread over 1, each row computed 8 times; use a multiple of 8 rows"]
-
-
-def test_step_metrics_combine_over_processes_by_kind(monkeypatch):
-  """`reduce_metrics`: counts add, maxima and seconds take the largest, minima the smallest,
-  means average (equal rows per process)."""
-  from r1jax.core import multihost
-  parts = [{"reward/total": 1.0, "reward/accuracy_failures": 1.0, "response_length/max": 9.0,
-            "response_length/min": 3.0, "time/rollout": 2.0, "tokens_per_s": 100.0,
-            "reward/seconds": 0.5},
-           {"reward/total": 0.0, "reward/accuracy_failures": 2.0, "response_length/max": 7.0,
-            "response_length/min": 1.0, "time/rollout": 3.0, "tokens_per_s": 50.0,
-            "reward/seconds": 0.25}]
-  assert multihost.reduce_metrics(parts[0]) == parts[0]  # one process: as is
-  monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(multihost, "gather_json", lambda value: parts)
-  assert multihost.reduce_metrics(parts[0]) == {
-      "reward/total": 0.5, "reward/accuracy_failures": 3.0, "response_length/max": 9.0,
-      "response_length/min": 1.0, "time/rollout": 3.0, "tokens_per_s": 150.0,
-      "reward/seconds": 0.5}
-
-
-def test_each_process_takes_its_block_of_every_batch(monkeypatch):
-  """`host_share` / `host_indices`: with 2 processes, batches of 8 split 4 + 4, the short
-  last batch padded with its first entry (the global batch one process would feed), its
-  real entries all process 0's; a batch that does not split is refused; stages not written
-  for several processes refuse them, and so are reward models on devices of their own."""
-  import copy  # pylint: disable=import-outside-toplevel
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from r1jax.core import errors, multihost
-  from r1jax.rewards.reward_model import check_processes
-  items = list(range(20))
-  monkeypatch.setattr(jax, "process_count", lambda: 2)
-  for pid, want in ((0, [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19]),
-                    (1, [4, 5, 6, 7, 12, 13, 14, 15])):
-    monkeypatch.setattr(jax, "process_index", lambda pid=pid: pid)
-    assert multihost.host_indices(20, 8) == want
-    shares = [multihost.host_share(items[lo:lo + 8], 8) for lo in (0, 8, 16)]
-    assert [x for chunk, real in shares for x in chunk[:real]] == want
-    assert shares[2] == (([16, 17, 18, 19], 4) if pid == 0 else ([16, 16, 16, 16], 0))
-  with pytest.raises(ValueError, match="a batch of 7 does not split over 2 processes"):
-    multihost.host_share(items[:7], 7)
-  with pytest.raises(errors.ConfigError, match="the reward_model stage runs in one process"):
-    multihost.single_process_only("reward_model")
-  own = ml_collections.ConfigDict({"rewards": {"models": [{"name": "helpful"}]},
-                                    "mesh": {"reward_devices": 2}})
-  with pytest.raises(errors.ConfigError, match="generate: mesh.reward_devices gives"):
-    check_processes("generate", own)
-  shared = copy.deepcopy(own)
-  shared.mesh.reward_devices = 0
-  check_processes("generate", shared)  # 32 rows a forward: 16 from each
-  shared.rewards.models = [{"name": "helpful", "batch_size": 3}]
-  with pytest.raises(errors.ConfigError, match="'helpful' has batch_size 3, which 2 processes"):
-    check_processes("generate", shared)
-  monkeypatch.undo()
-  assert multihost.host_indices(20, 8) == items and multihost.host_share(items[16:], 8) == (
-      [16, 17, 18, 19, 16, 16, 16, 16], 4)
-  multihost.single_process_only("reward_model")
-  check_processes("generate", own)
 
 
 # --------------------------------------------------------------------------- whole stages
@@ -280,8 +139,6 @@ def test_an_sft_stage_as_two_processes_equals_one_and_writes_once(sft_runs):
   assert set(extra["data"]) == {"0", "1"}  # each process's shard state, gathered
 
 
-
-
 def _random_rm(path: Path) -> str:
   """A saved reward model of the tiny shape whose head is random (scores differ by row)."""
   from tiny_world import MODEL  # pylint: disable=import-outside-toplevel
@@ -295,12 +152,33 @@ def _random_rm(path: Path) -> str:
   return str(path)
 
 
+def _rm_stage(world: dict, root: Path):
+  """A reward_model stage on the tiny world's questions (a right answer preferred to a wrong
+  one): 4 steps of 8 pairs in 2 micro-batches, held-out accuracy at steps 2 and 4 on 12
+  pairs (batches of 8: the last one's 4 all fall to process 0)."""
+  from tiny_world import MODEL  # pylint: disable=import-outside-toplevel
+  from r1jax.core.config import model_group
+  from r1jax.stages.reward_model import reward_model_config
+  rows = [json.loads(l) for l in Path(world["rl_train"]).read_text().splitlines()]
+  pairs = [{"prompt": r["question"], "chosen": f"The answer is {r['answer']}.",
+            "rejected": f"The answer is {r['answer']}0."} for r in rows]
+  for name, part in (("train", pairs[:40]), ("eval", pairs[40:52])):
+    (root / f"pairs_{name}.jsonl").write_text("\n".join(json.dumps(p) for p in part) + "\n")
+  p = reward_model_config(steps=4)
+  p.tokenizer, p.model = world["tokenizer"], model_group(**MODEL)
+  p.data.update(train=str(root / "pairs_train.jsonl"), eval=str(root / "pairs_eval.jsonl"),
+                template="plain", max_len=48, batch=8)
+  p.opt.update(lr=1e-3, warmup_steps=1)
+  p.microbatches, p.eval_every, p.log_every, p.tensorboard = 2, 2, 1, False
+  return p
+
+
 @pytest.fixture(scope="module")
 def sampling_runs(tmp_path_factory):
   """A pipeline of a generate stage (20 prompts in batches of 8: the last one's 4 all fall
   to process 0; a reward model among its rewards), an eval stage and two RL stages (2 steps,
-  evals at 0 and 2; 2 steps one step off policy, a reward model among its rewards), as
-  2 processes of 2 devices and as 1 process of 4."""
+  evals at 0 and 2; 2 steps one step off policy, a reward model among its rewards) and a
+  reward_model stage, as 2 processes of 2 devices and as 1 process of 4."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   from tiny_world import (  # pylint: disable=import-outside-toplevel
       MODEL, make_world, rl_test_config)
@@ -336,8 +214,9 @@ def sampling_runs(tmp_path_factory):
   o.rewards.components = list(o.rewards.components) + [
       {"name": "judge", "weight": 0.5, "fields": {"prompt": "question"}}]
   c = ml_collections.ConfigDict(dict(stage="pipeline", seed=0, allow_changes="",
-                                     order=("generate", "eval", "rl", "rl_overlap"),
-                                     generate=g, eval=e, rl=r, rl_overlap=o))
+                                     order=("generate", "eval", "rl", "rl_overlap", "rm"),
+                                     generate=g, eval=e, rl=r, rl_overlap=o,
+                                     rm=_rm_stage(world, root)))
   args = [f"--config={main_runs.config_file(c, root / 'exp.py')}"]
   two, one = root / "two", root / "one"
   per_host = [f"--config.{name}.data.batch=2" for name in ("rl", "rl_overlap")]  # 2 + 2 = 4
@@ -409,6 +288,29 @@ def test_rl_as_two_processes_equals_one(sampling_runs):
       assert all(m[f"{key}_failures"] == 0 for m in m2 + m1), (stage, key)
 
 
+@pytest.mark.slow
+def test_a_reward_model_stage_as_two_processes_equals_one(sampling_runs):
+  """Each process feeds its 4 of every step's 8 pairs and scores its block of every
+  held-out batch: the reward model equals 1 process's (≤ 1e-6), the held-out accuracy and
+  norm.json (written once, over all 24 responses) agree."""
+  from r1jax.rewards import reward_model as rm  # pylint: disable=import-outside-toplevel
+  two, one = (d / "rm" for d in sampling_runs)
+  a, b = (rm.load_rm(d / "reward_model")[1] for d in (two, one))
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+  read = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+  m2, m1 = read(two), read(one)
+  assert [m["step"] for m in m2] == [m["step"] for m in m1] == [1, 2, 3, 4]
+  for x, y in zip(m2, m1):
+    for key in ("rm/loss", "rm/accuracy", "rm/eval_accuracy"):
+      assert x.get(key) == pytest.approx(y.get(key), abs=1e-6), (x["step"], key)
+  assert [m["step"] for m in m2 if "rm/eval_accuracy" in m] == [2, 4]
+  f2, f1 = (json.loads((d / "reward_model" / "norm.json").read_text()) for d in (two, one))
+  assert f2["responses"] == f1["responses"] == 24
+  assert f2 == pytest.approx(f1, abs=1e-6)
+
+
 def _same_params(a_dir: Path, b_dir: Path, atol: float = 1e-6) -> None:
   from r1jax.core import checkpoint  # pylint: disable=import-outside-toplevel
   a, b = checkpoint.load_params(a_dir / "final")[1], checkpoint.load_params(b_dir / "final")[1]
@@ -452,48 +354,3 @@ def test_a_lost_process_and_a_sigterm_each_stop_both_and_a_relaunch_finishes_ali
   _finish(_pair(args))
   _same_params(run, two)
 
-
-def test_data_shards_refuse_a_split_they_cannot_make_or_a_state_of_other_shards(monkeypatch):
-  """`data.shards` must split over the processes; a checkpoint's data state must hold the
-  shards this run reads (clear errors, before any training); shards < 0 is a config error;
-  a state saved before shards existed resumes as shard 0 of 1."""
-  from r1jax.data import shards
-  from r1jax.stages.sft import sft_config, validate
-  from tiny_world import MODEL  # pylint: disable=import-outside-toplevel
-
-  class Fake:  # a pipeline's iterator: just a state
-    def __init__(self, i):
-      self.state, self.counts, self.should_stop = {"i": i}, {}, None
-
-    def get_state(self):
-      return self.state
-
-    def set_state(self, state):
-      self.state = state
-
-    def __iter__(self):
-      return self
-
-    def __next__(self):
-      raise StopIteration
-
-  made = lambda i, n: Fake(i)
-  it = shards.ShardedIterator(made, 2)  # 1 process reads both
-  assert it.get_state() == {"0": {"i": 0}, "1": {"i": 1}} == shards.gather(it.get_state())
-  with pytest.raises(ValueError, match=r"has shards \['0', '1', '2'\], this run reads 2"):
-    it.set_state({"0": {}, "1": {}, "2": {}})
-  old = shards.ShardedIterator(made, 1)
-  old.set_state({"i": 7})  # a pre-shards checkpoint: one iterator's own state
-  assert old.get_state() == {"0": {"i": 7}}
-  monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(jax, "process_index", lambda: 1)
-  assert shards.owned(4) == (range(2, 4), 4) and shards.owned(0) == (range(1, 2), 2)
-  with pytest.raises(ValueError, match="data.shards=3 do not split over 2 processes"):
-    shards.owned(3)
-  monkeypatch.undo()
-  from r1jax.core.config import model_group  # pylint: disable=import-outside-toplevel
-  c = sft_config(steps=2)
-  c.model = model_group(**MODEL)
-  c.data.shards = -1
-  with pytest.raises(ValueError, match="data.shards >= 0"):
-    validate(c)

@@ -219,14 +219,6 @@ def _check_rows(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> None
                      "split over the mesh's batch axes, whose devices go process by process")
 
 
-def single_process_only(stage: str) -> None:
-  """A stage not yet written for several processes refuses them (ConfigError) rather than
-  feed every host's copy of the batch as rows of one global batch."""
-  if jax.process_count() > 1:
-    raise errors.ConfigError(f"the {stage} stage runs in one process only so far; run it "
-                             "without --distributed (sft, generate, eval and rl run in several)")
-
-
 def host_share(chunk: list, per: int) -> tuple[list, int]:
   """(this process's `per / processes` entries of a global batch, how many are real): the
   batch padded to `per` with its first entry (one shape for every batch), each process

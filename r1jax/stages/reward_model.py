@@ -5,7 +5,9 @@ holds the model, its scoring and its registry hook). One step: B pairs from the 
 preference rows (data/preferences.py) are encoded and handed to the jitted, donated
 Bradley–Terry update (train/reward_model.py).
 The loop is the other stages' `TrainLoop`: resume after a kill, SIGTERM saves and stops,
-best-metric checkpoints on the held-out pair accuracy. The trained model goes to
+best-metric checkpoints on the held-out pair accuracy. In several processes each one feeds
+its block of every step's pairs (`multihost.local_rows`), and the held-out scoring splits the
+pairs as one process would batch them. The trained model goes to
 WORKDIR/reward_model, with norm.json: its held-out pairwise accuracy and the mean / std of its
 held-out scores (the fixed normalisation a reward spec's `norm: "validation"` reads).
 """
@@ -19,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from r1jax.core import checkpoint, multihost, sharding
+from r1jax.core import checkpoint, errors, multihost, sharding
 from r1jax.core.config import opt_config, opt_group, stage_group
 from r1jax.core.tokenizer import load_tokenizer, tokenizer_path
 from r1jax.core.weights import check_vocab, load_model
@@ -65,7 +67,9 @@ def _rows(train: list[dict], order: np.ndarray, step: int, batch: int) -> list[d
 def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   """Bradley–Terry training on preference pairs in a TrainLoop, then WORKDIR/reward_model."""
   d, workdir = config.data, Path(workdir)
-  multihost.single_process_only("reward_model")
+  if d.batch % jax.process_count():
+    raise errors.ConfigError(f"reward_model: data.batch={d.batch} pairs do not split over "
+                             f"{jax.process_count()} processes; use a multiple of them")
   # Bad input fails here, before any device work.
   train = load_pairs(d.train, config.max_bad_share)
   held_out = load_pairs(d.eval, config.max_bad_share) if d.eval else []
@@ -84,7 +88,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
 
     def one_step(step: int, state):
       nonlocal scores
-      enc = encode_pairs(tok, _rows(train, order, step, d.batch), d.template, d.max_len)
+      mine = _rows(train, order, step, d.batch)[multihost.local_rows(d.batch)]
+      enc = encode_pairs(tok, mine, d.template, d.max_len)
       batch = PairBatch(*enc["chosen"], *enc["rejected"])
       state, m = trainer.step(state, trainer.put_batch(batch))
       metrics = {k: float(np.asarray(v)) for k, v in m.items()}

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from r1jax.core import checkpoint, sharding
+from r1jax.core import checkpoint, multihost, sharding
 from r1jax.core.config import ModelConfig, OptConfig
 from r1jax.core.tokenizer import Tokenizer
 from r1jax.rewards.reward_model import RewardModel, bradley_terry, init_rm, rm_axes, score
@@ -85,9 +85,15 @@ class RMTrainer:
   def all_pair_scores(self, params: Any, tokenizer: Tokenizer, rows: Sequence[dict],
                       template: str, max_len: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
     """(chosen, rejected) f32 scores of preference rows, scored as the RL loop's RewardModel
-    scores responses (batches of `batch`, the tail padded)."""
+    scores responses (batches of `batch`, the tail padded). In several processes each scores
+    its block of every batch (the forward one process would run) and every process gets all
+    the scores."""
     rm = RewardModel(params, self.cfg, tokenizer, template=template, max_len=max_len,
-                     batch_size=batch)
-    prompts = [r["prompt"] for r in rows]
-    return tuple(np.asarray(rm([r[side] for r in rows], prompts), np.float32)
-                 for side in ("chosen", "rejected"))
+                     batch_size=batch, mesh=self.mesh)
+    mine = multihost.host_indices(len(rows), batch)
+    prompts = [rows[i]["prompt"] for i in mine]
+    sides = [rm([rows[i][side] for i in mine], prompts) for side in ("chosen", "rejected")]
+    out = np.zeros((2, len(rows)), np.float32)
+    for index, scores in multihost.gather_json([mine, sides]):
+      out[:, index] = scores
+    return out[0], out[1]
