@@ -21,6 +21,8 @@ setup(
         "ml_collections>=1.1,<2",
         "math-verify>=0.9,<0.10",
         "matplotlib>=3.9,<4",
+        # One path API for local and object-store workdirs (r1jax/core/storage.py).
+        "etils[epath]>=1.7",
     ],
     extras_require={
         # HF checkpoints and tokenizers (tokenizer.json).
@@ -33,6 +35,8 @@ setup(
         # libtpu for the pinned jax: TPU runs, and ahead-of-time compiles for a TPU slice on a
         # host without one (tools/aot_compile.py; CPU runs then need JAX_PLATFORMS=cpu).
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        # Workdirs and data on Google Cloud Storage (gs://…): epath's backend for it.
+        "gcs": ["gcsfs>=2024.2"],
         # Benchmarks only: TRL's GRPOTrainer side by side (tools/trl_grpo.py).
         "bench": ["trl==1.16.0", "torch==2.13.0", "transformers>=5.23,<6"],
     },

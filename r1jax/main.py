@@ -19,7 +19,6 @@ import difflib
 import os
 import sys
 import threading
-from pathlib import Path
 
 import jax
 import ml_collections
@@ -28,6 +27,7 @@ from ml_collections import config_flags
 
 from r1jax.core import errors, multihost, sharding
 from r1jax.core.config import config_from_file
+from r1jax.core.storage import Path
 from r1jax.stages import run
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -148,7 +148,7 @@ def install_steps(launch: Launch) -> list[list[str]]:
   """HEAD as a tarball to every worker, unpacked and pip-installed with the tpu extra."""
   remote = (f"mkdir -p ~/{REMOTE_DIR} && tar -xzf ~/r1jax-src.tar.gz -C ~/{REMOTE_DIR} && "
             f"cd ~/{REMOTE_DIR} && python3 -m venv ~/r1jax-venv && "
-            f"~/r1jax-venv/bin/pip install -q -e '.[tpu]' && : > ~/{LOG}")
+            f"~/r1jax-venv/bin/pip install -q -e '.[tpu,gcs]' && : > ~/{LOG}")
   return [["git", "-C", str(REPO), "archive", "--format=tar.gz", f"--output={launch.archive}",
            "HEAD"],
           _gcloud(launch, "tpu-vm", "scp", launch.archive, f"{launch.name}:~/r1jax-src.tar.gz",

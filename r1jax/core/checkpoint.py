@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -22,14 +21,16 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from r1jax.core import errors
 from r1jax.core import model as model_lib
 from r1jax.core import sharding as sharding_lib
+from r1jax.core import storage
 from r1jax.core.config import model_config
+from r1jax.core.storage import Path
 
 log = logging.getLogger(__name__)
 
 
 def save_params(path: str | Path, params: Any, cfg, kind: str | None = None) -> Path:
   """Writes `path/model.json` (+ `kind`, e.g. reward_model) and `path/params/`, blocking."""
-  path = Path(path).absolute()
+  path = storage.absolute(path)
   path.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path / "params", params, force=True)
@@ -55,7 +56,7 @@ def load_params(path: str | Path, mesh: Mesh | None = None, *, kind: str | None 
   """(ModelConfig, params) from a `save_params` folder of `kind` (None: policy params),
   restored into `target(cfg)` (default: the policy's shardings on `mesh`); with `abstract`,
   the target only. Stored shapes are checked against it before any array is read."""
-  path = Path(path).absolute()
+  path = storage.absolute(path)
   if not (path / "model.json").exists() or not (path / "params").exists():
     raise FileNotFoundError(f"{path} is not an r1jax params checkpoint "
                             "(expected model.json and params/)")
@@ -159,14 +160,14 @@ def step_problem(step_dir: Path) -> str | None:
       path = step_dir / rel
       if not path.is_file():
         return f"{rel} is missing"
-      if path.stat().st_size != size:
-        return f"{rel} has {path.stat().st_size} bytes; the save wrote {size}"
+      if storage.size(path) != size:
+        return f"{rel} has {storage.size(path)} bytes; the save wrote {size}"
   return None
 
 
 def _file_sizes(step_dir: Path) -> dict[str, int]:
-  return {str(p.relative_to(step_dir)): p.stat().st_size for p in sorted(step_dir.rglob("*"))
-          if p.is_file() and p.name != FILE_LIST}
+  return {str(p.relative_to(step_dir)): storage.size(p) for p in storage.files_under(step_dir)
+          if p.name != FILE_LIST}
 
 
 # orbax's messages when the run's state has other shapes or another structure than the
@@ -213,7 +214,7 @@ class TrainCheckpointer:
 
   def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True,
                best_metric: str | None = None, best_mode: str = "max"):
-    self.directory = Path(directory).absolute()
+    self.directory = storage.absolute(directory)
     self._set_aside_damaged()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save,
@@ -267,12 +268,10 @@ class TrainCheckpointer:
       step_dir = self.directory / str(step)
       if jax.process_index() != 0 or not step_dir.is_dir():
         continue
-      tmp = step_dir / (FILE_LIST + ".tmp")
       try:
-        tmp.write_text(json.dumps(_file_sizes(step_dir)))
-        tmp.rename(step_dir / FILE_LIST)
+        storage.write_atomic(step_dir / FILE_LIST, json.dumps(_file_sizes(step_dir)))
       except OSError as e:
-        tmp.unlink(missing_ok=True)
+        (step_dir / (FILE_LIST + ".tmp")).unlink(missing_ok=True)
         raise errors.SaveFailed(f"saving a checkpoint to {self.directory} failed: writing "
                                 f"the file list of step {step}: {e}") from e
 
@@ -316,7 +315,7 @@ class TrainCheckpointer:
     """Every committed step `step_problem` finds damaged, set aside (newest first) before
     orbax's manager parses the folder; `restore` reports them if no step restores."""
     self._damaged: list[str] = []
-    steps = sorted((int(p.name) for p in self.directory.glob("*") if p.name.isdigit()),
+    steps = sorted((int(p.name) for p in storage.glob(self.directory, "*") if p.name.isdigit()),
                    reverse=True)
     for step in steps:
       problem = step_problem(self.directory / str(step))
@@ -335,7 +334,7 @@ class TrainCheckpointer:
       n = 1
       while dest.exists():
         dest, n = aside / f"{step}.{n}", n + 1
-      (self.directory / str(step)).rename(dest)
+      storage.move(self.directory / str(step), dest)
       (aside / f"{dest.name}.reason.txt").write_text(problem + "\n")
     if reload:
       self.manager.reload()

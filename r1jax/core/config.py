@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
-from pathlib import Path
 from typing import Any
 
 import ml_collections
+
+from r1jax.core.storage import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots")

@@ -21,7 +21,9 @@ import logging
 import os
 import socket
 import time
-from pathlib import Path
+
+from r1jax.core import storage
+from r1jax.core.storage import Path
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +66,19 @@ class WorkdirLock:
   The file names its holder (host, pid, start time), so a refused second run says who holds
   the workdir. The kernel drops the lock when its process dies, however it dies; a file that
   still names a holder but is not locked was left by a dead run, and is taken over with a
-  warning. One lock per process, so each host of a multi-host run holds its own.
+  warning. One lock per process, so each host of a multi-host run holds its own. An object
+  store (`gs://`) has no such lock: there the run goes on unlocked, with a warning.
   """
 
   def __init__(self, workdir: str | Path, process_index: int = 0):
-    self.path = Path(workdir) / f".r1jax-run-{process_index}.lock"
+    self.path = storage.path(workdir) / f".r1jax-run-{process_index}.lock"
     self._fd: int | None = None
 
   def __enter__(self) -> WorkdirLock:
+    if storage.is_remote(self.path):
+      log.warning("%s is on an object store, which has no lock: nothing stops a second run "
+                  "on this workdir; run one at a time", self.path.parent)
+      return self
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by exec'd children
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

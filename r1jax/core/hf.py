@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import jax
@@ -22,11 +21,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save, save_file
 
 from r1jax.core import checkpoint
 from r1jax.core import model as model_lib
+from r1jax.core import storage
 from r1jax.core.config import ModelConfig, RopeScaling
+from r1jax.core.storage import Path
 
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
 _INDEX = "model.safetensors.index.json"
@@ -159,12 +160,12 @@ def _weight_files(hf_dir: Path) -> dict[str, Path]:
   if index.exists():
     weight_map = json.loads(index.read_text())["weight_map"]
     return {name: hf_dir / fname for name, fname in weight_map.items()}
-  files = sorted(hf_dir.glob("*.safetensors"))
+  files = storage.glob(hf_dir, "*.safetensors")
   if not files:
     raise FileNotFoundError(f"no *.safetensors files (and no {_INDEX}) in {hf_dir}")
   out = {}
   for path in files:
-    with safe_open(path, framework="np") as f:
+    with safe_open(storage.local_file(path), framework="np") as f:
       out.update({name: path for name in f.keys()})
   return out
 
@@ -179,7 +180,7 @@ class _Reader:
     if path not in self._open:
       if not path.exists():
         raise FileNotFoundError(f"safetensors shard {path} named by the index is missing")
-      self._open[path] = safe_open(path, framework="np")
+      self._open[path] = safe_open(storage.local_file(path), framework="np")  # a memory map
     return self._open[path]
 
   def shape(self, path: Path, name: str) -> tuple[int, ...]:
@@ -328,7 +329,10 @@ def save_pretrained(model_config: ModelConfig, params: model_lib.Params,
     fname = ("model.safetensors" if len(shards) == 1
              else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
     arrays = {name: np.ascontiguousarray(load()) for name, _, load in shard}
-    save_file(arrays, str(out / fname), metadata={"format": "pt"})
+    if storage.is_remote(out):
+      (out / fname).write_bytes(save(arrays, metadata={"format": "pt"}))
+    else:
+      save_file(arrays, str(out / fname), metadata={"format": "pt"})
     total += sum(a.nbytes for a in arrays.values())
     weight_map.update({name: fname for name in arrays})
   if len(shards) > 1:

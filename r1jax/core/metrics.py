@@ -20,13 +20,14 @@ import logging
 import math
 import re
 import time
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
 
+from r1jax.core import storage
 from r1jax.core import tb_events
+from r1jax.core.storage import Path
 
 _log = logging.getLogger(__name__)
 
@@ -60,19 +61,19 @@ class MetricsWriter:
     if process_index is None:
       process_index = jax.process_index()
     self.active = process_index == 0
-    self.path = Path(workdir) / JSONL_NAME
+    self.path = storage.path(workdir) / JSONL_NAME
     self._file = self._tb = None
     if not self.active:
       return
     self.path.parent.mkdir(parents=True, exist_ok=True)
     # A run killed mid-write leaves a partial last line; start ours on a fresh line.
-    needs_newline = self.path.exists() and self.path.stat().st_size > 0 and (
+    needs_newline = self.path.exists() and storage.size(self.path) > 0 and (
         self.path.read_bytes()[-1:] != b"\n")
-    self._file = self.path.open("a", encoding="utf-8")
+    self._file = storage.Appender(self.path, upload_every_s=storage.LOG_UPLOAD_S)
     if needs_newline:
       self._file.write("\n")
     if tensorboard:
-      self._tb = tb_events.EventWriter(Path(workdir) / TB_DIR)
+      self._tb = tb_events.EventWriter(storage.path(workdir) / TB_DIR)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     """Logs one step's scalars; call it again with the same step to add more keys."""
@@ -85,6 +86,12 @@ class MetricsWriter:
     self._file.flush()  # a crash must not lose the steps before it
     if self._tb is not None:
       self._tb.add_scalars(int(step), values)
+
+  def sync(self) -> None:
+    """Every line written so far in the file (on an object store a log is uploaded at most
+    every `storage.LOG_UPLOAD_S`): before reading it back."""
+    if self._file is not None:
+      self._file.flush(force=True)
 
   def close(self) -> None:
     """Flushes and closes both files; later writes are an error."""
@@ -109,7 +116,7 @@ def read_metrics(path: str | Path, merge: bool = True) -> list[dict[str, Any]]:
   cut short is skipped with a warning. JSON nulls (non-finite values) read back as NaN.
   """
   records = []
-  with open(path, encoding="utf-8") as f:
+  with storage.path(path).open("r", encoding="utf-8") as f:
     for i, line in enumerate(f, 1):
       if not line.strip():
         continue

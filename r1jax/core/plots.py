@@ -7,14 +7,16 @@ pipeline stage calls `plot` directly at the end of a run.
 from __future__ import annotations
 
 import fnmatch
+import io
 import math
-from pathlib import Path
 from typing import Callable, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+from r1jax.core.storage import Path
 
 _REWARD_EXTRAS = ("reward/total", "reward/seconds", "reward/pool_cpu_s")
 
@@ -61,7 +63,9 @@ def _draw(records: Sequence[dict], keys: Sequence[str], title: str, path: Path,
   axes[-1][0].set_xlabel("step")
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
+  Path(path).write_bytes(png.getvalue())  # local or gs://
   plt.close(fig)
   return path
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from pathlib import Path
-from typing import BinaryIO, Mapping
+from typing import Mapping
+
+from r1jax.core import storage
+from r1jax.core.storage import Path
 
 
 def _crc32c_table() -> tuple[int, ...]:
@@ -80,11 +82,12 @@ class EventWriter:
   """Appends scalar summaries to a new events.out.tfevents.* file in `folder`."""
 
   def __init__(self, folder: str | Path):
-    folder = Path(folder)
+    folder = storage.path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     now = time.time()
     self.path = folder / f"events.out.tfevents.{int(now):010d}.{socket.gethostname()}"
-    self._file: BinaryIO | None = self.path.open("ab")
+    self._file: storage.Appender | None = storage.Appender(
+        self.path, binary=True, upload_every_s=storage.LOG_UPLOAD_S)
     self._file.write(record(version_event(now)))
 
   def add_scalars(self, step: int, values: Mapping[str, float]) -> None:

@@ -11,11 +11,14 @@ import abc
 import dataclasses
 import hashlib
 import json
+import os
 import re
-from pathlib import Path
+import tempfile
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
+
+from r1jax.core.storage import Path
 
 REASONING_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
 
@@ -60,7 +63,7 @@ class SentencePieceTokenizer(Tokenizer):
 
   def __init__(self, path: str | Path):
     self.path = Path(path)
-    self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+    self.sp = spm.SentencePieceProcessor(model_proto=self.path.read_bytes())  # local or gs://
     self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
     self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
     pad = self.sp.pad_id()
@@ -93,7 +96,7 @@ class HFTokenizer(Tokenizer):
     # Optional extra ('r1jax[hf]'): only HF tokenizer folders need it.
     from tokenizers import Tokenizer as RustTokenizer  # pylint: disable=g-import-not-at-top
     folder = Path(folder)
-    self.tok = RustTokenizer.from_file(str(folder / "tokenizer.json"))
+    self.tok = RustTokenizer.from_str((folder / "tokenizer.json").read_text())
     config_path = folder / "tokenizer_config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
     ids = {k: self.token_id(s) if (s := _special(config, f"{k}_token")) else None
@@ -138,8 +141,19 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | Path, vocab_si
   """
   model_prefix = Path(model_prefix)
   model_prefix.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(prefix="r1jax-spm-") as tmp:  # the trainer writes locally
+    local = os.path.join(tmp, model_prefix.name)
+    _train_bpe(texts, local, vocab_size, special_tokens)
+    for ext in (".model", ".vocab"):
+      with open(local + ext, "rb") as f:
+        model_prefix.with_name(model_prefix.name + ext).write_bytes(f.read())
+  return model_prefix.with_name(model_prefix.name + ".model")
+
+
+def _train_bpe(texts: Iterable[str], model_prefix: str, vocab_size: int,
+               special_tokens: Sequence[str]) -> None:
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(t for t in texts if t), model_prefix=str(model_prefix),
+      sentence_iterator=iter(t for t in texts if t), model_prefix=model_prefix,
       vocab_size=vocab_size, model_type="bpe", character_coverage=1.0, byte_fallback=True,
       pad_id=0, unk_id=1, bos_id=2, eos_id=3, user_defined_symbols=list(special_tokens),
       split_digits=True, max_sentence_length=1 << 16, num_threads=2,
@@ -147,7 +161,6 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | Path, vocab_si
       normalization_rule_name="identity", remove_extra_whitespaces=False,
       add_dummy_prefix=False,
       minloglevel=2)
-  return model_prefix.with_suffix(".model")
 
 
 # ------------------------------------------------------------------------- templates

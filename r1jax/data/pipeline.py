@@ -20,15 +20,17 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
-from pathlib import Path
+import os
 from typing import Any, Callable, Sequence
 
 import grain
 import jax
 import numpy as np
 
+from r1jax.core import storage
 from r1jax.core import tokenizer as tok_lib
 from r1jax.core.errors import DataError
+from r1jax.core.storage import Path
 from r1jax.data import sft_rows
 from r1jax.data.rows import (BadRow, RowError, check_bad_share, load_rows,  # noqa: F401
                             data_paths, log_bad_row, parse_json_line, record_source)
@@ -93,7 +95,7 @@ class PromptPipeline:
       raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     source = "rows"
     self.bad_rows = list(bad_rows)
-    if isinstance(rows, (str, Path)):
+    if isinstance(rows, (str, os.PathLike)):
       source = str(rows)
       rows, file_bad = load_rows(rows, adapter)
       self.bad_rows += file_bad
@@ -210,7 +212,7 @@ class SFTPipeline:
     self.max_bad_share = max_bad_share
     self.window = window or 4 * batch_size
     self.shard_index, self.shard_count = _shard(shard_index, shard_count)
-    size = sum(p.stat().st_size for p in data_paths(path))
+    size = sum(storage.size(p) for p in data_paths(path))
     self.fingerprint = {"rows": len(source), "bytes": size, "seed": seed,
                         "shuffle": shuffle, "num_epochs": num_epochs,
                         "shard": [self.shard_index, self.shard_count],

@@ -7,12 +7,12 @@ learns r(prompt + chosen) > r(prompt + rejected). Rows come through the one load
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from r1jax.core.errors import DataError
+from r1jax.core.storage import Path
 from r1jax.core.tokenizer import render_prompt
 from r1jax.data.rows import BadRow, RowError, check_bad_share, log_bad_row, read_records
 

@@ -16,15 +16,17 @@ import bisect
 import collections
 import csv
 import dataclasses
+import io
 import itertools
 import json
 import logging
 import os
 import re
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from r1jax.core import storage
 from r1jax.core.errors import DataError
+from r1jax.core.storage import Path
 from r1jax.data.answers import boxed_contents, strip_wrappers
 
 log = logging.getLogger(__name__)
@@ -103,7 +105,7 @@ def read_records(path: str | Path) -> Iterator[tuple[int, Any]]:
     for i, value in enumerate(elements, start=1):
       yield i, value if isinstance(value, dict) else RowError("not_object", type(value).__name__)
   elif fmt == "csv":
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    with io.TextIOWrapper(path.open("rb"), encoding="utf-8-sig", newline="") as f:
       reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
       for row in reader:
         yield reader.line_num, row
@@ -197,7 +199,7 @@ def read_parquet(path: Path) -> list[dict]:
   except ImportError as e:
     raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow); it is not "
                       "installed. jsonl files need nothing extra.") from e
-  return pq.read_table(path).to_pylist()
+  return pq.read_table(storage.local_file(path)).to_pylist()
 
 
 class JsonlSource:
@@ -208,12 +210,12 @@ class JsonlSource:
   """
 
   def __init__(self, path: str | Path):
-    self.path = Path(path)
-    if not self.path.is_file():
-      raise FileNotFoundError(f"no data file at {self.path}")
+    if not Path(path).is_file():
+      raise FileNotFoundError(f"no data file at {path}")
+    self.path = storage.local_file(path)  # reads by offset: an object is copied down once
     self._spans: list[tuple[int, int, int]] = []  # (line, offset, length) of non-blank lines
     offset = 0
-    with self.path.open("rb") as f:
+    with open(self.path, "rb") as f:
       for line, raw in enumerate(f, start=1):
         if raw.strip():
           self._spans.append((line, offset, len(raw)))

@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import hashlib
 import random
-from pathlib import Path
 
 from r1jax.core import tokenizer as tok_lib
+from r1jax.core.storage import Path
 from r1jax.data import synthetic
 from r1jax.data.formats import READABLE
 

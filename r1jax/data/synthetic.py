@@ -30,10 +30,10 @@ import dataclasses
 import hashlib
 import json
 import random
-from pathlib import Path
 from typing import Iterator, NamedTuple
 
 from r1jax.core import tokenizer as tok_lib
+from r1jax.core.storage import Path
 
 MIN_OPERAND, MAX_OPERAND = 1, 9
 MAX_VALUE = 40
@@ -341,7 +341,7 @@ def tokenizer_texts(corpus_path: str | Path, limit: int = 20000) -> Iterator[str
   The tokenizer (not the model) sees the R1-Zero instruction, so its words become pieces and
   the prompt costs ~60 tokens instead of ~300 bytes; the model is never trained on it.
   """
-  with open(corpus_path, encoding="utf-8") as f:
+  with Path(corpus_path).open("r", encoding="utf-8") as f:
     for i, line in enumerate(f):
       if i >= limit:
         break

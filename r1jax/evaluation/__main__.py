@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from absl import app, flags
 
+from r1jax.core.storage import Path
 from r1jax.evaluation.external import grade_file
 from r1jax.evaluation.report import markdown_table
 from r1jax.rewards import pool as pool_lib

@@ -25,12 +25,12 @@ import dataclasses
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Sequence
 
 import jax
 
 from r1jax.core import multihost
+from r1jax.core.storage import Path
 from r1jax.core.weights import check_vocab
 from r1jax.data.pipeline import prepare_prompts
 from r1jax.evaluation.report import BREAKDOWN_FIELDS, QuestionResult, Report

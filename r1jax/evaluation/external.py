@@ -8,8 +8,8 @@ the trainer's own evaluation.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
+from r1jax.core.storage import Path
 from r1jax.data import rows as datasets
 from r1jax.evaluation.evaluate import benchmark_name, score_completions
 from r1jax.evaluation.report import Report

@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from r1jax.core.storage import Path
 
 BREAKDOWN_FIELDS = ("level", "subject", "source")  # meta fields that get their own rows
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
@@ -18,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from r1jax.core.config import ModelConfig
+from r1jax.core.storage import Path
 from r1jax.core.tokenizer import Tokenizer
 from r1jax.data.rows import check_bad_share, check_unique_ids, load_rows
 from r1jax.evaluation.evaluate import benchmark_name, evaluate, summary_metrics

@@ -15,11 +15,11 @@ files, or output files without a manifest, is refused rather than mixed.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Iterable
 
+from r1jax.core import storage
 from r1jax.core.config import config_changes
+from r1jax.core.storage import Path
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress"
@@ -27,12 +27,8 @@ PROGRESS = "progress"
 
 def _fsync_append(path: Path, lines: Iterable[str]) -> int:
   """Appends lines to path (created if missing), fsyncs; returns the file size after."""
-  with path.open("ab") as f:
-    for line in lines:
-      f.write(line.encode() + b"\n")
-    f.flush()
-    os.fsync(f.fileno())
-    return f.tell()
+  storage.append(path, "".join(line + "\n" for line in lines).encode(), sync=True)
+  return storage.size(path)
 
 
 def claim_folder(out_dir: Path, manifest: dict, names: Iterable[str]) -> bool:
@@ -43,7 +39,7 @@ def claim_folder(out_dir: Path, manifest: dict, names: Iterable[str]) -> bool:
   """
   out_dir.mkdir(parents=True, exist_ok=True)
   path = out_dir / MANIFEST
-  ours = [p.name for n in (*names, PROGRESS) for p in out_dir.glob(f"{n}-h*.jsonl")]
+  ours = [p.name for n in (*names, PROGRESS) for p in storage.glob(out_dir, f"{n}-h*.jsonl")]
   if path.exists():
     changes = config_changes(json.loads(path.read_text()), manifest)
     if changes:
@@ -54,9 +50,7 @@ def claim_folder(out_dir: Path, manifest: dict, names: Iterable[str]) -> bool:
   if ours:
     raise ValueError(f"{out_dir} holds output files ({sorted(ours)[:4]}) but no {MANIFEST}: "
                      "they are not this run's. Use a new folder.")
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-  os.replace(tmp, path)
+  storage.write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True))
   return False
 
 
@@ -87,19 +81,18 @@ class ShardWriter:
         records.append(record)
         good_bytes += len(line) + 1
       if good_bytes != len(raw):
-        with self.progress_path.open("r+b") as f:
-          f.truncate(good_bytes)
+        storage.truncate(self.progress_path, good_bytes)
     self.committed = records
     sizes = records[-1]["sizes"] if records else {}
     for name in self.names:
       path = self._path(name)
       keep = int(sizes.get(name, 0))
-      if path.exists() and path.stat().st_size != keep:
-        if path.stat().st_size < keep:
-          raise ValueError(f"{path} is shorter ({path.stat().st_size} bytes) than its last "
-                           f"commit records ({keep}): the folder was edited; use a new one")
-        with path.open("r+b") as f:
-          f.truncate(keep)
+      size = storage.size(path) if path.exists() else keep
+      if size < keep:
+        raise ValueError(f"{path} is shorter ({size} bytes) than its last commit records "
+                         f"({keep}): the folder was edited; use a new one")
+      if size > keep:
+        storage.truncate(path, keep)
 
   @property
   def done(self) -> set[int]:
@@ -124,7 +117,7 @@ class ShardWriter:
 def read_rows(out_dir: str | Path, name: str) -> list[dict]:
   """Every host's committed rows of one output, host by host."""
   rows = []
-  for path in sorted(Path(out_dir).glob(f"{name}-h*.jsonl")):
+  for path in storage.glob(out_dir, f"{name}-h*.jsonl"):
     rows += [json.loads(line) for line in path.read_text().splitlines() if line]
   return rows
 
@@ -132,7 +125,7 @@ def read_rows(out_dir: str | Path, name: str) -> list[dict]:
 def read_progress(out_dir: str | Path) -> list[dict]:
   """Every host's progress records (whole lines only)."""
   out = []
-  for path in sorted(Path(out_dir).glob(f"{PROGRESS}-h*.jsonl")):
+  for path in storage.glob(out_dir, f"{PROGRESS}-h*.jsonl"):
     for line in path.read_bytes().split(b"\n")[:-1]:
       try:
         out.append(json.loads(line))

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from r1jax.core.storage import Path
 from r1jax.rewards import registry
 
 NORM_FILE = "norm.json"  # beside a saved RM: its held-out score mean / std and pair accuracy

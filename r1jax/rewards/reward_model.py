@@ -12,7 +12,6 @@ collects it after the host rule rewards ran, so the two overlap.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -24,6 +23,7 @@ from r1jax.core import attention, checkpoint, errors, multihost
 from r1jax.core import model as model_lib
 from r1jax.core import sharding as sharding_lib
 from r1jax.core.config import ModelConfig
+from r1jax.core.storage import Path
 from r1jax.core.tokenizer import check_template, load_tokenizer
 from r1jax.data.preferences import encode_pairs
 from r1jax.rewards import registry

@@ -10,13 +10,13 @@ imports a stage.
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 import jax
 import ml_collections
 
 from r1jax.core.config import non_finite_fields
 from r1jax.core.errors import ConfigError, WorkdirLock
+from r1jax.core.storage import Path
 
 # stage name -> "module:function(config, workdir)". Imported when run, so a config for one
 # stage never loads the others.

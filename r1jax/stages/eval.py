@@ -7,7 +7,6 @@ per-benchmark key, and writes WORKDIR/eval/<benchmark>.json, .completions.jsonl 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -15,6 +14,7 @@ import ml_collections
 
 from r1jax.core import sharding
 from r1jax.core.config import eval_group, stage_group
+from r1jax.core.storage import Path
 from r1jax.core.tokenizer import load_tokenizer, tokenizer_path
 from r1jax.core.weights import load_model
 from r1jax.evaluation import suite as suite_lib

@@ -32,7 +32,6 @@ import hashlib
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -43,8 +42,10 @@ from r1jax import stages
 from r1jax.core import checkpoint as ckpt_lib
 from r1jax.core import multihost
 from r1jax.core import sharding
+from r1jax.core import storage
 from r1jax.core.config import stage_group
 from r1jax.core.errors import DataError
+from r1jax.core.storage import Path
 from r1jax.core.tokenizer import (TEMPLATES, load_tokenizer, tokenizer_fingerprint,
                                   tokenizer_path)
 from r1jax.core.weights import check_vocab, load_model
@@ -122,7 +123,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def _file_sha1(path: str) -> str:
   h = hashlib.sha1()
-  with open(path, "rb") as f:
+  with storage.path(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
   return h.hexdigest()
@@ -145,10 +146,9 @@ def _weights_fingerprint(group) -> str | None:
   if not folder:
     return None
   h = hashlib.sha1()
-  for p in sorted(Path(folder).rglob("*")):
-    if p.is_file():
-      st = p.stat()
-      h.update(f"{p.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+  for p in storage.files_under(folder):
+    size, mtime_ns = storage.size_and_mtime_ns(p)
+    h.update(f"{p.relative_to(folder)}\0{size}\0{mtime_ns}\n".encode())
   return h.hexdigest()
 
 

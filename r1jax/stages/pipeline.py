@@ -23,7 +23,6 @@ import json
 import logging
 import re
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -33,10 +32,12 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from r1jax import stages
 from r1jax.core import multihost
+from r1jax.core import storage
 from r1jax.core.config import config_changes
 from r1jax.core.errors import DataError
 from r1jax.core.metrics import read_metrics
 from r1jax.core.plots import plot
+from r1jax.core.storage import Path
 from r1jax.core.tokenizer import train_sentencepiece
 from r1jax.data import scenarios, synthetic
 from r1jax.evaluation import report as eval_report
@@ -277,7 +278,7 @@ def _eval_table(eval_dirs: dict[str, Path], ref: str, base: str) -> tuple[dict, 
   """Each benchmark's eval reports (one per label) side by side: rows and markdown lines."""
   rows: dict[str, dict] = {}
   for name, folder in eval_dirs.items():
-    for path in sorted(folder.glob("*.json")):
+    for path in storage.glob(folder, "*.json"):
       rows.setdefault(path.stem, {})[name] = _report_row(path)
   lines = []
   for bench, by_stage in rows.items():
@@ -376,7 +377,7 @@ def use_compile_cache(folder: Path) -> bool:
 def run(config, workdir: Path) -> dict:
   """Runs a pipeline config: config.order's stages (then compare_evals), or by default
   data → base → rl → report (experiments/tiny_zero.py)."""
-  workdir = Path(workdir).absolute()
+  workdir = storage.absolute(workdir)
   validate(config)  # a bad later-stage value fails now, not after hours of earlier stages
   use_compile_cache(workdir / "compile_cache")
   allowed = {f.strip() for f in config.get("allow_changes", "").split(",") if f.strip()}
@@ -384,7 +385,7 @@ def run(config, workdir: Path) -> dict:
   if config.get("order") or summary.get("preempted"):
     return summary
   rl_dir = workdir / "rl"
-  steps = sorted((rl_dir / "eval").glob("step_*"))  # the base's eval (step 0), the last
+  steps = storage.glob(rl_dir / "eval", "step_*")  # the base's eval (step 0), the last
   if len(steps) < 2:
     raise FileNotFoundError(f"{rl_dir}/eval needs the step-0 and a later eval report")
   cmp, lines = _eval_table({"base": steps[0], "rl": steps[-1]}, "", "base")

@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from r1jax.core import storage
 from r1jax.core.metrics import read_metrics, reflection_counts
 from r1jax.core.plots import plot
+from r1jax.core.storage import Path
 from r1jax.data.formats import parse_readable
 from r1jax.data.scenarios import is_on_topic, is_refusal
 from r1jax.evaluation.report import Report
@@ -122,7 +123,7 @@ def _step(path: Path) -> int:
 def rl_curve(stage_dir: Path) -> list[dict[str, Any]]:
   """An RL stage's held-out evals in step order: pass@1 and mean tokens per level."""
   out = []
-  for d in sorted((stage_dir / "eval").glob("step_*"), key=_step):
+  for d in sorted(storage.glob(stage_dir / "eval", "step_*"), key=_step):
     rep = Report.from_json(d / "held_out.json")
     levels = rep.breakdown().get("level", {})
     out.append({"step": _step(d), "pass@1": rep.summary()["pass@1"],

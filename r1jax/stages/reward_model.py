@@ -15,7 +15,6 @@ held-out scores (the fixed normalisation a reward spec's `norm: "validation"` re
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import ml_collections
@@ -23,6 +22,7 @@ import numpy as np
 
 from r1jax.core import checkpoint, errors, multihost, sharding
 from r1jax.core.config import opt_config, opt_group, stage_group
+from r1jax.core.storage import Path
 from r1jax.core.tokenizer import load_tokenizer, tokenizer_path
 from r1jax.core.weights import check_vocab, load_model
 from r1jax.data.preferences import encode_pairs, load_pairs

@@ -25,7 +25,6 @@ import dataclasses
 import logging
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -37,6 +36,7 @@ from r1jax.core import checkpoint, errors, multihost, sharding
 from r1jax.core import metrics as metrics_lib
 from r1jax.core.config import (GRPOConfig, ModelConfig, eval_group, grpo_config, grpo_group,
                                model_config, opt_config, opt_group, stage_group)
+from r1jax.core.storage import Path
 from r1jax.core.tokenizer import TEMPLATES, Tokenizer, load_tokenizer, tokenizer_path
 from r1jax.core.weights import check_vocab, load_model
 from r1jax.data.pipeline import PromptIterator, PromptPipeline, check_mixture

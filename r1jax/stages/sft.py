@@ -14,7 +14,6 @@ go to WORKDIR/final for the next stage.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import jax
 import ml_collections
@@ -23,6 +22,7 @@ import numpy as np
 from r1jax.core import checkpoint as ckpt_lib
 from r1jax.core import multihost, sharding
 from r1jax.core.config import model_config, opt_config, opt_group, stage_group
+from r1jax.core.storage import Path
 from r1jax.core.tokenizer import TEMPLATES, load_tokenizer, tokenizer_fingerprint, tokenizer_path
 from r1jax.core.weights import check_vocab, load_model
 from r1jax.data import pipeline as data_lib

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,7 @@ import numpy as np
 
 from r1jax.core import model as model_lib
 from r1jax.core import sharding
+from r1jax.core.storage import Path
 from r1jax.core.weights import load_model
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -26,6 +25,7 @@ import jax
 from r1jax.core import checkpoint as ckpt_lib
 from r1jax.core import errors, multihost
 from r1jax.core import metrics as metrics_lib
+from r1jax.core.storage import Path
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,7 @@ class TrainLoop:
     mid-run drop: `metrics.worst_drops`) and returns it."""
     self.summary["step"] = step
     self.summary.update(self.last_metrics)
+    self.writer.sync()
     if self.writer.active and self.writer.path.exists():
       drops = metrics_lib.worst_drops(metrics_lib.read_metrics(self.writer.path))
       if drops:

@@ -69,6 +69,10 @@ class RMTrainer:
     micro = jax.tree.map(lambda x: batches_lib.split_rows(x, 1, a, self.mesh)[0], batch)
 
     def micro_loss(params, x: PairBatch):
+      # The loss sees only differences of scores, so the head's bias has no gradient but
+      # rounding noise, which Adam would scale up to steps of the full learning rate: held.
+      head = {**params["head"], "b": jax.lax.stop_gradient(params["head"]["b"])}
+      params = {**params, "head": head}
       r_2B = score(params, jnp.concatenate([x.chosen, x.rejected]),
                    jnp.concatenate([x.chosen_mask, x.rejected_mask]), self.cfg)
       b = x.chosen.shape[0]
