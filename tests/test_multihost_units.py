@@ -190,3 +190,16 @@ def test_data_shards_refuse_a_split_they_cannot_make_or_a_state_of_other_shards(
   with pytest.raises(ValueError, match="data.shards >= 0"):
     validate(c)
 
+
+
+def test_a_reward_model_batch_the_processes_cannot_split_is_refused_first(monkeypatch,
+                                                                          tmp_path):
+  """2 processes and 3 pairs a step: a ConfigError naming both, before any data is read
+  (the data path given does not exist)."""
+  from r1jax.core import errors
+  from r1jax.stages import reward_model
+  c = reward_model.reward_model_config(steps=2)
+  c.data.update(train=str(tmp_path / "missing.jsonl"), batch=3)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(errors.ConfigError, match="data.batch=3 pairs do not split over 2"):
+    reward_model.run(c, tmp_path / "run")

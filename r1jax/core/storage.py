@@ -99,16 +99,9 @@ def size_and_mtime_ns(p: str | os.PathLike) -> tuple[int, int]:
 def append(p: str | os.PathLike, data: str | bytes, *, sync: bool = False) -> None:
   """Adds `data` at the end of the file at `p` (created if missing). `sync`: fsync a local
   file before returning (an object store's write is durable when it returns)."""
-  p, binary = path(p), isinstance(data, bytes)
-  if is_remote(p):
-    old = (p.read_bytes() if binary else p.read_text()) if p.exists() else data[:0]
-    (p.write_bytes if binary else p.write_text)(old + data)
-    return
-  with open(p, "ab" if binary else "a", **({} if binary else {"encoding": "utf-8"})) as f:
-    f.write(data)
-    if sync:
-      f.flush()
-      os.fsync(f.fileno())
+  log = Appender(p, binary=isinstance(data, bytes))
+  log.write(data)
+  log.close(sync=sync)
 
 
 class Appender:
@@ -143,9 +136,12 @@ class Appender:
       (self.path.write_bytes if self._binary else self.path.write_text)(self._head)
       self._uploaded = time.monotonic()
 
-  def close(self) -> None:
+  def close(self, sync: bool = False) -> None:
+    """Writes what is left; `sync`: fsyncs a local file first."""
     self.flush(force=True)
     if self._file is not None:
+      if sync:
+        os.fsync(self._file.fileno())
       self._file.close()
       self._file = None
 
