@@ -208,7 +208,9 @@ def sampling_runs(tmp_path_factory):
   r = rl_test_config(world, steps=2)  # β > 0: the reference's log-probs beside each rollout
   r.eval.update(benchmarks=world["held_out"], every=2)
   o = rl_test_config(world, steps=2)
-  o.grpo.overlap = "rewards"  # step n + 1 sampled before, and scored during, update n
+  # step n + 1 sampled during update n: as "rewards" in 2 processes (sampled before the
+  # update, scored during it: stages/rl.processes_overlap), as itself in 1
+  o.grpo.overlap = "rollout"
   # …and scored by a reward model too (random head), normalised by its running statistics.
   o.rewards.models = [dict(judge, norm="running")]
   o.rewards.components = list(o.rewards.components) + [
@@ -267,9 +269,10 @@ def test_rl_as_two_processes_equals_one(sampling_runs):
   """GRPO with each process sampling, scoring and packing its half of the prompts (and the
   reference's log-probs of its rows) trains as 1 process on 4 devices: params ≤ 1e-6 apart
   after 2 steps; the metrics, written once, agree (held-out evals included). One step off
-  policy (grpo.overlap="rewards", the reference inside the update) as well, with a reward
+  policy (the reference inside the update) as well, with a reward
   model scoring every process's rows in one forward and normalising them by the running
-  statistics of all of them (params ≤ 1e-5 apart: its scores agree to float32 rounding)."""
+  statistics of all of them (params ≤ 1e-5 apart: its scores agree to float32 rounding):
+  grpo.overlap="rollout", which the 2 processes run as "rewards", the 1 process as itself."""
   read = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
   for stage, steps, keys in (("rl", range(3), ()),
                              ("rl_overlap", range(1, 3), ("reward/judge",))):

@@ -203,3 +203,23 @@ def test_a_reward_model_batch_the_processes_cannot_split_is_refused_first(monkey
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   with pytest.raises(errors.ConfigError, match="data.batch=3 pairs do not split over 2"):
     reward_model.run(c, tmp_path / "run")
+
+
+def test_an_overlap_the_processes_cannot_order_runs_as_rewards_or_is_refused(monkeypatch,
+                                                                            caplog):
+  """In 2 processes grpo.overlap="rollout" runs as "rewards", logged; an overlap with
+  dynamic_sampling is refused; in 1 process, and without an overlap, nothing changes."""
+  from r1jax.core import errors
+  from r1jax.core.config import GRPOConfig
+  from r1jax.stages.rl import processes_overlap
+  rollout, rewards, off = (GRPOConfig(overlap=o) for o in ("rollout", "rewards", ""))
+  assert processes_overlap(rollout, True) == rollout  # 1 process: as configured
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with caplog.at_level("WARNING"):
+    assert processes_overlap(rollout, False) == rewards
+  assert "grpo.overlap='rollout' runs as 'rewards' in 2 processes" in caplog.text
+  assert processes_overlap(rewards, False) == rewards
+  assert processes_overlap(off, True) == off
+  for grpo in (rollout, rewards):
+    with pytest.raises(errors.ConfigError, match="overlap with dynamic_sampling"):
+      processes_overlap(grpo, True)

@@ -76,6 +76,18 @@ def test_sigterm_with_a_rollout_pending_resumes_bit_exact(uninterrupted, tmp_pat
 
 
 @pytest.mark.slow
+def test_rewards_mode_trains_the_rollout_modes_params(world, uninterrupted, tmp_path):
+  """"rewards" samples step n + 1 before update n, "rollout" during it: the same samples from
+  the same params, so the same weights, bit for bit (why several processes may run
+  "rollout" as "rewards": stages/rl.processes_overlap)."""
+  config_path = main_runs.config_file(overlap_config(world, overlap="rewards"),
+                                      tmp_path / "exp.py")
+  main_runs.finish(main_runs.start(f"--config={config_path}", f"--workdir={tmp_path / 'run'}"))
+  main_runs.assert_bit_exact(uninterrupted[1], jax.tree.map(
+      np.asarray, checkpoint.load_params(tmp_path / "run" / "final")[1]))
+
+
+@pytest.mark.slow
 def test_switching_overlap_on_a_resumed_run_is_refused(world, uninterrupted):
   """Checkpoints of an overlapped run hold the pending rollout's params; a run without
   overlap cannot resume them silently (nor the other way round)."""

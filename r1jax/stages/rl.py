@@ -172,18 +172,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f"grpo.minibatches × grpo.microbatches = {splits}")
 
 
+def processes_overlap(grpo: GRPOConfig, dynamic_sampling: bool) -> GRPOConfig:
+  """grpo.overlap as this process count can run it. In several processes every process must
+  dispatch its device programs (and their collectives) in one order, so the sampler may not
+  run during the update: "rollout" runs as "rewards" (the same samples, params and metrics:
+  only the sampling's timing differs; logged), and an overlap with dynamic_sampling (its
+  refill samples during the update) is refused."""
+  if jax.process_count() == 1 or not grpo.overlap:
+    return grpo
+  if dynamic_sampling:
+    raise errors.ConfigError(
+        "rl: in several processes grpo.overlap with dynamic_sampling (its refill samples "
+        "during the update) would interleave the sampler's collectives with the update's in "
+        "a different order on each process; use grpo.overlap='' or no dynamic_sampling")
+  if grpo.overlap == "rollout":
+    logging.warning("rl: grpo.overlap='rollout' runs as 'rewards' in %d processes: the next "
+                    "rollout is sampled before each update and scored during it (the same "
+                    "samples and updates)", jax.process_count())
+    return dataclasses.replace(grpo, overlap="rewards")
+  return grpo
+
+
 def setup(config: ml_collections.ConfigDict, workdir: Path) -> RLRun:
   """Everything one run holds fixed. Bad input fails here, before any device work."""
   validate(config)
   check_processes("rl", config)
-  if jax.process_count() > 1 and (config.grpo.overlap == "rollout" or (
-      config.grpo.overlap and config.dynamic_sampling)):
-    raise errors.ConfigError(
-        "rl: in several processes grpo.overlap='rollout', or an overlap with dynamic_sampling "
-        "(its refill samples during the update), would interleave the sampler's collectives "
-        "with the update's in a different order on each process; use grpo.overlap='rewards' "
-        "without dynamic_sampling, or ''")
-  grpo = grpo_config(config.grpo)
+  grpo = processes_overlap(grpo_config(config.grpo), bool(config.dynamic_sampling))
   mesh, rm_mesh = sharding.policy_and_reward_meshes(config.mesh.shape,
                                                     config.mesh.get("reward_devices", 0))
   tok = load_tokenizer(tokenizer_path(config))

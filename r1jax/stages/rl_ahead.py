@@ -15,7 +15,8 @@ Two modes:
   sandboxes, math-verify, reward models' host side). The devices never run both (but for
   DAPO's refill rollouts, which sample again after the first batch is scored).
 
-With several processes only "rewards" without DAPO's refill runs: every process must
+With several processes "rollout" runs as "rewards" (stages/rl.processes_overlap: the same
+samples and updates), and an overlap with DAPO's refill is refused: every process must
 dispatch its device programs (and their collectives) in the same order, which holds when
 the devices never run both; the background thread's agreement calls (the sampler's shapes,
 the informative count) are numbered in a namespace of their own (`multihost.namespace`).
