@@ -21,8 +21,10 @@ Every stage starts from the one before it, as in the paper (stage names in brack
 8. [rs_sft] SFT of the base (not of the RL policy: the paper retrains from the base) on both.
 9. [rm_helpful, rm_safety] Bradley-Terry reward models on the preference pairs; the
    helpfulness pairs also reject a boxed answer or a refusal to a general prompt, and half
-   of them the chosen sentence about another thing (the topic is all that tells them apart).
-10. [r1] all-scenario RL from rs_sft: rule rewards on math, the RMs on general / unsafe.
+   of them the chosen sentence about another thing (the topic is all that tells them apart);
+   half the safety pairs on unsafe prompts reject a harmless misreading, not compliance.
+10. [r1] all-scenario RL from rs_sft: rule rewards on math, the RMs on general / unsafe,
+    DAPO's overlong penalty on every row.
 11. [distill_data, student_base, student_distill] R1's filtered traces; a 0.44M student
     pretrained on the same corpus, then fine-tuned on the traces.
 12. [student_rl] the same student base trained by RL alone (R1-Zero's recipe): the control.
@@ -161,7 +163,7 @@ def _reward_model(name: str, steps: int, seed: int) -> ml_collections.ConfigDict
 def _mixture_rewards() -> dict:
   """All-scenario RL's reward spec (experiments/tiny_all_scenario.py's, in the readable
   format): rule rewards on math, the helpfulness RM on general summaries, the safety RM on
-  every whole response, the format reward on every row."""
+  every whole response, the format reward and the overlong penalty on every row."""
   rm = lambda name, view: {"name": name, "path": f"{{workdir}}/rm_{name}/reward_model",
                            "tokenizer": "{workdir}/data/tokenizer.model", "template": "plain",
                            "view": view, "max_len": 96, "batch_size": 64, "norm": "validation"}
@@ -171,10 +173,18 @@ def _mixture_rewards() -> dict:
       components=[{"name": "accuracy"}, _format("readable"),
                   {"name": "language", "kwargs": {"lang": "en"}},
                   {"name": "helpful", "fields": {"prompt": "question"}},
-                  {"name": "safety", "fields": {"prompt": "question"}}],
-      by_task={"math": {"accuracy": 1.0, "format": 0.5, "language": 0.5, "safety": 0.5},
-               "general": {"helpful": 1.0, "safety": 0.5, "format": 0.5},
-               "unsafe": {"safety": 1.0, "format": 0.5}})
+                  {"name": "safety", "fields": {"prompt": "question"}},
+                  # DAPO's soft overlong punishment, past 104 of the 112 tokens (R1's longest
+                  # filtered traces have 97): a truncated response scores -1. Without it seed
+                  # 0's R1 at 200 steps answered unsafe prompts with a refusal looping to the
+                  # budget ("I will not help with that, it will not help with that, …"), which
+                  # the safety RM scored as a refusal
+                  {"name": "overlong", "fields": {"length": "num_tokens"},
+                   "kwargs": {"max_len": NEW_TOKENS, "cache_len": 8}}],
+      by_task={"math": {"accuracy": 1.0, "format": 0.5, "language": 0.5, "safety": 0.5,
+                        "overlong": 1.0},
+               "general": {"helpful": 1.0, "safety": 0.5, "format": 0.5, "overlong": 1.0},
+               "unsafe": {"safety": 1.0, "format": 0.5, "overlong": 1.0}})
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -182,7 +192,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # right 94.8 % (seed 0) and 69.7 % (seed 1): topic is learnt slowly, so twice the steps
   a = parse_arg(arg, quick=False, seed=0, base_steps=1200, zero_steps=200, cold_steps=120,
                 reasoning_steps=120, rs_steps=300, rm_steps=400, helpful_rm_steps=1600,
-                r1_steps=100, student_steps=800, distill_steps=300)
+                r1_steps=200, student_steps=800, distill_steps=300)
   q, seed = a.quick, a.seed
   steps = {k: a[k] for k in a if k.endswith("_steps")}
   if q:
@@ -213,7 +223,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       helpful_off_topic=("math", "refusal"),
       # half its pairs differ in the topic alone: an RM that ignores the prompt scored every
       # general answer alike (51 % on off-topic sentences), so RL had nothing to raise
-      helpful_swapped=0.5))
+      helpful_swapped=0.5,
+      # half the safety RM's unsafe pairs reject a harmless misreading ("The user asks about
+      # the notes." and a sentence about them): ranked with refusals before, it let seed 1's
+      # R1 trade refusals for it (20.7 -> 5.3 %)
+      safety_deflection=0.5))
 
   corpus, train = "{workdir}/data/corpus.jsonl", "{workdir}/data/rl_train.jsonl"
   base, student = "{workdir}/base/final", "{workdir}/student_base/final"
@@ -238,7 +252,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   r = _rl("{workdir}/rs_sft/final", steps["r1_steps"], POLICY, seed, "readable", 0.5,
           every=2 * every, lr=2.5e-5)  # at 5e-5 seed 0 lost 0.8 points of pass@1
   r.data.update(train="{workdir}/scenarios/rl_mix.jsonl")
-  r.data.task_weights = ml_collections.ConfigDict(dict(math=0.5, general=0.25, unsafe=0.25))
+  # 200 steps, general 0.35 (from 100, 0.25): at 100 steps, seed 0's R1 gained +0.09 z of
+  # helpfulness, and seed 1's, refusing more once the safety RM asked it to, +0.20 ± 0.14
+  r.data.task_weights = ml_collections.ConfigDict(dict(math=0.4, general=0.35, unsafe=0.25))
   r.grpo.update(temperature=0.7, beta=0.04)  # R1 stage 4; KL to the RS-SFT start
   r.rewards = ml_collections.ConfigDict(_mixture_rewards())
   c.r1 = r  # 10. all-scenario RL: "R1"

@@ -240,6 +240,38 @@ def test_swapped_pairs_differ_in_the_topic_alone(tmp_path):
     scenarios.write_scenarios(tmp_path / "x", helpful_swapped=-0.1, **kw)
 
 
+def test_deflection_pairs_reject_a_harmless_misreading_of_an_unsafe_prompt(tmp_path):
+  """`safety_deflection`: that share of the safety RM's unsafe pairs keep the refusal as
+  chosen and reject, in place of compliance, a benign answer about the thing the prompt would
+  harm (what seed 1's R1 learnt to write); every other file and every other pair are as
+  without it; a bad share is refused."""
+  kw = dict(seed=5, sft_math=0, sft_general=40, sft_unsafe=40, pairs=600, eval_pairs=150,
+            rl_math=10, rl_general=5, rl_unsafe=5, held_out_math=0, fmt="readable")
+  read = lambda paths: {k: [json.loads(l) for l in open(p)] for k, p in paths.items()}
+  plain = read(scenarios.write_scenarios(tmp_path / "plain", **kw))
+  defl = read(scenarios.write_scenarios(tmp_path / "defl", safety_deflection=0.5, **kw))
+  for name in ("sft", "helpful_train", "helpful_eval", "rl_mix", "held_out_mix"):
+    assert defl[name] == plain[name], name
+  unsafe = {r["question"]: r for s in ("train", "held_out") for r in scenarios.unsafe_prompts(s)}
+  for name in ("safety_train", "safety_eval"):
+    assert [(r["prompt"], r["chosen"]) for r in defl[name]] == \
+        [(r["prompt"], r["chosen"]) for r in plain[name]]
+    deflected = 0
+    for r, p in zip(defl[name], plain[name]):
+      if r["rejected"] == p["rejected"]:
+        continue
+      deflected += 1
+      u = unsafe[r["prompt"]]  # only unsafe prompts' pairs change
+      assert scenarios.is_refusal(r["chosen"]) and not scenarios.is_refusal(r["rejected"])
+      assert r["rejected"].startswith(f"<think>\nThe user asks about {u['topic']}.\n</think>")
+      assert scenarios.is_on_topic(f"Describe {u['topic']}", r["rejected"]), r
+      assert u["harm"] not in r["rejected"] and u["harm"] in p["rejected"]
+    n_unsafe = sum(r["prompt"] in unsafe for r in plain[name])
+    assert 0.35 < deflected / n_unsafe < 0.65, (name, deflected, n_unsafe)
+  with pytest.raises(ValueError, match="safety_deflection must be in"):
+    scenarios.write_scenarios(tmp_path / "x", safety_deflection=1.5, **kw)
+
+
 def test_rejected_kinds_name_every_unhelpful_form_in_both_formats():
   import sys
   sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))

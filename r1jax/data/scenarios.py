@@ -17,6 +17,8 @@ tiny model of r1jax/data/synthetic.py, in the words of its pretraining corpus:
 - preference pairs for the two reward models (train / eval). `helpful_off_topic` adds, as
   rejected helpfulness summaries, the off-topic forms a reasoning policy writes to a general
   prompt (a boxed math answer, a refusal), so that the RM cannot be satisfied off topic;
+  `safety_deflection` rejects, beside compliance, a benign answer about the thing an unsafe
+  prompt would harm, so that the safety RM ranks refusing above misreading the request;
 - the RL mixture, and held-out prompts of every type. General and unsafe prompts are split
   by a hash of their text, as the arithmetic problems are, so held-out prompts are never
   trained on.
@@ -80,8 +82,8 @@ def general_prompts(split: str) -> list[dict]:
 
 
 def unsafe_prompts(split: str) -> list[dict]:
-  """Every unsafe prompt of a split: {"question", "harm"}."""
-  out = [{"question": f.format(h=h.format(t=t)), "harm": h.format(t=t)}
+  """Every unsafe prompt of a split: {"question", "harm", "topic"} (the thing harmed)."""
+  out = [{"question": f.format(h=h.format(t=t)), "harm": h.format(t=t), "topic": t}
          for f in _UNSAFE_FORMS for h in _HARMS for t in THINGS]
   return [r for r in out if _held_out(r["question"]) == (split == "held_out")]
 
@@ -199,9 +201,15 @@ def helpful_pairs(rng: random.Random, count: int, split: str, fmt: str = "zero",
 
 
 def safety_pairs(rng: random.Random, count: int, split: str, problems: list,
-                 fmt: str = "zero") -> list[dict]:
+                 fmt: str = "zero", deflection: float = 0.0,
+                 deflect: random.Random | None = None) -> list[dict]:
   """{prompt, chosen, rejected} on whole responses: a refusal over compliance for unsafe
-  prompts; for general and math prompts, a benign response over one with a harmful step."""
+  prompts; for general and math prompts, a benign response over one with a harmful step.
+  A `deflection` share of the unsafe pairs, drawn from `deflect`, reject instead a benign
+  answer about the thing harmed, as if a general prompt had asked about it: a harmless
+  misreading that declines nothing. Without them the RM ranks that answer with refusals, so
+  RL could trade refusals for it (seed 1 of tiny_r1: refusals 20.7 -> 5.3 %). `rng`, and
+  every file drawn after these pairs, is the same with and without them."""
   unsafe, general = unsafe_prompts(split), general_prompts(split)
   out = []
   for _ in range(count):
@@ -210,6 +218,8 @@ def safety_pairs(rng: random.Random, count: int, split: str, problems: list,
       r = rng.choice(unsafe)
       out.append({"prompt": r["question"], "chosen": unsafe_response(rng, r["harm"], True, fmt),
                   "rejected": unsafe_response(rng, r["harm"], False, fmt)})
+      if deflection and deflect.random() < deflection:
+        out[-1]["rejected"] = general_response(deflect, r["topic"], True, fmt)
       continue
     if kind == 1:
       r = rng.choice(general)
@@ -266,7 +276,8 @@ def write_scenarios(out_dir: str | Path, *, seed: int = 0, sft_math: int = 2000,
                     world: synthetic.World | None = None, sft_template: str = "",
                     sft_helpful_share: float = 0.5,
                     helpful_off_topic: tuple[str, ...] = (),
-                    helpful_swapped: float = 0.0) -> dict[str, str]:
+                    helpful_swapped: float = 0.0,
+                    safety_deflection: float = 0.0) -> dict[str, str]:
   """Writes the world's files into out_dir; returns {name: path}.
 
   rl_mix holds rl_math arithmetic problems, rl_general general and rl_unsafe unsafe rows
@@ -278,6 +289,7 @@ def write_scenarios(out_dir: str | Path, *, seed: int = 0, sft_math: int = 2000,
   else bare. `sft_helpful_share`: the share of helpful general SFT demonstrations.
   `helpful_off_topic`: OFF_TOPIC_FORMS among the helpfulness RM's rejected examples.
   `helpful_swapped`: the share of its pairs that differ in the topic alone.
+  `safety_deflection`: the share of the safety RM's unsafe pairs that reject a deflection.
   """
   if fmt not in FORMATS:
     raise ValueError(f"scenarios: fmt must be one of {FORMATS}, got {fmt!r}")
@@ -286,12 +298,15 @@ def write_scenarios(out_dir: str | Path, *, seed: int = 0, sft_math: int = 2000,
     raise ValueError(f"scenarios: helpful_off_topic takes {OFF_TOPIC_FORMS}, got "
                      f"{sorted(unknown)}")
   for name, share in (("sft_helpful_share", sft_helpful_share),
-                      ("helpful_swapped", helpful_swapped)):
+                      ("helpful_swapped", helpful_swapped),
+                      ("safety_deflection", safety_deflection)):
     if not 0.0 <= share <= 1.0:
       raise ValueError(f"scenarios: {name} must be in [0, 1], got {share}")
   out, rng = Path(out_dir), random.Random(f"scenarios-{seed}")
   extra, off = random.Random(f"scenarios-off-topic-{seed}"), tuple(helpful_off_topic)
   swap = dict(swapped=helpful_swapped, swap=random.Random(f"scenarios-swapped-{seed}"))
+  defl = dict(deflection=safety_deflection,
+              deflect=random.Random(f"scenarios-deflection-{seed}"))
   train = synthetic.problems("train", max(sft_math, rl_math) + 500, seed, world)
   held = synthetic.problems("held_out", max(held_out_math, 64), seed, world)  # pairs: ≥ 64
   files = {
@@ -299,8 +314,8 @@ def write_scenarios(out_dir: str | Path, *, seed: int = 0, sft_math: int = 2000,
                       helpful_share=sft_helpful_share, fmt=fmt),
       "helpful_train": helpful_pairs(rng, pairs, "train", fmt, off, extra, **swap),
       "helpful_eval": helpful_pairs(rng, eval_pairs, "held_out", fmt, off, extra, **swap),
-      "safety_train": safety_pairs(rng, pairs, "train", train, fmt),
-      "safety_eval": safety_pairs(rng, eval_pairs, "held_out", held, fmt),
+      "safety_train": safety_pairs(rng, pairs, "train", train, fmt, **defl),
+      "safety_eval": safety_pairs(rng, eval_pairs, "held_out", held, fmt, **defl),
       "rl_mix": prompt_rows(rng.sample(train, rl_math), _cycle(general_prompts("train"),
                             rl_general), _cycle(unsafe_prompts("train"), rl_unsafe), "train"),
       "held_out_mix": prompt_rows(held[:held_out_math], general_prompts("held_out"),
