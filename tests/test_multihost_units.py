@@ -223,3 +223,37 @@ def test_an_overlap_the_processes_cannot_order_runs_as_rewards_or_is_refused(mon
   for grpo in (rollout, rewards):
     with pytest.raises(errors.ConfigError, match="overlap with dynamic_sampling"):
       processes_overlap(grpo, True)
+
+
+def test_reward_models_score_before_the_update_in_several_processes(monkeypatch):
+  """grpo.overlap="rewards": the update waits for the next samples; in 2 processes with
+  reward models (device programs with collectives) for their scores too, so that every
+  process dispatches them in one order. Host rewards alone still overlap the update."""
+  import contextlib
+  import threading
+  import time
+  import types
+  import ml_collections
+  from r1jax.core.background import in_thread
+  from r1jax.core.config import GRPOConfig
+  from r1jax.stages.rl import before_update
+
+  def waited(process_count, models, overlap="rewards"):
+    monkeypatch.setattr(jax, "process_count", lambda: process_count)
+    sampled, scored = threading.Event(), threading.Event()
+    nxt = types.SimpleNamespace(sampled=sampled, pending=in_thread("t", scored.wait))
+    rl = types.SimpleNamespace(
+        grpo=GRPOConfig(overlap=overlap), loop=types.SimpleNamespace(
+            timer=lambda name: contextlib.nullcontext()),
+        config=ml_collections.ConfigDict({"rewards": {"models": models}}))
+    sampled.set()
+    threading.Timer(0.3, scored.set).start()  # scoring ends 0.3 s after sampling
+    t0 = time.perf_counter()
+    before_update(rl, nxt)
+    seconds = time.perf_counter() - t0
+    scored.wait()
+    return seconds
+
+  rm = [{"name": "judge", "path": "unused"}]
+  assert waited(2, rm) >= 0.25
+  assert waited(1, rm) < 0.2 and waited(2, []) < 0.2 and waited(2, rm, "") < 0.2

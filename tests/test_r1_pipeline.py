@@ -50,7 +50,8 @@ def test_the_whole_recipe_runs_every_stage_and_reports_each_model_and_claim(toy_
   assert all([p["step"] for p in rep["curves"][n]] == [0, 2] for n in rl)
   # Each task of the held-out mixture is judged by the rewards routed to it.
   judged = {task: set(keys) for task, keys in pipeline.reward_means(work / "mix_r1").items()}
-  assert judged == {"general": {"helpful", "safety", "format"}, "unsafe": {"safety", "format"}}
+  assert judged == {"general": {"helpful", "safety", "format", "overlong"},
+                    "unsafe": {"safety", "format", "overlong"}}
   assert set(rep["worst_drops"]) == set(rl)
   table = (work / "report.md").read_text()
   for label, _, _ in c.report.models:

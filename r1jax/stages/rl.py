@@ -186,7 +186,7 @@ def processes_overlap(grpo: GRPOConfig, dynamic_sampling: bool) -> GRPOConfig:
         "during the update) would interleave the sampler's collectives with the update's in "
         "a different order on each process; use grpo.overlap='' or no dynamic_sampling")
   if grpo.overlap == "rollout":
-    logging.warning("rl: grpo.overlap='rollout' runs as 'rewards' in %d processes: the next "
+    log.warning("rl: grpo.overlap='rollout' runs as 'rewards' in %d processes: the next "
                     "rollout is sampled before each update and scored during it (the same "
                     "samples and updates)", jax.process_count())
     return dataclasses.replace(grpo, overlap="rewards")
@@ -381,9 +381,7 @@ def iteration(rl: RLRun, state: TrainState, ref: Any, step: int,
       parts = ahead.pending.result()
   nxt = (_start_ahead(rl, state.params, step + 1)
          if rl.grpo.overlap and step < rl.config.steps else None)
-  if nxt is not None and rl.grpo.overlap == "rewards":
-    with rl.loop.timer("rollout"):  # the next samples first: the devices never run both
-      nxt.sampled.wait()
+  before_update(rl, nxt)
   try:
     state, ref, train_metrics, update = _update(rl, state, ref, step, parts)
   except BaseException:
@@ -391,6 +389,19 @@ def iteration(rl: RLRun, state: TrainState, ref: Any, step: int,
     raise
   metrics = multihost.reduce_metrics(step_metrics(rl, parts, update, train_metrics))
   return state, ref, {**metrics, **(ahead.metrics() if ahead else {})}, nxt
+
+
+def before_update(rl: RLRun, nxt: rl_ahead.Ahead | None) -> None:
+  """grpo.overlap="rewards": the update is dispatched once the next samples are on the host,
+  so the devices never run both. In several processes with reward models, once they are
+  also scored: the models' forwards are device programs with collectives (the policy's
+  mesh), which every process must dispatch in one order with the update's."""
+  if nxt is None or rl.grpo.overlap != "rewards":
+    return
+  with rl.loop.timer("rollout"):
+    nxt.sampled.wait()
+    if jax.process_count() > 1 and rl.config.rewards.get("models"):
+      nxt.pending.wait()  # its error, if any, stays for the next iteration's result()
 
 
 def _update(rl: RLRun, state: TrainState, ref: Any, step: int, parts: list[ScoredRollout]):

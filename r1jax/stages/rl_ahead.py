@@ -13,7 +13,10 @@ Two modes:
 - "rewards": the main thread waits until the samples are on the host, then dispatches the
   update, which runs while the background thread detokenises and scores (host work: code
   sandboxes, math-verify, reward models' host side). The devices never run both (but for
-  DAPO's refill rollouts, which sample again after the first batch is scored).
+  DAPO's refill rollouts, which sample again after the first batch is scored, and reward
+  models' forwards in one process). In several processes with reward models the update
+  also waits for the scores (stages/rl.before_update): the models' forwards are device
+  programs whose collectives every process must dispatch in the update's order.
 
 With several processes "rollout" runs as "rewards" (stages/rl.processes_overlap: the same
 samples and updates), and an overlap with DAPO's refill is refused: every process must
