@@ -222,7 +222,8 @@ def sampling_runs(tmp_path_factory):
   args = [f"--config={main_runs.config_file(c, root / 'exp.py')}"]
   two, one = root / "two", root / "one"
   per_host = [f"--config.{name}.data.batch=2" for name in ("rl", "rl_overlap")]  # 2 + 2 = 4
-  _finish(_pair(args + [f"--workdir={two}"] + per_host))
+  outs = _finish(_pair(args + [f"--workdir={two}"] + per_host))
+  assert all("grpo.overlap='rollout' runs as 'rewards' in 2 processes" in o for o in outs)
   _finish([_main(args + [f"--workdir={one}"], 4)])
   return two, one
 
