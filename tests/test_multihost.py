@@ -208,8 +208,8 @@ def sampling_runs(tmp_path_factory):
   r = rl_test_config(world, steps=2)  # β > 0: the reference's log-probs beside each rollout
   r.eval.update(benchmarks=world["held_out"], every=2)
   o = rl_test_config(world, steps=2)
-  # step n + 1 sampled during update n: as "rewards" in 2 processes (sampled before the
-  # update, scored during it: stages/rl.processes_overlap), as itself in 1
+  # step n + 1 sampled during update n: as "rewards" in 2 processes (sampled, and with the
+  # reward model below scored, before the update: stages/rl.before_update), as itself in 1
   o.grpo.overlap = "rollout"
   # …and scored by a reward model too (random head), normalised by its running statistics.
   o.rewards.models = [dict(judge, norm="running")]

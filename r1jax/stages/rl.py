@@ -187,8 +187,8 @@ def processes_overlap(grpo: GRPOConfig, dynamic_sampling: bool) -> GRPOConfig:
         "a different order on each process; use grpo.overlap='' or no dynamic_sampling")
   if grpo.overlap == "rollout":
     log.warning("rl: grpo.overlap='rollout' runs as 'rewards' in %d processes: the next "
-                    "rollout is sampled before each update and scored during it (the same "
-                    "samples and updates)", jax.process_count())
+                "rollout is sampled before each update and scored during it (the same "
+                "samples and updates)", jax.process_count())
     return dataclasses.replace(grpo, overlap="rewards")
   return grpo
 
