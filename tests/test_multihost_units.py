@@ -191,7 +191,6 @@ def test_data_shards_refuse_a_split_they_cannot_make_or_a_state_of_other_shards(
     validate(c)
 
 
-
 def test_a_reward_model_batch_the_processes_cannot_split_is_refused_first(monkeypatch,
                                                                           tmp_path):
   """2 processes and 3 pairs a step: a ConfigError naming both, before any data is read
