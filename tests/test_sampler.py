@@ -238,8 +238,9 @@ def test_decode_weights_from_another_device_order_or_the_host(qwen):
 
 
 @pytest.mark.slow
-def test_compiles_once_per_bucket(qwen):
+def test_compiles_once_per_bucket(qwen, monkeypatch):
   cfg, params = qwen
+  monkeypatch.setattr(sampler, "_DECODE_PROGRAMS", {})  # none compiled by other tests
   s = sampler.Sampler(cfg, min_bucket=16)
   sp = SamplingParams(temperature=1.0, max_new_tokens=4)
   rng = np.random.default_rng(0)
@@ -253,6 +254,34 @@ def test_compiles_once_per_bucket(qwen):
   assert kinds.count("prefill") == 3 and kinds.count("segment") == 3, kinds
   assert "resize" not in kinds
   assert all(f._cache_size() == 1 for k, f in s._fns.items() if k[0] != "fuse")
+  assert all(f.program._cache_size() == 1 for k, f in s._fns.items() if k[0] != "fuse")
+
+
+@pytest.mark.parametrize("devices", [0, 2])
+def test_samplers_of_one_model_share_their_decode_programs(qwen, monkeypatch, devices):
+  """A second sampler of the same model, mesh and window (a pipeline's next stage) samples
+  what the first did with the first's programs: nothing traced or compiled again. Its
+  `compilations()` still counts what it needed; another window gets programs of its own."""
+  cfg, params = qwen
+  monkeypatch.setattr(sampler, "_DECODE_PROGRAMS", {})
+  mesh = sharding.make_mesh((devices, 1, 1), jax.devices()[:devices]) if devices else None
+  sp = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=20, eos_id=3)
+  run = lambda s: s.generate(params, PROMPTS * 3, sp, jax.random.key(5), group=4)
+  first = sampler.Sampler(cfg, mesh, window=8, min_rows=4)
+  out = run(first)
+  programs = dict(sampler._DECODE_PROGRAMS)
+  compiled = {k: p._cache_size() for k, p in programs.items()}
+  assert any(k[3][0] == "resize" for k in programs)  # rows compacted, the cache grown
+  second = sampler.Sampler(cfg, mesh, window=8, min_rows=4)
+  again = run(second)
+  assert sampler._DECODE_PROGRAMS == programs
+  assert {k: p._cache_size() for k, p in programs.items()} == compiled
+  # …plus the program that lays the weights out, one per sampler
+  assert second.compilations() == first.compilations() == len(programs) + 1
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  run(sampler.Sampler(cfg, mesh, window=16, min_rows=4))
+  assert len(sampler._DECODE_PROGRAMS) > len(programs)
 
 
 @pytest.mark.slow

@@ -166,16 +166,26 @@ class Sampler:
     return s
 
   def _jit(self, key, fn, donate=(), lay_out=True):
-    """fn jitted once per key; on a mesh its DecodeState output is laid out row-sharded."""
+    """fn jitted once per key; on a mesh its DecodeState output is laid out row-sharded.
+
+    A decode program (`lay_out`) is shared by every sampler of this process with the same
+    model config, mesh and window (`_DECODE_PROGRAMS`): a pipeline's stages, each with its
+    own sampler, trace and compile the prefill / segment / resize programs once.
+    """
     if key not in self._fns:
-      if self.mesh is None or not lay_out:
+      if not lay_out:
         self._fns[key] = jax.jit(fn, donate_argnums=donate)
       else:
-        self._fns[key] = _ShardedDecodeFn(fn, self.mesh, donate)
+        shared = (self.cfg, self.mesh, self.window, key, donate)
+        if shared not in _DECODE_PROGRAMS:
+          _DECODE_PROGRAMS[shared] = (jax.jit(fn, donate_argnums=donate) if self.mesh is None
+                                      else _ShardedDecodeFn(fn, self.mesh, donate))
+        self._fns[key] = _Counted(_DECODE_PROGRAMS[shared])
     return self._fns[key]
 
   def compilations(self) -> int:
-    """Executables compiled so far (tests check that buckets bound this)."""
+    """Programs this sampler has needed (its compilations in a fresh process; tests check
+    that buckets bound this)."""
     return sum(fn._cache_size() for fn in self._fns.values())
 
   def _global_rows(self, inputs: tuple, prompts: int) -> tuple:
@@ -299,6 +309,29 @@ def decode_shardings(shapes, mesh: Mesh):
   return jax.tree.map(lay, shapes, is_leaf=lambda x: isinstance(x, decode.DecodeState))
 
 
+# (model config, mesh, window, program key, donated args) -> a decode program, process-wide.
+_DECODE_PROGRAMS: dict = {}
+
+
+def _signature(args) -> tuple:
+  return jax.tree.structure(args), tuple(getattr(a, "shape", None) for a in jax.tree.leaves(args))
+
+
+class _Counted:
+  """A shared decode program as one sampler calls it: counts the argument signatures it
+  has passed, the executables a fresh process would have compiled for it."""
+
+  def __init__(self, program):
+    self.program, self._seen = program, set()
+
+  def __call__(self, *args):
+    self._seen.add(_signature(args))
+    return self.program(*args)
+
+  def _cache_size(self) -> int:
+    return len(self._seen)
+
+
 class _ShardedDecodeFn:
   """jit with the DecodeState output laid out on the mesh (`decode_shardings`), run with the
   mesh as context mesh: a fused attention kernel (prefill, decode steps) shard_maps over it."""
@@ -308,7 +341,7 @@ class _ShardedDecodeFn:
     self._jitted: dict = {}
 
   def __call__(self, *args):
-    key = jax.tree.structure(args), tuple(getattr(a, "shape", None) for a in jax.tree.leaves(args))
+    key = _signature(args)
     if key not in self._jitted:
       shapes = jax.eval_shape(self.fn, *args)
       self._jitted[key] = sharding_lib.MeshJit(jax.jit(
