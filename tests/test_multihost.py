@@ -176,9 +176,9 @@ def _rm_stage(world: dict, root: Path):
 @pytest.fixture(scope="module")
 def sampling_runs(tmp_path_factory):
   """A pipeline of a generate stage (20 prompts in batches of 8: the last one's 4 all fall
-  to process 0; a reward model among its rewards), an eval stage and two RL stages (2 steps,
-  evals at 0 and 2; 2 steps one step off policy, a reward model among its rewards) and a
-  reward_model stage, as 2 processes of 2 devices and as 1 process of 4."""
+  to process 0; a reward model among its rewards), an eval stage, three RL stages (2 steps,
+  evals at 0 and 2; 2 steps one step off policy; the same with a reward model among its
+  rewards) and a reward_model stage, as 2 processes of 2 devices and as 1 process of 4."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   from tiny_world import (  # pylint: disable=import-outside-toplevel
       MODEL, make_world, rl_test_config)
@@ -215,13 +215,16 @@ def sampling_runs(tmp_path_factory):
   o.rewards.models = [dict(judge, norm="running")]
   o.rewards.components = list(o.rewards.components) + [
       {"name": "judge", "weight": 0.5, "fields": {"prompt": "question"}}]
-  c = ml_collections.ConfigDict(dict(stage="pipeline", seed=0, allow_changes="",
-                                     order=("generate", "eval", "rl", "rl_overlap", "rm"),
-                                     generate=g, eval=e, rl=r, rl_overlap=o,
-                                     rm=_rm_stage(world, root)))
+  a = rl_test_config(world, steps=2)  # the same overlap, rule rewards only
+  a.grpo.overlap = "rollout"
+  c = ml_collections.ConfigDict(dict(
+      stage="pipeline", seed=0, allow_changes="",
+      order=("generate", "eval", "rl", "rl_ahead", "rl_overlap", "rm"), generate=g, eval=e,
+      rl=r, rl_ahead=a, rl_overlap=o, rm=_rm_stage(world, root)))
   args = [f"--config={main_runs.config_file(c, root / 'exp.py')}"]
   two, one = root / "two", root / "one"
-  per_host = [f"--config.{name}.data.batch=2" for name in ("rl", "rl_overlap")]  # 2 + 2 = 4
+  per_host = [f"--config.{name}.data.batch=2"  # 2 + 2 = 4
+              for name in ("rl", "rl_ahead", "rl_overlap")]
   outs = _finish(_pair(args + [f"--workdir={two}"] + per_host))
   assert all("grpo.overlap='rollout' runs as 'rewards' in 2 processes" in o for o in outs)
   _finish([_main(args + [f"--workdir={one}"], 4)])
@@ -270,12 +273,12 @@ def test_rl_as_two_processes_equals_one(sampling_runs):
   """GRPO with each process sampling, scoring and packing its half of the prompts (and the
   reference's log-probs of its rows) trains as 1 process on 4 devices: params ≤ 1e-6 apart
   after 2 steps; the metrics, written once, agree (held-out evals included). One step off
-  policy (the reference inside the update) as well, with a reward
+  policy (the reference inside the update) as well: grpo.overlap="rollout", which the 2
+  processes run as "rewards", the 1 process as itself (≤ 1e-6); and so again with a reward
   model scoring every process's rows in one forward and normalising them by the running
-  statistics of all of them (params ≤ 1e-5 apart: its scores agree to float32 rounding):
-  grpo.overlap="rollout", which the 2 processes run as "rewards", the 1 process as itself."""
+  statistics of all of them (params ≤ 1e-5 apart: its scores agree to float32 rounding)."""
   read = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
-  for stage, steps, keys in (("rl", range(3), ()),
+  for stage, steps, keys in (("rl", range(3), ()), ("rl_ahead", range(1, 3), ()),
                              ("rl_overlap", range(1, 3), ("reward/judge",))):
     two, one = (d / stage for d in sampling_runs)
     # the reward model's scores agree to float32 rounding (see the generate test); AdamW
