@@ -257,6 +257,7 @@ def test_compiles_once_per_bucket(qwen, monkeypatch):
   assert all(f.program._cache_size() == 1 for k, f in s._fns.items() if k[0] != "fuse")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [0, 2])
 def test_samplers_of_one_model_share_their_decode_programs(qwen, monkeypatch, devices):
   """A second sampler of the same model, mesh and window (a pipeline's next stage) samples

@@ -13,6 +13,12 @@ scheduling hides where the host would otherwise wait (stages/rl_ahead.py).
 
   python tools/bench_overlap.py --from_workdir=/tmp/tz --steps=40
   python tools/bench_overlap.py --from_workdir=/tmp/tz --steps=40 --verifier_s=0.5
+
+Any RL stage of any finished pipeline (--config, --stage), at a chosen device count and
+compute dtype; --modes="" times no overlap only (benchmarks/tiny_r1: the update's layout):
+
+  python tools/bench_overlap.py --config=experiments/tiny_r1.py:seed=1 --stage=zero \
+      --from_workdir=/tmp/r1 --steps=30 --modes="" --cpu_devices=1 --compute_dtype=bfloat16
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ from bench_common import cpu_devices_flag, use_cpu_devices
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(Path(__file__).resolve().parents[1] / "experiments" / "tiny_zero.py"),
-    "The pipeline experiment whose `rl` stage runs.")
+    "The pipeline experiment whose RL stage (--stage) runs.")
+_STAGE = flags.DEFINE_string("stage", "rl", "The pipeline's RL stage to run.")
+_DTYPE = flags.DEFINE_string("compute_dtype", "", "The model's compute dtype (\"\": the stage's).")
 _FROM = flags.DEFINE_string("from_workdir", None, "The finished pipeline's working directory.")
 _STEPS = flags.DEFINE_integer("steps", 40, "RL iterations per mode.")
 _MODES = flags.DEFINE_list("modes", ["", "rewards", "rollout"], "grpo.overlap values.")
@@ -58,8 +66,10 @@ def run_mode(mode: str, workdir: Path) -> dict:
   from r1jax.core.metrics import read_metrics
   from r1jax.stages import pipeline
 
-  c = pipeline.resolve(_CONFIG.value["rl"], Path(_FROM.value).absolute())
+  c = pipeline.resolve(_CONFIG.value[_STAGE.value], Path(_FROM.value).absolute())
   c.unlock()
+  if _DTYPE.value:
+    c.model.compute_dtype = _DTYPE.value
   c.steps = _STEPS.value
   c.grpo.overlap = mode
   c.eval.benchmarks = ""  # timing only: no held-out evals
@@ -82,16 +92,17 @@ def main(argv):
   import jax
   if _VERIFIER.value:
     slow_verifier(_VERIFIER.value)
-  result = {}
+  result, modes = {}, _MODES.value or [""]
   with tempfile.TemporaryDirectory() as tmp:
-    for mode in _MODES.value:
+    for mode in modes:
       out = run_mode(mode, Path(tmp) / (mode or "off"))
       result.update({f"{mode or 'off'}_{k}": v for k, v in out.items()})
   base = result.get("off_step_s")
-  for mode in _MODES.value:
+  for mode in modes:
     if mode and base:
       result[f"{mode}_speedup"] = round(base / result[f"{mode}_step_s"], 3)
-  result.update(steps=_STEPS.value, verifier_s=_VERIFIER.value, devices=jax.device_count(),
+  result.update(stage=_STAGE.value, compute_dtype=_DTYPE.value or "stage's",
+                steps=_STEPS.value, verifier_s=_VERIFIER.value, devices=jax.device_count(),
                 machine=f"{platform.machine()} {jax.local_devices()[0].platform} "
                         f"{__import__('os').cpu_count()} cores")
   print(json.dumps(result))
