@@ -17,7 +17,7 @@ GPU host (8×H100): the same command without --distributed; the mesh is FSDP ove
 Mixture rows (one jsonl): {"question", "answer", "task": "math"}, {"question", "tests",
 "task": "code"}, {"question", "task": "general"} (no gold: the helpfulness model judges it).
 Each row's task picks its rewards (rewards.by_task below); a task with none is an error
-before work, and a file whose task shares are far from data.task_weights is reported.
+before work, and so is a file whose task shares are off data.task_weights by more than 0.05.
 Reward models see their view: helpfulness the summary after </think>, safety the whole
 response, reasoning included, each in the chat template it was trained with; their scores
 are normalised by the mean / std of each RM's held-out scores (its norm.json, written by the
@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                         compute_dtype="bfloat16", remat="full")  # weights: model.init_from
   c.mesh.shape = (1, -1, 1)  # FSDP over every chip of the slice / GPU of the host
   c.data.update(train="mix/train.jsonl", batch=32, template="chatml", max_prompt_tokens=1024)
-  c.data.task_weights = ml_collections.ConfigDict(  # the planned mix (a far one warns)
+  c.data.task_weights = ml_collections.ConfigDict(  # the file's mix (0.05 off fails)
       dict(math=0.5, code=0.2, general=0.3))
   c.sampler.max_new_tokens = a.max_new_tokens  # completion budget
   c.sampler.stop = ()  # the readable format ends at EOS, not at a tag

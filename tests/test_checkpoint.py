@@ -67,17 +67,19 @@ def test_restore_into_mesh_and_dtype(hf_dir, tmp_path):
 
 
 def test_the_config_numerics_and_kernel_apply_to_loaded_weights(hf_dir, tmp_path):
-  """A stage's `model` group decides dtypes, remat and the attention kernel, whatever the
-  checkpoint or HF folder it loads from recorded."""
+  """A stage's `model` group decides dtypes, remat, the attention kernel and its query
+  blocks, whatever the checkpoint or HF folder it loads from recorded."""
   cfg, params = hf.load_pretrained(hf_dir)
   checkpoint.save_params(tmp_path / "c", params, cfg)
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   for source in ({"init_from": str(tmp_path / "c")}, {"hf_dir": str(hf_dir)}):
     group = ml_collections.ConfigDict({
         **model_group(**{f: getattr(cfg, f) for f in weights._SHAPE_FIELDS}).to_dict(),
-        "compute_dtype": "bfloat16", "remat": "full", "attention": "xla", **source})
+        "compute_dtype": "bfloat16", "remat": "full", "attention": "xla",
+        "attention_block": 64, **source})
     got, _ = weights.load_model(group, mesh, abstract=True)
-    assert (got.compute_dtype, got.remat, got.attention) == ("bfloat16", "full", "xla"), source
+    assert (got.compute_dtype, got.remat, got.attention, got.attention_block) == (
+        "bfloat16", "full", "xla", 64), source
 
 
 def test_wrong_shape_checkpoint_is_rejected(hf_dir, tmp_path):

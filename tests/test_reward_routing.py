@@ -144,13 +144,18 @@ def test_routing_errors_before_work(log):
     registry.register("no_launch", lambda texts: [0.0], kind="device")
 
 
-def test_mixture_far_from_the_configured_weights_warns(caplog):
+def test_mixture_far_from_the_configured_weights_fails():
   from r1jax.stages.rl import check_mixture
   tasks = ["math"] * 9 + ["general"]
-  check_mixture(tasks, {"math": 0.85, "general": 0.15}, "mix.jsonl")
-  assert "far from" not in caplog.text
-  check_mixture(tasks, {"math": 0.5, "general": 0.5}, "mix.jsonl")
-  assert "mix.jsonl: task proportions {'general': 0.1, 'math': 0.9}" in caplog.text
+  check_mixture(tasks, {"math": 0.88, "general": 0.12}, "mix.jsonl")  # within 0.05
+  with pytest.raises(ValueError, match=r"mix.jsonl: task shares \{'general': 0.1, 'math': 0.9"):
+    check_mixture(tasks, {"math": 0.5, "general": 0.5}, "mix.jsonl")
+  # tiny_r1's R1 declared 0.4 / 0.35 / 0.25 on a 0.5 / 0.25 / 0.25 file, and a check that
+  # only warned past 0.1 of a share let it train on the file's mix unnoticed
+  tasks = ["math"] * 400 + ["general"] * 200 + ["unsafe"] * 200
+  with pytest.raises(ValueError, match=r"'general': \(0.25, 0.35\)"):
+    check_mixture(tasks, {"math": 0.4, "general": 0.35, "unsafe": 0.25}, "rl_mix.jsonl")
+  check_mixture(tasks, {"math": 0.5, "general": 0.25, "unsafe": 0.25}, "rl_mix.jsonl")
 
 
 def test_failed_samples_leave_the_baseline_and_the_loss():

@@ -11,6 +11,7 @@ from jax.sharding import SingleDeviceSharding
 from r1jax.core import attention, model, sharding
 from r1jax.core.config import GRPOConfig, ModelConfig, OptConfig, grpo_config, grpo_group
 from r1jax.train import advantages, losses
+from r1jax.train import batches as batches_lib
 from r1jax.train import trainer as ts
 from r1jax.train.batches import RolloutBatch, SFTBatch
 from r1jax.train.logprobs import LogProbs
@@ -491,3 +492,46 @@ def test_bf16_params_train_with_f32_moments():
   new, metrics = tr.rl_step(state, tr.put_batch(batch), ref)
   assert {x.dtype for x in jax.tree.leaves(new.params)} == {jnp.dtype(jnp.bfloat16)}
   assert int(new.step) == GRPO.mu * GRPO.minibatches and not np.any(metrics["skipped"])
+
+
+@pytest.mark.slow
+def test_packed_sft_step_in_query_blocks_matches_one_piece():
+  """Packed rows (two documents a row) in query blocks of 4, each block over the key window
+  its documents can see: the same loss and update as attention in one piece."""
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(0, CFG.vocab_size, (16, 16)).astype(np.int32)
+  cut = rng.integers(3, 13, 16)[:, None]
+  col = np.arange(16)[None]
+  segment_ids = np.where(col < cut, 1, 2).astype(np.int32)
+  segment_ids[:4, -2:] = 0  # padding at the end of some rows
+  mask = segment_ids > 0
+  positions = np.where(col < cut, col, col - cut).astype(np.int32)
+  batch = SFTBatch(tokens, mask, mask.copy(), positions, segment_ids)
+  params = model.init_params(CFG, jax.random.key(0))
+  mesh = sharding.make_mesh((1, 4, 2))
+  results = []
+  for block in (0, 4):
+    tr = ts.Trainer(CFG.replace(attention_block=block), OptConfig(lr=1e-2, eps=1e-6), mesh,
+                    sft=ts.SFTSettings(microbatches=2))
+    state, metrics = tr.sft_step(tr.init_state(jax.tree.map(jnp.copy, params)),
+                                 tr.put_batch(batch))
+    results.append((float(metrics["loss"]), host(state.params)))
+  assert abs(results[0][0] - results[1][0]) <= 1e-6 * results[0][0]
+  assert max_diff(results[0][1], results[1][1]) <= 1e-5
+
+
+def test_packed_rows_walk_per_device_only_when_the_scores_are_large(monkeypatch):
+  """The update's plan: query blocks of `model.attention_block`; all of a device's packed
+  rows in one step while one block's scores stay small, else one row per device a step."""
+  mesh = sharding.make_mesh((1, 4, 2))
+  seg = jnp.ones((8, 16), jnp.int32)
+  rows = {"tokens": seg, "segment_ids": seg}
+  plan = batches_lib.attention_plan(rows, mesh, CFG.replace(attention_block=4))
+  assert (plan.block, plan.lanes) == (4, None)
+  assert batches_lib.attention_plan(rows, mesh, CFG).block == 0  # 16 tokens: one piece
+  # one block: 2 rows a device x 4 heads x 4 queries x 16 keys x 4 bytes, one byte too many
+  monkeypatch.setattr(batches_lib, "ALL_ROWS_BYTES", 8 // 4 * CFG.heads * 4 * 16 * 4 - 1)
+  plan = batches_lib.attention_plan(rows, mesh, CFG.replace(attention_block=4))
+  assert plan.lanes == 4  # the 8 rows spread over the mesh's 4 data devices
+  with pytest.raises(ValueError, match="attention_block"):
+    CFG.replace(attention_block=-1)

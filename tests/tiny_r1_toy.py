@@ -12,8 +12,10 @@ import ml_collections
 from r1jax.core.config import config_from_file
 
 REPO = Path(__file__).resolve().parents[1]
+# One-piece attention, no remat: tiny_r1's SFT query blocks and remat only change the speed
+# of its SFT steps (the same math: test_train_step.py), and would compile longer here.
 MODEL = dict(vocab_size=400, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8, mlp_dim=64,
-             max_position=512)
+             max_position=512, attention_block=256, remat="none")
 SHAPES = {"policy": MODEL, "student": {**MODEL, "hidden": 16, "heads": 2, "kv_heads": 1},
           "rm": {**MODEL, "layers": 1}}
 

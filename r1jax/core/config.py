@@ -53,6 +53,10 @@ class ModelConfig:
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
   remat: str = "none"  # one of REMAT_POLICIES
+  # Uncached rows longer than this attend in query blocks of it (0: always in one piece;
+  # core/attention.py). Smaller than the rows can pay on XLA:CPU: tiny_r1's SFT steps on
+  # 256-token packed rows, in blocks of 64 with remat "full" (benchmarks/tiny_r1/README.md).
+  attention_block: int = 256
   arch: str = "qwen2"  # "qwen2" or "llama": only used for HF export
   attention: str = "auto"  # ATTENTION_IMPLS (auto: by platform, core/kernels.py)
 
@@ -70,6 +74,8 @@ class ModelConfig:
     for name in ("param_dtype", "compute_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"model.{name}={getattr(self, name)!r} not in {DTYPES}")
+    if self.attention_block < 0:
+      raise ValueError(f"model.attention_block must be >= 0, got {self.attention_block}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat={self.remat!r} not in {REMAT_POLICIES}")
     if self.attention not in ATTENTION_IMPLS:

@@ -26,12 +26,13 @@ def load_model(group, mesh: Mesh, seed: int = 0, abstract: bool = False):
 
   In order of precedence: `init_from` (an r1jax params checkpoint, e.g. the
   SFT'd base), `hf_dir` (an HF folder), else a random init of the group's shape.
-  The group's dtypes, remat policy and attention apply in every case. `abstract=True` reads
-  only the shape (ShapeDtypeStructs with target shardings): a run about to
-  restore its own checkpoint never loads weights it would throw away.
+  The group's dtypes, remat policy and attention (kernel, query blocks) apply in every
+  case. `abstract=True` reads only the shape (ShapeDtypeStructs with target shardings): a
+  run about to restore its own checkpoint never loads weights it would throw away.
   """
   numerics = dict(param_dtype=group.param_dtype, compute_dtype=group.compute_dtype,
-                  remat=group.remat, attention=group.get("attention", "auto"))
+                  remat=group.remat, attention=group.get("attention", "auto"),
+                  attention_block=group.get("attention_block", 256))
   if group.get("init_from"):
     cfg, params = checkpoint.load_params(group.init_from, mesh, abstract=abstract, **numerics)
     _check_shape(cfg, model_config(group), group.init_from)

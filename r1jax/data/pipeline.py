@@ -428,9 +428,10 @@ class SFTIterator:
     self.counts = collections.Counter(state["counts"])
 
 
-def check_mixture(tasks: list[str], weights: dict, source: str, tolerance: float = 0.1) -> None:
-  """Warns (with the actual proportions) when a prompt file's task mixture is far from the
-  configured data.task_weights: a mixture that is not what the run was planned on."""
+def check_mixture(tasks: list[str], weights: dict, source: str, tolerance: float = 0.05) -> None:
+  """Fails, before any work, when a prompt file's task mixture is not the configured
+  data.task_weights (a share more than `tolerance` off): the run would train on a mixture it
+  was not planned on. The weights only check the file; its rows are the mixture."""
   if not weights:
     return
   total = sum(weights.values())
@@ -438,5 +439,7 @@ def check_mixture(tasks: list[str], weights: dict, source: str, tolerance: float
   far = {t: (round(actual[t], 3), round(weights.get(t, 0) / total, 3)) for t in actual
          if abs(actual[t] - weights.get(t, 0) / total) > tolerance}
   if far:
-    log.warning("%s: task proportions %s are far from data.task_weights (task: (actual, "
-                "configured) %s)", source, {t: round(v, 3) for t, v in actual.items()}, far)
+    raise ValueError(
+        f"{source}: task shares {({t: round(v, 3) for t, v in actual.items()})} are not "
+        f"data.task_weights' (task: (file, configured) {far}, more than {tolerance} off). "
+        "The file's rows are the mixture: change the file, or the weights to its shares")

@@ -70,7 +70,7 @@ def rl_config(steps: int = 200) -> ml_collections.ConfigDict:
   c.data.batch = 32  # prompts per RL iteration (per host); each gets grpo.group_size samples
   c.data.template = "r1_zero"  # prompt template
   c.data.max_prompt_tokens = 512  # longer prompts are skipped and counted
-  c.data.task_weights = ml_collections.ConfigDict()  # expected task mix, e.g. math=0.7 (warns)
+  c.data.task_weights = ml_collections.ConfigDict()  # the file's task mix, e.g. math=0.7 (checked)
   c.sampler = ml_collections.ConfigDict()
   c.sampler.max_new_tokens = 1024  # completion budget T
   c.sampler.top_p = 1.0  # rollouts sample the full distribution (R1-Zero: temperature 1)

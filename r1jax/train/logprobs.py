@@ -51,8 +51,8 @@ def nograd_logprobs(params: model.Params, cfg: ModelConfig, grpo: GRPOConfig,
 
   def one(x):
     return losses.token_logprobs_and_entropy(
-        params, cfg, x["tokens"], batches_lib.attention_plan(x, mesh), 1, grpo.temperature,
-        grpo.logits_chunk, x.get("positions"))[0]
+        params, cfg, x["tokens"], batches_lib.attention_plan(x, mesh, cfg), 1,
+        grpo.temperature, grpo.logits_chunk, x.get("positions"))[0]
 
   fields = ("tokens", "positions", "segment_ids", "sample_ids")
   logp = jax.lax.map(one, {k: flat(mb[k]) for k in fields if mb.get(k) is not None})

@@ -189,8 +189,8 @@ class Trainer:
 
     def micro_loss(params, x):
       logp, ent = losses.token_logprobs_and_entropy(
-          params, cfg, x["tokens"], batches_lib.attention_plan(x, self.mesh), 1, g.temperature,
-          g.logits_chunk, x["positions"])
+          params, cfg, x["tokens"], batches_lib.attention_plan(x, self.mesh, cfg), 1,
+          g.temperature, g.logits_chunk, x["positions"])
       y = {k: v[:, 1:] for k, v in x.items()}  # aligned with the scored tokens
       loss, sums = losses.grpo_loss(logp, y["old_logp"], y["advantages"], y["loss_mask"],
                                     y["weights"], g, y.get("ref_logp"), self._prox(y, logp))
@@ -215,7 +215,7 @@ class Trainer:
     micro["denom"] = jnp.broadcast_to(jnp.maximum(ntok, 1.0), (a,))
 
     def micro_loss(params, x):
-      plan = batches_lib.attention_plan(x, self.mesh)
+      plan = batches_lib.attention_plan(x, self.mesh, self.cfg)
       if "top_ids" in x:
         return losses.distill_loss(
             params, self.cfg, x["tokens"], plan, x["loss_mask"], x["top_ids"],
