@@ -54,10 +54,11 @@ POLICY = dict(vocab_size=512, hidden=128, layers=4, heads=4, kv_heads=2, head_di
 STUDENT = dict(vocab_size=512, hidden=96, layers=4, heads=3, kv_heads=1, head_dim=32,
                mlp_dim=256, max_position=512, tie_embeddings=True)  # tiny_distill's student
 # SFT's packed 256-token rows attend in query blocks of 64, each over the keys its documents
-# can see, and the backward recomputes the forward (remat) instead of reading every layer's
-# stored scores: the same math, an SFT step ~18 % faster on XLA:CPU. Not in RL: its rows
-# hold one shared prompt, the blocks see nearly every key, and each of a stage's ~6 packed
-# shapes compiled 3-5 s longer for a 2-5 % faster update (benchmarks/tiny_r1/README.md).
+# can see (remat: the backward recomputes the forward): the same math, an SFT step 16 %
+# faster on XLA:CPU (tools/bench_sft_blocks.py; the blocks give it, remat neither helps nor
+# costs). Not in RL: its rows hold one shared prompt, the blocks see nearly every key, and
+# each of a stage's ~6 packed shapes compiled 3-5 s longer for a 2-5 % faster update
+# (benchmarks/tiny_r1/README.md).
 SFT_UPDATE = dict(attention_block=64, remat="full")
 SAMPLING = dict(temperature=0.6, top_p=0.95)  # R1's evaluation protocol, for data and evals
 NEW_TOKENS = 112  # completion budget everywhere: a 6-step chain with a correction fits
