@@ -32,7 +32,7 @@ def load_model(group, mesh: Mesh, seed: int = 0, abstract: bool = False):
   """
   numerics = dict(param_dtype=group.param_dtype, compute_dtype=group.compute_dtype,
                   remat=group.remat, attention=group.get("attention", "auto"),
-                  attention_block=group.get("attention_block", 256))
+                  attention_block=group.get("attention_block", ModelConfig.attention_block))
   if group.get("init_from"):
     cfg, params = checkpoint.load_params(group.init_from, mesh, abstract=abstract, **numerics)
     _check_shape(cfg, model_config(group), group.init_from)
