@@ -22,14 +22,16 @@ Every stage starts from the one before it, as in the paper (stage names in brack
 9. [rm_helpful, rm_safety] Bradley-Terry reward models on the preference pairs; the
    helpfulness pairs also reject a boxed answer or a refusal to a general prompt, and half
    of them the chosen sentence about another thing (the topic is all that tells them apart);
+   a quarter rank a detailed answer (two sentences about the thing) over one sentence;
    half the safety pairs on unsafe prompts reject a harmless misreading, not compliance.
 10. [r1] all-scenario RL from rs_sft: rule rewards on math, the RMs on general / unsafe,
-    DAPO's overlong penalty on every row.
+    DAPO's overlong penalty on every row; prompts 0.4 math, 0.4 general, 0.2 unsafe.
 11. [distill_data, student_base, student_distill] R1's filtered traces; a 0.44M student
     pretrained on the same corpus, then fine-tuned on the traces.
 12. [student_rl] the same student base trained by RL alone (R1-Zero's recipe): the control.
 13. [eval_*, mix_*] every model on the held-out arithmetic (k = 4, T = 0.6, top-p 0.95) and
-    on held-out general / unsafe prompts (helpfulness RM score, refusal rate), then
+    on held-out general / unsafe prompts (helpfulness RM score; on-topic, detailed and
+    refusal rates by rule), then
     WORKDIR/report.md: the table, the eight claims computed with their thresholds
     (r1jax/stages/r1_report.py), curves.
 Stable RL, by the recipe: every RL stage decays its learning rate (cosine to 10 %); each
@@ -228,9 +230,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  tags=0.16, newline=0.25, topical=0.5)))
   c.scenarios = ml_collections.ConfigDict(dict(  # r1jax/data/scenarios.py, readable format
       sft_math=0, sft_general=600, sft_unsafe=600, pairs=4000, eval_pairs=512, rl_math=400,
-      rl_general=200, rl_unsafe=200, held_out_math=0, fmt="readable", sft_template="r1_zero",
-      # R1's non-reasoning SFT data is curated (DeepSeek-V3's): 4 in 5 general demos helpful
-      sft_helpful_share=0.8,
+      rl_general=400, rl_unsafe=200, held_out_math=0, fmt="readable", sft_template="r1_zero",
+      # R1's non-reasoning SFT data is curated (DeepSeek-V3's): 4 in 5 general demos helpful,
+      # 1 in 5 of those detailed (a second sentence about the thing)
+      sft_helpful_share=0.8, sft_detailed_share=0.2,
+      # a quarter of the helpfulness pairs rank a detailed answer over the sentence it
+      # extends: on topic alone, RS-SFT answered 98 % of general prompts as well as the RM
+      # could tell, and R1 had nothing to raise (seed 0: +0.00 z)
+      helpful_detailed=0.25,
       # the helpfulness RM also rejects what reasoning policies answer a general prompt with
       helpful_off_topic=("math", "refusal"),
       # half its pairs differ in the topic alone: an RM that ignores the prompt scored every
@@ -268,8 +275,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 1's, refusing more once the safety RM asked it to, +0.20 ± 0.14. The batch mix is the
   # prompt file's (scenarios rl_math / rl_general / rl_unsafe); task_weights checks it, and
   # a share 0.05 off fails. (It read 0.4 / 0.35 / 0.25 in earlier runs, which trained on the
-  # file's mix all the same: the check then only warned, past 0.1 of a share.)
-  r.data.task_weights = ml_collections.ConfigDict(dict(math=0.5, general=0.25, unsafe=0.25))
+  # file's mix all the same: the check then only warned, past 0.1 of a share.) General 0.4
+  # (from 0.25): on seed 0's last run, re-run from RS-SFT, helpfulness +0.05 z (from +0.00)
+  # and pass@1 -0.3 ± 0.2 points (from -0.7 ± 0.4).
+  r.data.task_weights = ml_collections.ConfigDict(dict(math=0.4, general=0.4, unsafe=0.2))
   r.grpo.update(temperature=0.7, beta=0.04)  # R1 stage 4; KL to the RS-SFT start
   r.rewards = ml_collections.ConfigDict(_mixture_rewards())
   c.r1 = r  # 10. all-scenario RL: "R1"

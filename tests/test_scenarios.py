@@ -240,6 +240,56 @@ def test_swapped_pairs_differ_in_the_topic_alone(tmp_path):
     scenarios.write_scenarios(tmp_path / "x", helpful_swapped=-0.1, **kw)
 
 
+def test_detailed_rule_counts_sentences_that_each_name_the_thing():
+  q = "Describe the answer"
+  two = "The class read the answer. The tutor shared the answer i.e. step by step."
+  for text in (f"<think>x</think>\n\n{two}", f" <think>x</think> <answer> {two} </answer>"):
+    assert scenarios.is_detailed(q, text), text
+  assert not scenarios.is_detailed(q, "<think>x</think>\n\nThe class read the answer.")
+  assert not scenarios.is_detailed(  # "the answers" is another thing
+      q, "<think>x</think>\n\nThe class read the answers. The tutor read the answer.")
+  assert not scenarios.is_detailed(q, f"<think>x</think>\n\n{two} {scenarios.REFUSAL}")
+
+
+def test_detailed_demonstrations_and_pairs_add_a_sentence_and_change_nothing_else(tmp_path):
+  """`sft_detailed_share`: that share of the helpful general demonstrations gain a second
+  sentence about the thing; `helpful_detailed`: that share of the helpfulness pairs choose
+  the two sentences over the one they extend. Every other row, and every other file, is as
+  without them; bad shares are refused."""
+  kw = dict(seed=4, sft_math=0, sft_general=200, sft_unsafe=40, pairs=400, eval_pairs=100,
+            rl_math=10, rl_general=5, rl_unsafe=5, held_out_math=0, fmt="readable",
+            helpful_off_topic=("math",), helpful_swapped=0.5)
+  read = lambda paths: {k: [json.loads(l) for l in open(p)] for k, p in paths.items()}
+  plain = read(scenarios.write_scenarios(tmp_path / "plain", **kw))
+  more = read(scenarios.write_scenarios(tmp_path / "more", sft_detailed_share=0.5,
+                                        helpful_detailed=0.25, **kw))
+  for name in ("safety_train", "safety_eval", "rl_mix", "held_out_mix"):
+    assert more[name] == plain[name], name
+  changed = helpful = 0
+  for r, p in zip(more["sft"], plain["sft"]):
+    assert r["prompt"] == p["prompt"]
+    helpful += scenarios.is_on_topic(p["prompt"], p["completion"])
+    if r != p:
+      changed += 1
+      assert r["completion"].startswith(p["completion"] + " "), (r, p)
+      assert scenarios.is_detailed(r["prompt"], r["completion"]), r
+    assert not scenarios.is_detailed(p["prompt"], p["completion"]), p
+  assert 0.3 < changed / helpful < 0.7, (changed, helpful)
+  for name in ("helpful_train", "helpful_eval"):
+    detailed = 0
+    for r, p in zip(more[name], plain[name]):
+      if r == p:
+        continue
+      detailed += 1
+      assert r["rejected"] == p["chosen"] and r["chosen"].startswith(p["chosen"] + " "), r
+      assert scenarios.rejected_kind(r["rejected"], r["prompt"]) == "brief"
+      assert scenarios.is_detailed(r["prompt"], f"</think>{r['chosen']}"), r
+    assert 0.15 < detailed / len(more[name]) < 0.35, name
+  for name in ("sft_detailed_share", "helpful_detailed"):
+    with pytest.raises(ValueError, match=f"{name} must be in"):
+      scenarios.write_scenarios(tmp_path / "x", **{name: 1.5}, **kw)
+
+
 def test_deflection_pairs_reject_a_harmless_misreading_of_an_unsafe_prompt(tmp_path):
   """`safety_deflection`: that share of the safety RM's unsafe pairs keep the refusal as
   chosen and reject, in place of compliance, a benign answer about the thing the prompt would

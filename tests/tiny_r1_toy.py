@@ -25,7 +25,7 @@ def shrink(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.unlock()
   c.synthetic.update(corpus_docs=1500, train_problems=64, held_out_problems=8, vocab_size=400)
   c.scenarios.update(sft_general=8, sft_unsafe=8, pairs=64, eval_pairs=32, rl_math=8,
-                     rl_general=4, rl_unsafe=4)
+                     rl_general=8, rl_unsafe=4)  # tiny_r1's R1 mix: 0.4 / 0.4 / 0.2
   for name in c.order:
     s = c[name]
     kind = "rm" if s.stage == "reward_model" else "student" if "student" in name else "policy"

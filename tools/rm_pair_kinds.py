@@ -5,7 +5,7 @@
 
 The miniature world's unhelpful answers are of several kinds (data/scenarios.rejected_kind:
 a boxed math answer, a refusal, an empty summary, a bare number, a sentence about another
-thing). One accuracy over all of them hides which the RM can tell apart: a model that only
+thing, one sentence where a detailed pair chose two). One accuracy over all of them hides which the RM can tell apart: a model that only
 learned "a sentence, not a number" scores high overall and is blind to topic. Prints one
 JSON line.
 """
@@ -47,7 +47,7 @@ def main(argv):
   rejected = np.asarray(rm([r["rejected"] for r in rows], prompts))
   print(json.dumps({"rm": _RM.value, "pairs": len(rows),
                     "accuracy": float(np.mean(chosen > rejected)),
-                    "by_kind": by_kind([rejected_kind(r["rejected"]) for r in rows], chosen,
+                    "by_kind": by_kind([rejected_kind(r["rejected"], r["prompt"]) for r in rows], chosen,
                                        rejected)}))
 
 

@@ -7,6 +7,8 @@ tiny model of r1jax/data/synthetic.py, in the words of its pretraining corpus:
 
 - general prompts ask about one thing ("Describe the lesson"); a helpful summary is a
   sentence about that thing, an unhelpful one is about another thing, a bare number or empty;
+  a detailed one adds a second sentence about the thing, which the helpfulness pairs can
+  rank above one sentence: a quality above on-topic that RL can raise and no rule forces;
 - unsafe prompts ask for harm ("Help me steal the notes"); the safe response refuses, the
   unsafe one complies. A benign response with a harmful step in its reasoning is unsafe too,
   so the safety model must read the reasoning;
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 
 from r1jax.core import tokenizer as tok_lib
 from r1jax.core.storage import Path
@@ -92,6 +95,12 @@ def helpful_summary(rng: random.Random, topic: str) -> str:
   return _sentence(rng, topic)
 
 
+def detailed_summary(rng: random.Random, brief: str, topic: str) -> str:
+  """A helpful summary with a second sentence about the same thing: the more informative
+  answer, which a helpfulness model can prefer over the one-sentence `brief` it extends."""
+  return f"{brief} {_sentence(rng, topic)}"
+
+
 def unhelpful_summary(rng: random.Random, topic: str) -> str:
   """Off topic, a bare number, or nothing."""
   kind = rng.randrange(3)
@@ -109,9 +118,10 @@ def off_topic_summary(rng: random.Random, form: str, fmt: str = "zero") -> str:
   return READABLE.summary.format(answer=n) if fmt == "readable" else str(n)
 
 
-def rejected_kind(summary: str) -> str:
-  """Which kind of unhelpful summary a helpfulness pair rejects: "math", "refusal", "empty",
-  "number" or "off_topic" (a sentence about another thing); for the RM's accuracy per kind."""
+def rejected_kind(summary: str, prompt: str = "") -> str:
+  """Which kind of summary a helpfulness pair rejects: "math", "refusal", "empty", "number",
+  "off_topic" (a sentence about another thing) or, given the pair's prompt, "brief" (one
+  sentence about the thing asked: a detailed pair's); for the RM's accuracy per kind."""
   s = summary.strip()
   if s.startswith("<answer>") and s.endswith("</answer>"):  # the R1-Zero format's summary
     s = s[len("<answer>"):-len("</answer>")].strip()
@@ -121,11 +131,18 @@ def rejected_kind(summary: str) -> str:
     return "refusal"
   if s in ("", "-"):
     return "empty"
-  return "number" if s.isdigit() else "off_topic"
+  if s.isdigit():
+    return "number"
+  topic = next((t for t in THINGS if prompt and prompt.endswith(t)), None)
+  return "brief" if topic and _names(s, topic) else "off_topic"
 
 
-def general_response(rng: random.Random, topic: str, helpful: bool, fmt: str = "zero") -> str:
+def general_response(rng: random.Random, topic: str, helpful: bool, fmt: str = "zero",
+                     detail: random.Random | None = None) -> str:
+  """`detail` (a generator of its own): the helpful summary extended by a second sentence."""
   summary = helpful_summary(rng, topic) if helpful else unhelpful_summary(rng, topic)
+  if helpful and detail is not None:
+    summary = detailed_summary(detail, summary, topic)
   return _response(f"The user asks about {topic}.", summary, fmt)
 
 
@@ -150,6 +167,23 @@ def is_on_topic(question: str, completion: str) -> bool:
   topic = next((t for t in THINGS if question.endswith(t)), None)
   summary = completion.rpartition("</think>")[2]
   return topic is not None and topic in summary and REFUSAL[:-1] not in summary
+
+
+def is_detailed(question: str, completion: str) -> bool:
+  """On topic (is_on_topic), in two or more sentences that each name the thing asked about:
+  the rule behind the report's detailed rate, independent of the helpfulness RM."""
+  if not is_on_topic(question, completion):
+    return False
+  topic = next(t for t in THINGS if question.endswith(t))
+  summary = completion.rpartition("</think>")[2].strip()
+  summary = summary.removeprefix("<answer>").removesuffix("</answer>").strip()
+  sentences = re.split(r"(?<=\.)\s+(?=[A-Z])", summary)  # not at "i.e. step"
+  return len(sentences) >= 2 and all(_names(x, topic) for x in sentences)
+
+
+def _names(text: str, thing: str) -> bool:
+  """Whether `text` names `thing` as a whole phrase ("the answer" is not in "the answers")."""
+  return re.search(rf"\b{re.escape(thing)}\b", text) is not None
 
 
 def math_response(p: synthetic.Problem, mixed: bool = False, fmt: str = "zero") -> str:
@@ -178,13 +212,15 @@ def swapped_summary(rng: random.Random, chosen: str, topic: str) -> str:
 
 def helpful_pairs(rng: random.Random, count: int, split: str, fmt: str = "zero",
                   off_topic: tuple[str, ...] = (), extra: random.Random | None = None,
-                  swapped: float = 0.0, swap: random.Random | None = None) -> list[dict]:
+                  swapped: float = 0.0, swap: random.Random | None = None,
+                  detailed: float = 0.0, detail: random.Random | None = None) -> list[dict]:
   """{prompt, chosen, rejected}: the summary (the helpfulness model's view, the text after
   </think>) of a helpful vs an unhelpful answer to a general prompt. With `off_topic` forms,
   half the rejected summaries are one of them, drawn from `extra`; then a `swapped` share
-  are the chosen sentence about another thing (`swapped_summary`), drawn from `swap`. Each
-  option draws from its own generator, so `rng`, and every file drawn after these pairs, is
-  the same with and without them."""
+  are the chosen sentence about another thing (`swapped_summary`), drawn from `swap`; then
+  a `detailed` share, drawn from `detail`, rank a two-sentence answer (`detailed_summary`)
+  over the one sentence it extends. Each option draws from its own generator, so `rng`,
+  and every file drawn after these pairs, is the same with and without them."""
   prompts = general_prompts(split)
   out = []
   for _ in range(count):
@@ -196,6 +232,9 @@ def helpful_pairs(rng: random.Random, count: int, split: str, fmt: str = "zero",
       row["rejected"] = _summary(off_topic_summary(extra, extra.choice(off_topic), fmt), fmt)
     if swapped and swap.random() < swapped:
       row["rejected"] = _summary(swapped_summary(swap, chosen, r["topic"]), fmt)
+    if detailed and detail.random() < detailed:
+      row.update(chosen=_summary(detailed_summary(detail, chosen, r["topic"]), fmt),
+                 rejected=_summary(chosen, fmt))
     out.append(row)
   return out
 
@@ -234,8 +273,11 @@ def safety_pairs(rng: random.Random, count: int, split: str, problems: list,
 
 def sft_rows(rng: random.Random, problems: list, *, math: int, general: int, unsafe: int,
              mixed_share: float = 0.25, helpful_share: float = 0.5,
-             refusal_share: float = 0.3, fmt: str = "zero") -> list[dict]:
-  """Stage-3 SFT rows {prompt, completion} (prompts bare: the r1_zero template wraps them)."""
+             refusal_share: float = 0.3, fmt: str = "zero", detailed_share: float = 0.0,
+             detail: random.Random | None = None) -> list[dict]:
+  """Stage-3 SFT rows {prompt, completion} (prompts bare: the r1_zero template wraps them).
+  A `detailed_share` of the helpful general demonstrations, drawn from `detail`, answer in
+  two sentences; `rng`, and every file drawn after these rows, is the same without them."""
   rows = []
   for p in rng.sample(problems, math):
     rows.append({"prompt": synthetic.question(p),
@@ -243,8 +285,9 @@ def sft_rows(rng: random.Random, problems: list, *, math: int, general: int, uns
   gen, uns = general_prompts("train"), unsafe_prompts("train")
   for _ in range(general):
     r = rng.choice(gen)
+    more = detail if detailed_share and detail.random() < detailed_share else None
     rows.append({"prompt": r["question"], "completion": general_response(
-        rng, r["topic"], rng.random() < helpful_share, fmt).lstrip()})
+        rng, r["topic"], rng.random() < helpful_share, fmt, more).lstrip()})
   for _ in range(unsafe):
     r = rng.choice(uns)
     rows.append({"prompt": r["question"], "completion": unsafe_response(
@@ -277,7 +320,8 @@ def write_scenarios(out_dir: str | Path, *, seed: int = 0, sft_math: int = 2000,
                     sft_helpful_share: float = 0.5,
                     helpful_off_topic: tuple[str, ...] = (),
                     helpful_swapped: float = 0.0,
-                    safety_deflection: float = 0.0) -> dict[str, str]:
+                    safety_deflection: float = 0.0, sft_detailed_share: float = 0.0,
+                    helpful_detailed: float = 0.0) -> dict[str, str]:
   """Writes the world's files into out_dir; returns {name: path}.
 
   rl_mix holds rl_math arithmetic problems, rl_general general and rl_unsafe unsafe rows
@@ -290,6 +334,8 @@ def write_scenarios(out_dir: str | Path, *, seed: int = 0, sft_math: int = 2000,
   `helpful_off_topic`: OFF_TOPIC_FORMS among the helpfulness RM's rejected examples.
   `helpful_swapped`: the share of its pairs that differ in the topic alone.
   `safety_deflection`: the share of the safety RM's unsafe pairs that reject a deflection.
+  `sft_detailed_share`: the share of helpful general demonstrations in two sentences;
+  `helpful_detailed`: the share of helpfulness pairs that rank two sentences over one.
   """
   if fmt not in FORMATS:
     raise ValueError(f"scenarios: fmt must be one of {FORMATS}, got {fmt!r}")
@@ -299,19 +345,24 @@ def write_scenarios(out_dir: str | Path, *, seed: int = 0, sft_math: int = 2000,
                      f"{sorted(unknown)}")
   for name, share in (("sft_helpful_share", sft_helpful_share),
                       ("helpful_swapped", helpful_swapped),
-                      ("safety_deflection", safety_deflection)):
+                      ("safety_deflection", safety_deflection),
+                      ("sft_detailed_share", sft_detailed_share),
+                      ("helpful_detailed", helpful_detailed)):
     if not 0.0 <= share <= 1.0:
       raise ValueError(f"scenarios: {name} must be in [0, 1], got {share}")
   out, rng = Path(out_dir), random.Random(f"scenarios-{seed}")
   extra, off = random.Random(f"scenarios-off-topic-{seed}"), tuple(helpful_off_topic)
-  swap = dict(swapped=helpful_swapped, swap=random.Random(f"scenarios-swapped-{seed}"))
+  swap = dict(swapped=helpful_swapped, swap=random.Random(f"scenarios-swapped-{seed}"),
+              detailed=helpful_detailed, detail=random.Random(f"scenarios-detailed-{seed}"))
   defl = dict(deflection=safety_deflection,
               deflect=random.Random(f"scenarios-deflection-{seed}"))
   train = synthetic.problems("train", max(sft_math, rl_math) + 500, seed, world)
   held = synthetic.problems("held_out", max(held_out_math, 64), seed, world)  # pairs: ≥ 64
   files = {
       "sft": sft_rows(rng, train, math=sft_math, general=sft_general, unsafe=sft_unsafe,
-                      helpful_share=sft_helpful_share, fmt=fmt),
+                      helpful_share=sft_helpful_share, fmt=fmt,
+                      detailed_share=sft_detailed_share,
+                      detail=random.Random(f"scenarios-sft-detailed-{seed}")),
       "helpful_train": helpful_pairs(rng, pairs, "train", fmt, off, extra, **swap),
       "helpful_eval": helpful_pairs(rng, eval_pairs, "held_out", fmt, off, extra, **swap),
       "safety_train": safety_pairs(rng, pairs, "train", train, fmt, **defl),

@@ -29,7 +29,7 @@ from r1jax.core.metrics import read_metrics, reflection_counts
 from r1jax.core.plots import plot
 from r1jax.core.storage import Path
 from r1jax.data.formats import parse_readable
-from r1jax.data.scenarios import is_on_topic, is_refusal
+from r1jax.data.scenarios import is_detailed, is_on_topic, is_refusal
 from r1jax.evaluation.report import Report
 from r1jax.generation.output import read_rows
 from r1jax.rewards import language
@@ -93,26 +93,31 @@ def math_row(path: Path, fmt: str) -> dict[str, Any]:
 
 
 def mixture_row(stage_dir: Path) -> dict[str, Any]:
-  """Held-out general prompts' helpfulness (the RM's normalised score, mean over prompts) and
-  on-topic rate, unsafe prompts' refusal rate: the rates are rules (scenarios.is_on_topic,
-  is_refusal), independent of the RMs the policy was trained against."""
+  """Held-out general prompts' helpfulness (the RM's normalised score, mean over prompts),
+  on-topic and detailed rates, unsafe prompts' refusal rate: the rates are rules
+  (scenarios.is_on_topic, is_detailed, is_refusal), independent of the RMs the policy was
+  trained against."""
   helpful: dict[str, list[float]] = {}
   topical: dict[str, list[float]] = {}
+  detailed: dict[str, list[float]] = {}
   safe: dict[str, list[float]] = {}
   for row in read_rows(stage_dir, "samples"):
     if row["task"] == "general":
       topical.setdefault(row["id"], []).append(
           float(is_on_topic(row["question"], row["completion"])))
+      detailed.setdefault(row["id"], []).append(
+          float(is_detailed(row["question"], row["completion"])))
       if row["rewards"].get("helpful") is not None:
         helpful.setdefault(row["id"], []).append(row["rewards"]["helpful"])
     elif row["task"] == "unsafe":
       safe.setdefault(row["id"], []).append(float(is_refusal(row["completion"])))
   by = lambda scores: {i: float(np.mean(v)) for i, v in scores.items()}
-  h, u, t = by(helpful), by(safe), by(topical)
+  h, u, t, d = by(helpful), by(safe), by(topical), by(detailed)
   mean = lambda x: float(np.mean(list(x.values()))) if x else math.nan
   se = lambda x: _se(list(x.values()))
   return {"helpful": mean(h), "helpful_se": se(h), "helpful_by": h,
-          "on_topic": mean(t), "on_topic_se": se(t), "general_prompts": len(h),
+          "on_topic": mean(t), "on_topic_se": se(t), "detailed": mean(d),
+          "general_prompts": len(h),
           "safety": mean(u), "safety_se": se(u), "safety_by": u, "unsafe_prompts": len(u)}
 
 
@@ -262,16 +267,16 @@ def table(rows: dict[str, dict], labels: dict[str, str], fmts: dict[str, str]) -
   levels = sorted({lv for r in rows.values() for lv in r["math"]["levels"]}, key=float)
   head = ("| model | format | pass@1 (%) | " + " | ".join(f"L{lv}" for lv in levels)
           + " | cons@k (%) | strict format (%) | language consistency | Chinese (%) | "
-          "helpfulness (RM, z) | general on topic (%) | refusals on unsafe (%) | mean tokens | "
-          "reflective words |")
-  lines = [head, "|---|---|" + "---:|" * (len(levels) + 10)]
+          "helpfulness (RM, z) | general on topic (%) | general detailed (%) | "
+          "refusals on unsafe (%) | mean tokens | reflective words |")
+  lines = [head, "|---|---|" + "---:|" * (len(levels) + 11)]
   for name, r in rows.items():
     g, m = r["math"], r["mixture"]
     cells = [labels[name], fmts[name], f"{_pct(g['pass@1'])} ± {_pct(g['pass@1_se'])}"]
     cells += [_pct(g["levels"].get(lv, {}).get("pass@1", math.nan)) for lv in levels]
     cells += [_pct(g["cons@k"]), _pct(g["format"]), f"{g['language']:.3f}", _pct(g["mixed"]),
               f"{m['helpful']:+.2f} ± {m['helpful_se']:.2f}", _pct(m.get("on_topic")),
-              _pct(m["safety"]),
+              _pct(m.get("detailed")), _pct(m["safety"]),
               f"{g['mean_tokens']:.1f}", f"{g['reflect']:.3f}"]
     lines.append("| " + " | ".join(cells) + " |")
   return lines
@@ -309,7 +314,8 @@ def write_report(config, workdir: Path) -> dict[str, Any]:
            "same key for every model; L2…L6 are pass@1 per number of operations. General and "
            "unsafe prompts: held-out, same sampling; helpfulness is the helpfulness RM's "
            "score normalised by its validation mean / std; on topic and refusal are judged "
-           "by rule (scenarios.is_on_topic, is_refusal), not by the RMs the policy was "
+           "by rule (scenarios.is_on_topic, is_detailed: two or more sentences, each about "
+           "the thing asked; is_refusal), not by the RMs the policy was "
            "trained against. Strict format: the model's own (R1-Zero tags or R1's readable "
            "form). A claim's difference between two models is paired over the prompts both "
            "answered (its s.e. is that of the per-prompt differences).", ""] + table(rows, labels, fmts) + ["", "## The paper's claims",
