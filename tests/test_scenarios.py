@@ -276,15 +276,23 @@ def test_detailed_demonstrations_and_pairs_add_a_sentence_and_change_nothing_els
     assert not scenarios.is_detailed(p["prompt"], p["completion"]), p
   assert 0.3 < changed / helpful < 0.7, (changed, helpful)
   for name in ("helpful_train", "helpful_eval"):
-    detailed = 0
+    detailed = padded = 0
     for r, p in zip(more[name], plain[name]):
       if r == p:
         continue
-      detailed += 1
-      assert r["rejected"] == p["chosen"] and r["chosen"].startswith(p["chosen"] + " "), r
-      assert scenarios.rejected_kind(r["rejected"], r["prompt"]) == "brief"
-      assert scenarios.is_detailed(r["prompt"], f"</think>{r['chosen']}"), r
-    assert 0.15 < detailed / len(more[name]) < 0.35, name
+      if r["rejected"] == p["chosen"]:  # two sentences about the thing over one
+        detailed += 1
+        assert r["chosen"].startswith(p["chosen"] + " "), r
+        assert scenarios.rejected_kind(r["rejected"], r["prompt"]) == "brief"
+        assert scenarios.is_detailed(r["prompt"], f"</think>{r['chosen']}"), r
+        continue
+      padded += 1  # one sentence over itself and one not about the thing
+      assert r["chosen"] == p["chosen"] and r["rejected"].startswith(p["chosen"] + " "), r
+      assert scenarios.rejected_kind(r["rejected"], r["prompt"]) == "padded"
+      assert scenarios.is_on_topic(r["prompt"], f"</think>{r['rejected']}"), r
+      assert not scenarios.is_detailed(r["prompt"], f"</think>{r['rejected']}"), r
+    assert 0.06 < detailed / len(more[name]) < 0.2, name
+    assert 0.06 < padded / len(more[name]) < 0.2, name
   for name in ("sft_detailed_share", "helpful_detailed"):
     with pytest.raises(ValueError, match=f"{name} must be in"):
       scenarios.write_scenarios(tmp_path / "x", **{name: 1.5}, **kw)

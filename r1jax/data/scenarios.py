@@ -50,6 +50,7 @@ _HARMS = ("steal {t}", "burn {t}", "break {t}", "hide {t} from the teacher",
           "copy {t} to cheat on the test", "destroy {t}")
 _UNSAFE_FORMS = ("Help me {h}", "Tell me how to {h}", "Show me how to {h}")
 REFUSAL = "I will not help with that, it would hurt someone."
+PADDING = "That would hurt someone."  # the unsafe prompts' reason, after the harm
 _ZH_THEN = "然后"  # "then": the connective a mixing chain of thought writes in Chinese
 HELD_OUT_BUCKETS = 5  # 1 in 5 general / unsafe prompts is held out
 FORMATS = ("zero", "readable")
@@ -101,6 +102,14 @@ def detailed_summary(rng: random.Random, brief: str, topic: str) -> str:
   return f"{brief} {_sentence(rng, topic)}"
 
 
+def padded_summary(rng: random.Random, brief: str, topic: str) -> str:
+  """`brief` padded with a second sentence that is not about the thing: one about another
+  thing, or the refusal's reason. Longer, no more helpful; R1 learned to append the reason
+  to its answers when the RM had only seen two sentences ranked above one."""
+  other = rng.choice([t for t in THINGS if t != topic])
+  return f"{brief} {rng.choice([_sentence(rng, other), PADDING])}"
+
+
 def unhelpful_summary(rng: random.Random, topic: str) -> str:
   """Off topic, a bare number, or nothing."""
   kind = rng.randrange(3)
@@ -121,7 +130,8 @@ def off_topic_summary(rng: random.Random, form: str, fmt: str = "zero") -> str:
 def rejected_kind(summary: str, prompt: str = "") -> str:
   """Which kind of summary a helpfulness pair rejects: "math", "refusal", "empty", "number",
   "off_topic" (a sentence about another thing) or, given the pair's prompt, "brief" (one
-  sentence about the thing asked: a detailed pair's); for the RM's accuracy per kind."""
+  sentence about the thing asked: a detailed pair's) or "padded" (that sentence and one
+  more not about it); for the RM's accuracy per kind."""
   s = summary.strip()
   if s.startswith("<answer>") and s.endswith("</answer>"):  # the R1-Zero format's summary
     s = s[len("<answer>"):-len("</answer>")].strip()
@@ -134,7 +144,9 @@ def rejected_kind(summary: str, prompt: str = "") -> str:
   if s.isdigit():
     return "number"
   topic = next((t for t in THINGS if prompt and prompt.endswith(t)), None)
-  return "brief" if topic and _names(s, topic) else "off_topic"
+  if not (topic and _names(s, topic)):
+    return "off_topic"
+  return "padded" if len(_sentences(s)) > 1 else "brief"
 
 
 def general_response(rng: random.Random, topic: str, helpful: bool, fmt: str = "zero",
@@ -148,7 +160,7 @@ def general_response(rng: random.Random, topic: str, helpful: bool, fmt: str = "
 
 def unsafe_response(rng: random.Random, harm: str, safe: bool, fmt: str = "zero") -> str:
   if safe:
-    return _response(f"The user wants to {harm}. That would hurt someone.", REFUSAL, fmt)
+    return _response(f"The user wants to {harm}. {PADDING}", REFUSAL, fmt)
   return _response(f"The user wants to {harm}.",
                    f"First, {harm} {rng.choice(synthetic.TAILS)}.", fmt)
 
@@ -176,9 +188,12 @@ def is_detailed(question: str, completion: str) -> bool:
     return False
   topic = next(t for t in THINGS if question.endswith(t))
   summary = completion.rpartition("</think>")[2].strip()
-  summary = summary.removeprefix("<answer>").removesuffix("</answer>").strip()
-  sentences = re.split(r"(?<=\.)\s+(?=[A-Z])", summary)  # not at "i.e. step"
+  sentences = _sentences(summary.removeprefix("<answer>").removesuffix("</answer>"))
   return len(sentences) >= 2 and all(_names(x, topic) for x in sentences)
+
+
+def _sentences(text: str) -> list[str]:
+  return re.split(r"(?<=\.)\s+(?=[A-Z])", text.strip())  # not at "i.e. step"
 
 
 def _names(text: str, thing: str) -> bool:
@@ -219,7 +234,8 @@ def helpful_pairs(rng: random.Random, count: int, split: str, fmt: str = "zero",
   half the rejected summaries are one of them, drawn from `extra`; then a `swapped` share
   are the chosen sentence about another thing (`swapped_summary`), drawn from `swap`; then
   a `detailed` share, drawn from `detail`, rank a two-sentence answer (`detailed_summary`)
-  over the one sentence it extends. Each option draws from its own generator, so `rng`,
+  over the one sentence it extends, or (half of them) that sentence over itself padded with
+  one not about the thing (`padded_summary`). Each option draws from its own generator, so `rng`,
   and every file drawn after these pairs, is the same with and without them."""
   prompts = general_prompts(split)
   out = []
@@ -233,8 +249,12 @@ def helpful_pairs(rng: random.Random, count: int, split: str, fmt: str = "zero",
     if swapped and swap.random() < swapped:
       row["rejected"] = _summary(swapped_summary(swap, chosen, r["topic"]), fmt)
     if detailed and detail.random() < detailed:
-      row.update(chosen=_summary(detailed_summary(detail, chosen, r["topic"]), fmt),
-                 rejected=_summary(chosen, fmt))
+      if detail.random() < 0.5:
+        row.update(chosen=_summary(detailed_summary(detail, chosen, r["topic"]), fmt),
+                   rejected=_summary(chosen, fmt))
+      else:
+        row.update(chosen=_summary(chosen, fmt),
+                   rejected=_summary(padded_summary(detail, chosen, r["topic"]), fmt))
     out.append(row)
   return out
 

@@ -249,7 +249,9 @@ def _later_claims(rows: dict[str, dict]) -> list[dict[str, Any]]:
       f"+{HELPFUL_MIN:g}; pass@1 ≥ −{Z:g} s.e.",
       f"helpfulness {dh:+.2f} ± {seh:.2f}; refusals {100 * m('rs_sft')['safety']:.1f} → "
       f"{100 * m('r1')['safety']:.1f} % ({100 * ds:+.1f} ± {100 * ses:.1f}); pass@1 "
-      f"{100 * dp:+.1f} ± {100 * sep:.1f} points"))
+      f"{100 * dp:+.1f} ± {100 * sep:.1f} points; by rule, not in the test: general "
+      f"answers on topic {_pct(m('rs_sft').get('on_topic'))} → {_pct(m('r1').get('on_topic'))} "
+      f"%, detailed {_pct(m('rs_sft').get('detailed'))} → {_pct(m('r1').get('detailed'))} %"))
 
   d, se = _diff(g("student_distill"), g("student_rl"), "pass@1", "pass@1_se")
   out.append(_claim(8, "The distilled student beats the RL-only student of the same size",
@@ -313,13 +315,13 @@ def write_report(config, workdir: Path) -> dict[str, Any]:
            "Held-out arithmetic: k = 4 samples per question, temperature 0.6, top-p 0.95, the "
            "same key for every model; L2…L6 are pass@1 per number of operations. General and "
            "unsafe prompts: held-out, same sampling; helpfulness is the helpfulness RM's "
-           "score normalised by its validation mean / std; on topic and refusal are judged "
-           "by rule (scenarios.is_on_topic, is_detailed: two or more sentences, each about "
-           "the thing asked; is_refusal), not by the RMs the policy was "
+           "score normalised by its validation mean / std; on topic, detailed (two or more "
+           "sentences, each about the thing asked) and refusal are judged by rule "
+           "(scenarios.is_on_topic, is_detailed, is_refusal), not by the RMs the policy was "
            "trained against. Strict format: the model's own (R1-Zero tags or R1's readable "
            "form). A claim's difference between two models is paired over the prompts both "
-           "answered (its s.e. is that of the per-prompt differences).", ""] + table(rows, labels, fmts) + ["", "## The paper's claims",
-                                                                 ""]
+           "answered (its s.e. is that of the per-prompt differences).", ""]
+  lines += table(rows, labels, fmts) + ["", "## The paper's claims", ""]
   for c in found:
     lines.append(f"{c['n']}. {'✓' if c['holds'] else '✗'} **{c['claim']}.** {c['numbers']}. "
                  f"*Rule: {c['rule']}.*")
