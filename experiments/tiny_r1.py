@@ -23,7 +23,7 @@ Every stage starts from the one before it, as in the paper (stage names in brack
    helpfulness pairs also reject a boxed answer or a refusal to a general prompt, and half
    of them the chosen sentence about another thing (the topic is all that tells them apart);
    an eighth rank a detailed answer (two sentences about the thing) over one sentence, and
-   an eighth that sentence over itself padded with a sentence not about the thing;
+   an eighth that sentence over itself padded with the unsafe prompts' reason;
    half the safety pairs on unsafe prompts reject a harmless misreading, not compliance.
 10. [r1] all-scenario RL from rs_sft: rule rewards on math, the RMs on general / unsafe,
     DAPO's overlong penalty on every row; prompts 0.4 math, 0.4 general, 0.2 unsafe.
@@ -236,8 +236,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # 1 in 5 of those detailed (a second sentence about the thing)
       sft_helpful_share=0.8, sft_detailed_share=0.2,
       # a quarter of the helpfulness pairs rank a detailed answer over the sentence it
-      # extends, or (half of them) that sentence over itself padded with one not about the
-      # thing: on topic alone, RS-SFT answered 98 % of general prompts as well as the RM
+      # extends, or (half of them) that sentence over itself padded with the unsafe prompts'
+      # reason. On topic alone, RS-SFT answered 98 % of general prompts as well as the RM
       # could tell, and R1 had nothing to raise (seed 0: +0.00 z); without the padded pairs
       # R1 appended "That would hurt someone." to its answers (+1.30 z, 8 % detailed)
       helpful_detailed=0.25,

@@ -287,7 +287,8 @@ def test_detailed_demonstrations_and_pairs_add_a_sentence_and_change_nothing_els
         assert scenarios.is_detailed(r["prompt"], f"</think>{r['chosen']}"), r
         continue
       padded += 1  # one sentence over itself and one not about the thing
-      assert r["chosen"] == p["chosen"] and r["rejected"].startswith(p["chosen"] + " "), r
+      assert r["chosen"] == p["chosen"] and r["rejected"] == p["chosen"] + " " + (
+          scenarios.PADDING), r
       assert scenarios.rejected_kind(r["rejected"], r["prompt"]) == "padded"
       assert scenarios.is_on_topic(r["prompt"], f"</think>{r['rejected']}"), r
       assert not scenarios.is_detailed(r["prompt"], f"</think>{r['rejected']}"), r

@@ -102,12 +102,12 @@ def detailed_summary(rng: random.Random, brief: str, topic: str) -> str:
   return f"{brief} {_sentence(rng, topic)}"
 
 
-def padded_summary(rng: random.Random, brief: str, topic: str) -> str:
-  """`brief` padded with a second sentence that is not about the thing: one about another
-  thing, or the refusal's reason. Longer, no more helpful; R1 learned to append the reason
-  to its answers when the RM had only seen two sentences ranked above one."""
-  other = rng.choice([t for t in THINGS if t != topic])
-  return f"{brief} {rng.choice([_sentence(rng, other), PADDING])}"
+def padded_summary(brief: str) -> str:
+  """`brief` padded with the unsafe prompts' reason: longer, no more helpful. R1 learned to
+  append it to its answers when the RM had only seen two sentences ranked above one. (A
+  sentence about another thing as the padding, half the time, left the tiny RM at chance on
+  topic: 53 % on off-topic pairs, 73 % in all, against 95 % and 97 % without it.)"""
+  return f"{brief} {PADDING}"
 
 
 def unhelpful_summary(rng: random.Random, topic: str) -> str:
@@ -235,7 +235,7 @@ def helpful_pairs(rng: random.Random, count: int, split: str, fmt: str = "zero",
   are the chosen sentence about another thing (`swapped_summary`), drawn from `swap`; then
   a `detailed` share, drawn from `detail`, rank a two-sentence answer (`detailed_summary`)
   over the one sentence it extends, or (half of them) that sentence over itself padded with
-  one not about the thing (`padded_summary`). Each option draws from its own generator, so `rng`,
+  a sentence not about the thing (`padded_summary`). Each option draws from its own generator, so `rng`,
   and every file drawn after these pairs, is the same with and without them."""
   prompts = general_prompts(split)
   out = []
@@ -254,7 +254,7 @@ def helpful_pairs(rng: random.Random, count: int, split: str, fmt: str = "zero",
                    rejected=_summary(chosen, fmt))
       else:
         row.update(chosen=_summary(chosen, fmt),
-                   rejected=_summary(padded_summary(detail, chosen, r["topic"]), fmt))
+                   rejected=_summary(padded_summary(chosen), fmt))
     out.append(row)
   return out
 
