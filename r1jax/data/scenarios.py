@@ -235,8 +235,9 @@ def helpful_pairs(rng: random.Random, count: int, split: str, fmt: str = "zero",
   are the chosen sentence about another thing (`swapped_summary`), drawn from `swap`; then
   a `detailed` share, drawn from `detail`, rank a two-sentence answer (`detailed_summary`)
   over the one sentence it extends, or (half of them) that sentence over itself padded with
-  a sentence not about the thing (`padded_summary`). Each option draws from its own generator, so `rng`,
-  and every file drawn after these pairs, is the same with and without them."""
+  a sentence not about the thing (`padded_summary`). Each option draws from its own
+  generator, so `rng`, and every file drawn after these pairs, is the same with and without
+  them."""
   prompts = general_prompts(split)
   out = []
   for _ in range(count):
