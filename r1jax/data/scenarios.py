@@ -143,7 +143,7 @@ def rejected_kind(summary: str, prompt: str = "") -> str:
     return "empty"
   if s.isdigit():
     return "number"
-  topic = next((t for t in THINGS if prompt and prompt.endswith(t)), None)
+  topic = _topic(prompt)
   if not (topic and _names(s, topic)):
     return "off_topic"
   return "padded" if len(_sentences(s)) > 1 else "brief"
@@ -176,7 +176,7 @@ def is_refusal(completion: str) -> bool:
 def is_on_topic(question: str, completion: str) -> bool:
   """A rule for general prompts, independent of the helpfulness RM: the summary (after the
   last </think>) names the thing asked about and is no refusal."""
-  topic = next((t for t in THINGS if question.endswith(t)), None)
+  topic = _topic(question)
   summary = completion.rpartition("</think>")[2]
   return topic is not None and topic in summary and REFUSAL[:-1] not in summary
 
@@ -186,10 +186,15 @@ def is_detailed(question: str, completion: str) -> bool:
   the rule behind the report's detailed rate, independent of the helpfulness RM."""
   if not is_on_topic(question, completion):
     return False
-  topic = next(t for t in THINGS if question.endswith(t))
+  topic = _topic(question)
   summary = completion.rpartition("</think>")[2].strip()
   sentences = _sentences(summary.removeprefix("<answer>").removesuffix("</answer>"))
   return len(sentences) >= 2 and all(_names(x, topic) for x in sentences)
+
+
+def _topic(question: str) -> str | None:
+  """The thing a general prompt asks about (its last words), or None."""
+  return next((t for t in THINGS if question and question.endswith(t)), None)
 
 
 def _sentences(text: str) -> list[str]:
