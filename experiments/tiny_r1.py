@@ -41,6 +41,7 @@ Re-running the command resumes: finished stages are skipped, a killed one resume
 """
 
 import copy
+import functools
 import importlib.util
 import pathlib
 
@@ -84,13 +85,13 @@ def _format(fmt: str, weight: float | None = None) -> dict:
 
 
 def _sft(init: str, train: str, steps: int, model: dict, seed: int, *, lr: float,
-         warmup: int = 20) -> ml_collections.ConfigDict:
+         warmup: int = 20, blocks: bool = True) -> ml_collections.ConfigDict:
   """Packed SFT. Template "": corpus rows are text, and sampled / scenario rows carry their
-  prompts already rendered with the R1-Zero template."""
+  prompts already rendered with the R1-Zero template. `blocks`: SFT_UPDATE's query blocks."""
   s = sft_config(steps=steps)
   s.seed = seed
   s.tokenizer = "{workdir}/data/tokenizer.model"
-  s.model = model_group(**model, **SFT_UPDATE)
+  s.model = model_group(**model, **(SFT_UPDATE if blocks else {}))
   s.model.init_from = init
   s.data.update(train=train, batch=16, seq_len=256, template="")
   s.opt.update(lr=lr, warmup_steps=min(warmup, steps // 4), schedule="cosine", total_steps=steps,
@@ -208,7 +209,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   steps = {k: a[k] for k in a if k.endswith("_steps")}
   if q:
     # a smoke run: every stage's code, not its results (10 min 4 s with base_steps=250 and
-    # student_steps=60 on a slow hour of the 2-core CPU, against a 10-minute budget)
+    # student_steps=60 on a slow hour of the 2-core CPU, against a 10-minute budget; 10 min
+    # 19 s with SFT's query blocks, which quick now leaves out)
     steps = dict(base_steps=150, zero_steps=12, cold_steps=12, reasoning_steps=6, rs_steps=20,
                  rm_steps=30, helpful_rm_steps=30, r1_steps=4, student_steps=40,
                  distill_steps=20, student_rl_steps=12)
@@ -255,20 +257,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   base, student = "{workdir}/base/final", "{workdir}/student_base/final"
   samples = lambda stage: f"{{workdir}}/{stage}/samples-h00000.jsonl"
   n = 128 if q else 2000  # prompts sampled for each data stage
-  c.base = _sft("", corpus, steps["base_steps"], POLICY, seed, lr=2e-3, warmup=50)  # 2.
+  sft = functools.partial(_sft, seed=seed, blocks=not q)  # quick: a block compiles longer
+  c.base = sft("", corpus, steps["base_steps"], POLICY, lr=2e-3, warmup=50)  # 2.
   c.zero = _rl(base, steps["zero_steps"], POLICY, seed, "zero", 0.0, every=every)  # 3.
   c.cold_start_data = _generate("{workdir}/zero/final", seed, prompts=train,  # 4.
                                 limit=128 if q else 1500, fmt="zero", readable=True)
-  c.cold_start = _sft(base, samples("cold_start_data"), steps["cold_steps"], POLICY,  # 5.
-                      seed, lr=5e-4)
+  c.cold_start = sft(base, samples("cold_start_data"), steps["cold_steps"], POLICY,  # 5.
+                     lr=5e-4)
   for name, language in (("reasoning", 0.5), ("reasoning_no_lang", 0.0)):  # 6.
     c[name] = _rl("{workdir}/cold_start/final", steps["reasoning_steps"], POLICY, seed,
                   "readable", language, every=every * 4 // 5 * (1 if language else 2),
                   lr=5e-5)  # from SFT: gentler than from the base; no_lang's evals: a drop only
   c.rs_data = _generate("{workdir}/reasoning/final", seed, prompts=train, limit=n,  # 7.
                         fmt="readable", readable=False)
-  c.rs_sft = _sft(base, samples("rs_data") + ",{workdir}/scenarios/sft.jsonl",  # 8.
-                  steps["rs_steps"], POLICY, seed, lr=5e-4)
+  c.rs_sft = sft(base, samples("rs_data") + ",{workdir}/scenarios/sft.jsonl",  # 8.
+                 steps["rs_steps"], POLICY, lr=5e-4)
   c.rm_helpful = _reward_model("helpful", steps["helpful_rm_steps"], seed)  # 9.
   c.rm_safety = _reward_model("safety", steps["rm_steps"], seed)  # 9.
   r = _rl("{workdir}/rs_sft/final", steps["r1_steps"], POLICY, seed, "readable", 0.5,
@@ -287,10 +290,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.r1 = r  # 10. all-scenario RL: "R1"
   c.distill_data = _generate("{workdir}/r1/final", seed, prompts=train, limit=n,  # 11.
                              fmt="readable", readable=False)
-  c.student_base = _sft("", corpus, steps["student_steps"], STUDENT, seed, lr=2e-3,  # 11.
-                        warmup=50)
-  c.student_distill = _sft(student, samples("distill_data"), steps["distill_steps"],  # 11.
-                           STUDENT, seed, lr=5e-4)
+  c.student_base = sft("", corpus, steps["student_steps"], STUDENT, lr=2e-3, warmup=50)  # 11.
+  c.student_distill = sft(student, samples("distill_data"), steps["distill_steps"],  # 11.
+                          STUDENT, lr=5e-4)
   c.student_rl = _rl(student, steps["student_rl_steps"], STUDENT, seed, "zero", 0.0,  # 12.
                      every=2 * every)  # its curve feeds no claim, only the worst drop
   order = ["base", "zero", "cold_start_data", "cold_start", "reasoning", "reasoning_no_lang",

@@ -15,7 +15,7 @@ from r1jax.train import batches as batches_lib
 from r1jax.train import trainer as ts
 from r1jax.train.batches import RolloutBatch, SFTBatch
 from r1jax.train.logprobs import LogProbs
-from r1jax.train.state import init_state, lr_schedule, make_optimizer
+from r1jax.train.state import init_state, lr_schedule, make_optimizer, schedule_inputs
 from r1jax.train.update import UpdateStep
 
 CFG = ModelConfig(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8,
@@ -337,6 +337,62 @@ def test_lr_schedule():
     OptConfig(schedule="cosine", warmup_steps=5, total_steps=5)
 
 
+def _constant_schedule(o: OptConfig):
+  """The schedule with o's numbers written in as Python constants: the reference the update's
+  schedule inputs must equal bit for bit (restated, not imported)."""
+
+  def schedule(step):
+    s = jnp.asarray(step, jnp.float32)
+    lr = o.lr * (jnp.minimum(1.0, (s + 1) / o.warmup_steps) if o.warmup_steps else 1.0)
+    if o.schedule == "cosine":
+      frac = jnp.clip((s - o.warmup_steps) / (o.total_steps - o.warmup_steps), 0.0, 1.0)
+      lr = lr * (o.final_lr_ratio + (1 - o.final_lr_ratio) * 0.5 * (1 + jnp.cos(np.pi * frac)))
+    return lr
+
+  return schedule
+
+
+# XLA:CPU's default backend options, as runs compile (conftest.py's test flags compile at
+# LLVM -O0, where the two programs' cosines can differ in the last bit)
+RUN_OPTIONS = dict(xla_backend_optimization_level=3, xla_llvm_disable_expensive_passes=False,
+                   xla_cpu_use_fusion_emitters=True)
+
+
+def test_schedule_inputs_give_the_constants_lr_bit_for_bit():
+  """The learning rate computed from traced schedule inputs, compiled, equals the one compiled
+  from Python constants at every step (tiny_r1's SFT, RL and RM schedules among them), so a
+  run's updates are the ones it made when the numbers were constants."""
+  steps = jnp.arange(1300)
+  run = lambda fn, *args: np.asarray(jax.jit(fn).lower(*args).compile(RUN_OPTIONS)(*args))
+  for o in (OptConfig(lr=2e-3, schedule="cosine", warmup_steps=50, total_steps=1200),
+            OptConfig(lr=5e-4, schedule="cosine", warmup_steps=20, total_steps=300),
+            OptConfig(lr=2.5e-5, schedule="cosine", warmup_steps=5, total_steps=200),
+            OptConfig(lr=5e-5, schedule="cosine", warmup_steps=0, total_steps=80,
+                      final_lr_ratio=0.3),
+            OptConfig(lr=3e-3, warmup_steps=7), OptConfig(lr=1e-4)):
+    want = run(jax.vmap(_constant_schedule(o)), steps)
+    got = run(lambda h, k, o=o: jax.vmap(lr_schedule(o, h))(k), schedule_inputs(o), steps)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=str(o))
+
+
+def test_updates_that_differ_only_in_the_schedule_are_one_program():
+  """Two stages' trainers with other learning rates, warmups and lengths lower the same SFT
+  update (so the persistent cache compiles it once); a changed Adam β does not."""
+  mesh = sharding.make_mesh((2, 4, 1))
+  batch = SFTBatch(np.zeros((8, 12), np.int32), np.ones((8, 12), bool), np.ones((8, 12), bool))
+
+  def text(opt):
+    tr = ts.Trainer(CFG, opt, mesh, GRPO)
+    state = jax.eval_shape(tr.init_state_random, jax.random.key(0))
+    placed = tr.put_batch(batch)
+    return tr.sft_program(placed).lower(state, placed).as_text()
+
+  a = OptConfig(lr=2e-3, schedule="cosine", warmup_steps=50, total_steps=1200)
+  same = text(a)
+  assert text(dataclasses.replace(a, lr=5e-4, warmup_steps=20, total_steps=120)) == same
+  assert text(dataclasses.replace(a, b2=0.95)) != same
+
+
 # --- toy bandit: reward 1 iff the first completion token is the target ---------
 
 BANDIT = ModelConfig(vocab_size=16, hidden=32, layers=2, heads=4, kv_heads=2, head_dim=8,
@@ -468,11 +524,11 @@ def test_an_update_that_is_not_finite_is_skipped_however_it_arises():
   NaN and the loop's max_skipped_updates can stop the run."""
   for lr, skipped in ((float("nan"), 1), (0.1, 0)):
     o = OptConfig(lr=lr)
-    tx = make_optimizer(o)
-    state = init_state(tx, {"w": jnp.ones(3)})
-    update = UpdateStep(tx, lr_schedule(o), {"w": SingleDeviceSharding(jax.devices()[0])})
+    state = init_state(make_optimizer(o), {"w": jnp.ones(3)})
+    update = UpdateStep(o, {"w": SingleDeviceSharding(jax.devices()[0])})
     loss_fn = lambda p, mb: (jnp.sum((p["w"] * mb) ** 2), {})
-    after, _, _, metrics = jax.jit(lambda s, m: update(s, m, loss_fn))(state, jnp.ones((1, 3)))
+    after, _, _, metrics = jax.jit(lambda s, m, h: update(s, m, loss_fn, h))(
+        state, jnp.ones((1, 3)), schedule_inputs(o))
     assert int(metrics["skipped"]) == skipped and int(after.step) == 1 - skipped
     assert (max_diff(after, state) == 0) == bool(skipped)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(host(after)))

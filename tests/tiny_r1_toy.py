@@ -4,7 +4,6 @@ Loaded in-process by test_r1_pipeline.py and, as `--config=tests/tiny_r1_toy.py`
 `python -m r1jax.main` run that test kills.
 """
 
-import copy
 from pathlib import Path
 
 import ml_collections
@@ -54,12 +53,6 @@ def shrink(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       s.data.update(max_prompt_tokens=200, limit=min(s.data.limit, 8) if s.data.limit else 0)
       for m in s.rewards.get("models") or ():
         m.update(max_len=64, batch_size=8)
-  # One optimizer per stage kind: the learning rate is a constant of the compiled update, so
-  # the chain's own rates (2e-3, 5e-4, 1e-4, 5e-5, 2.5e-5) would compile each update again.
-  for kind in ("sft", "rl"):
-    names = [n for n in c.order if c[n].stage == kind]
-    for name in names[1:]:
-      c[name].opt = copy.deepcopy(c[names[0]].opt)
   c.lock()
   return c
 

@@ -214,15 +214,24 @@ def reshard_bytes(shapes: Any, src: Any, dst: Any, itemsize: int | None = None) 
 
 class MeshJit:
   """A jitted function traced, lowered and run with `mesh` as the context mesh: fused
-  attention kernels (core/kernels.py) find there the mesh they shard_map over."""
+  attention kernels (core/kernels.py) find there the mesh they shard_map over.
 
-  def __init__(self, jitted: Any, mesh: Mesh):
-    self.jitted, self.mesh = jitted, mesh
+  `bound`: host values passed as trailing arguments on every call (inputs of the program,
+  not constants in it, so that programs differing only in them are one), placed with
+  `bound_sharding` once, at the first call; `lower` takes them as they are (an AOT mesh's
+  devices cannot receive them)."""
+
+  def __init__(self, jitted: Any, mesh: Mesh, bound: tuple = (), bound_sharding: Any = None):
+    self.jitted, self.mesh, self.bound = jitted, mesh, tuple(bound)
+    self._bound_sharding, self._placed = bound_sharding, None
 
   def __call__(self, *args):
+    if self._placed is None:
+      with jax.transfer_guard("allow"):  # once per program: not a per-step transfer
+        self._placed = jax.device_put(self.bound, self._bound_sharding)
     with jax.set_mesh(self.mesh):
-      return self.jitted(*args)
+      return self.jitted(*args, *self._placed)
 
   def lower(self, *args):
     with jax.set_mesh(self.mesh):
-      return self.jitted.lower(*args)
+      return self.jitted.lower(*args, *self.bound)

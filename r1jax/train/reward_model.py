@@ -21,7 +21,8 @@ from r1jax.core.tokenizer import Tokenizer
 from r1jax.rewards.reward_model import RewardModel, bradley_terry, init_rm, rm_axes, score
 from r1jax.train import batches as batches_lib
 from r1jax.train.batches import PairBatch
-from r1jax.train.state import TrainState, init_state, lr_schedule, make_optimizer, state_shardings
+from r1jax.train.state import (ScheduleInputs, TrainState, init_state, make_optimizer,
+                               schedule_inputs, state_shardings)
 from r1jax.train.update import UpdateStep, jit_donated
 
 
@@ -34,7 +35,8 @@ class RMTrainer:
     abstract = jax.eval_shape(lambda: init_rm(cfg, jax.random.key(0)))
     self.param_shardings = sharding.tree_shardings(rm_axes(cfg), abstract, mesh)
     self.state_shardings = state_shardings(self.tx, abstract, self.param_shardings, mesh)
-    self.update = UpdateStep(self.tx, lr_schedule(opt), self.param_shardings)
+    self.update = UpdateStep(opt, self.param_shardings)
+    self.sched = schedule_inputs(opt)  # an input of the update: RMs of other lengths share it
     self.abstract_state = checkpoint.abstract_like(
         jax.eval_shape(lambda: init_state(self.tx, abstract)), self.state_shardings)
     self._init = jax.jit(lambda key, backbone: init_state(self.tx, init_rm(cfg, key, backbone)),
@@ -61,10 +63,10 @@ class RMTrainer:
       self._cache[key] = jit_donated(
           self._update, self.state_shardings,
           (batches_lib.batch_shardings(batch, self.microbatches, self.mesh),),
-          NamedSharding(self.mesh, PartitionSpec()))
+          NamedSharding(self.mesh, PartitionSpec()), self.sched)
     return self._cache[key]
 
-  def _update(self, state: TrainState, batch: PairBatch):
+  def _update(self, state: TrainState, batch: PairBatch, sched: ScheduleInputs):
     a, pairs = self.microbatches, batch.chosen.shape[0]
     micro = jax.tree.map(lambda x: batches_lib.split_rows(x, 1, a, self.mesh)[0], batch)
 
@@ -82,7 +84,7 @@ class RMTrainer:
       return mean_loss * (b / pairs), {"correct": jnp.sum(margin_B > 0),
                                        "margin": jnp.sum(margin_B)}
 
-    state, loss, sums, metrics = self.update(state, micro, micro_loss)
+    state, loss, sums, metrics = self.update(state, micro, micro_loss, sched)
     return state, {**metrics, "rm/loss": loss, "rm/accuracy": sums["correct"] / pairs,
                    "rm/margin": sums["margin"] / pairs}
 

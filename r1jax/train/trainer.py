@@ -30,7 +30,8 @@ from r1jax.train import batches as batches_lib
 from r1jax.train import losses, packing
 from r1jax.train.logprobs import nograd_logprobs
 from r1jax.train.batches import PackedRollout, RolloutBatch, SFTBatch
-from r1jax.train.state import TrainState, init_state, lr_schedule, make_optimizer, state_shardings
+from r1jax.train.state import (ScheduleInputs, TrainState, init_state, make_optimizer,
+                               schedule_inputs, state_shardings)
 from r1jax.train.update import UpdateStep, jit_donated
 
 Metrics = dict[str, jax.Array]
@@ -59,13 +60,13 @@ class Trainer:
   def __init__(self, model_cfg: ModelConfig, opt_cfg: OptConfig, mesh: Mesh,
                grpo: GRPOConfig | None = None, sft: SFTSettings = SFTSettings()):
     self.cfg, self.opt, self.grpo, self.sft, self.mesh = model_cfg, opt_cfg, grpo, sft, mesh
-    self.tx = make_optimizer(opt_cfg)
-    self.schedule = lr_schedule(opt_cfg)
+    self.tx = make_optimizer(opt_cfg)  # its tree; the updates build it from self.sched
+    self.sched = schedule_inputs(opt_cfg)
     self._rep = NamedSharding(mesh, PartitionSpec())
     abstract = checkpoint.abstract_params(model_cfg, mesh)
     self.param_shardings = jax.tree.map(lambda a: a.sharding, abstract)
     self.state_shardings = state_shardings(self.tx, abstract, self.param_shardings, mesh)
-    self.update = UpdateStep(self.tx, self.schedule, self.param_shardings)
+    self.update = UpdateStep(opt_cfg, self.param_shardings)
     self.init_state = jax.jit(lambda p: init_state(self.tx, p),
                               in_shardings=(self.param_shardings,),
                               out_shardings=self.state_shardings, donate_argnums=0)
@@ -115,7 +116,8 @@ class Trainer:
            tuple(a is None for a in arg_shardings))
     if key not in self._cache:
       self._cache[key] = jit_donated(fn, self.state_shardings,
-                                     (self.batch_shardings(batch), *arg_shardings), self._rep)
+                                     (self.batch_shardings(batch), *arg_shardings), self._rep,
+                                     self.sched)
     return self._cache[key]
 
   # --- steps ---------------------------------------------------------------
@@ -175,7 +177,8 @@ class Trainer:
       return None
     return x["prox_logp"] if "prox_logp" in x else jax.lax.stop_gradient(logp)
 
-  def _rl_update(self, state: TrainState, batch: PackedRollout, ref_params: Any):
+  def _rl_update(self, state: TrainState, batch: PackedRollout, ref_params: Any,
+                 sched: ScheduleInputs):
     """μ passes × M mini-batches, each one update over its A micro-batches. The packer's
     weights already hold each mini-batch's denominator, so micro-batch losses sum to it."""
     g, cfg = self.grpo, self.cfg
@@ -198,14 +201,14 @@ class Trainer:
       return loss, sums
 
     def update(state, mini):
-      state, loss, sums, metrics = self.update(state, mini, micro_loss)
+      state, loss, sums, metrics = self.update(state, mini, micro_loss, sched)
       return state, losses.grpo_metrics(loss, sums, metrics)
 
     state, metrics = jax.lax.scan(lambda st, _: jax.lax.scan(update, st, mb), state, None,
                                   length=g.mu)
     return state, jax.tree.map(lambda v: v.reshape(-1), metrics)
 
-  def _sft_update(self, state: TrainState, batch: SFTBatch):
+  def _sft_update(self, state: TrainState, batch: SFTBatch, sched: ScheduleInputs):
     a = self.sft.microbatches
     micro = {name: self._split(getattr(batch, name), 1, a)[0]
              for name in ("tokens", "mask", "loss_mask", "positions", "segment_ids", "top_ids",
@@ -224,7 +227,7 @@ class Trainer:
       return losses.sft_loss(params, self.cfg, x["tokens"], plan, x["loss_mask"], x["denom"],
                              self.sft.chunk, x.get("positions"))
 
-    state, loss, sums, metrics = self.update(state, micro, micro_loss)
+    state, loss, sums, metrics = self.update(state, micro, micro_loss, sched)
     ntok = jnp.maximum(sums["tokens"], 1.0)
     metrics.update(loss=loss, tokens=sums["tokens"], nll=sums["nll"] / ntok)
     if "entropy" in sums:

@@ -1,15 +1,16 @@
 """One optimizer update for any loss: the step SFT, GRPO and the reward model share.
 
-`UpdateStep(tx, schedule, param_shardings)(state, micro, loss_fn)`:
+`UpdateStep(opt, param_shardings)(state, micro, loss_fn, sched)`:
 1. Accumulate: a scan over the A micro-batches (leading axis of every `micro` leaf) sums
    loss_fn's value, gradient (in f32) and metric sums. A loss whose denominator is taken over
    the whole mini-batch first therefore gets the exact mini-batch gradient.
 2. Apply: the optimizer (global-norm clip, AdamW, schedule; train/state.py) updates the
    params. A non-finite loss, gradient or learning rate leaves the state untouched, step count
    included, and says so in metrics["skipped"]; `TrainLoop` stops a run that skips
-   `max_skipped_updates` in a row.
-The caller jits it with the state donated (`jit_donated`); GRPO scans it over μ passes × M
-mini-batches inside one call.
+   `max_skipped_updates` in a row. The schedule's numbers (`sched`) are an input, not
+   constants: stages that differ only in them share a compiled update.
+The caller jits it with the state donated (`jit_donated`, which passes `sched`); GRPO scans
+it over μ passes × M mini-batches inside one call.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
+from r1jax.core.config import OptConfig
 from r1jax.core.sharding import MeshJit
-from r1jax.train.state import TrainState
+from r1jax.train.state import ScheduleInputs, TrainState, lr_schedule, make_optimizer
 
 # loss_fn(params, micro_batch) -> (loss, {name: sum}); sums named *_min / *_max reduce so.
 LossFn = Callable[[Any, Any], tuple[jax.Array, dict[str, jax.Array]]]
@@ -41,8 +43,7 @@ def _reduce(name: str, v_A: jax.Array) -> jax.Array:
 class UpdateStep:
   """Micro-batch accumulation + one optimizer update, for a loss passed in."""
 
-  tx: optax.GradientTransformation
-  schedule: Callable[[jax.Array], jax.Array]  # lr(step), logged as metrics["lr"]
+  opt: OptConfig  # the optimizer; its schedule's numbers come with each call
   param_shardings: Any  # the gradient accumulator is laid out like the params
 
   def accumulate(self, params: Any, loss_fn: LossFn, micro: Any):
@@ -57,27 +58,29 @@ class UpdateStep:
     grads, (loss_A, sums_A) = jax.lax.scan(body, zeros, micro)
     return grads, jnp.sum(loss_A), {k: _reduce(k, v) for k, v in sums_A.items()}
 
-  def apply(self, state: TrainState, grads: Any, loss: jax.Array):
+  def apply(self, state: TrainState, grads: Any, loss: jax.Array, sched: ScheduleInputs):
     """One optimizer update, or none at all if the loss, the gradient or the learning rate
     is not finite (finite gradients keep AdamW's moments finite)."""
-    grad_norm, lr = optax.tree.norm(grads), self.schedule(state.step)
+    grad_norm, lr = optax.tree.norm(grads), lr_schedule(self.opt, sched)(state.step)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(lr)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    tx = make_optimizer(self.opt, sched)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new = TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
     new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
     return new, {"grad_norm": grad_norm, "lr": lr, "skipped": (~ok).astype(jnp.int32)}
 
-  def __call__(self, state: TrainState, micro: Any, loss_fn: LossFn):
+  def __call__(self, state: TrainState, micro: Any, loss_fn: LossFn, sched: ScheduleInputs):
     """(state, loss, sums, metrics) after one update on the A micro-batches in `micro`."""
     grads, loss, sums = self.accumulate(state.params, loss_fn, micro)
-    state, metrics = self.apply(state, grads, loss)
+    state, metrics = self.apply(state, grads, loss, sched)
     return state, loss, sums, metrics
 
 
 def jit_donated(fn: Callable, state_shardings: Any, arg_shardings: tuple,
-                metrics_sharding: NamedSharding) -> MeshJit:
-  """fn(state, *args) -> (state, metrics), jitted with the state donated and laid out in place,
-  on the mesh of `metrics_sharding` (the context mesh of the kernels)."""
-  return MeshJit(jax.jit(fn, in_shardings=(state_shardings, *arg_shardings),
+                metrics_sharding: NamedSharding, sched: ScheduleInputs) -> MeshJit:
+  """fn(state, *args, sched) -> (state, metrics), jitted with the state donated and laid out
+  in place, on the mesh of `metrics_sharding` (the context mesh of the kernels), and called
+  as f(state, *args): `sched` is passed on every call (replicated, like the metrics)."""
+  return MeshJit(jax.jit(fn, in_shardings=(state_shardings, *arg_shardings, metrics_sharding),
                          out_shardings=(state_shardings, metrics_sharding), donate_argnums=(0,)),
-                 metrics_sharding.mesh)
+                 metrics_sharding.mesh, bound=(sched,), bound_sharding=metrics_sharding)
