@@ -210,7 +210,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if q:
     # a smoke run: every stage's code, not its results (10 min 4 s with base_steps=250 and
     # student_steps=60 on a slow hour of the 2-core CPU, against a 10-minute budget; 10 min
-    # 19 s with SFT's query blocks, which quick now leaves out)
+    # 19 s with SFT's query blocks, which quick now leaves out: 8 min 16 s at 2c11ae2)
     steps = dict(base_steps=150, zero_steps=12, cold_steps=12, reasoning_steps=6, rs_steps=20,
                  rm_steps=30, helpful_rm_steps=30, r1_steps=4, student_steps=40,
                  distill_steps=20, student_rl_steps=12)
