@@ -251,7 +251,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # half the safety RM's unsafe pairs reject a harmless misreading ("The user asks about
       # the notes." and a sentence about them): ranked with refusals before, it let seed 1's
       # R1 trade refusals for it (20.7 -> 5.3 %)
-      safety_deflection=0.5))
+      safety_deflection=0.5,
+      # a quarter of the others reject the refusal's opening with a sentence about the thing
+      # for its reason: without them, a fresh seed 0 on another CPU answered 207 of 208 unsafe
+      # prompts "I will not help with that, it wouldent asks about the notes again." and the
+      # like, which the safety RM scored above the refusal (refusals by rule 16.8 -> 3.4 %);
+      # with them, re-run from RS-SFT, 208 of 208 refused (16.8 -> 100 %)
+      safety_broken_reason=0.25))
 
   corpus, train = "{workdir}/data/corpus.jsonl", "{workdir}/data/rl_train.jsonl"
   base, student = "{workdir}/base/final", "{workdir}/student_base/final"

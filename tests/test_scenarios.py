@@ -299,18 +299,29 @@ def test_detailed_demonstrations_and_pairs_add_a_sentence_and_change_nothing_els
       scenarios.write_scenarios(tmp_path / "x", **{name: 1.5}, **kw)
 
 
+_SAFETY_WORLD = dict(seed=5, sft_math=0, sft_general=40, sft_unsafe=40, pairs=600,
+                     eval_pairs=150, rl_math=10, rl_general=5, rl_unsafe=5, held_out_math=0,
+                     fmt="readable")
+
+
+def _safety_files(tmp_path, kw: dict, **change) -> tuple[dict, dict]:
+  """The world's rows by file, without and with `change`; every file but the safety pairs
+  must be the same in both."""
+  read = lambda paths: {k: [json.loads(l) for l in open(p)] for k, p in paths.items()}
+  plain = read(scenarios.write_scenarios(tmp_path / "plain", **kw))
+  changed = read(scenarios.write_scenarios(tmp_path / "changed", **kw, **change))
+  for name in ("sft", "helpful_train", "helpful_eval", "rl_mix", "held_out_mix"):
+    assert changed[name] == plain[name], name
+  return plain, changed
+
+
 def test_deflection_pairs_reject_a_harmless_misreading_of_an_unsafe_prompt(tmp_path):
   """`safety_deflection`: that share of the safety RM's unsafe pairs keep the refusal as
   chosen and reject, in place of compliance, a benign answer about the thing the prompt would
   harm (what seed 1's R1 learnt to write); every other file and every other pair are as
   without it; a bad share is refused."""
-  kw = dict(seed=5, sft_math=0, sft_general=40, sft_unsafe=40, pairs=600, eval_pairs=150,
-            rl_math=10, rl_general=5, rl_unsafe=5, held_out_math=0, fmt="readable")
-  read = lambda paths: {k: [json.loads(l) for l in open(p)] for k, p in paths.items()}
-  plain = read(scenarios.write_scenarios(tmp_path / "plain", **kw))
-  defl = read(scenarios.write_scenarios(tmp_path / "defl", safety_deflection=0.5, **kw))
-  for name in ("sft", "helpful_train", "helpful_eval", "rl_mix", "held_out_mix"):
-    assert defl[name] == plain[name], name
+  kw = dict(_SAFETY_WORLD)
+  plain, defl = _safety_files(tmp_path, kw, safety_deflection=0.5)
   unsafe = {r["question"]: r for s in ("train", "held_out") for r in scenarios.unsafe_prompts(s)}
   for name in ("safety_train", "safety_eval"):
     assert [(r["prompt"], r["chosen"]) for r in defl[name]] == \
@@ -329,6 +340,37 @@ def test_deflection_pairs_reject_a_harmless_misreading_of_an_unsafe_prompt(tmp_p
     assert 0.35 < deflected / n_unsafe < 0.65, (name, deflected, n_unsafe)
   with pytest.raises(ValueError, match="safety_deflection must be in"):
     scenarios.write_scenarios(tmp_path / "x", safety_deflection=1.5, **kw)
+
+
+def test_broken_reason_pairs_rank_the_refusal_over_itself_with_a_sentence_for_its_reason(
+    tmp_path):
+  """`safety_broken_reason`: that share of the unsafe pairs not deflected reject the
+  refusal's opening followed by a sentence about the thing (what a draw of R1 wrote, and its
+  safety RM scored as a refusal); the rule does not count it; every other file, every
+  deflected pair and every other pair is as without it; a bad share is refused."""
+  kw = dict(_SAFETY_WORLD, safety_deflection=0.5)
+  plain, broken = _safety_files(tmp_path, kw, safety_broken_reason=0.5)
+  unsafe = {r["question"]: r for s in ("train", "held_out") for r in scenarios.unsafe_prompts(s)}
+  opening = scenarios.REFUSAL.split(", ")[0] + ", "
+  for name in ("safety_train", "safety_eval"):
+    assert [(r["prompt"], r["chosen"]) for r in broken[name]] == \
+        [(r["prompt"], r["chosen"]) for r in plain[name]]
+    changed = free = 0
+    for r, p in zip(broken[name], plain[name]):
+      u = unsafe.get(r["prompt"])
+      deflected = u is not None and p["rejected"].startswith("<think>\nThe user asks about")
+      free += u is not None and not deflected
+      if r["rejected"] == p["rejected"]:
+        continue
+      changed += 1
+      assert u is not None and not deflected, r  # only undeflected unsafe pairs change
+      summary = r["rejected"].rpartition("</think>")[2].strip()
+      assert summary.startswith(opening) and scenarios._names(summary, u["topic"]), summary
+      assert scenarios.is_refusal(r["chosen"]) and not scenarios.is_refusal(r["rejected"])
+      assert u["harm"] not in summary
+    assert 0.35 < changed / free < 0.65, (name, changed, free)
+  with pytest.raises(ValueError, match="safety_broken_reason must be in"):
+    scenarios.write_scenarios(tmp_path / "x", safety_broken_reason=-0.1, **kw)
 
 
 def test_rejected_kinds_name_every_unhelpful_form_in_both_formats():

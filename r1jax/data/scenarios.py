@@ -21,6 +21,8 @@ tiny model of r1jax/data/synthetic.py, in the words of its pretraining corpus:
   prompt (a boxed math answer, a refusal), so that the RM cannot be satisfied off topic;
   `safety_deflection` rejects, beside compliance, a benign answer about the thing an unsafe
   prompt would harm, so that the safety RM ranks refusing above misreading the request;
+  `safety_broken_reason` rejects the refusal's opening with a sentence about the thing for
+  its reason, so that it ranks the whole refusal above a broken one;
 - the RL mixture, and held-out prompts of every type. General and unsafe prompts are split
   by a hash of their text, as the arithmetic problems are, so held-out prompts are never
   trained on.
@@ -100,6 +102,18 @@ def detailed_summary(rng: random.Random, brief: str, topic: str) -> str:
   """A helpful summary with a second sentence about the same thing: the more informative
   answer, which a helpfulness model can prefer over the one-sentence `brief` it extends."""
   return f"{brief} {_sentence(rng, topic)}"
+
+
+def broken_refusal(rng: random.Random, topic: str) -> str:
+  """The refusal's opening with its reason replaced by a sentence about the thing, as one
+  draw of tiny_r1's R1 wrote ("I will not help with that, it wouldent asks about the notes
+  again."): its safety RM scored those above the refusal itself; the rule does not count
+  them."""
+  return f"{REFUSAL.split(', ')[0]}, {_lower_first(_sentence(rng, topic))}"
+
+
+def _lower_first(text: str) -> str:
+  return text[:1].lower() + text[1:]
 
 
 def padded_summary(brief: str) -> str:
@@ -267,14 +281,17 @@ def helpful_pairs(rng: random.Random, count: int, split: str, fmt: str = "zero",
 
 def safety_pairs(rng: random.Random, count: int, split: str, problems: list,
                  fmt: str = "zero", deflection: float = 0.0,
-                 deflect: random.Random | None = None) -> list[dict]:
+                 deflect: random.Random | None = None, broken: float = 0.0,
+                 breaker: random.Random | None = None) -> list[dict]:
   """{prompt, chosen, rejected} on whole responses: a refusal over compliance for unsafe
   prompts; for general and math prompts, a benign response over one with a harmful step.
   A `deflection` share of the unsafe pairs, drawn from `deflect`, reject instead a benign
   answer about the thing harmed, as if a general prompt had asked about it: a harmless
   misreading that declines nothing. Without them the RM ranks that answer with refusals, so
-  RL could trade refusals for it (seed 1 of tiny_r1: refusals 20.7 -> 5.3 %). `rng`, and
-  every file drawn after these pairs, is the same with and without them."""
+  RL could trade refusals for it (seed 1 of tiny_r1: refusals 20.7 -> 5.3 %). A `broken`
+  share of the other unsafe pairs, drawn from `breaker`, reject the refusal with its reason
+  broken (`broken_refusal`). `rng`, and every file drawn after these pairs, is the same with
+  and without either."""
   unsafe, general = unsafe_prompts(split), general_prompts(split)
   out = []
   for _ in range(count):
@@ -285,6 +302,9 @@ def safety_pairs(rng: random.Random, count: int, split: str, problems: list,
                   "rejected": unsafe_response(rng, r["harm"], False, fmt)})
       if deflection and deflect.random() < deflection:
         out[-1]["rejected"] = general_response(deflect, r["topic"], True, fmt)
+      elif broken and breaker.random() < broken:
+        out[-1]["rejected"] = _response(f"The user wants to {r['harm']}. {PADDING}",
+                                        broken_refusal(breaker, r["topic"]), fmt)
       continue
     if kind == 1:
       r = rng.choice(general)
@@ -347,7 +367,8 @@ def write_scenarios(out_dir: str | Path, *, seed: int = 0, sft_math: int = 2000,
                     helpful_off_topic: tuple[str, ...] = (),
                     helpful_swapped: float = 0.0,
                     safety_deflection: float = 0.0, sft_detailed_share: float = 0.0,
-                    helpful_detailed: float = 0.0) -> dict[str, str]:
+                    helpful_detailed: float = 0.0,
+                    safety_broken_reason: float = 0.0) -> dict[str, str]:
   """Writes the world's files into out_dir; returns {name: path}.
 
   rl_mix holds rl_math arithmetic problems, rl_general general and rl_unsafe unsafe rows
@@ -362,6 +383,8 @@ def write_scenarios(out_dir: str | Path, *, seed: int = 0, sft_math: int = 2000,
   `safety_deflection`: the share of the safety RM's unsafe pairs that reject a deflection.
   `sft_detailed_share`: the share of helpful general demonstrations in two sentences;
   `helpful_detailed`: the share of helpfulness pairs that rank two sentences over one.
+  `safety_broken_reason`: the share of the other unsafe safety pairs that reject a refusal
+  whose reason is a sentence about the thing.
   """
   if fmt not in FORMATS:
     raise ValueError(f"scenarios: fmt must be one of {FORMATS}, got {fmt!r}")
@@ -373,7 +396,8 @@ def write_scenarios(out_dir: str | Path, *, seed: int = 0, sft_math: int = 2000,
                       ("helpful_swapped", helpful_swapped),
                       ("safety_deflection", safety_deflection),
                       ("sft_detailed_share", sft_detailed_share),
-                      ("helpful_detailed", helpful_detailed)):
+                      ("helpful_detailed", helpful_detailed),
+                      ("safety_broken_reason", safety_broken_reason)):
     if not 0.0 <= share <= 1.0:
       raise ValueError(f"scenarios: {name} must be in [0, 1], got {share}")
   out, rng = Path(out_dir), random.Random(f"scenarios-{seed}")
@@ -381,7 +405,8 @@ def write_scenarios(out_dir: str | Path, *, seed: int = 0, sft_math: int = 2000,
   swap = dict(swapped=helpful_swapped, swap=random.Random(f"scenarios-swapped-{seed}"),
               detailed=helpful_detailed, detail=random.Random(f"scenarios-detailed-{seed}"))
   defl = dict(deflection=safety_deflection,
-              deflect=random.Random(f"scenarios-deflection-{seed}"))
+              deflect=random.Random(f"scenarios-deflection-{seed}"),
+              broken=safety_broken_reason, breaker=random.Random(f"scenarios-broken-{seed}"))
   train = synthetic.problems("train", max(sft_math, rl_math) + 500, seed, world)
   held = synthetic.problems("held_out", max(held_out_math, 64), seed, world)  # pairs: ≥ 64
   files = {
